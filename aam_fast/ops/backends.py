@@ -1,0 +1,55 @@
+"""Backend registry: each backend is a pair of functions with one contract (see `torch_backend`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A backend's forward `(lse, target_logit, mean_z)` and backward `(d_hidden, d_weight, d_bias)`."""
+
+    name: str
+    forward: Callable
+    backward: Callable
+
+
+def _torch_backend() -> Backend:
+    from .torch_backend import torch_backward, torch_forward
+
+    return Backend("torch", torch_forward, torch_backward)
+
+
+def _triton_backend() -> Backend:
+    try:
+        from .triton_backward import triton_backward
+        from .triton_forward import triton_forward
+    except ImportError as exc:  # triton missing on this platform
+        raise ValueError(f"backend='triton' needs the triton package, which failed to import: {exc}") from exc
+    return Backend("triton", triton_forward, triton_backward)
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Triton kernels run on CUDA devices, and on CPU only under the interpreter (TRITON_INTERPRET=1)."""
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def resolve_backend(backend: str, device: torch.device) -> Backend:
+    """Map a backend name to its functions; "auto" picks triton on CUDA and torch elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "triton":
+        if not triton_runs_on(device):
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got tensors on {device}"
+            )
+        return _triton_backend()
+    return _torch_backend()

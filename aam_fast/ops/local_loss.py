@@ -1,0 +1,102 @@
+"""`linear_local_loss`: a loss whose per-token gradient is local, computed with its gradient in one forward pass.
+
+When `∂loss/∂ℓ_t` (and `∂loss/∂H_t`) depend only on the token's own quantities and constants known in advance
+(the GRPO token loss with its normaliser), the gradient of the loss with respect to hidden, weight and bias can be
+formed during the forward pass: compute `ℓ` (and `H`), differentiate the cheap `[N]`-sized token loss, and run the
+backend's backward kernels at once. Nothing but the finished gradients is kept for backward, which only scales them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .backends import resolve_backend
+from .linear_logprobs import LogprobParams, logprob_backward, logprob_forward
+from .validation import check_linear_logprobs_inputs
+
+TokenLossFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _token_loss_and_grads(token_loss_fn, logp, entropy):
+    """Evaluate `token_loss_fn(logp, entropy)` and its gradients with respect to both `[N]` inputs."""
+    with torch.enable_grad():
+        logp_leaf = logp.detach().requires_grad_(True)
+        entropy_leaf = None if entropy is None else entropy.detach().requires_grad_(True)
+        loss = token_loss_fn(logp_leaf, entropy_leaf)
+        leaves = [logp_leaf] if entropy_leaf is None else [logp_leaf, entropy_leaf]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    grad_logp = grads[0] if grads[0] is not None else torch.zeros_like(logp)
+    grad_entropy = grads[1] if entropy_leaf is not None else None
+    return loss.detach(), grad_logp, grad_entropy
+
+
+class LinearLocalLossFunction(torch.autograd.Function):
+    """Forward returns the loss and stores its finished gradients; backward scales them by the upstream grad."""
+
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, targets1d, params: LogprobParams, token_loss_fn, results: dict):
+        logp, entropy, saved = logprob_forward(hidden2d, weight, bias, targets1d, params)
+        loss, grad_logp, grad_entropy = _token_loss_and_grads(token_loss_fn, logp, entropy)
+        needs = ctx.needs_input_grad[:3]
+        grads = logprob_backward(
+            hidden2d, weight, bias, targets1d, saved, grad_logp, grad_entropy, params, needs
+        )
+        ctx.save_for_backward(*grads)
+        results["logp"], results["entropy"] = logp, entropy
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return scaled[0], scaled[1], scaled[2], None, None, None, None
+
+
+def linear_local_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_loss_fn: TokenLossFn,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    with_entropy: bool = False,
+    backend: str = "auto",
+):
+    """Scalar `token_loss_fn(ℓ, H)` of the token log-probs `ℓ` (and entropies `H`) of `linear_logprobs`.
+
+    `token_loss_fn` receives float32 tensors shaped like `targets` (0 at ignored positions; `H` is None unless
+    `with_entropy`) and returns a scalar; its gradient must be local per token (it is differentiated once, in the
+    forward pass). Returns `(loss, logp, entropy)` with `logp`/`entropy` detached. Differentiable in hidden, weight
+    and bias; the backward pass does no matrix product.
+    """
+    check_linear_logprobs_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    params = LogprobParams(
+        backend=resolve_backend(backend, hidden.device),
+        inv_temperature=1.0 / float(temperature),
+        ignore_index=int(ignore_index),
+        with_entropy=bool(with_entropy),
+    )
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    targets1d = targets.reshape(-1).long()
+    shape = targets.shape
+
+    def flat_loss(logp, entropy):
+        return token_loss_fn(logp.view(shape), None if entropy is None else entropy.view(shape))
+
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if needs_grad:
+        results: dict = {}
+        loss = LinearLocalLossFunction.apply(hidden2d, weight, bias, targets1d, params, flat_loss, results)
+        logp, entropy = results["logp"], results["entropy"]
+    else:
+        logp, entropy, _ = logprob_forward(hidden2d, weight, bias, targets1d, params)
+        loss = flat_loss(logp, entropy)
+    entropy = None if entropy is None else entropy.view(shape)
+    return loss, logp.view(shape), entropy

@@ -1,0 +1,154 @@
+"""Pure-PyTorch backend of the fused linear log-prob op: the reference and the CPU path.
+
+The logits `z = (h Wᵀ + b) / τ` are computed one tile at a time (all tokens of a token chunk × one vocabulary
+tile) and folded into an online logsumexp, so nothing of size `N × V` exists. Tiles are float32 whatever the input
+dtype, and their buffers are allocated once per call and reused (fresh multi-megabyte allocations page-fault on
+every tile on CPU). Backward recomputes each tile. Both functions follow the backend contract shared with
+`triton_forward` / `triton_backward`: ignored rows are already removed, every target is in `[0, V)`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Working-set budget for the per-tile float32 buffers (two [rows, tile] buffers live at once).
+_TILE_BUDGET_BYTES = int(os.environ.get("AAM_FAST_TORCH_TILE_MB", "32")) * 2**20
+_MAX_ROWS = 4096
+_MIN_TILE = 256
+
+
+def _tile_shape(rows: int, vocab: int) -> tuple[int, int]:
+    """Token-chunk rows and vocabulary-tile width whose two float32 buffers fit the budget."""
+    rows = max(1, min(rows, _MAX_ROWS))
+    width = _TILE_BUDGET_BYTES // (2 * 4 * rows)
+    width = max(_MIN_TILE, min(vocab, width // 128 * 128 or _MIN_TILE))
+    return rows, width
+
+
+def _logits_tile(h32, weight, bias, start, stop, inv_temperature, out):
+    """out[:, :stop-start] = (h32 @ W[start:stop]ᵀ + b[start:stop]) * inv_temperature, in float32."""
+    w = weight[start:stop]
+    w32 = w if w.dtype == torch.float32 else w.float()
+    z = out[:, : stop - start]
+    torch.mm(h32, w32.t(), out=z)
+    if bias is not None:
+        z.add_(bias[start:stop].float())
+    if inv_temperature != 1.0:
+        z.mul_(inv_temperature)
+    return z, w32
+
+
+def target_logits(hidden, weight, bias, targets, inv_temperature: float) -> torch.Tensor:
+    """z[y] by an indexed dot product h · W[y] (+ b[y]), float32, never a gather from logits."""
+    picked = weight.index_select(0, targets)
+    logit = torch.linalg.vecdot(hidden.float(), picked.float())
+    if bias is not None:
+        logit = logit + bias.index_select(0, targets).float()
+    return logit * inv_temperature
+
+
+def torch_forward(hidden, weight, bias, targets, *, inv_temperature: float, with_entropy: bool):
+    """Return float32 `(lse [N], target_logit [N], mean_z [N] or None)` with `mean_z = Σ_v softmax(z)_v z_v`."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    lse = torch.empty(n, dtype=torch.float32, device=device)
+    mean_z = torch.empty(n, dtype=torch.float32, device=device) if with_entropy else None
+    if n == 0:
+        return lse, lse.clone(), mean_z
+    rows, width = _tile_shape(n, vocab)
+    logits_buf = torch.empty(rows, width, dtype=torch.float32, device=device)
+    exp_buf = torch.empty(rows, width, dtype=torch.float32, device=device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        h32 = hidden[r0:r1].float()
+        running_max = torch.full((r1 - r0,), -float("inf"), dtype=torch.float32, device=device)
+        running_sum = torch.zeros(r1 - r0, dtype=torch.float32, device=device)
+        running_pz = torch.zeros(r1 - r0, dtype=torch.float32, device=device) if with_entropy else None
+        for v0 in range(0, vocab, width):
+            v1 = min(vocab, v0 + width)
+            z, _ = _logits_tile(h32, weight, bias, v0, v1, inv_temperature, logits_buf[: r1 - r0])
+            new_max = torch.maximum(running_max, z.amax(dim=1))
+            rescale = torch.exp(running_max - new_max)
+            e = exp_buf[: r1 - r0, : v1 - v0]
+            torch.sub(z, new_max[:, None], out=e)
+            e.exp_()
+            running_sum.mul_(rescale).add_(e.sum(dim=1))
+            if with_entropy:
+                # Σ e·z as a batched dot: no third [rows, tile] temporary.
+                pz = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)
+                running_pz.mul_(rescale).add_(pz)
+            running_max = new_max
+        lse[r0:r1] = running_max + running_sum.log()
+        if with_entropy:
+            mean_z[r0:r1] = running_pz / running_sum
+    return lse, target_logits(hidden, weight, bias, targets, inv_temperature), mean_z
+
+
+def torch_backward(
+    hidden,
+    weight,
+    bias,
+    targets,
+    lse,
+    mean_z,
+    grad_logp,
+    grad_entropy,
+    *,
+    inv_temperature: float,
+    needs_hidden_grad: bool,
+    needs_weight_grad: bool,
+    needs_bias_grad: bool,
+):
+    """Gradients of `Σ g·logp + Σ e·H` by recomputing each logits tile.
+
+    With `p = softmax(z)`: `∂logp/∂z = onehot(y) − p` and `∂H/∂z = p (mean_z − z)`, so
+    `dz = g (onehot − p) + e p (mean_z − z) = p (e (mean_z − z) − g) + g onehot`; the chain through
+    `z = (hWᵀ + b)/τ` scales by `1/τ`. Returns `(d_hidden in hidden.dtype, d_weight float32, d_bias float32)`,
+    each None when not needed.
+    """
+    n, dim = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    d_hidden = torch.zeros(n, dim, dtype=torch.float32, device=device) if needs_hidden_grad else None
+    d_weight = torch.zeros(vocab, dim, dtype=torch.float32, device=device) if needs_weight_grad else None
+    d_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if needs_bias_grad else None
+    if n == 0 or not (needs_hidden_grad or needs_weight_grad or needs_bias_grad):
+        return _cast_hidden_grad(d_hidden, hidden), d_weight, d_bias
+    g = grad_logp.float() * inv_temperature
+    e = grad_entropy.float() * inv_temperature if grad_entropy is not None else None
+    rows, width = _tile_shape(n, vocab)
+    logits_buf = torch.empty(rows, width, dtype=torch.float32, device=device)
+    grad_buf = torch.empty(rows, width, dtype=torch.float32, device=device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        h32 = hidden[r0:r1].float()
+        g_rows, lse_rows, y_rows = g[r0:r1], lse[r0:r1], targets[r0:r1]
+        for v0 in range(0, vocab, width):
+            v1 = min(vocab, v0 + width)
+            z, w32 = _logits_tile(h32, weight, bias, v0, v1, inv_temperature, logits_buf[: r1 - r0])
+            dz = grad_buf[: r1 - r0, : v1 - v0]
+            torch.sub(z, lse_rows[:, None], out=dz)
+            dz.exp_()  # p
+            if e is not None:
+                # z <- e (mean_z − z) − g, then dz = p · z
+                z.neg_().add_(mean_z[r0:r1, None]).mul_(e[r0:r1, None]).sub_(g_rows[:, None])
+                dz.mul_(z)
+            else:
+                dz.mul_(-g_rows[:, None])
+            in_tile = (y_rows >= v0) & (y_rows < v1)
+            if bool(in_tile.any()):
+                hit = in_tile.nonzero().view(-1)
+                dz.index_put_((hit, y_rows[hit] - v0), g_rows[hit], accumulate=True)
+            if d_hidden is not None:
+                d_hidden[r0:r1].addmm_(dz, w32)
+            if d_weight is not None:
+                d_weight[v0:v1].addmm_(dz.t(), h32)
+            if d_bias is not None:
+                d_bias[v0:v1].add_(dz.sum(dim=0))
+    return _cast_hidden_grad(d_hidden, hidden), d_weight, d_bias
+
+
+def _cast_hidden_grad(d_hidden, hidden):
+    return None if d_hidden is None else d_hidden.to(hidden.dtype)

@@ -1,0 +1,66 @@
+"""Input checks for the fused linear log-prob ops: fail loudly before any kernel runs."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_linear_logprobs_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+) -> None:
+    """Raise a ValueError naming the argument when the inputs of `linear_logprobs` do not fit together.
+
+    Checks dtypes, shapes, devices, `temperature > 0` and that every target lies in `[0, V)` or equals
+    `ignore_index` (the range check reads the targets once; it is the only host sync).
+    """
+    for name, tensor in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor of token ids, got {targets.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, D], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden's last dim must equal weight's D={weight.shape[1]}, got hidden shape {tuple(hidden.shape)}"
+        )
+    if tuple(hidden.shape[:-1]) != tuple(targets.shape):
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal hidden's leading shape {tuple(hidden.shape[:-1])}"
+        )
+    devices = {("hidden", hidden.device), ("weight", weight.device), ("targets", targets.device)}
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise ValueError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be [V]=[{weight.shape[0]}], got shape {tuple(bias.shape)}")
+        if bias.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"bias must be a float tensor, got {bias.dtype}")
+        devices.add(("bias", bias.device))
+    if len({device for _, device in devices}) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in sorted(devices, key=lambda x: x[0]))
+        raise ValueError(f"all inputs must be on one device, got {listed}")
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if targets.numel():
+        vocab = weight.shape[0]
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        if bool(bad.any()):
+            first = targets[bad][0].item()
+            raise ValueError(
+                f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {first} "
+                f"({int(bad.sum())} such entries)"
+            )
