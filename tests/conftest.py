@@ -1,0 +1,30 @@
+"""Shared test setup: Triton runs under its interpreter on CPU; GPU tests are skipped without CUDA."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before triton is first imported anywhere in the test process.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run on a lent GPU: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """../shared beside the checkout (real data and a real tiny model); skip where it is absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"../shared not found at {SHARED}: real-data tests need the shared folder beside the repo")
+    return SHARED

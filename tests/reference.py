@@ -1,0 +1,40 @@
+"""Float64 references written out directly (materialised logits): what every kernel is tested against."""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_logprobs(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100):
+    """Float64 `(logp, entropy)` from materialised logits; 0 at ignored positions. Differentiable."""
+    h = hidden.double()
+    z = h @ weight.double().t()
+    if bias is not None:
+        z = z + bias.double()
+    z = z / temperature
+    log_p = torch.log_softmax(z, dim=-1)
+    valid = targets != ignore_index
+    picked = log_p.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    zero = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    return torch.where(valid, picked, zero), torch.where(valid, entropy, zero)
+
+
+def naive_logprobs(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100):
+    """The usual materialising implementation in the inputs' own dtype (the baseline for low-precision error)."""
+    z = hidden @ weight.t()
+    if bias is not None:
+        z = z + bias
+    z = (z / temperature).float()
+    log_p = torch.log_softmax(z, dim=-1)
+    picked = log_p.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(targets != ignore_index, picked, torch.zeros_like(picked))
+
+
+def rel_err(actual, expected) -> float:
+    """‖actual − expected‖ / ‖expected‖ in float64; NaN anywhere gives inf."""
+    actual, expected = actual.double(), expected.double()
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    denom = expected.norm().item()
+    return (actual - expected).norm().item() / (denom if denom > 0 else 1.0)
