@@ -1,0 +1,873 @@
+"""GRPO stage: a policy learns from the AAM reward model (and optional rule rewards) with group-relative advantages.
+
+One optimizer step uses `batch_size × grad_accum` prompts, each sampled `num_generations` (G) times with
+`transformers` `generate` (KV cache, left padding, stopping at EOS; a completion without EOS is flagged truncated).
+The rollout batch is scored (reward model + weighted rule rewards), turned into advantages per group of G
+(`aam_fast.group_advantages`), and reused for `num_iterations` optimizer steps; when it is reused, the policy's
+token log-probs at rollout time are kept as `old_logps`. The reference policy (a frozen copy of the initial policy,
+only when `beta != 0`) and the old policy are scored forward-only through `aam_fast.linear_logprobs` on the final
+hidden states, never through full logits. The loss is `aam_fast.GRPOLoss`, whose gradient is formed during its
+forward pass; its normaliser is counted over the whole optimizer step before the micro-batch loop, so gradient
+accumulation is exact. The policy runs with dropout off (eval mode), so rollout, old and new log-probs are one
+function of the weights.
+
+`--output DIR` ends holding the final policy as a `save_pretrained` folder (tokenizer included), `metrics.jsonl`
+(one line per optimizer step, TRL's metric names), `completions.jsonl` (sampled completions with their rewards and
+advantages every `log_completions_every` steps) and `checkpoints/` (atomic, exact resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import importlib.util
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import choose_pad_token_id, render_conversation
+from .losses import LOSS_TYPES, GRPOLoss, default_normalizer, group_advantages
+from .ops import linear_logprobs
+from .prompts import DEFAULT_OPENING_TURN, is_conversational, load_prompts
+
+KL_CHOICES = ("k1", "k2", "k3")
+SCALE_CHOICES = ("group", "batch", "none")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+SCHEDULE_CHOICES = ("constant", "linear", "cosine")
+CHECKPOINT_FORMAT = 1
+IGNORE_INDEX = -100
+
+RewardFn = Callable[..., list]
+
+
+@dataclass
+class GRPOConfig:
+    """Every setting of a `train-grpo` run (the CLI flags, one to one)."""
+
+    policy: str
+    prompts: str | list[dict] = ""
+    output: str = "runs/grpo"
+    reward_model: str | None = None
+    reward_fns: list[str | RewardFn] = field(default_factory=list)
+    reward_weights: list[float] | None = None
+    scenes: str | None = None
+    opening_turn: str = DEFAULT_OPENING_TURN
+    max_prompts: int | None = None
+    num_generations: int = 4
+    max_new_tokens: int = 64
+    max_prompt_length: int | None = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    beta: float = 0.04
+    kl: str = "k3"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    loss_type: str = "token-mean"
+    scale_rewards: str = "group"
+    num_iterations: int = 1
+    entropy_coef: float = 0.0
+    lr: float = 1e-6
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_steps: int = 100
+    batch_size: int = 2
+    grad_accum: int = 1
+    seed: int = 0
+    save_every: int = 0
+    save_total_limit: int = 2
+    resume: str | None = None
+    log_completions_every: int = 10
+    dtype: str = "auto"
+    device: str = "auto"
+    rm_max_length: int | None = None
+    rm_batch_size: int = 8
+    backend: str = "auto"
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the setting that cannot work."""
+        positive = ("num_generations", "max_new_tokens", "num_iterations", "max_steps", "batch_size", "grad_accum")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_generations < 2:
+            raise ValueError("num_generations must be >= 2: GRPO compares completions within a group")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (GRPO samples), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be positive or None, got {self.max_prompt_length}")
+        if self.kl not in KL_CHOICES:
+            raise ValueError(f"kl must be one of {KL_CHOICES}, got {self.kl!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.scale_rewards not in SCALE_CHOICES:
+            raise ValueError(f"scale_rewards must be one of {SCALE_CHOICES}, got {self.scale_rewards!r}")
+        if self.lr_schedule not in SCHEDULE_CHOICES:
+            raise ValueError(f"lr_schedule must be one of {SCHEDULE_CHOICES}, got {self.lr_schedule!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        if not self.lr > 0 or self.beta < 0 or self.entropy_coef < 0 or self.epsilon < 0:
+            raise ValueError("lr must be > 0 and beta, entropy_coef, epsilon must be >= 0")
+        if self.reward_model is None and not self.reward_fns:
+            raise ValueError("no reward: give reward_model (--reward-model) and/or reward_fns (--reward-fn)")
+        sources = (self.reward_model is not None) + len(self.reward_fns)
+        if self.reward_weights is not None and len(self.reward_weights) != sources:
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} values for {sources} reward sources "
+                "(the reward model first, then each reward function in order)"
+            )
+        if self.save_every < 0 or self.log_completions_every < 0 or self.warmup_steps < 0:
+            raise ValueError("save_every, log_completions_every and warmup_steps must be >= 0")
+
+
+# ----------------------------------------------------------------------------------------------- rewards
+
+
+def load_reward_fn(spec: str | RewardFn) -> RewardFn:
+    """`module:function` (a dotted module or a path to a .py file) or a callable, with TRL's signature
+
+    `f(prompts, completions, **columns) -> list[float | None]`.
+    """
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ValueError(f"reward function {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
+    module_name, function_name = spec.split(":")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise ValueError(f"reward function {spec!r}: no such file {path}")
+        module_spec = importlib.util.spec_from_file_location(f"aam_fast_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(f"reward function {spec!r}: cannot import {module_name!r} ({err})") from None
+    fn = getattr(module, function_name, None)
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r}: {module_name!r} has no callable {function_name!r}")
+    return fn
+
+
+class RewardSources:
+    """The weighted sum of the reward model's score and rule rewards, TRL's way.
+
+    Each source scores all samples; `None` from a rule function means "no reward from it for that sample" (NaN),
+    and the total is the NaN-ignoring weighted sum (a sample no source scores gets 0, with a warning).
+    """
+
+    def __init__(self, scorer: Callable | None, fns: Sequence[str | RewardFn], weights: Sequence[float] | None):
+        self.scorer = scorer
+        self.fns = [load_reward_fn(f) for f in fns]
+        self.names = (["reward_model"] if scorer is not None else []) + [
+            getattr(f, "__name__", type(f).__name__) for f in self.fns
+        ]
+        count = len(self.names)
+        self.weights = torch.tensor(list(weights) if weights is not None else [1.0] * count, dtype=torch.float32)
+
+    def __call__(self, prompts: list, completions: list, columns: dict[str, list]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(total [n], per_source [n, sources])` float32 on the CPU; NaN where a source gave None."""
+        n = len(prompts)
+        per_source = []
+        if self.scorer is not None:
+            texts = [_completion_text(c) for c in completions]
+            scores = torch.as_tensor(self.scorer(prompts, texts), dtype=torch.float32).detach().cpu().reshape(-1)
+            if scores.shape[0] != n:
+                raise ValueError(f"reward model returned {scores.shape[0]} scores for {n} completions")
+            per_source.append(scores)
+        for fn in self.fns:
+            name = getattr(fn, "__name__", repr(fn))
+            values = fn(prompts=prompts, completions=completions, **columns)
+            if not isinstance(values, (list, tuple)) or len(values) != n:
+                raise ValueError(f"reward function {name} must return a list of {n} floats or None, got {values!r}")
+            try:
+                per_source.append(torch.tensor([math.nan if v is None else float(v) for v in values]))
+            except (TypeError, ValueError):
+                raise ValueError(f"reward function {name} returned a non-numeric value: {values!r}") from None
+        table = torch.stack(per_source, dim=1)
+        unscored = torch.isnan(table).all(dim=1)
+        if bool(unscored.any()):
+            warnings.warn(
+                f"{int(unscored.sum())} completions got no reward from any source; they count as 0", stacklevel=2
+            )
+        total = torch.nansum(table * self.weights, dim=1)
+        return total, table
+
+
+def _completion_text(completion: str | list[dict]) -> str:
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+# ---------------------------------------------------------------------------------------------- policy io
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 autocast on CUDA, float32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_policy(path: str, device: torch.device):
+    """`(model, tokenizer)`: float32 master weights, left padding, a pad token (`aam_fast.data`'s choice)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise ValueError(f"policy {path!r}: not a model folder (config.json + weights, as save_pretrained writes)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    choose_pad_token_id(tokenizer)
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise ValueError(f"policy {path!r}: logit soft-capping is not supported by the fused log-prob op")
+    model.eval()
+    return model, tokenizer
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The union of the tokenizer's EOS and the generation config's EOS ids (chat models end turns with both)."""
+    ids = set()
+    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    if not ids:
+        raise ValueError("the policy has no EOS token: generation could never stop")
+    return sorted(ids)
+
+
+def encode_prompt(tokenizer, prompt, max_length: int | None) -> tuple[list[int], bool]:
+    """Token ids of a prompt, left-truncated; `(ids, truncated)`. Tokenised as the reward model's `PairEncoder` does:
+
+    message lists through the chat template (`aam_fast.data`'s fallback template where the tokenizer has none) with
+    the generation prompt and no extra special tokens; strings with the tokenizer's special tokens.
+    """
+    if is_conversational(prompt):
+        text = render_conversation(tokenizer, prompt, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    if max_length is not None and len(ids) > max_length:
+        return ids[-max_length:], True
+    return ids, False
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def completion_hidden(model, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
+    """Final (post-norm) hidden states `[n, C, D]` at the positions that predict the C completion tokens.
+
+    Runs the backbone only (no LM-head call); positions count attended tokens, as `generate` does.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    out = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    return out.last_hidden_state[:, prompt_len - 1 : -1]
+
+
+def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+# ------------------------------------------------------------------------------------------------ rollouts
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of a rollout: `batch_size` prompts × G completions, prompt left-padded to `prompt_len`."""
+
+    input_ids: torch.Tensor  # [n, P + C]
+    attention_mask: torch.Tensor  # [n, P + C]
+    prompt_len: int
+    targets: torch.Tensor  # [n, C] completion ids, IGNORE_INDEX after EOS
+    truncated: torch.Tensor  # [n] bool: no EOS within max_new_tokens
+    prompts: list  # [n] the prompt records' prompts, each repeated G times
+    completions: list[str]
+    rewards: torch.Tensor | None = None  # [n]
+    advantages: torch.Tensor | None = None  # [n]
+    old_logps: torch.Tensor | None = None  # [n, C]
+    ref_logps: torch.Tensor | None = None  # [n, C]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.targets != IGNORE_INDEX
+
+    def to(self, device) -> MicroBatch:
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return MicroBatch(**moved)
+
+
+@torch.no_grad()
+def generate_micro_batch(policy, tokenizer, records: list[dict], cfg: GRPOConfig, generation_config, eos_ids, amp):
+    """Sample G completions for each record; returns `(MicroBatch, per-sample columns, prompts truncated)`."""
+    device = next(policy.parameters()).device
+    encoded = [encode_prompt(tokenizer, r["prompt"], cfg.max_prompt_length) for r in records]
+    G = cfg.num_generations
+    rows = [ids for ids, _ in encoded for _ in range(G)]
+    prompt_ids, prompt_mask = left_pad(rows, tokenizer.pad_token_id, device)
+    with amp():
+        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
+    prompt_len = prompt_ids.shape[1]
+    completion = out[:, prompt_len:]
+    width = completion.shape[1]
+    is_eos = torch.isin(completion, torch.tensor(eos_ids, device=device))
+    has_eos = is_eos.any(dim=1)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, width, dtype=torch.long))
+    keep = torch.arange(width, device=device)[None, :] <= first_eos[:, None]  # the EOS token itself is learned
+    completion = torch.where(keep, completion, torch.full_like(completion, tokenizer.pad_token_id))
+    texts = []
+    for i in range(completion.shape[0]):
+        length = int(keep[i].sum()) - int(has_eos[i])
+        texts.append(tokenizer.decode(completion[i, :length].tolist(), skip_special_tokens=True))
+    prompts = [r["prompt"] for r in records for _ in range(G)]
+    columns = {k: [r[k] for r in records for _ in range(G)] for k in records[0] if k != "prompt"}
+    batch = MicroBatch(
+        input_ids=torch.cat([prompt_ids, completion], dim=1),
+        attention_mask=torch.cat([prompt_mask, keep.long()], dim=1),
+        prompt_len=prompt_len,
+        targets=torch.where(keep, completion, torch.full_like(completion, IGNORE_INDEX)),
+        truncated=~has_eos,
+        prompts=prompts,
+        completions=texts,
+    )
+    return batch, columns, sum(t for _, t in encoded)
+
+
+@torch.no_grad()
+def token_logprobs(model, batch: MicroBatch, temperature: float, amp, backend: str) -> torch.Tensor:
+    """Forward-only token log-probs `[n, C]` (float32, 0 after EOS) of the completion under `model`."""
+    with amp():
+        hidden = completion_hidden(model, batch.input_ids, batch.attention_mask, batch.prompt_len)
+    weight, bias = lm_head(model)
+    return linear_logprobs(
+        hidden,
+        weight.to(hidden.dtype),
+        batch.targets,
+        bias=None if bias is None else bias.to(hidden.dtype),
+        temperature=temperature,
+        backend=backend,
+    )
+
+
+# ------------------------------------------------------------------------------------------------- trainer
+
+
+def make_scheduler(optimizer, cfg: GRPOConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """Write `path` so that a crash leaves either the old file or the complete new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def find_checkpoint(resume: str) -> Path:
+    """A checkpoint file, or the latest `step-*.pt` in a folder (or in its `checkpoints/`)."""
+    path = Path(resume)
+    if path.is_file():
+        return path
+    for folder in (path / "checkpoints", path):
+        found = sorted(folder.glob("step-*.pt")) if folder.is_dir() else []
+        if found:
+            return found[-1]
+    raise ValueError(f"resume={resume!r}: no checkpoint file, and no step-*.pt in it or in its checkpoints/")
+
+
+class PromptStream:
+    """Endless prompt order: a fresh seeded permutation each epoch; `(epoch, index)` is the data position."""
+
+    def __init__(self, records: list[dict], seed: int, epoch: int = 0, index: int = 0):
+        self.records, self.seed, self.epoch, self.index = records, seed, epoch, index
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(len(self.records), generator=generator).tolist()
+
+    def take(self, count: int) -> list[dict]:
+        out = []
+        while len(out) < count:
+            if self.index == len(self.records):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self.records[self._order[self.index]])
+            self.index += 1
+        return out
+
+
+class JsonlLog:
+    """Append-only JSONL; on resume, rows past the resumed step are dropped first."""
+
+    def __init__(self, path: Path, keep_until_step: int | None):
+        self.path = path
+        if keep_until_step is None:
+            path.write_text("")
+        elif path.exists():
+            rows = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if json.loads(r).get("step", 0) <= keep_until_step]
+            path.write_text("".join(r + "\n" for r in kept))
+
+    def write(self, rows: list[dict]) -> None:
+        with open(self.path, "a") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+class GRPOTrainer:
+    """Holds the policy, its frozen reference, the optimizer and the rollout buffer; `train()` runs the loop."""
+
+    def __init__(self, cfg: GRPOConfig, scorer: Callable | None = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
+        self.output = Path(cfg.output)
+        self.output.mkdir(parents=True, exist_ok=True)
+        (self.output / "checkpoints").mkdir(exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+        records = (
+            load_prompts(cfg.prompts, scenes=cfg.scenes, opening_turn=cfg.opening_turn)
+            if isinstance(cfg.prompts, (str, Path))
+            else list(cfg.prompts)
+        )
+        if not records:
+            raise ValueError("prompts: no prompt records")
+        self.records = records[: cfg.max_prompts] if cfg.max_prompts else records
+
+        self.policy, self.tokenizer = load_policy(cfg.policy, self.device)
+        self.reference = None
+        if cfg.beta != 0:
+            self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
+        self.eos_ids = eos_token_ids(self.policy, self.tokenizer)
+        self.generation_config = self._generation_config()
+        if scorer is None and cfg.reward_model is not None:
+            from .models import RewardScorer
+
+            scorer = RewardScorer(
+                cfg.reward_model,
+                device=self.device,
+                dtype=self.amp_dtype,
+                max_length=cfg.rm_max_length,
+                batch_size=cfg.rm_batch_size,
+            )
+        self.rewards = RewardSources(scorer, cfg.reward_fns, cfg.reward_weights)
+        self.loss_fn = GRPOLoss(
+            epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high,
+            beta=cfg.beta,
+            kl=cfg.kl,
+            entropy_coef=cfg.entropy_coef,
+            loss_type=cfg.loss_type,
+            max_completion_length=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            backend=cfg.backend,
+        )
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
+        self.step = 0
+        self.stream = PromptStream(self.records, cfg.seed)
+        self.rollout: list[MicroBatch] | None = None
+        self.rollout_metrics: dict[str, float] = {}
+        self.iteration = 0
+        resumed_step = self._resume(cfg.resume) if cfg.resume else None
+        self.metrics_log = JsonlLog(self.output / "metrics.jsonl", resumed_step)
+        self.completions_log = JsonlLog(self.output / "completions.jsonl", resumed_step)
+
+    def amp(self):
+        if self.amp_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _generation_config(self):
+        from transformers import GenerationConfig
+
+        cfg = self.cfg
+        return GenerationConfig(
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            num_beams=1,
+            repetition_penalty=1.0,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+            use_cache=True,
+        )
+
+    # -- rollout ------------------------------------------------------------------------------------------
+
+    def make_rollout(self) -> tuple[list[MicroBatch], dict[str, float]]:
+        """Generate, score and take advantages for one optimizer step's worth of prompts."""
+        cfg = self.cfg
+        G = cfg.num_generations
+        batches, all_columns, prompts_cut = [], [], 0
+        for _ in range(cfg.grad_accum):
+            records = self.stream.take(cfg.batch_size)
+            batch, columns, cut = generate_micro_batch(
+                self.policy, self.tokenizer, records, cfg, self.generation_config, self.eos_ids, self.amp
+            )
+            batches.append(batch)
+            all_columns.append(columns)
+            prompts_cut += cut
+        totals, tables = [], []
+        for batch, columns in zip(batches, all_columns, strict=True):
+            completion_ids = [t[t != IGNORE_INDEX].tolist() for t in batch.targets]
+            completions = self._completions_for_fns(batch)
+            total, table = self.rewards(batch.prompts, completions, {**columns, "completion_ids": completion_ids})
+            totals.append(total)
+            tables.append(table)
+        rewards = torch.cat(totals)
+        advantages = group_advantages(rewards, G, scale=cfg.scale_rewards)
+        offset = 0
+        for batch in batches:
+            n = batch.targets.shape[0]
+            batch.rewards, batch.advantages = rewards[offset : offset + n], advantages[offset : offset + n]
+            offset += n
+            if cfg.num_iterations > 1:
+                batch.old_logps = token_logprobs(self.policy, batch, cfg.temperature, self.amp, cfg.backend)
+            if self.reference is not None:
+                batch.ref_logps = token_logprobs(self.reference, batch, cfg.temperature, self.amp, cfg.backend)
+        return batches, self._rollout_metrics(batches, rewards, torch.cat(tables), prompts_cut)
+
+    def _completions_for_fns(self, batch: MicroBatch) -> list:
+        """Completions in TRL's form: a string, or `[{"role": "assistant", "content": ...}]` for chat prompts."""
+        return [
+            [{"role": "assistant", "content": text}] if is_conversational(prompt) else text
+            for prompt, text in zip(batch.prompts, batch.completions, strict=True)
+        ]
+
+    def _rollout_metrics(self, batches, rewards, table, prompts_cut) -> dict[str, float]:
+        G = self.cfg.num_generations
+        grouped = rewards.view(-1, G)
+        group_std = grouped.std(dim=1)
+        lengths = torch.cat([b.mask.sum(dim=1) for b in batches]).float()
+        truncated = torch.cat([b.truncated for b in batches]).float()
+        metrics = {
+            "reward": float(rewards.mean()),
+            "reward_std": float(group_std.mean()),
+            "frac_reward_zero_std": float((grouped.amax(1) == grouped.amin(1)).float().mean()),
+            "completions/mean_length": float(lengths.mean()),
+            "completions/min_length": float(lengths.min()),
+            "completions/max_length": float(lengths.max()),
+            "completions/clipped_ratio": float(truncated.mean()),
+            "prompts/truncated": float(prompts_cut),
+        }
+        for column, name in enumerate(self.rewards.names):
+            values = table[:, column]
+            finite = values[~torch.isnan(values)]
+            metrics[f"rewards/{name}/mean"] = float(finite.mean()) if finite.numel() else math.nan
+            metrics[f"rewards/{name}/std"] = float(finite.std()) if finite.numel() > 1 else 0.0
+        return metrics
+
+    # -- optimisation -------------------------------------------------------------------------------------
+
+    def optimizer_step(self, batches: list[MicroBatch]) -> dict[str, float]:
+        """One optimizer step over the rollout's micro-batches, normaliser counted over all of them first."""
+        cfg = self.cfg
+        normalizer = sum(default_normalizer(b.mask.float(), cfg.loss_type, cfg.max_new_tokens) for b in batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        loss_sum = 0.0
+        for batch in batches:
+            with self.amp():
+                hidden = completion_hidden(self.policy, batch.input_ids, batch.attention_mask, batch.prompt_len)
+            weight, bias = lm_head(self.policy)
+            out = self.loss_fn(
+                hidden,
+                weight.to(hidden.dtype),
+                batch.targets,
+                batch.advantages.to(hidden.device),
+                old_logps=batch.old_logps,
+                ref_logps=batch.ref_logps,
+                bias=None if bias is None else bias.to(hidden.dtype),
+                normalizer=normalizer,
+            )
+            out.loss.backward()
+            loss_sum += float(out.loss.detach())
+            for key, value in out.stats.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        if not math.isfinite(loss_sum):
+            raise RuntimeError(
+                f"non-finite loss ({loss_sum}) at step {self.step + 1}; stopping. The last good checkpoint is kept "
+                f"in {self.output / 'checkpoints'}"
+            )
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        tokens = max(totals.get("tokens", 0.0), 1.0)
+        metrics = {"loss": loss_sum, "grad_norm": grad_norm, "learning_rate": learning_rate}
+        if "kl_sum" in totals:
+            metrics["kl"] = totals["kl_sum"] / tokens
+        if "entropy_sum" in totals:
+            metrics["entropy"] = totals["entropy_sum"] / tokens
+        metrics["clip_ratio/low_mean"] = totals.get("clip_low_sum", 0.0) / tokens
+        metrics["clip_ratio/high_mean"] = totals.get("clip_high_sum", 0.0) / tokens
+        metrics["clip_ratio/region_mean"] = totals.get("clip_region_sum", 0.0) / tokens
+        return metrics
+
+    # -- loop ---------------------------------------------------------------------------------------------
+
+    def train(self) -> list[dict]:
+        """Run to `max_steps`; returns this call's metric rows. Ends by saving the final policy to `output`."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        rows = []
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="grpo", disable=not cfg.progress, dynamic_ncols=True)
+        while self.step < cfg.max_steps:
+            started = time.perf_counter()
+            if self.rollout is None or self.iteration >= cfg.num_iterations:
+                self.rollout, self.rollout_metrics = self.make_rollout()
+                self.iteration = 0
+                if cfg.log_completions_every and self.step % cfg.log_completions_every == 0:
+                    self.completions_log.write(self._completion_rows(self.step + 1))
+            metrics = self.optimizer_step(self.rollout)
+            self.iteration += 1
+            self.step += 1
+            row = {"step": self.step, "epoch": self.stream.epoch, **self.rollout_metrics, **metrics}
+            rows.append(row)
+            self.metrics_log.write([row])
+            bar.update(1)
+            postfix = {"reward": f"{row['reward']:.3f}", "len": f"{row['completions/mean_length']:.1f}"}
+            if "kl" in row:
+                postfix["kl"] = f"{row['kl']:.4f}"
+            postfix["s/step"] = f"{time.perf_counter() - started:.1f}"
+            bar.set_postfix(postfix)
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_final()
+        return rows
+
+    def _completion_rows(self, step: int) -> list[dict]:
+        rows = []
+        for batch in self.rollout:
+            for i, (prompt, text) in enumerate(zip(batch.prompts, batch.completions, strict=True)):
+                rows.append(
+                    {
+                        "step": step,
+                        "prompt": prompt,
+                        "completion": text,
+                        "reward": float(batch.rewards[i]),
+                        "advantage": float(batch.advantages[i]),
+                        "length": int(batch.mask[i].sum()),
+                        "truncated": bool(batch.truncated[i]),
+                    }
+                )
+        return rows
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """`checkpoints/step-NNNNNN.pt`: model, optimizer, scheduler, RNG, data position, unfinished rollout."""
+        cfg = self.cfg
+        mid_rollout = self.rollout is not None and self.iteration < cfg.num_iterations
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "policy": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "data": {"epoch": self.stream.epoch, "index": self.stream.index, "prompts": len(self.records)},
+            "rollout": [b.to("cpu") for b in self.rollout] if mid_rollout else None,
+            "rollout_metrics": self.rollout_metrics if mid_rollout else None,
+            "iteration": self.iteration,
+            "config": {k: v for k, v in asdict(cfg).items() if k != "reward_fns"},
+        }
+        folder = self.output / "checkpoints"
+        path = folder / f"step-{self.step:06d}.pt"
+        atomic_torch_save(state, path)
+        old = sorted(folder.glob("step-*.pt"))
+        if cfg.save_total_limit > 0:
+            for stale in old[: -cfg.save_total_limit]:
+                stale.unlink()
+        return path
+
+    def _resume(self, resume: str) -> int:
+        path = find_checkpoint(resume)
+        # Our own checkpoint: it holds Python objects (RNG states, rollout texts), hence weights_only=False.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: not a GRPO checkpoint of format {CHECKPOINT_FORMAT}")
+        if state["data"]["prompts"] != len(self.records):
+            raise ValueError(
+                f"{path}: saved with {state['data']['prompts']} prompts, this run has {len(self.records)}; "
+                "resume with the same prompts"
+            )
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.stream = PromptStream(self.records, self.cfg.seed, state["data"]["epoch"], state["data"]["index"])
+        if state["rollout"] is not None:
+            self.rollout = [b.to(self.device) for b in state["rollout"]]
+            self.rollout_metrics = state["rollout_metrics"]
+            self.iteration = state["iteration"]
+        return self.step
+
+    def save_final(self) -> None:
+        self.policy.save_pretrained(self.output)
+        self.tokenizer.save_pretrained(self.output)
+
+
+def train_grpo(cfg: GRPOConfig, scorer: Callable | None = None) -> list[dict]:
+    """Run the GRPO stage; returns the metric rows of this call (also in `output/metrics.jsonl`)."""
+    return GRPOTrainer(cfg, scorer=scorer).train()
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def add_train_grpo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `aam-fast train-grpo` (one per `GRPOConfig` field)."""
+    d = GRPOConfig(policy="")
+    a = parser.add_argument
+    a("--policy", required=True, help="policy model folder (save_pretrained / hub-style layout)")
+    a("--reward-model", default=None, help="AAM reward model folder written by train-rm")
+    a("--prompts", required=True, help="RPBench character cards, demo role-play profiles, or a file with 'prompt'")
+    a("--scenes", default=None, help="RPBench scene file: adds each card's scene (matched by id)")
+    a("--opening-turn", default=d.opening_turn, help="the user's opening line for RPBench cards")
+    a("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    a("--reward-fn", dest="reward_fns", action="append", default=[], help="module:function rule reward (repeatable)")
+    a("--reward-weights", type=float, nargs="+", default=None, help="one weight per reward source (RM first)")
+    a("--num-generations", type=int, default=d.num_generations, help="completions per prompt (G)")
+    a("--max-new-tokens", type=int, default=d.max_new_tokens)
+    a("--max-prompt-length", type=int, default=d.max_prompt_length, help="prompts are left-truncated to this")
+    a("--temperature", type=float, default=d.temperature)
+    a("--top-p", type=float, default=d.top_p)
+    a("--top-k", type=int, default=d.top_k, help="0 disables top-k")
+    a("--beta", type=float, default=d.beta, help="KL coefficient (0: no reference model)")
+    a("--kl", choices=KL_CHOICES, default=d.kl, help="KL estimator")
+    a("--epsilon", type=float, default=d.epsilon, help="lower clip range")
+    a("--epsilon-high", type=float, default=None, help="upper clip range (default: --epsilon)")
+    a("--loss-type", choices=LOSS_TYPES, default=d.loss_type)
+    a("--scale-rewards", choices=SCALE_CHOICES, default=d.scale_rewards)
+    a("--num-iterations", type=int, default=d.num_iterations, help="optimizer steps per rollout batch")
+    a("--entropy-coef", type=float, default=d.entropy_coef)
+    a("--lr", type=float, default=d.lr)
+    a("--lr-schedule", choices=SCHEDULE_CHOICES, default=d.lr_schedule)
+    a("--warmup-steps", type=int, default=d.warmup_steps)
+    a("--weight-decay", type=float, default=d.weight_decay)
+    a("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
+    a("--max-steps", type=int, default=d.max_steps, help="optimizer steps")
+    a("--batch-size", type=int, default=d.batch_size, help="prompts per micro-batch (each sampled G times)")
+    a("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    a("--seed", type=int, default=d.seed)
+    a("--output", default=d.output, help="folder for the final policy, metrics.jsonl, completions.jsonl")
+    a("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: never)")
+    a("--save-total-limit", type=int, default=d.save_total_limit, help="checkpoints kept (0: all)")
+    a("--resume", default=None, help="checkpoint file, or a folder holding checkpoints/")
+    a("--log-completions-every", type=int, default=d.log_completions_every, help="0: never")
+    a("--dtype", choices=DTYPE_CHOICES, default=d.dtype, help="autocast dtype (auto: bfloat16 on CUDA)")
+    a("--device", default=d.device)
+    a("--rm-max-length", type=int, default=None, help="reward model truncation (default: its training length)")
+    a("--rm-batch-size", type=int, default=d.rm_batch_size)
+    a("--backend", default=d.backend, help="linear_logprobs backend: auto|torch|triton")
+    a("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> GRPOConfig:
+    names = set(GRPOConfig.__dataclass_fields__)
+    return GRPOConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def print_summary(rows: list[dict], output: str, stream=sys.stderr) -> None:
+    if not rows:
+        print(f"nothing to do: already at max_steps; policy in {output}", file=stream)
+        return
+    first, last = rows[0], rows[-1]
+    parts = [f"reward {first['reward']:.4f} -> {last['reward']:.4f}"]
+    if "kl" in last:
+        parts.append(f"kl {first['kl']:.4f} -> {last['kl']:.4f}")
+    parts.append(f"mean length {first['completions/mean_length']:.1f} -> {last['completions/mean_length']:.1f}")
+    print(f"steps {first['step']}..{last['step']}: " + ", ".join(parts), file=stream)
+    print(
+        f"policy saved to {output} (AutoModelForCausalLM.from_pretrained); metrics in {output}/metrics.jsonl",
+        file=stream,
+    )
+
+
+def run_train_grpo(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    rows = train_grpo(cfg)
+    print_summary(rows, cfg.output)
+    return 0

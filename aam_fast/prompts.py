@@ -1,0 +1,232 @@
+"""Prompt loading for the GRPO stage.
+
+`load_prompts(path)` returns a list of records `{"prompt": str | list[{"role", "content"}], **columns}`, the
+form TRL's GRPO trainer consumes: `prompt` is what the policy continues, the other columns are handed to rule
+reward functions as keyword arguments (one list per column). Three sources are recognised by their fields:
+
+- RPBench-Auto character cards (`npc_profile`, `conversation`, `background`), e.g.
+  `../shared/data/rpbench-auto/rpbench_character.jsonl`. Each card becomes the conversation RPBench-Auto itself
+  feeds the model under test: a system message (the benchmark's own profile template, text kept verbatim), the
+  character's greeting as the first assistant turn, and an opening user turn. The benchmark simulates the user with
+  a judge model, so the data has no user line: a fixed `opening_turn` stands in for it. `scenes=FILE`
+  (`rpbench_scene.jsonl`) adds the scene with the same `id` to the system message and uses the scene's greeting.
+- Any json/jsonl/parquet file (gzipped too) with a `prompt` column holding a string or a message list, including
+  the demo's role-play profiles (`aam_fast/demo/roleplay_pairs.jsonl`, TRL conversational preference records).
+  Preference files (`chosen`/`rejected` present) give each distinct prompt once, with the columns that are
+  properties of the prompt (one value per prompt, such as `character` and `language`).
+
+Bad files and records raise `ValueError` naming the file and the record index.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .data import iter_file_records
+
+Message = dict[str, str]
+Prompt = str | list[Message]
+
+ROLES = ("system", "user", "assistant")
+DEFAULT_OPENING_TURN = "*I look at you, waiting for you to go on.*"
+PREFERENCE_COLUMNS = ("chosen", "rejected", "margin")
+
+# RPBench-Auto's candidate system prompt (run_character_eval.py), so that prompts match the benchmark's.
+RPBENCH_CHARACTER_TEMPLATE = (
+    "{background}\n\n# NPC Profile:\n## Name\n{name_text}\n\n## Title\n{title}\n\n## Description\n{description}\n\n"
+    "## Definition\n{definition_text}\n\n## Long Definition\n{long_definition_text}\n"
+)
+RPBENCH_PROFILE_FIELDS = ("name_text", "title", "description", "definition_text", "long_definition_text")
+# The scene sections of RPBench-Auto's scene template, without its JSON reply instruction.
+RPBENCH_SCENE_SECTIONS = (
+    ("background", "Scene background"),
+    ("plot_recap", "Previous plots recap"),
+    ("objectives", "Current objectives"),
+    ("progression", "When to end the scene"),
+    ("npc_status", "NPC status"),
+)
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a local json/jsonl/parquet file (each optionally `.gz`), read by `aam_fast.data`."""
+    records = []
+    for index, record in iter_file_records(path):
+        if isinstance(record, Exception):
+            raise record
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: record {index} is a {type(record).__name__}, expected an object")
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def is_conversational(prompt: Prompt) -> bool:
+    """True for a message-list prompt (rendered with the chat template), False for plain text."""
+    return isinstance(prompt, list)
+
+
+def check_prompt(prompt: Any, where: str) -> Prompt:
+    """Validate a prompt (non-empty string, or non-empty list of {role, content} messages); `where` names it."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(f"{where}: empty prompt")
+        return prompt
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError(f"{where}: prompt must be a non-empty string or message list, got {type(prompt).__name__}")
+    messages = []
+    for turn, message in enumerate(prompt):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"{where}: message {turn} must be an object with 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise ValueError(f"{where}: message {turn} has role {message['role']!r}, expected one of {ROLES}")
+        if not isinstance(message["content"], str):
+            raise ValueError(f"{where}: message {turn} content must be a string")
+        messages.append({"role": message["role"], "content": message["content"]})
+    if messages[-1]["role"] == "assistant":
+        raise ValueError(f"{where}: the last message is an assistant turn; a prompt must end before the reply")
+    return messages
+
+
+def load_prompts(
+    path: str | Path,
+    *,
+    scenes: str | Path | None = None,
+    opening_turn: str = DEFAULT_OPENING_TURN,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Prompt records `{"prompt": ..., **columns}` from `path` (format detected from the fields; see module doc).
+
+    Every record has the same column names (missing values are None). `limit` keeps the first records.
+    """
+    path = Path(path)
+    records = read_records(path)
+    if _is_rpbench_card(records[0]):
+        prompts = _rpbench_prompts(path, records, scenes, opening_turn)
+    else:
+        if scenes is not None:
+            raise ValueError(f"scenes={scenes}: scenes apply only to RPBench character cards, not to {path}")
+        prompts = _column_prompts(path, records)
+    if limit is not None:
+        prompts = prompts[:limit]
+    columns = sorted({key for record in prompts for key in record} - {"prompt"})
+    return [{"prompt": r["prompt"], **{c: r.get(c) for c in columns}} for r in prompts]
+
+
+def _column_prompts(path: Path, records: list[dict]) -> list[dict]:
+    if "prompt" not in records[0]:
+        raise ValueError(
+            f"{path}: record 0 has neither a 'prompt' column nor RPBench card fields "
+            f"(npc_profile, conversation); fields found: {sorted(records[0])}"
+        )
+    prompts = []
+    for index, record in enumerate(records):
+        if "prompt" not in record:
+            raise ValueError(f"{path}: record {index} has no 'prompt' field")
+        prompt = check_prompt(record["prompt"], f"{path}: record {index}")
+        prompts.append({**record, "prompt": prompt})
+    if any(c in records[0] for c in ("chosen", "rejected")):
+        return _distinct_prompts(prompts)
+    return prompts
+
+
+def _distinct_prompts(records: list[dict]) -> list[dict]:
+    """Each distinct prompt of a preference file once, in first-seen order.
+
+    Response columns go; a column is kept only where it is a property of the prompt (one value per distinct
+    prompt, e.g. `character`, `language`), not of the pair (e.g. the demo's `kind` of rejected reply).
+    """
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        key = json.dumps(record["prompt"], sort_keys=True, ensure_ascii=False)
+        groups.setdefault(key, []).append(record)
+    columns = {k for r in records for k in r} - {"prompt", *PREFERENCE_COLUMNS}
+    per_prompt = {
+        c
+        for c in columns
+        if all(len({json.dumps(r.get(c), sort_keys=True, default=str) for r in g}) == 1 for g in groups.values())
+    }
+    return [{"prompt": g[0]["prompt"], **{c: g[0].get(c) for c in sorted(per_prompt)}} for g in groups.values()]
+
+
+def _is_rpbench_card(record: dict) -> bool:
+    return "npc_profile" in record and "conversation" in record
+
+
+def _greeting(record: dict, where: str) -> str:
+    conversation = record.get("conversation")
+    if not isinstance(conversation, list) or not conversation:
+        raise ValueError(f"{where}: 'conversation' must be a non-empty list")
+    first = conversation[0]
+    sentences = first.get("sentences") if isinstance(first, dict) else None
+    if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences) or not sentences:
+        raise ValueError(f"{where}: conversation[0] needs a non-empty 'sentences' list of strings")
+    return "\n".join(sentences)
+
+
+def _rpbench_prompts(path: Path, cards: list[dict], scenes: str | Path | None, opening_turn: str) -> list[dict]:
+    if not isinstance(opening_turn, str) or not opening_turn.strip():
+        raise ValueError("opening_turn must be a non-empty string")
+    scene_by_id = _load_scenes(Path(scenes)) if scenes is not None else {}
+    prompts, unmatched = [], 0
+    for index, card in enumerate(cards):
+        where = f"{path}: record {index}"
+        if not _is_rpbench_card(card):
+            raise ValueError(f"{where}: not an RPBench character card (needs npc_profile and conversation)")
+        profile = card["npc_profile"]
+        if not isinstance(profile, dict):
+            raise ValueError(f"{where}: 'npc_profile' must be an object")
+        missing = [f"npc_profile.{f}" for f in RPBENCH_PROFILE_FIELDS if not isinstance(profile.get(f), str)]
+        if not isinstance(card.get("background"), str):
+            missing.append("background")
+        if missing:
+            raise ValueError(f"{where}: card is missing text fields {missing}")
+        system = RPBENCH_CHARACTER_TEMPLATE.format(
+            background=card["background"], **{f: profile[f] for f in RPBENCH_PROFILE_FIELDS}
+        )
+        greeting = _greeting(card, where)
+        scene = scene_by_id.get(card.get("id"))
+        if scenes is not None and scene is None:
+            unmatched += 1
+        if scene is not None:
+            system += "".join(f"\n# {title}:\n{scene[key]}\n" for key, title in RPBENCH_SCENE_SECTIONS)
+            greeting = scene["greeting"]
+        messages = [
+            {"role": "system", "content": system},
+            {"role": "assistant", "content": greeting},
+            {"role": "user", "content": opening_turn},
+        ]
+        prompts.append(
+            {
+                "prompt": messages,
+                "character": profile["name_text"],
+                "rpbench_id": card.get("id"),
+                "scene": scene is not None,
+            }
+        )
+    if unmatched == len(cards):
+        raise ValueError(f"{scenes}: no scene id matches a card id of {path}")
+    if unmatched:
+        warnings.warn(
+            f"{scenes}: {unmatched} of {len(cards)} cards of {path} have no scene with their id", stacklevel=3
+        )
+    return prompts
+
+
+def _load_scenes(path: Path) -> dict[Any, dict[str, str]]:
+    scenes = {}
+    for index, record in enumerate(read_records(path)):
+        where = f"{path}: record {index}"
+        if "id" not in record or "conversation" not in record:
+            raise ValueError(f"{where}: not an RPBench scene (needs id and conversation); fields: {sorted(record)}")
+        missing = [key for key, _ in RPBENCH_SCENE_SECTIONS if not isinstance(record.get(key), str)]
+        if missing:
+            raise ValueError(f"{where}: scene is missing text fields {missing}")
+        if record["id"] in scenes:
+            raise ValueError(f"{where}: duplicate scene id {record['id']!r}")
+        scenes[record["id"]] = {key: record[key] for key, _ in RPBENCH_SCENE_SECTIONS}
+        scenes[record["id"]]["greeting"] = _greeting(record, where)
+    return scenes
