@@ -39,6 +39,7 @@ import torch
 
 from .data import choose_pad_token_id, render_conversation
 from .losses import LOSS_TYPES, GRPOLoss, default_normalizer, group_advantages
+from .models import load_causal_lm
 from .ops import linear_logprobs
 from .prompts import DEFAULT_OPENING_TURN, is_conversational, load_prompts
 
@@ -237,11 +238,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_policy(path: str, device: torch.device):
     """`(model, tokenizer)`: float32 master weights, left padding, a pad token (`aam_fast.data`'s choice)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if not Path(path).is_dir():
         raise ValueError(f"policy {path!r}: not a model folder (config.json + weights, as save_pretrained writes)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    model = load_causal_lm(path, dtype=torch.float32).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     choose_pad_token_id(tokenizer)
@@ -635,11 +636,14 @@ class GRPOTrainer:
 
     # -- optimisation -------------------------------------------------------------------------------------
 
-    def optimizer_step(self, batches: list[MicroBatch]) -> dict[str, float]:
-        """One optimizer step over the rollout's micro-batches, normaliser counted over all of them first."""
+    def accumulate_gradients(self, batches: list[MicroBatch]) -> tuple[float, dict[str, float]]:
+        """Backward over every micro-batch of one step; `(loss, summed stats)`.
+
+        The normaliser (tokens, sequences, or sequences × max_new_tokens) is counted over all micro-batches before
+        the loop, so the accumulated gradient equals the gradient of the whole step's batch in one piece.
+        """
         cfg = self.cfg
         normalizer = sum(default_normalizer(b.mask.float(), cfg.loss_type, cfg.max_new_tokens) for b in batches)
-        self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         loss_sum = 0.0
         for batch in batches:
@@ -660,6 +664,13 @@ class GRPOTrainer:
             loss_sum += float(out.loss.detach())
             for key, value in out.stats.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
+        return loss_sum, totals
+
+    def optimizer_step(self, batches: list[MicroBatch]) -> dict[str, float]:
+        """One optimizer step (gradient accumulation, clipping, AdamW, schedule); returns its metrics."""
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, totals = self.accumulate_gradients(batches)
         if not math.isfinite(loss_sum):
             raise RuntimeError(
                 f"non-finite loss ({loss_sum}) at step {self.step + 1}; stopping. The last good checkpoint is kept "
@@ -710,7 +721,7 @@ class GRPOTrainer:
                 postfix["kl"] = f"{row['kl']:.4f}"
             postfix["s/step"] = f"{time.perf_counter() - started:.1f}"
             bar.set_postfix(postfix)
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+            if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.max_steps):
                 self.save_checkpoint()
         bar.close()
         self.save_final()
