@@ -103,10 +103,11 @@ def torch_backward(
 ):
     """Gradients of `Σ g·logp + Σ e·H` by recomputing each logits tile.
 
-    With `p = softmax(z)`: `∂logp/∂z = onehot(y) − p` and `∂H/∂z = p (mean_z − z)`, so
-    `dz = g (onehot − p) + e p (mean_z − z) = p (e (mean_z − z) − g) + g onehot`; the chain through
-    `z = (hWᵀ + b)/τ` scales by `1/τ`. Returns `(d_hidden in hidden.dtype, d_weight float32, d_bias float32)`,
-    each None when not needed.
+    With `p = softmax(z)`: `∂logp/∂z = onehot(y) − p` and `∂H/∂z = p (mean_z − z)`; the chain through
+    `z = (hWᵀ + b)/τ` scales by `s = 1/τ`. Without entropy gradients the per-row `g` is kept off the tiles:
+    `dh = s·g ⊙ (W[y] − P W)`, `dW = s·(scatter_y(g ⊙ h) − Pᵀ (g ⊙ h))`, `db = s·(bincount_y(g) − Pᵀ g)`, so a
+    tile costs one exp pass besides its three products. Returns `(d_hidden in hidden.dtype, d_weight float32,
+    d_bias float32)`, each None when not needed.
     """
     n, dim = hidden.shape
     vocab = weight.shape[0]
@@ -125,28 +126,49 @@ def torch_backward(
         r1 = min(n, r0 + rows)
         h32 = hidden[r0:r1].float()
         g_rows, lse_rows, y_rows = g[r0:r1], lse[r0:r1], targets[r0:r1]
+        # Σ_v p_tv W_v (fast path) or Σ_v dz_tv W_v (entropy path), accumulated over vocabulary tiles.
+        mixed_rows = torch.zeros(r1 - r0, dim, dtype=torch.float32, device=device) if d_hidden is not None else None
+        if e is None:
+            scaled_h = h32 * g_rows[:, None]  # g ⊙ h, the right factor of dW
         for v0 in range(0, vocab, width):
             v1 = min(vocab, v0 + width)
             z, w32 = _logits_tile(h32, weight, bias, v0, v1, inv_temperature, logits_buf[: r1 - r0])
+            if e is None:
+                p = z.sub_(lse_rows[:, None]).exp_()
+                if mixed_rows is not None:
+                    mixed_rows.addmm_(p, w32)
+                if d_weight is not None:
+                    d_weight[v0:v1].addmm_(p.t(), scaled_h, alpha=-1.0)
+                if d_bias is not None:
+                    d_bias[v0:v1].sub_(torch.mv(p.t(), g_rows))
+                continue
             dz = grad_buf[: r1 - r0, : v1 - v0]
             torch.sub(z, lse_rows[:, None], out=dz)
             dz.exp_()  # p
-            if e is not None:
-                # z <- e (mean_z − z) − g, then dz = p · z
-                z.neg_().add_(mean_z[r0:r1, None]).mul_(e[r0:r1, None]).sub_(g_rows[:, None])
-                dz.mul_(z)
-            else:
-                dz.mul_(-g_rows[:, None])
+            # z <- e (mean_z − z) − g, then dz = p · z, plus g at the target column
+            z.neg_().add_(mean_z[r0:r1, None]).mul_(e[r0:r1, None]).sub_(g_rows[:, None])
+            dz.mul_(z)
             in_tile = (y_rows >= v0) & (y_rows < v1)
             if bool(in_tile.any()):
                 hit = in_tile.nonzero().view(-1)
                 dz.index_put_((hit, y_rows[hit] - v0), g_rows[hit], accumulate=True)
-            if d_hidden is not None:
-                d_hidden[r0:r1].addmm_(dz, w32)
+            if mixed_rows is not None:
+                mixed_rows.addmm_(dz, w32)
             if d_weight is not None:
                 d_weight[v0:v1].addmm_(dz.t(), h32)
             if d_bias is not None:
                 d_bias[v0:v1].add_(dz.sum(dim=0))
+        if e is None:
+            # the one-hot part, row by row instead of inside the tiles
+            if mixed_rows is not None:
+                picked = weight.index_select(0, y_rows).float()
+                d_hidden[r0:r1] = g_rows[:, None] * (picked - mixed_rows)
+            if d_weight is not None:
+                d_weight.index_add_(0, y_rows, scaled_h)
+            if d_bias is not None:
+                d_bias.index_add_(0, y_rows, g_rows)
+        elif mixed_rows is not None:
+            d_hidden[r0:r1] = mixed_rows
     return _cast_hidden_grad(d_hidden, hidden), d_weight, d_bias
 
 
