@@ -1,0 +1,356 @@
+"""Triton forward of the fused linear log-prob op: logsumexp, target logit and entropy moment, no logits.
+
+With ``z = (hidden @ weight.T + bias) * inv_temperature`` (never materialised) this computes per row
+``lse = logsumexp_v z``, ``target_logit = z[y]`` and ``mean_z = sum_v softmax(z)_v z_v`` (the entropy is
+``lse - mean_z``).
+
+The vocabulary is split across programs (grid = token blocks x vocab splits, about two programs per SM); each
+program runs an online logsumexp over its vocab tiles and writes a float32 partial (max, sum exp, sum p*z) per row,
+and a cheap torch epilogue combines the ``[splits, N]`` partials. The target logit is an indexed dot product
+``h . W[y] (+ b[y])`` in a second small kernel. The tile helpers here are shared with ``triton_backward``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+T = TypeVar("T")
+
+# A finite "minus infinity" for running maxima: exp(NEG_LARGE - m) underflows to 0 and 0 * NEG_LARGE stays 0.
+NEG_LARGE: tl.constexpr = tl.constexpr(-1.0e30)
+
+
+def running_in_interpreter() -> bool:
+    """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: float32 inputs use IEEE products unless torch allows TF32 for matmuls."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Number of SMs of ``device``; a small stand-in off CUDA so the interpreter exercises several splits."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def shared_memory_bytes(device: torch.device) -> int:
+    """Shared memory one program may use on ``device`` (opt-in maximum where torch reports it)."""
+    if device.type != "cuda":
+        return 1 << 30
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    return int(optin or getattr(props, "shared_memory_per_block", 49152))
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch options shared by the forward and backward launchers."""
+
+    block_n: int
+    block_v: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+def choose_tile_config(n_rows: int, dtype: torch.dtype, device: torch.device, *, backward: bool = False) -> TileConfig:
+    """Tiles for a (token block x vocab block) kernel that streams D in chunks.
+
+    Under the interpreter one small config keeps CPU tests fast. On GPU the base configs compile for sm_90
+    without register spills: 128x128 tiles on the tensor cores (16-bit inputs, or float32 with TF32 allowed),
+    smaller tiles for IEEE float32, whose dots run on the CUDA cores. The token block shrinks for small N; the
+    pipeline depth, then the D chunk, shrink when a shared-memory estimate exceeds the device's (the backward also
+    keeps the dz tile and its transpose in shared memory). ``launch_with_fallback`` covers what the estimate misses.
+    """
+    if running_in_interpreter():
+        return TileConfig(block_n=16, block_v=32, block_d=16, num_warps=4, num_stages=1)
+    if dtype != torch.float32:
+        base = TileConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
+    elif dot_precision(dtype) == "tf32":
+        base = TileConfig(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=3)
+    elif backward:
+        base = TileConfig(block_n=64, block_v=64, block_d=16, num_warps=8, num_stages=2)
+    else:
+        base = TileConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=3)
+    block_n = min(base.block_n, max(16, triton.next_power_of_2(n_rows)))
+    block_d, num_stages = base.block_d, base.num_stages
+    element_size = torch.empty(0, dtype=dtype).element_size()
+    budget = shared_memory_bytes(device)
+    dz_tiles = 2 * block_n * base.block_v * element_size if backward else 0
+
+    def smem(stages: int, chunk: int) -> int:
+        return stages * (block_n + base.block_v) * chunk * element_size + dz_tiles
+
+    while smem(num_stages, block_d) > budget and num_stages > 2:
+        num_stages -= 1
+    while smem(num_stages, block_d) > budget and block_d > 16:
+        block_d //= 2
+    return TileConfig(block_n, base.block_v, block_d, base.num_warps, num_stages)
+
+
+def _shrink(config: TileConfig) -> TileConfig | None:
+    """The next smaller config to try after an out-of-shared-memory failure, or None at the floor."""
+    if config.num_stages > 2:
+        return replace(config, num_stages=config.num_stages - 1)
+    if config.block_d > 16:
+        return replace(config, block_d=config.block_d // 2)
+    if config.block_n > 16:
+        return replace(config, block_n=config.block_n // 2)
+    if config.block_v > 32:
+        return replace(config, block_v=config.block_v // 2)
+    return None
+
+
+_FITTED_CONFIGS: dict[tuple, TileConfig] = {}
+
+
+def launch_with_fallback(key: tuple, config: TileConfig, launch: Callable[[TileConfig], T]) -> T:
+    """Return ``launch(config)``; when the compiled kernel needs more shared memory than the device offers (raised
+    before anything runs), retry with smaller tiles and remember the config that fitted under ``(key, config)``."""
+    wanted = config
+    config = _FITTED_CONFIGS.get((key, wanted), wanted)
+    while True:
+        try:
+            result = launch(config)
+        except OutOfResources:
+            config = _shrink(config)
+            if config is None:
+                raise
+            continue
+        if config != wanted:
+            _FITTED_CONFIGS[(key, wanted)] = config
+        return result
+
+
+@triton.jit
+def _lse_partials_kernel(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    part_max_ptr,
+    part_sumexp_ptr,
+    part_pz_ptr,
+    n_rows,
+    vocab,
+    dim,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    stride_b,
+    inv_temperature,
+    vocab_per_split,
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One (token block, vocab split): online max, sum exp(z - max) and sum exp(z - max) * z over its tiles."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    v_begin = pid_s * vocab_per_split
+    v_end = tl.minimum(v_begin + vocab_per_split, vocab)
+
+    run_max = tl.full([BLOCK_N], NEG_LARGE, tl.float32)
+    run_sumexp = tl.zeros([BLOCK_N], tl.float32)
+    run_pz = tl.zeros([BLOCK_N], tl.float32)
+    for v_start in range(v_begin, v_end, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        cols64 = cols.to(tl.int64)
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for d_start in range(0, dim, BLOCK_D):
+            d64 = (d_start + offs_d).to(tl.int64)
+            d_mask = d64 < dim
+            h = tl.load(
+                hidden_ptr + rows64[:, None] * stride_hn + d64[None, :] * stride_hd,
+                mask=row_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            w = tl.load(
+                weight_ptr + cols64[:, None] * stride_wv + d64[None, :] * stride_wd,
+                mask=col_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + cols64 * stride_b, mask=col_mask, other=0.0).to(tl.float32)
+            acc += b[None, :]
+        z = tl.where(col_mask[None, :], acc * inv_temperature, NEG_LARGE)
+
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        rescale = tl.exp(run_max - new_max)
+        p = tl.where(col_mask[None, :], tl.exp(z - new_max[:, None]), 0.0)
+        run_sumexp = run_sumexp * rescale + tl.sum(p, axis=1)
+        if WITH_ENTROPY:
+            run_pz = run_pz * rescale + tl.sum(p * z, axis=1)
+        run_max = new_max
+
+    out = pid_s.to(tl.int64) * n_rows + rows64
+    tl.store(part_max_ptr + out, run_max, mask=row_mask)
+    tl.store(part_sumexp_ptr + out, run_sumexp, mask=row_mask)
+    if WITH_ENTROPY:
+        tl.store(part_pz_ptr + out, run_pz, mask=row_mask)
+
+
+@triton.jit
+def _target_logit_kernel(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    targets_ptr,
+    out_ptr,
+    n_rows,
+    dim,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    stride_b,
+    stride_t,
+    inv_temperature,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """z[y] = (h . W[y] + b[y]) * inv_temperature, float32 products summed over D chunks."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    target = tl.load(targets_ptr + rows64 * stride_t, mask=row_mask, other=0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for d_start in range(0, dim, BLOCK_D):
+        d64 = (d_start + offs_d).to(tl.int64)
+        mask = row_mask[:, None] & (d64 < dim)[None, :]
+        h = tl.load(hidden_ptr + rows64[:, None] * stride_hn + d64[None, :] * stride_hd, mask=mask, other=0.0)
+        w = tl.load(weight_ptr + target[:, None] * stride_wv + d64[None, :] * stride_wd, mask=mask, other=0.0)
+        acc += h.to(tl.float32) * w.to(tl.float32)
+    logit = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        logit += tl.load(bias_ptr + target * stride_b, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows64, logit * inv_temperature, mask=row_mask)
+
+
+def vocab_split(n_rows: int, vocab: int, config: TileConfig, device: torch.device) -> tuple[int, int]:
+    """(number of vocab splits, vocab columns per split): about two programs per SM, every split non-empty."""
+    token_blocks = triton.cdiv(n_rows, config.block_n)
+    vocab_tiles = triton.cdiv(vocab, config.block_v)
+    target_programs = 2 * multiprocessor_count(device)
+    splits = max(1, min(vocab_tiles, triton.cdiv(target_programs, token_blocks)))
+    tiles_per_split = triton.cdiv(vocab_tiles, splits)
+    return triton.cdiv(vocab_tiles, tiles_per_split), tiles_per_split * config.block_v
+
+
+def _launch_target_logit(hidden, weight, bias, targets, inv_temperature: float) -> torch.Tensor:
+    n_rows, dim = hidden.shape
+    out = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+    block_n, block_d = (16, 16) if running_in_interpreter() else (32, 128)
+    has_bias = bias is not None
+    _target_logit_kernel[(triton.cdiv(n_rows, block_n),)](
+        hidden,
+        weight,
+        bias if has_bias else hidden,
+        targets,
+        out,
+        n_rows,
+        dim,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        bias.stride(0) if has_bias else 0,
+        targets.stride(0),
+        float(inv_temperature),
+        HAS_BIAS=has_bias,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return out
+
+
+def triton_forward(hidden, weight, bias, targets, *, inv_temperature: float, with_entropy: bool):
+    """Fused forward. hidden [N, D] and weight [V, D] (same dtype, any strides), bias [V] or None, targets [N]
+    int64 in [0, V).
+
+    Returns float32 [N] tensors ``(lse, target_logit, mean_z)``: ``lse = logsumexp_v z``, ``target_logit = z[y]``,
+    ``mean_z = sum_v softmax(z)_v z_v`` (None unless ``with_entropy``), where
+    ``z = (hidden @ weight.T + bias) * inv_temperature`` is never materialised.
+    """
+    n_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    if n_rows == 0:
+        empty = torch.empty(0, dtype=torch.float32, device=device)
+        return empty, empty.clone(), (empty.clone() if with_entropy else None)
+    has_bias = bias is not None
+
+    def launch(config: TileConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        splits, vocab_per_split = vocab_split(n_rows, vocab, config, device)
+        part_max = torch.empty(splits, n_rows, dtype=torch.float32, device=device)
+        part_sumexp = torch.empty_like(part_max)
+        part_pz = torch.empty_like(part_max) if with_entropy else part_max
+        _lse_partials_kernel[(triton.cdiv(n_rows, config.block_n), splits)](
+            hidden,
+            weight,
+            bias if has_bias else hidden,
+            part_max,
+            part_sumexp,
+            part_pz,
+            n_rows,
+            vocab,
+            dim,
+            hidden.stride(0),
+            hidden.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            bias.stride(0) if has_bias else 0,
+            float(inv_temperature),
+            vocab_per_split,
+            HAS_BIAS=has_bias,
+            WITH_ENTROPY=with_entropy,
+            BLOCK_N=config.block_n,
+            BLOCK_V=config.block_v,
+            BLOCK_D=config.block_d,
+            DOT_PRECISION=dot_precision(hidden.dtype),
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+        return part_max, part_sumexp, part_pz
+
+    config = choose_tile_config(n_rows, hidden.dtype, device)
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        key = ("lse_partials", device, hidden.dtype, dot_precision(hidden.dtype))
+        part_max, part_sumexp, part_pz = launch_with_fallback(key, config, launch)
+        target_logit = _launch_target_logit(hidden, weight, bias, targets, inv_temperature)
+
+    # Combine the per-split partials: every split saw at least one real column, so each partial max is finite.
+    row_max = part_max.amax(dim=0)
+    rescale = torch.exp(part_max - row_max)
+    sumexp = (part_sumexp * rescale).sum(dim=0)
+    lse = row_max + torch.log(sumexp)
+    mean_z = (part_pz * rescale).sum(dim=0) / sumexp if with_entropy else None
+    return lse, target_logit, mean_z
