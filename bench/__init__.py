@@ -1,0 +1,1 @@
+"""Microbenchmarks of aam_fast against its peers (pytest-benchmark); see bench/README.md."""
