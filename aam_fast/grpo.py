@@ -322,7 +322,8 @@ class MicroBatch:
     truncated: torch.Tensor  # [n] bool: no EOS within max_new_tokens
     prompts: list  # [n] the prompt records' prompts, each repeated G times
     completions: list[str]
-    rewards: torch.Tensor | None = None  # [n]
+    rewards: torch.Tensor | None = None  # [n] weighted total
+    reward_table: torch.Tensor | None = None  # [n, sources], NaN where a source gave None
     advantages: torch.Tensor | None = None  # [n]
     old_logps: torch.Tensor | None = None  # [n, C]
     ref_logps: torch.Tensor | None = None  # [n, C]
@@ -594,9 +595,10 @@ class GRPOTrainer:
         rewards = torch.cat(totals)
         advantages = group_advantages(rewards, G, scale=cfg.scale_rewards)
         offset = 0
-        for batch in batches:
+        for batch, table in zip(batches, tables, strict=True):
             n = batch.targets.shape[0]
             batch.rewards, batch.advantages = rewards[offset : offset + n], advantages[offset : offset + n]
+            batch.reward_table = table
             offset += n
             if cfg.num_iterations > 1:
                 batch.old_logps = token_logprobs(self.policy, batch, cfg.temperature, self.amp, cfg.backend)
@@ -731,6 +733,10 @@ class GRPOTrainer:
         rows = []
         for batch in self.rollout:
             for i, (prompt, text) in enumerate(zip(batch.prompts, batch.completions, strict=True)):
+                per_source = {
+                    f"rewards/{name}": None if math.isnan(float(value)) else float(value)
+                    for name, value in zip(self.rewards.names, batch.reward_table[i], strict=True)
+                }
                 rows.append(
                     {
                         "step": step,
@@ -738,6 +744,7 @@ class GRPOTrainer:
                         "completion": text,
                         "reward": float(batch.rewards[i]),
                         "advantage": float(batch.advantages[i]),
+                        **per_source,
                         "length": int(batch.mask[i].sum()),
                         "truncated": bool(batch.truncated[i]),
                     }

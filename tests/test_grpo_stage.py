@@ -1,0 +1,373 @@
+"""The GRPO stage end to end on the real tiny Llama in ../shared/models/stories260k (CPU).
+
+Covers: rollouts (EOS stop, truncation flag, log-probs equal to the sampling distribution), exact gradient
+accumulation (normaliser counted over the whole step), a loop that learns a rule reward, exact resume, the reward
+model scoring as eval-rm does, rule-reward plumbing, config and CLI. The fused loss's own formula tests live in
+tests/test_losses.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import fields
+
+import pytest
+import torch
+
+from aam_fast.grpo import (
+    GRPOConfig,
+    GRPOTrainer,
+    MicroBatch,
+    RewardSources,
+    add_train_grpo_arguments,
+    config_from_args,
+    generate_micro_batch,
+    load_policy,
+    load_reward_fn,
+    token_logprobs,
+    train_grpo,
+)
+
+STORY_PROMPTS = [
+    {"prompt": p} for p in ["Once upon a time", "One day", "Lily was", "The cat", "Tom and", "There was a"]
+]
+PERIOD_ID = 426  # "." in the stories260k vocabulary
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The 260K-parameter model's ops are tiny: on a shared 2-core CPU, thread hand-offs cost 10× the math."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def stories(shared_dir):
+    path = shared_dir / "models" / "stories260k"
+    if not (path / "config.json").is_file():
+        pytest.skip(f"{path} not found: the GRPO stage tests need the real tiny model")
+    return str(path)
+
+
+def share_of_a(prompts, completions, **columns):
+    """Rule reward: the fraction of the completion's characters that are the letter 'a' (TRL's completion forms)."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [t.count("a") / max(len(t), 1) for t in texts]
+
+
+def small_config(stories, tmp_path, **overrides) -> GRPOConfig:
+    settings = dict(
+        policy=stories,
+        prompts=STORY_PROMPTS,
+        output=str(tmp_path / "run"),
+        reward_fns=[share_of_a],
+        num_generations=4,
+        max_new_tokens=6,
+        batch_size=2,
+        lr=1e-3,
+        max_steps=2,
+        progress=False,
+        log_completions_every=1,
+    )
+    settings.update(overrides)
+    return GRPOConfig(**settings)
+
+
+def rows_of(batch: MicroBatch, rows: slice) -> MicroBatch:
+    """The micro-batch restricted to `rows` (tensors and lists alike)."""
+    values = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        values[f.name] = value if value is None or isinstance(value, int) else value[rows]
+    return MicroBatch(**values)
+
+
+def test_rollout_stops_at_eos_and_flags_truncation(stories):
+    from transformers import GenerationConfig
+
+    policy, tokenizer = load_policy(stories, torch.device("cpu"))
+    cfg = GRPOConfig(policy=stories, reward_fns=[share_of_a], num_generations=8, max_new_tokens=12)
+    generation = GenerationConfig(
+        do_sample=True, top_k=0, max_new_tokens=12, eos_token_id=[PERIOD_ID], pad_token_id=tokenizer.pad_token_id
+    )
+    torch.manual_seed(0)
+    batch, columns, cut = generate_micro_batch(
+        policy, tokenizer, STORY_PROMPTS[:2], cfg, generation, [PERIOD_ID], lambda: torch.autocast("cpu", enabled=False)
+    )
+    n, width = batch.targets.shape
+    assert n == 16 and width <= 12 and cut == 0
+    assert batch.prompts == [STORY_PROMPTS[0]["prompt"]] * 8 + [STORY_PROMPTS[1]["prompt"]] * 8
+    completion = batch.input_ids[:, batch.prompt_len :]
+    assert 0 < int(batch.truncated.sum()) < n, "the seed should give both stopped and truncated completions"
+    for i in range(n):
+        kept = batch.targets[i] != -100
+        length = int(kept.sum())
+        assert bool(kept[:length].all()) and not bool(kept[length:].any()), "the mask is a prefix"
+        assert torch.equal(batch.attention_mask[i, batch.prompt_len :].bool(), kept)
+        ids = completion[i, :length].tolist()
+        if batch.truncated[i]:
+            assert length == width == 12 and PERIOD_ID not in ids
+        else:
+            assert ids[-1] == PERIOD_ID and PERIOD_ID not in ids[:-1], "stops at the first EOS, which is learned"
+            assert bool((completion[i, length:] == tokenizer.pad_token_id).all())
+            ids = ids[:-1]
+        assert batch.completions[i] == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_logprobs_equal_the_sampling_distribution(stories):
+    """Fused forward-only log-probs of a left-padded batch equal log-softmax of the logits generate sampled from."""
+    from transformers import GenerationConfig
+
+    policy, tokenizer = load_policy(stories, torch.device("cpu"))
+    cfg = GRPOConfig(policy=stories, reward_fns=[share_of_a], num_generations=2, max_new_tokens=5, temperature=0.7)
+    generation = GenerationConfig(
+        do_sample=True, top_k=0, temperature=0.7, max_new_tokens=5, eos_token_id=[2], pad_token_id=0
+    )
+    torch.manual_seed(1)
+    batch, _, _ = generate_micro_batch(
+        policy, tokenizer, STORY_PROMPTS[:2], cfg, generation, [2], lambda: torch.autocast("cpu", enabled=False)
+    )
+    ours = token_logprobs(policy, batch, 0.7, lambda: torch.autocast("cpu", enabled=False), "torch")
+    prompt_ids = batch.input_ids[:, : batch.prompt_len]
+    prompt_mask = batch.attention_mask[:, : batch.prompt_len]
+    replay = policy.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        generation_config=GenerationConfig(
+            do_sample=False,
+            max_new_tokens=1,
+            eos_token_id=[2],
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        ),
+    )
+    first = torch.log_softmax(replay.logits[0].float() / 0.7, dim=-1)
+    expected = first.gather(1, batch.targets[:, :1]).squeeze(1)
+    torch.testing.assert_close(ours[:, 0], expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+        logits = policy(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids
+        ).logits
+    logp = torch.log_softmax(logits[:, batch.prompt_len - 1 : -1].float() / 0.7, dim=-1)
+    mask = batch.targets != -100
+    full = logp.gather(2, batch.targets.clamp_min(0)[..., None]).squeeze(-1) * mask
+    torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_two_micro_batches_accumulate_to_one_batch(stories, tmp_path, loss_type):
+    """The normaliser is counted over the whole step, so an uneven split gives the one-batch gradient."""
+    trainer = GRPOTrainer(small_config(stories, tmp_path, loss_type=loss_type, beta=0.1, num_iterations=2))
+    [batch], _ = trainer.make_rollout()
+    batch.advantages = torch.linspace(-1.5, 1.2, batch.targets.shape[0])
+    batch.targets[0, 2:] = -100  # uneven completion lengths, as EOS makes them
+    batch.attention_mask[0, batch.prompt_len + 2 :] = 0
+    batch.targets[5, 4:] = -100
+    batch.attention_mask[5, batch.prompt_len + 4 :] = 0
+
+    def gradient(batches):
+        trainer.policy.zero_grad(set_to_none=True)
+        loss, totals = trainer.accumulate_gradients(batches)
+        return loss, totals, [p.grad.clone() for p in trainer.policy.parameters() if p.grad is not None]
+
+    loss_one, totals_one, grads_one = gradient([batch])
+    loss_two, totals_two, grads_two = gradient([rows_of(batch, slice(0, 3)), rows_of(batch, slice(3, None))])
+    assert math.isclose(loss_one, loss_two, rel_tol=1e-5, abs_tol=1e-7)
+    assert totals_one["tokens"] == totals_two["tokens"] == float((batch.targets != -100).sum())
+    assert math.isclose(totals_one["kl_sum"], totals_two["kl_sum"], rel_tol=1e-5, abs_tol=1e-7)
+    assert len(grads_one) == len(grads_two) > 0
+    for a, b in zip(grads_one, grads_two, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert max(float(g.abs().max()) for g in grads_one) > 0
+
+
+def test_loop_learns_a_rule_reward(stories, tmp_path):
+    """With a reward for the letter 'a', the mean reward after a dozen steps is clearly above the first steps'."""
+    cfg = small_config(
+        stories,
+        tmp_path,
+        num_generations=8,
+        max_new_tokens=10,
+        max_steps=16,
+        beta=0.0,
+        seed=0,
+        log_completions_every=0,
+    )
+    rows = train_grpo(cfg)
+    rewards = [r["reward"] for r in rows]
+    start, end = sum(rewards[:2]) / 2, sum(rewards[-4:]) / 4
+    assert end > start + 0.15 and end > 2 * start, f"reward did not rise: {[round(r, 3) for r in rewards]}"
+    for key in (
+        "reward",
+        "reward_std",
+        "entropy",
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "clip_ratio/region_mean",
+        "completions/mean_length",
+        "completions/clipped_ratio",
+        "frac_reward_zero_std",
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "rewards/share_of_a/mean",
+    ):
+        assert all(math.isfinite(r[key]) for r in rows), key
+
+
+def test_resume_is_exact(stories, tmp_path):
+    """Stop at step 3 (mid rollout: 2 iterations per rollout), resume to 5: same metrics, completions, weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    common = dict(grad_accum=2, num_iterations=2, beta=0.04, save_every=3, seed=3, log_completions_every=2)
+    full = small_config(stories, tmp_path, output=str(tmp_path / "full"), max_steps=5, **common)
+    rows_full = train_grpo(full)
+    assert [r["step"] for r in rows_full] == [1, 2, 3, 4, 5]
+    assert rows_full[0]["kl"] == 0.0 and rows_full[-1]["kl"] > 0
+    assert rows_full[1]["clip_ratio/region_mean"] >= 0 and rows_full[0]["reward"] == rows_full[1]["reward"]
+
+    part = tmp_path / "part"
+    train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=3, **common))
+    resumed = train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=5, resume=str(part), **common))
+    assert resumed == rows_full[3:]
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        assert (part / name).read_text() == (tmp_path / "full" / name).read_text()
+    weights_full = load_file(tmp_path / "full" / "model.safetensors")
+    weights_part = load_file(part / "model.safetensors")
+    assert weights_full.keys() == weights_part.keys()
+    assert all(torch.equal(weights_full[k], weights_part[k]) for k in weights_full)
+
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step-000003.pt", "step-000005.pt"]
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (part / name).is_file()
+    assert AutoModelForCausalLM.from_pretrained(part).config.vocab_size == 512
+    table = [json.loads(line) for line in (part / "completions.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in table} == {1, 3, 5}
+    assert {"prompt", "completion", "reward", "advantage", "rewards/share_of_a", "truncated"} <= set(table[0])
+
+
+def test_reward_model_scores_as_eval_rm(stories, tmp_path):
+    """RM + weighted rule reward on conversational prompts: logged rewards equal RewardScorer's scores."""
+    from transformers import AutoTokenizer
+
+    from aam_fast.models import RewardModel, RewardScorer, load_causal_lm, save_reward_model
+
+    torch.manual_seed(0)
+    rm_dir = tmp_path / "rm"
+    save_reward_model(RewardModel(load_causal_lm(stories)), AutoTokenizer.from_pretrained(stories), rm_dir)
+    chats = [
+        {"prompt": [{"role": "system", "content": "You are Tom, a cat."}, {"role": "user", "content": "Hi!"}]},
+        {"prompt": [{"role": "system", "content": "You are Lily."}, {"role": "user", "content": "A story?"}]},
+    ]
+    cfg = small_config(
+        stories, tmp_path, prompts=chats, reward_model=str(rm_dir), reward_weights=[0.5, 2.0], max_steps=1, beta=0.0
+    )
+    train_grpo(cfg)
+    table = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert len(table) == 8
+    scores = RewardScorer(rm_dir)([r["prompt"] for r in table], [r["completion"] for r in table])
+    for row, score in zip(table, scores.tolist(), strict=True):
+        assert math.isclose(row["rewards/reward_model"], score, rel_tol=1e-5, abs_tol=1e-6)
+        expected_rule = share_of_a(None, [row["completion"]])[0]
+        assert math.isclose(row["rewards/share_of_a"], expected_rule, rel_tol=1e-6)
+        assert math.isclose(row["reward"], 0.5 * score + 2.0 * expected_rule, rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_reward_sources_none_weights_and_errors():
+    def first(prompts, completions, **columns):
+        return [1.0, None, 3.0]
+
+    def second(prompts, completions, tag, completion_ids, **columns):
+        assert tag == ["x", "y", "z"] and completion_ids == [[1], [2], [3]]
+        return [None, None, 1]
+
+    sources = RewardSources(None, [first, second], [1.0, 2.0])
+    assert sources.names == ["first", "second"]
+    with pytest.warns(UserWarning, match="1 completions got no reward"):
+        total, table = sources(["p"] * 3, ["a", "b", "c"], {"tag": ["x", "y", "z"], "completion_ids": [[1], [2], [3]]})
+    assert total.tolist() == [1.0, 0.0, 5.0]
+    assert torch.isnan(table[1]).all() and table[2].tolist() == [3.0, 1.0]
+
+    def short(prompts, completions, **columns):
+        return [1.0]
+
+    def wordy(prompts, completions, **columns):
+        return ["high", 1]
+
+    with pytest.raises(ValueError, match="reward function short must return a list of 2"):
+        RewardSources(None, [short], None)(["p", "q"], ["a", "b"], {})
+    with pytest.raises(ValueError, match="reward function wordy returned a non-numeric value"):
+        RewardSources(None, [wordy], None)(["p", "q"], ["a", "b"], {})
+
+
+def test_load_reward_fn_specs(tmp_path):
+    module = tmp_path / "my_rewards.py"
+    module.write_text("def brevity(prompts, completions, **kw):\n    return [-len(c) for c in completions]\n")
+    fn = load_reward_fn(f"{module}:brevity")
+    assert fn(["p"], ["abc"]) == [-3]
+    assert load_reward_fn("math:sqrt") is math.sqrt
+    for bad, message in [
+        ("no_colon", "expected 'module:function'"),
+        (f"{tmp_path / 'missing.py'}:f", "no such file"),
+        ("aam_fast_no_such_module:f", "cannot import"),
+        (f"{module}:missing", "has no callable 'missing'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_reward_fn(bad)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(num_generations=1), "num_generations must be >= 2"),
+        (dict(reward_fns=[]), "no reward"),
+        (dict(reward_weights=[1.0, 2.0]), "reward_weights has 2 values for 1 reward sources"),
+        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(loss_type="sum"), "loss_type must be one of"),
+        (dict(kl="k4"), "kl must be one of"),
+        (dict(batch_size=0), "batch_size must be a positive integer"),
+    ],
+)
+def test_config_validation(overrides, message):
+    cfg = GRPOConfig(policy="p", **{"reward_fns": ["m:f"], **overrides})
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()
+
+
+def test_cli_flags_map_to_config():
+    parser = argparse.ArgumentParser()
+    add_train_grpo_arguments(parser)
+    argv = (
+        "--policy P --reward-model RM --prompts F --scenes S --num-generations 6 --max-new-tokens 33 --temperature 0.9 "
+        "--top-p 0.95 --beta 0.02 --kl k2 --epsilon 0.1 --epsilon-high 0.28 --loss-type seq-mean-token-sum-norm "
+        "--scale-rewards none --num-iterations 3 --entropy-coef 0.01 --lr 2e-6 --max-steps 7 --batch-size 3 "
+        "--grad-accum 4 --seed 9 --output OUT --save-every 5 --resume CK --reward-fn a:b --reward-fn c:d "
+        "--reward-weights 1 0.5 0.25 --log-completions-every 2 --dtype bfloat16"
+    ).split()
+    cfg = config_from_args(parser.parse_args(argv))
+    assert cfg.policy == "P" and cfg.reward_model == "RM" and cfg.prompts == "F" and cfg.scenes == "S"
+    assert (cfg.num_generations, cfg.max_new_tokens, cfg.temperature, cfg.top_p) == (6, 33, 0.9, 0.95)
+    assert (cfg.beta, cfg.kl, cfg.epsilon, cfg.epsilon_high) == (0.02, "k2", 0.1, 0.28)
+    assert (cfg.loss_type, cfg.scale_rewards, cfg.num_iterations, cfg.entropy_coef) == (
+        "seq-mean-token-sum-norm",
+        "none",
+        3,
+        0.01,
+    )
+    assert (cfg.lr, cfg.max_steps, cfg.batch_size, cfg.grad_accum, cfg.seed) == (2e-6, 7, 3, 4, 9)
+    assert (cfg.output, cfg.save_every, cfg.resume, cfg.log_completions_every, cfg.dtype) == (
+        "OUT",
+        5,
+        "CK",
+        2,
+        "bfloat16",
+    )
+    assert cfg.reward_fns == ["a:b", "c:d"] and cfg.reward_weights == [1.0, 0.5, 0.25]
+    cfg.validate()
