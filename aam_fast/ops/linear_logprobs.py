@@ -29,6 +29,11 @@ def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None
     return keep.nonzero().view(-1)
 
 
+def unit_inner_stride(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor itself when its last dim is unit-strided (vectorised loads, fast GEMMs), else a contiguous copy."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
 def logprob_forward(hidden2d, weight, bias, targets1d, params: LogprobParams):
     """Forward on flat inputs: `(logp [N], entropy [N] or None, saved)` where `saved` feeds `logprob_backward`.
 
@@ -143,7 +148,8 @@ def linear_logprobs(
         ignore_index=int(ignore_index),
         with_entropy=bool(return_entropy),
     )
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    hidden2d = unit_inner_stride(hidden.reshape(-1, hidden.shape[-1]))
+    weight = unit_inner_stride(weight)
     targets1d = targets.reshape(-1).long()
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)

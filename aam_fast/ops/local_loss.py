@@ -14,7 +14,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .backends import resolve_backend
-from .linear_logprobs import LogprobParams, logprob_backward, logprob_forward
+from .linear_logprobs import LogprobParams, logprob_backward, logprob_forward, unit_inner_stride
 from .validation import check_linear_logprobs_inputs
 
 TokenLossFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -81,7 +81,8 @@ def linear_local_loss(
         ignore_index=int(ignore_index),
         with_entropy=bool(with_entropy),
     )
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    hidden2d = unit_inner_stride(hidden.reshape(-1, hidden.shape[-1]))
+    weight = unit_inner_stride(weight)
     targets1d = targets.reshape(-1).long()
     shape = targets.shape
 
