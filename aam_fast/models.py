@@ -71,10 +71,16 @@ def _layer_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-class _LayerInputCapture:
-    """Forward pre-hook that records the (hidden, args, kwargs) a decoder layer was called with."""
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the wanted activation is captured."""
 
-    def __init__(self):
+
+class _LayerInputCapture:
+    """Forward pre-hook that records the (hidden, args, kwargs) a decoder layer was called with (and, with
+    ``stop=True``, ends the forward there)."""
+
+    def __init__(self, stop: bool = False):
+        self.stop = stop
         self.hidden: torch.Tensor | None = None
         self.args: tuple = ()
         self.kwargs: dict = {}
@@ -88,6 +94,8 @@ class _LayerInputCapture:
             self.hidden = self.kwargs.pop("hidden_states")
             self.args = ()
         self.hidden = self.hidden.detach()
+        if self.stop:
+            raise _StopForward
         return None
 
     def run(self, layers: Sequence[nn.Module], norm: nn.Module) -> torch.Tensor:
@@ -133,6 +141,12 @@ class RewardModel(nn.Module):
         return _find_child(self.backbone, _LAYER_LISTS, "decoder layer list")
 
     @property
+    def first_trainable_layer(self) -> nn.Module:
+        if self.trainable_layers is None:
+            raise ValueError("the model has no frozen trunk (trainable_layers is None)")
+        return self.decoder_layers[len(self.decoder_layers) - self.trainable_layers]
+
+    @property
     def final_norm(self) -> nn.Module:
         return _find_child(self.backbone, _FINAL_NORMS, "final norm")
 
@@ -170,23 +184,60 @@ class RewardModel(nn.Module):
         self.score.requires_grad_(True)
 
     # -- forward ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def trunk_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The frozen trunk's output ``[B, T, D]`` (the input of the first trainable layer), the top not run."""
+        capture = _LayerInputCapture(stop=True)
+        handle = self.first_trainable_layer.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return capture.hidden
+
+    @contextlib.contextmanager
+    def _top_layers_fed(self, trunk_hidden: torch.Tensor):
+        """Run the backbone with only its top layers, the first of them fed ``trunk_hidden`` (embedding, masks and
+        position embeddings are still computed by the backbone's own forward for this batch)."""
+        backbone = self.backbone
+        name = next(n for n in _LAYER_LISTS if getattr(backbone, n, None) is not None)
+        full = getattr(backbone, name)
+        top = nn.ModuleList(list(full)[len(full) - self.trainable_layers :])
+
+        def feed(module, args, kwargs):
+            if args:
+                return (trunk_hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": trunk_hidden}
+
+        handle = top[0].register_forward_pre_hook(feed, with_kwargs=True, prepend=True)
+        setattr(backbone, name, top)
+        try:
+            yield
+        finally:
+            setattr(backbone, name, full)
+            handle.remove()
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         *,
         reference: ReferenceModel | None = None,
+        trunk_hidden: torch.Tensor | None = None,
     ) -> RewardOutput:
         """Rewards ``[B]`` and final hidden states; with ``reference``, also the reference's final hidden states
-        (computed without gradient; under ``trainable_layers`` from the shared frozen trunk)."""
-        capture = None
-        handle = None
+        (computed without gradient; under ``trainable_layers`` from the shared frozen trunk). ``trunk_hidden``
+        (from :meth:`trunk_output`, e.g. cached across epochs) skips the frozen trunk."""
+        capture = handle = None
         if reference is not None and reference.top_only:
             capture = _LayerInputCapture()
-            first_top = self.decoder_layers[len(self.decoder_layers) - reference.num_layers]
-            handle = first_top.register_forward_pre_hook(capture, with_kwargs=True)
+            handle = self.first_trainable_layer.register_forward_pre_hook(capture, with_kwargs=True)
+        feeding = contextlib.nullcontext() if trunk_hidden is None else self._top_layers_fed(trunk_hidden)
         try:
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            with feeding:
+                hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         finally:
             if handle is not None:
                 handle.remove()

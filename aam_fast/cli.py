@@ -1,0 +1,52 @@
+"""``aam-fast`` / ``python -m aam_fast``: one subcommand family per stage module.
+
+Each stage module exposes ``add_parser(subparsers)``, which registers its subcommands and sets ``func`` (taking the
+parsed ``argparse.Namespace``, returning an exit code) with ``set_defaults``. To add a stage, append its module to
+:data:`STAGE_MODULES`; a module listed there that is not present in this installation is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+STAGE_MODULES = (
+    "aam_fast.rm",  # train-rm, eval-rm
+    "aam_fast.demo_rm",  # demo
+    "aam_fast.grpo",  # train-grpo, demo-grpo (the GRPO stage registers itself here)
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aam-fast", description="Act-Adaptive-Margin reward models and GRPO on fused log-prob kernels."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in STAGE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # the stage is not part of this installation
+                continue
+            raise
+        register = getattr(module, "add_parser", None)
+        if register is None:
+            print(f"aam-fast: {name} defines no add_parser(subparsers); its commands are unavailable", file=sys.stderr)
+            continue
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
