@@ -240,6 +240,11 @@ def run_case(benchmark, env: BenchEnv, workload: str, provider_name: str, shape:
     except Exception as exc:
         held["outputs"] = ()
         _skip_if_peer_failed(provider, env.device, exc)
+    except BaseException:
+        # Interrupted (SIGINT from a time limit, pytest-timeout): pytest-benchmark only drops cases that raised an
+        # Exception, and a case without rounds would break its JSON for every other case.
+        benchmark.has_error = True
+        raise
     outputs = held["outputs"]
     _check_finite(provider, outputs)
     flops = floor_products * product_flops(shape.tokens, shape.d, shape.v)

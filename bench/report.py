@@ -1,0 +1,537 @@
+"""Turn pytest-benchmark JSON into a markdown report and plots.
+
+    python -m bench.report RESULTS.json [MORE.json ...] --out bench/results/
+
+writes `<device>-<date>.md` (device, date, versions; the "Must show" ratios where the run has their cases; per
+workload a table of median time, ratio to the fastest peer, ratio to the floor, peak extra memory, achieved
+TFLOP/s) and `<device>-<date>-time.png` / `-memory.png` (one row per workload: against tokens and against
+vocabulary size, one line per provider). Several JSON files (one run split into parts) are merged; their cases
+must come from one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+WORKLOAD_TITLES = {
+    "logprobs-fwd": "Token log-probs, forward only",
+    "logprobs-fwdbwd": "Token log-probs, forward + backward (random upstream gradient)",
+    "aam-detached": "AAM pairwise loss, detached margin",
+    "aam-trained": "AAM pairwise loss, trained-through margin + SFT",
+    "grpo": "GRPO token loss, forward + backward",
+}
+AAM_FIRST = ("aam-triton", "aam-torch")
+PROVIDER_COLORS = {
+    "aam-triton": "#d62728",
+    "aam-torch": "#ff7f0e",
+    "naive": "#7f7f7f",
+    "naive-compile": "#8c564b",
+    "liger": "#2ca02c",
+    "cce": "#1f77b4",
+    "torch-lce": "#9467bd",
+}
+
+
+@dataclass
+class Result:
+    """One benchmark case: its median time and the extra_info the runner recorded."""
+
+    workload: str
+    provider: str
+    peer: bool
+    shape: str
+    tokens: int
+    d: int
+    v: int
+    dtype: str
+    median_s: float
+    rounds: int
+    floor_s: float
+    floor_products: int
+    floor_flops: float
+    peak_mb: float | None
+    output_mb: float
+    info: dict
+
+    @property
+    def tflops(self) -> float:
+        return self.floor_flops / self.median_s / 1e12
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One "Must show" line: `value(workload, provider) <op> target` at one shape on one kind of device."""
+
+    label: str
+    device: str
+    dtype: str
+    tokens: int
+    d: int
+    v: int
+    workload: str
+    provider: str
+    metric: str  # "time/floor", "time/fastest-peer", "memory/fastest-peer", "memory/cce"
+    target: float
+    strict: bool = False
+
+
+MUST_SHOW = (
+    Criterion(
+        "fwd+bwd time vs fastest peer",
+        "cpu",
+        "float32",
+        2048,
+        1024,
+        151936,
+        "logprobs-fwdbwd",
+        "aam-torch",
+        "time/fastest-peer",
+        1.4,
+    ),
+    Criterion(
+        "fwd+bwd peak extra memory vs fastest peer's",
+        "cpu",
+        "float32",
+        2048,
+        1024,
+        151936,
+        "logprobs-fwdbwd",
+        "aam-torch",
+        "memory/fastest-peer",
+        0.3,
+    ),
+    Criterion(
+        "GRPO token loss time vs fastest peer",
+        "cpu",
+        "float32",
+        2048,
+        1024,
+        151936,
+        "grpo",
+        "aam-torch",
+        "time/fastest-peer",
+        1.1,
+    ),
+    Criterion(
+        "forward time vs one bare product",
+        "cpu",
+        "float32",
+        2048,
+        1024,
+        151936,
+        "logprobs-fwd",
+        "aam-torch",
+        "time/floor",
+        1.1,
+    ),
+    Criterion(
+        "fwd+bwd time vs four bare products",
+        "cuda",
+        "bfloat16",
+        8192,
+        4096,
+        128256,
+        "logprobs-fwdbwd",
+        "aam-triton",
+        "time/floor",
+        1.3,
+    ),
+    Criterion(
+        "fwd+bwd time vs fastest peer (must be faster)",
+        "cuda",
+        "bfloat16",
+        8192,
+        4096,
+        128256,
+        "logprobs-fwdbwd",
+        "aam-triton",
+        "time/fastest-peer",
+        1.0,
+        strict=True,
+    ),
+    Criterion(
+        "fwd+bwd peak extra memory vs Cut Cross-Entropy's",
+        "cuda",
+        "bfloat16",
+        8192,
+        4096,
+        128256,
+        "logprobs-fwdbwd",
+        "aam-triton",
+        "memory/cce",
+        1.0,
+    ),
+    Criterion(
+        "forward time vs one bare product",
+        "cuda",
+        "bfloat16",
+        8192,
+        4096,
+        128256,
+        "logprobs-fwd",
+        "aam-triton",
+        "time/floor",
+        1.15,
+    ),
+)
+
+
+def load_results(paths: list[Path]) -> tuple[list[Result], dict]:
+    """Results of every case in the files, and the first file's header (machine_info, datetime, version)."""
+    results, header = [], {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a readable pytest-benchmark JSON file ({exc})") from exc
+        if "benchmarks" not in data:
+            raise ValueError(f"{path}: no 'benchmarks' list; pass the file written by --benchmark-json")
+        header = header or {k: data.get(k) for k in ("machine_info", "datetime", "version")}
+        for bench in data["benchmarks"]:
+            info = bench.get("extra_info") or {}
+            if "workload" not in info:
+                raise ValueError(f"{path}: benchmark {bench.get('name')!r} has no extra_info from bench.runner")
+            results.append(
+                Result(
+                    workload=info["workload"],
+                    provider=info["provider"],
+                    peer=bool(info["peer"]),
+                    shape=info["shape"],
+                    tokens=int(info["tokens"]),
+                    d=int(info["d"]),
+                    v=int(info["v"]),
+                    dtype=info["dtype"],
+                    median_s=float(bench["stats"]["median"]),
+                    rounds=int(bench["stats"]["rounds"]),
+                    floor_s=float(info["floor_s"]),
+                    floor_products=int(info["floor_products"]),
+                    floor_flops=float(info["floor_flops"]),
+                    peak_mb=info.get("peak_extra_mb"),
+                    output_mb=float(info.get("output_mb") or 0.0),
+                    info=info,
+                )
+            )
+    devices = {(r.info["device"], r.info["device_name"]) for r in results}
+    if len(devices) > 1:
+        raise ValueError(f"results come from several devices {sorted(devices)}; report one device at a time")
+    return results, header
+
+
+def _cases(results: list[Result]) -> dict[tuple[str, str], list[Result]]:
+    cases: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        cases.setdefault((r.workload, r.shape), []).append(r)
+    return cases
+
+
+def fastest_peer(case: list[Result]) -> Result | None:
+    peers = [r for r in case if r.peer]
+    return min(peers, key=lambda r: r.median_s) if peers else None
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds >= 1.0:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.0f} µs"
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt_mb(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
+
+
+def _provider_order(name: str) -> tuple[int, str]:
+    return (AAM_FIRST.index(name) if name in AAM_FIRST else len(AAM_FIRST), name)
+
+
+def _shape_key(case: list[Result]) -> tuple:
+    r = case[0]
+    return (r.v, r.d, r.tokens)
+
+
+def criterion_value(crit: Criterion, results: list[Result]) -> tuple[float | None, str]:
+    """The measured ratio for a criterion and what it was measured against, or (None, why not)."""
+    case = [
+        r
+        for r in results
+        if r.workload == crit.workload
+        and r.info["device"] == crit.device
+        and r.dtype == crit.dtype
+        and (r.tokens, r.d, r.v) == (crit.tokens, crit.d, crit.v)
+    ]
+    ours = next((r for r in case if r.provider == crit.provider), None)
+    if ours is None:
+        return None, "not measured"
+    if crit.metric == "time/floor":
+        return ours.median_s / ours.floor_s, f"floor {_fmt_time(ours.floor_s)}"
+    if crit.metric == "memory/cce":
+        other = next((r for r in case if r.provider == "cce"), None)
+    else:
+        other = fastest_peer(case)
+    if other is None:
+        return None, "no peer measured"
+    if crit.metric == "time/fastest-peer":
+        return ours.median_s / other.median_s, f"{other.provider} {_fmt_time(other.median_s)}"
+    if ours.peak_mb is None or not other.peak_mb:
+        return None, "memory not measured"
+    return ours.peak_mb / other.peak_mb, f"{other.provider} {_fmt_mb(other.peak_mb)} MB"
+
+
+def _must_show_lines(results: list[Result]) -> list[str]:
+    lines = []
+    for crit in MUST_SHOW:
+        value, against = criterion_value(crit, results)
+        if value is None and against == "not measured":
+            continue
+        if value is None:
+            verdict = "n/a"
+        else:
+            verdict = "yes" if (value < crit.target if crit.strict else value <= crit.target) else "**no**"
+        op = "<" if crit.strict else "≤"
+        shape = f"N={crit.tokens}, D={crit.d}, V={crit.v}, {crit.dtype}"
+        lines.append(
+            f"| {crit.provider} {crit.label} | {shape} | {_fmt(value)} | {op} {crit.target} | {against} | {verdict} |"
+        )
+    if not lines:
+        return []
+    return [
+        "## Must show",
+        "",
+        "| criterion | shape | measured | target | against | holds |",
+        "|---|---|---|---|---|---|",
+        *lines,
+        "",
+    ]
+
+
+def _versions(results: list[Result]) -> str:
+    versions = {"torch": results[0].info.get("torch_version", "?")}
+    for r in results:
+        dist = {
+            "aam-torch": "aam_fast",
+            "aam-triton": "aam_fast",
+            "liger": "liger-kernel",
+            "cce": "cut-cross-entropy",
+        }.get(r.provider)
+        if dist:
+            versions[dist] = r.info.get("provider_version", "?")
+    return ", ".join(f"{k} {v}" for k, v in versions.items())
+
+
+def device_slug(results: list[Result], header: dict) -> str:
+    info = results[0].info
+    slug = re.sub(r"[^a-z0-9]+", "-", info["device_name"].lower()).strip("-")
+    return slug if info["device"] == "cuda" else f"cpu-{slug}"
+
+
+def render_markdown(results: list[Result], header: dict, plot_names: list[str]) -> str:
+    info = results[0].info
+    machine = header.get("machine_info") or {}
+    loads = [r.info["load_avg_1m"] for r in results if r.info.get("load_avg_1m") is not None]
+    entropies = sorted({round(r.info["input_mean_entropy"], 2) for r in results if "input_mean_entropy" in r.info})
+    lines = [
+        f"# aam_fast benchmarks: {info['device_name']}",
+        "",
+        f"- **Device**: {info['device_name']} ({info['device']}, {info.get('threads', '?')} torch threads)",
+        f"- **Date**: {header.get('datetime', '?')}",
+        f"- **Versions**: {_versions(results)}, Python {machine.get('python_version', '?')}, "
+        f"pytest-benchmark {header.get('version', '?')}",
+        f"- **Set**: `{info.get('bench_set', '?')}`; inputs: logits ~ N(0, 6²), targets sampled from the softmax "
+        f"(mean entropy {', '.join(map(str, entropies))} nats)",
+        "- **Time**: median of the rounds (one call per round; compiled and autotuned providers warmed up first). "
+        "**Floor**: the same run's bare `N×D×V` matrix products (1 for forward-only work, 4 for forward + "
+        "backward). **× peer**: time over the fastest peer's (a non-aam_fast provider) in the same case.",
+        "- **Peak extra MB**: peak memory above the inputs during one call, outputs (log-probs, gradients) "
+        "included; **out MB** is the outputs' own size. CPU: the process's resident-set high-water mark "
+        "(`/proc/self/clear_refs` reset); CUDA: `torch.cuda.max_memory_allocated`.",
+    ]
+    if loads and info["device"] == "cpu":
+        lines.append(
+            f"- **Load average** (1 min) during the run: {min(loads):.1f} to {max(loads):.1f} on "
+            f"{info['device_name'].rsplit(', ', 1)[-1]}: the CPU is shared, so expect timing noise."
+        )
+    lines.append("")
+    lines += _must_show_lines(results)
+    cases = _cases(results)
+    for workload, title in WORKLOAD_TITLES.items():
+        keys = sorted((k for k in cases if k[0] == workload), key=lambda k: _shape_key(cases[k]))
+        if not keys:
+            continue
+        lines += [
+            f"## {title} (`{workload}`)",
+            "",
+            "| shape | provider | median | × peer | × floor | peak extra MB | × peer mem | out MB | TFLOP/s | rounds |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for key in keys:
+            case = sorted(cases[key], key=lambda r: _provider_order(r.provider))
+            best = fastest_peer(case)
+            first = case[0]
+            floor_tflops = first.floor_flops / first.floor_s / 1e12
+            products = f"{first.floor_products} product" + ("s" if first.floor_products > 1 else "")
+            lines.append(
+                f"| {first.shape} | *floor ({products})* | {_fmt_time(first.floor_s)} | | 1.00 | | | | "
+                f"{floor_tflops:.3g} | |"
+            )
+            for r in case:
+                time_ratio = r.median_s / best.median_s if best else None
+                mem_ratio = r.peak_mb / best.peak_mb if best and r.peak_mb is not None and best.peak_mb else None
+                name = f"**{r.provider}**" if not r.peer else r.provider
+                lines.append(
+                    f"| {r.shape} | {name} | {_fmt_time(r.median_s)} | {_fmt(time_ratio)} | "
+                    f"{_fmt(r.median_s / r.floor_s)} | {_fmt_mb(r.peak_mb)} | {_fmt(mem_ratio)} | "
+                    f"{_fmt_mb(r.output_mb)} | {r.tflops:.3g} | {r.rounds} |"
+                )
+            missing = sorted({x.provider for x in results if x.workload == workload} - {r.provider for r in case})
+            if missing:
+                lines.append(f"| {first.shape} | not run: {', '.join(missing)} | | | | | | | | |")
+        lines.append("")
+    lines.append(
+        "Providers that a device cannot run (Triton-only kernels on CPU, peers not installed) are skipped; "
+        "the pytest log (`-ra`) gives each reason."
+    )
+    for name in plot_names:
+        lines += ["", f"![{name}]({name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _panel_series(results: list[Result], axis: str):
+    """Results for one panel: against tokens at the (D, V) with most token counts, or against V at the token
+    count with most vocabularies. Returns (x label, {provider: [(x, result)]}) or None."""
+    if axis == "tokens":
+        groups: dict = {}
+        for r in results:
+            groups.setdefault((r.d, r.v), []).append(r)
+        (d, v), chosen = max(groups.items(), key=lambda kv: (len({r.tokens for r in kv[1]}), kv[0][1]))
+        label, xof = f"tokens N (D={d}, V={v})", (lambda r: r.tokens)
+    else:
+        groups = {}
+        for r in results:
+            groups.setdefault(r.tokens, []).append(r)
+        tokens, chosen = max(groups.items(), key=lambda kv: (len({r.v for r in kv[1]}), kv[0]))
+        dims = sorted({r.d for r in chosen})
+        dim_text = f"D={dims[0]}" if len(dims) == 1 else "D varies with the model"
+        label, xof = f"vocabulary V (N={tokens}, {dim_text})", (lambda r: r.v)
+    series: dict[str, list] = {}
+    for r in sorted(chosen, key=xof):
+        series.setdefault(r.provider, []).append((xof(r), r))
+    return label, series
+
+
+def _metric(r: Result, metric: str) -> float | None:
+    return r.median_s if metric == "time" else r.peak_mb
+
+
+def _plot_lines(ax, series: dict, metric: str) -> None:
+    for provider in sorted(series, key=_provider_order):
+        points = [(x, _metric(r, metric)) for x, r in series[provider] if _metric(r, metric) is not None]
+        if not points:
+            continue
+        ours = provider.startswith("aam-")
+        ax.plot(
+            [x for x, _ in points],
+            [y for _, y in points],
+            "-o" if ours else "--s",
+            label=provider,
+            color=PROVIDER_COLORS.get(provider),
+            linewidth=2.2 if ours else 1.2,
+        )
+    if metric == "time":
+        floor = sorted({(x, r.floor_s) for points in series.values() for x, r in points})
+        ax.plot([x for x, _ in floor], [f for _, f in floor], ":^", color="black", label="floor")
+    ax.set_xticks(sorted({x for points in series.values() for x, _ in points}))
+
+
+def _plot_bars(ax, series: dict, metric: str) -> None:
+    """One shape only: a bar per provider (and the floor as a line)."""
+    names = [p for p in sorted(series, key=_provider_order) if _metric(series[p][0][1], metric) is not None]
+    values = [_metric(series[p][0][1], metric) for p in names]
+    ax.bar(names, values, color=[PROVIDER_COLORS.get(p, "#333333") for p in names])
+    if metric == "time" and names:
+        ax.axhline(series[names[0]][0][1].floor_s, color="black", linestyle=":", label="floor")
+        ax.legend(fontsize=7)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+
+
+def render_plots(results: list[Result], out_stem: Path) -> list[Path]:
+    """Time and memory figures: one row per workload, columns against tokens and against vocabulary (a bar chart
+    where the workload was measured at one shape only)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    workloads = [w for w in WORKLOAD_TITLES if any(r.workload == w for r in results)]
+    info = results[0].info
+    written = []
+    for metric, ylabel in (("time", "median time (s)"), ("memory", "peak extra memory (MB)")):
+        fig, axes = plt.subplots(len(workloads), 2, figsize=(12, 3.6 * len(workloads)), squeeze=False)
+        for row, workload in enumerate(workloads):
+            subset = [r for r in results if r.workload == workload]
+            single_shape = len({r.shape for r in subset}) == 1
+            for col, axis in enumerate(("tokens", "vocab")):
+                ax = axes[row][col]
+                if single_shape and col == 1:
+                    ax.axis("off")
+                    continue
+                xlabel, series = _panel_series(subset, axis)
+                if single_shape:
+                    _plot_bars(ax, series, metric)
+                    ax.set_xlabel(f"provider ({subset[0].shape})")
+                else:
+                    _plot_lines(ax, series, metric)
+                    ax.set_xlabel(xlabel)
+                    ax.set_yscale("log")
+                    ax.legend(fontsize=7)
+                ax.set_ylabel(ylabel)
+                ax.set_title(WORKLOAD_TITLES[workload], fontsize=9)
+                ax.grid(True, which="both", alpha=0.3)
+        fig.suptitle(f"aam_fast vs peers: {metric}, {info['device_name']}, {results[0].dtype}", fontsize=11)
+        fig.tight_layout()
+        path = out_stem.with_name(f"{out_stem.name}-{metric}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(paths: list[Path], out_dir: Path) -> Path:
+    results, header = load_results(paths)
+    if not results:
+        raise ValueError(f"no benchmark results in {', '.join(map(str, paths))}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    date = (header.get("datetime") or "unknown-date")[:10]
+    stem = out_dir / f"{device_slug(results, header)}-{date}"
+    plots = render_plots(results, stem)
+    markdown = render_markdown(results, header, [p.name for p in plots])
+    md_path = stem.with_suffix(".md")
+    md_path.write_text(markdown)
+    return md_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", type=Path, help="pytest-benchmark JSON file(s) of one device")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="output folder")
+    args = parser.parse_args(argv)
+    try:
+        md_path = write_report(args.results, args.out)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(md_path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
