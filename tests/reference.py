@@ -31,10 +31,16 @@ def naive_logprobs(hidden, weight, targets, bias=None, temperature=1.0, ignore_i
     return torch.where(targets != ignore_index, picked, torch.zeros_like(picked))
 
 
-def rel_err(actual, expected) -> float:
-    """‖actual − expected‖ / ‖expected‖ in float64; NaN anywhere gives inf."""
+def rel_err(actual, expected, floor: float = 1e-2) -> float:
+    """‖actual − expected‖ / max(‖expected‖, floor·√n) in float64; NaN anywhere gives inf.
+
+    The floor (an RMS of 1e-2 per element) keeps a tensor whose entries are all near 0 (a log-prob of a token
+    with p ≈ 1 is `z_y − lse`, two O(1) numbers cancelling) from turning float32 rounding into a huge ratio.
+    """
     actual, expected = actual.double(), expected.double()
+    if actual.shape != expected.shape:
+        raise AssertionError(f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
     if not torch.isfinite(actual).all():
         return float("inf")
-    denom = expected.norm().item()
+    denom = max(expected.norm().item(), floor * expected.numel() ** 0.5)
     return (actual - expected).norm().item() / (denom if denom > 0 else 1.0)

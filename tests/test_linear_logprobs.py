@@ -38,19 +38,20 @@ def make_inputs(lead, dim, vocab, dtype, *, bias, ignore_frac=0.2, seed=None, pe
     return hidden, weight, b, targets
 
 
-def tolerance(backend, dtype, hidden, weight, targets, bias, temperature):
-    """float32: fixed bound; low precision: naive same-dtype error plus 1e-3 (DESIGN.md §5)."""
-    if dtype == torch.float32:
-        return F32_TOL[backend]
-    ref, _ = reference_logprobs(hidden, weight, targets, bias, temperature)
-    return rel_err(naive_logprobs(hidden, weight, targets, bias, temperature), ref) + 1e-3
-
-
-def grad_tolerance(backend, dtype):
-    return F32_TOL[backend] * 3 if dtype == torch.float32 else 2e-2
+def naive_errors(hidden, weight, targets, bias, temperature, grad_logp, ref_logp, ref_grads):
+    """Errors of the materialising implementation in the inputs' dtype: the bar a fused kernel must meet."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight) + ((bias,) if bias is not None else ())]
+    logp = naive_logprobs(leaves[0], leaves[1], targets, leaves[2] if bias is not None else None, temperature)
+    (logp * grad_logp).sum().backward()
+    return rel_err(logp, ref_logp), [rel_err(leaf.grad, ref) for leaf, ref in zip(leaves, ref_grads, strict=True)]
 
 
 def run_case(backend, dtype, lead, dim, vocab, *, bias, temperature, entropy):
+    """Forward and every gradient against float64, within the fixed tolerance or 2x naive's own error in `dtype`.
+
+    (float32 near-certain tokens cancel `z_y − lse` and `1 − p_y` in any implementation: naive float32 bounds how
+    well a float32 kernel can do there; float16/bfloat16 allow naive's error plus 1e-3, as DESIGN.md §5.)
+    """
     hidden, weight, b, targets = make_inputs(lead, dim, vocab, dtype, bias=bias)
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight) + ((b,) if bias else ())]
     ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
@@ -61,10 +62,7 @@ def run_case(backend, dtype, lead, dim, vocab, *, bias, temperature, entropy):
     )
     logp, ent = out if entropy else (out, None)
     ref_logp, ref_ent = reference_logprobs(*ref_leaves[:2], targets, ref_leaves[2] if bias else None, temperature)
-
     assert logp.dtype == torch.float32 and logp.shape == targets.shape
-    tol = tolerance(backend, dtype, hidden, weight, targets, b, temperature)
-    assert rel_err(logp, ref_logp) <= tol
     assert torch.all(logp[targets == -100] == 0)
     assert torch.all(logp <= 1e-4)
 
@@ -72,17 +70,33 @@ def run_case(backend, dtype, lead, dim, vocab, *, bias, temperature, entropy):
     upstream = (logp * grad_logp).sum()
     ref_upstream = (ref_logp * grad_logp.double()).sum()
     if entropy:
-        assert ent.dtype == torch.float32 and rel_err(ent, ref_ent) <= max(tol, 1e-4)
-        assert torch.all(ent[targets == -100] == 0)
         grad_ent = torch.randn_like(ent)
         upstream = upstream + (ent * grad_ent).sum()
         ref_upstream = ref_upstream + (ref_ent * grad_ent.double()).sum()
     upstream.backward()
     ref_upstream.backward()
-    gtol = grad_tolerance(backend, dtype)
-    for name, leaf, ref_leaf in zip(("hidden", "weight", "bias"), leaves, ref_leaves, strict=False):
+
+    # naive's error on the log-prob part alone (its entropy is not part of the baseline)
+    ref_logp_only = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref_lp, _ = reference_logprobs(*ref_logp_only[:2], targets, ref_logp_only[2] if bias else None, temperature)
+    (ref_lp * grad_logp.double()).sum().backward()
+    naive_logp_err, naive_grad_errs = naive_errors(
+        hidden, weight, targets, b, temperature, grad_logp, ref_lp.detach(), [t.grad for t in ref_logp_only]
+    )
+    if dtype == torch.float32:
+        tol = max(F32_TOL[backend], 2 * naive_logp_err)
+        gtols = [max(3 * F32_TOL[backend], 2 * err) for err in naive_grad_errs]
+    else:
+        tol = naive_logp_err + 1e-3
+        gtols = [max(2e-2, err + 1e-3) for err in naive_grad_errs]
+    assert rel_err(logp, ref_logp) <= tol
+    if entropy:
+        assert ent.dtype == torch.float32 and rel_err(ent, ref_ent) <= max(tol, 1e-4)
+        assert torch.all(ent[targets == -100] == 0)
+    for name, leaf, ref_leaf, gtol in zip(("hidden", "weight", "bias"), leaves, ref_leaves, gtols, strict=False):
         assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, name
-        assert rel_err(leaf.grad, ref_leaf.grad) <= gtol, f"{name}: {rel_err(leaf.grad, ref_leaf.grad)}"
+        err = rel_err(leaf.grad, ref_leaf.grad)
+        assert err <= gtol, f"{name}: {err:.3e} > {gtol:.3e}"
     assert torch.all(h.grad[targets == -100] == 0)
 
 

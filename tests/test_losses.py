@@ -49,7 +49,7 @@ def test_adaptive_margin_matches_formula(backend, margin, gamma, norm):
     r = rewards.double()
     expected = -F.logsigmoid(r[:3] - r[3:] - m).mean()
     assert abs(out.loss.item() - expected.item()) <= 1e-5 * max(1.0, abs(expected.item()))
-    assert rel_err(out.margin, m) <= 1e-5
+    assert rel_err(out.margin, m) <= 1e-4  # a difference of differences of O(1) log-probs
     assert rel_err(out.reward_gap, r[:3] - r[3:]) <= 1e-7
     assert torch.equal(out.accuracy, (r[:3] > r[3:]).float())
     assert rel_err(out.logps, pol) <= 1e-5

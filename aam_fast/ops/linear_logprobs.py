@@ -45,8 +45,9 @@ def logprob_forward(hidden2d, weight, bias, targets1d, params: LogprobParams):
     lse, target_logit, mean_z = params.backend.forward(
         h, weight, bias, y, inv_temperature=params.inv_temperature, with_entropy=params.with_entropy
     )
-    logp_rows = target_logit - lse
-    entropy_rows = lse - mean_z if params.with_entropy else None
+    # a backend may keep lse in float64 so that z_y − lse cancels exactly for near-certain tokens
+    logp_rows = (target_logit.to(lse.dtype) - lse).float()
+    entropy_rows = (lse - mean_z.to(lse.dtype)).float() if params.with_entropy else None
     if rows is None:
         return logp_rows, entropy_rows, (rows, lse, mean_z)
     n = targets1d.shape[0]

@@ -40,35 +40,37 @@ def _logits_tile(h32, weight, bias, start, stop, inv_temperature, out):
     return z, w32
 
 
-def target_logits(hidden, weight, bias, targets, inv_temperature: float) -> torch.Tensor:
-    """z[y] by an indexed dot product h · W[y] (+ b[y]), float32, never a gather from logits."""
-    picked = weight.index_select(0, targets)
-    logit = torch.linalg.vecdot(hidden.float(), picked.float())
-    if bias is not None:
-        logit = logit + bias.index_select(0, targets).float()
-    return logit * inv_temperature
-
-
 def torch_forward(hidden, weight, bias, targets, *, inv_temperature: float, with_entropy: bool):
-    """Return float32 `(lse [N], target_logit [N], mean_z [N] or None)` with `mean_z = Σ_v softmax(z)_v z_v`."""
+    """Return `(lse [N], target_logit [N], mean_z [N] or None)` with `mean_z = Σ_v softmax(z)_v z_v`.
+
+    The target logit is read from the tile that holds it (the same numbers the logsumexp sees) and `lse = max +
+    log Σ` is kept in float64 (the rest is float32), so a confident token's `z_y − lse` cancels as exactly as in a
+    materialised log-softmax instead of losing `log Σ ≈ 1e-5` to the rounding of `max + log Σ`.
+    """
     n, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
-    lse = torch.empty(n, dtype=torch.float32, device=device)
+    lse = torch.empty(n, dtype=torch.float64, device=device)
+    target_logit = torch.empty(n, dtype=torch.float32, device=device)
     mean_z = torch.empty(n, dtype=torch.float32, device=device) if with_entropy else None
     if n == 0:
-        return lse, lse.clone(), mean_z
+        return lse, target_logit, mean_z
     rows, width = _tile_shape(n, vocab)
     logits_buf = torch.empty(rows, width, dtype=torch.float32, device=device)
     exp_buf = torch.empty(rows, width, dtype=torch.float32, device=device)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         h32 = hidden[r0:r1].float()
+        y_rows = targets[r0:r1]
         running_max = torch.full((r1 - r0,), -float("inf"), dtype=torch.float32, device=device)
         running_sum = torch.zeros(r1 - r0, dtype=torch.float32, device=device)
         running_pz = torch.zeros(r1 - r0, dtype=torch.float32, device=device) if with_entropy else None
+        picked = torch.zeros(r1 - r0, dtype=torch.float32, device=device)
         for v0 in range(0, vocab, width):
             v1 = min(vocab, v0 + width)
             z, _ = _logits_tile(h32, weight, bias, v0, v1, inv_temperature, logits_buf[: r1 - r0])
+            in_tile = (y_rows >= v0) & (y_rows < v1)
+            column = (y_rows - v0).clamp(0, v1 - v0 - 1)
+            picked = torch.where(in_tile, z.gather(1, column[:, None]).view(-1), picked)
             new_max = torch.maximum(running_max, z.amax(dim=1))
             rescale = torch.exp(running_max - new_max)
             e = exp_buf[: r1 - r0, : v1 - v0]
@@ -80,10 +82,11 @@ def torch_forward(hidden, weight, bias, targets, *, inv_temperature: float, with
                 pz = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)
                 running_pz.mul_(rescale).add_(pz)
             running_max = new_max
-        lse[r0:r1] = running_max + running_sum.log()
+        lse[r0:r1] = running_max.double() + running_sum.double().log()
+        target_logit[r0:r1] = picked
         if with_entropy:
             mean_z[r0:r1] = running_pz / running_sum
-    return lse, target_logits(hidden, weight, bias, targets, inv_temperature), mean_z
+    return lse, target_logit, mean_z
 
 
 def torch_backward(
@@ -104,10 +107,11 @@ def torch_backward(
     """Gradients of `Σ g·logp + Σ e·H` by recomputing each logits tile.
 
     With `p = softmax(z)`: `∂logp/∂z = onehot(y) − p` and `∂H/∂z = p (mean_z − z)`; the chain through
-    `z = (hWᵀ + b)/τ` scales by `s = 1/τ`. Without entropy gradients the per-row `g` is kept off the tiles:
-    `dh = s·g ⊙ (W[y] − P W)`, `dW = s·(scatter_y(g ⊙ h) − Pᵀ (g ⊙ h))`, `db = s·(bincount_y(g) − Pᵀ g)`, so a
-    tile costs one exp pass besides its three products. Returns `(d_hidden in hidden.dtype, d_weight float32,
-    d_bias float32)`, each None when not needed.
+    `z = (hWᵀ + b)/τ` scales by `s = 1/τ`. Without entropy gradients the per-row `g` is kept off the tiles: with
+    `P'` the probabilities with each row's target zeroed and `q = 1 − p_y = −expm1(z_y − lse)` (exact even when
+    `p_y ≈ 1`), `dh = s·g ⊙ (q·W[y] − P'W)`, `dW = s·(scatter_y(q·g ⊙ h) − P'ᵀ(g ⊙ h))`,
+    `db = s·(bincount_y(q·g) − P'ᵀg)`: a tile costs one exp pass besides its three products, and nothing cancels.
+    Returns `(d_hidden in hidden.dtype, d_weight float32, d_bias float32)`, each None when not needed.
     """
     n, dim = hidden.shape
     vocab = weight.shape[0]
@@ -119,6 +123,7 @@ def torch_backward(
         return _cast_hidden_grad(d_hidden, hidden), d_weight, d_bias
     g = grad_logp.float() * inv_temperature
     e = grad_entropy.float() * inv_temperature if grad_entropy is not None else None
+    lse64, lse = lse.double(), lse.float()
     rows, width = _tile_shape(n, vocab)
     logits_buf = torch.empty(rows, width, dtype=torch.float32, device=device)
     grad_buf = torch.empty(rows, width, dtype=torch.float32, device=device)
@@ -126,15 +131,21 @@ def torch_backward(
         r1 = min(n, r0 + rows)
         h32 = hidden[r0:r1].float()
         g_rows, lse_rows, y_rows = g[r0:r1], lse[r0:r1], targets[r0:r1]
-        # Σ_v p_tv W_v (fast path) or Σ_v dz_tv W_v (entropy path), accumulated over vocabulary tiles.
+        # Σ_{v≠y} p_tv W_v (fast path) or Σ_v dz_tv W_v (entropy path), accumulated over vocabulary tiles.
         mixed_rows = torch.zeros(r1 - r0, dim, dtype=torch.float32, device=device) if d_hidden is not None else None
         if e is None:
             scaled_h = h32 * g_rows[:, None]  # g ⊙ h, the right factor of dW
+            target_z = torch.zeros(r1 - r0, dtype=torch.float32, device=device)
         for v0 in range(0, vocab, width):
             v1 = min(vocab, v0 + width)
             z, w32 = _logits_tile(h32, weight, bias, v0, v1, inv_temperature, logits_buf[: r1 - r0])
             if e is None:
+                in_tile = (y_rows >= v0) & (y_rows < v1)
+                column = (y_rows - v0).clamp(0, v1 - v0 - 1)[:, None]
+                at_column = z.gather(1, column).view(-1)
+                target_z = torch.where(in_tile, at_column, target_z)
                 p = z.sub_(lse_rows[:, None]).exp_()
+                p.scatter_(1, column, torch.where(in_tile, 0.0, p.gather(1, column).view(-1))[:, None])
                 if mixed_rows is not None:
                     mixed_rows.addmm_(p, w32)
                 if d_weight is not None:
@@ -159,14 +170,15 @@ def torch_backward(
             if d_bias is not None:
                 d_bias[v0:v1].add_(dz.sum(dim=0))
         if e is None:
-            # the one-hot part, row by row instead of inside the tiles
+            # the target column, row by row: q = 1 − p_y without cancellation
+            q = (-torch.expm1(target_z.double() - lse64[r0:r1])).float()
             if mixed_rows is not None:
                 picked = weight.index_select(0, y_rows).float()
-                d_hidden[r0:r1] = g_rows[:, None] * (picked - mixed_rows)
+                d_hidden[r0:r1] = g_rows[:, None] * (q[:, None] * picked - mixed_rows)
             if d_weight is not None:
-                d_weight.index_add_(0, y_rows, scaled_h)
+                d_weight.index_add_(0, y_rows, scaled_h * q[:, None])
             if d_bias is not None:
-                d_bias.index_add_(0, y_rows, g_rows)
+                d_bias.index_add_(0, y_rows, g_rows * q)
         elif mixed_rows is not None:
             d_hidden[r0:r1] = mixed_rows
     return _cast_hidden_grad(d_hidden, hidden), d_weight, d_bias
