@@ -2,7 +2,8 @@
 
 Each stage module exposes ``add_parser(subparsers)``, which registers its subcommands and sets ``func`` (taking the
 parsed ``argparse.Namespace``, returning an exit code) with ``set_defaults``. To add a stage, append its module to
-:data:`STAGE_MODULES`; a module listed there that is not present in this installation is skipped.
+:data:`STAGE_MODULES`; a module listed there that is not present in this installation is skipped. A ``ValueError``
+from a command (bad data, bad flags) is printed as one error line with exit code 2.
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:  # bad input (a data record, a flag combination): the message says what and where
+        print(f"aam-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

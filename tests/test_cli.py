@@ -1,0 +1,147 @@
+"""The aam-fast command line: stage registration, train-rm, eval-rm (--json on stdout, logs on stderr), demo data."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aam_fast import cli
+from aam_fast.data import load_preferences, split_by_prompt
+from aam_fast.demo_rm import demo_config, demo_data_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """stories260k's ops are far too small to split across threads; on a busy CPU doing so costs 10-60x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def trained(shared_dir, tmp_path_factory):
+    """A reward model trained for a few steps through `aam-fast train-rm`, and a small subset-labelled data file."""
+    out = tmp_path_factory.mktemp("cli") / "rm"
+    pairs = load_preferences(shared_dir / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz", limit=20).pairs
+    data = out.parent / "pairs.jsonl"
+    with data.open("w") as handle:
+        for i, pair in enumerate(pairs):
+            record = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+            handle.write(json.dumps({**record, "topic": "even" if i % 2 == 0 else "odd"}) + "\n")
+    code = cli.main(
+        [
+            "train-rm",
+            "--model",
+            str(shared_dir / "models" / "stories260k"),
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--margin",
+            "ld",
+            "--max-length",
+            "48",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "3",
+            "--lr",
+            "1e-3",
+            "--dev-fraction",
+            "0.3",
+            "--subset-field",
+            "topic",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    return out, data
+
+
+def test_stages_register_their_subcommands():
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"train-rm", "eval-rm", "demo"} <= set(commands)
+    args = parser.parse_args(["train-rm", "--model", "m", "--data", "d", "--output", "o", "--margin", "bt"])
+    assert args.margin == "bt" and args.func is not None and args.detach_margin is True
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train-rm", "--model", "m", "--data", "d", "--output", "o", "--margin", "huge"])
+
+
+def test_train_rm_writes_model_metrics_and_summary(trained):
+    out, _ = trained
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "summary.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["margin"] == "ld"
+    assert set(summary["eval"]["subsets"]) <= {"even", "odd"}
+
+
+def test_eval_rm_json_on_stdout(trained, capsys):
+    out, data = trained
+    code = cli.main(["eval-rm", "--model", str(out), "--data", str(data), "--subset-field", "topic", "--json"])
+    assert code == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)  # stdout holds exactly one JSON object
+    assert 0.0 <= report["accuracy"] <= 1.0 and report["num_pairs"] == 20
+    assert set(report["subsets"]) == {"even", "odd"}
+    assert sum(s["num_pairs"] for s in report["subsets"].values()) == 20
+    assert "length_baseline" in report and all("length_baseline" in s for s in report["subsets"].values())
+    assert report["max_length"] == 48  # the training max length is the default
+    assert {"mean", "std", "median", "p10", "p90"} <= set(report["reward_gap"])
+    # --dev-fraction evaluates exactly the pairs train-rm held out.
+    cli.main(["eval-rm", "--model", str(out), "--data", str(data), "--dev-fraction", "0.3", "--json"])
+    dev = json.loads(capsys.readouterr().out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert dev["num_pairs"] == summary["dev_pairs"]
+    assert dev["accuracy"] == pytest.approx(summary["eval"]["accuracy"])
+
+
+def test_eval_rm_text_report(trained, capsys):
+    out, data = trained
+    assert cli.main(["eval-rm", "--model", str(out), "--data", str(data), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "accuracy" in text and "length baseline" in text and "reward gap" in text
+
+
+def test_module_entry_point_in_a_subprocess(trained):
+    out, data = trained
+    result = subprocess.run(
+        [sys.executable, "-m", "aam_fast", "eval-rm", "--model", str(out), "--data", str(data), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(out.parent)},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["num_pairs"] == 20
+    assert result.stdout.count("\n") == 1  # nothing but the JSON line on stdout
+
+
+def test_bad_data_file_is_a_clear_error(trained, tmp_path, capsys):
+    out, _ = trained
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b"}\n')
+    assert cli.main(["eval-rm", "--model", str(out), "--data", str(bad), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"{bad}: record 0: missing field 'rejected'" in captured.err
+
+
+def test_demo_data_ships_and_the_demo_config_is_valid(tmp_path):
+    path = demo_data_path()
+    assert path.is_file(), "aam_fast/demo/roleplay_pairs.jsonl must ship as package data"
+    data = load_preferences(path, subset_field="kind")
+    assert len(data) >= 120 and all(p.prompt[0]["role"] == "system" for p in data.pairs)
+    cfg = demo_config(tmp_path / "model", tmp_path / "out")
+    cfg.validate()
+    assert cfg.margin == "pr" and cfg.trainable_layers and cfg.cache_trunk
+    train, dev = split_by_prompt(data.pairs, cfg.dev_fraction)
+    assert len(dev) >= 20 and len(train) >= 80
