@@ -173,6 +173,15 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def head_inputs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(hidden, weight, bias)`` in one dtype for ``linear_logprobs``: the autocast dtype when training under
+    autocast (as autocast would run the LM head; the casts are differentiable), else the weight's dtype."""
+    dtype = compute_dtype or weight.dtype
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -466,16 +475,14 @@ class TrunkCache:
                 chosen_len, rejected_len = len(pairs[index].chosen.ids), len(pairs[index].rejected.ids)
                 self.rows[index] = (hidden[row, :chosen_len].clone(), hidden[n + row, :rejected_len].clone())
             if reference is not None:
-                with torch.no_grad(), _autocast(device, autocast_dtype):
-                    ref_hidden = model(input_ids, attention_mask, reference=reference, trunk_hidden=hidden).ref_hidden
-                    targets = batch["labels"][:, 1:].to(device)
-                    token_logps = linear_logprobs(
-                        ref_hidden[:, :-1],
-                        reference.lm_head_weight,
-                        targets,
-                        bias=reference.lm_head_bias,
-                        backend=backend,
+                with torch.no_grad():
+                    with _autocast(device, autocast_dtype):
+                        out = model(input_ids, attention_mask, reference=reference, trunk_hidden=hidden)
+                    ref_hidden, ref_weight, ref_bias = head_inputs(
+                        out.ref_hidden[:, :-1], reference.lm_head_weight, reference.lm_head_bias, autocast_dtype
                     )
+                    targets = batch["labels"][:, 1:].to(device)
+                    token_logps = linear_logprobs(ref_hidden, ref_weight, targets, bias=ref_bias, backend=backend)
                 sums = token_logps.sum(-1).cpu()
                 counts = (targets != IGNORE_INDEX).sum(-1).cpu()
                 for row, index in enumerate(chunk):
@@ -739,20 +746,27 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
                     ref_logps = None if ref_logps is None else ref_logps.to(device)
                 with _autocast(device, autocast_dtype):
                     out = model(input_ids, attention_mask, reference=step_reference, trunk_hidden=trunk)
-                    targets = labels[:, 1:]
-                    hidden = out.hidden[:, :-1] if cfg.needs_logps else None
-                    result = loss_fn(
-                        hidden,
-                        model.lm_head_weight if cfg.needs_logps else None,
-                        targets if cfg.needs_logps else None,
-                        out.rewards,
-                        ref_logps=ref_logps,
-                        ref_hidden=None if out.ref_hidden is None else out.ref_hidden[:, :-1],
-                        ref_weight=None if reference is None else reference.lm_head_weight,
-                        data_margin=None if batch["margin"] is None else batch["margin"].to(device),
-                        bias=model.lm_head_bias if cfg.needs_logps else None,
-                        ref_bias=None if reference is None else reference.lm_head_bias,
+                hidden = weight = bias = ref_hidden = ref_weight = ref_bias = None
+                if cfg.needs_logps:
+                    hidden, weight, bias = head_inputs(
+                        out.hidden[:, :-1], model.lm_head_weight, model.lm_head_bias, autocast_dtype
                     )
+                if out.ref_hidden is not None:
+                    ref_hidden, ref_weight, ref_bias = head_inputs(
+                        out.ref_hidden[:, :-1], reference.lm_head_weight, reference.lm_head_bias, autocast_dtype
+                    )
+                result = loss_fn(
+                    hidden,
+                    weight,
+                    labels[:, 1:] if cfg.needs_logps else None,
+                    out.rewards,
+                    ref_logps=ref_logps,
+                    ref_hidden=ref_hidden,
+                    ref_weight=ref_weight,
+                    data_margin=None if batch["margin"] is None else batch["margin"].to(device),
+                    bias=bias,
+                    ref_bias=ref_bias,
+                )
                 if not torch.isfinite(result.loss):
                     raise TrainingDiverged(
                         f"non-finite loss ({result.loss.item()}) at step {step + 1} (micro-batch {micro + 1}); "
