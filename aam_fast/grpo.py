@@ -98,6 +98,8 @@ class GRPOConfig:
     rm_max_length: int | None = None
     rm_batch_size: int = 8
     backend: str = "auto"
+    trainable_layers: int | None = None
+    threads: int | None = None
     progress: bool = True
 
     def validate(self) -> None:
@@ -136,6 +138,10 @@ class GRPOConfig:
                 f"reward_weights has {len(self.reward_weights)} values for {sources} reward sources "
                 "(the reward model first, then each reward function in order)"
             )
+        if self.trainable_layers is not None and self.trainable_layers < 1:
+            raise ValueError(f"trainable_layers must be a positive integer or None, got {self.trainable_layers}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be a positive integer or None, got {self.threads}")
         if self.save_every < 0 or self.log_completions_every < 0 or self.warmup_steps < 0:
             raise ValueError("save_every, log_completions_every and warmup_steps must be >= 0")
 
@@ -252,6 +258,25 @@ def load_policy(path: str, device: torch.device):
     return model, tokenizer
 
 
+def train_top_layers(model, count: int) -> None:
+    """Train only the last `count` decoder layers and the final norm; embeddings and LM head stay frozen.
+
+    The frozen trunk then runs without autograd (nothing saved for backward) and the fused op skips the LM-head
+    weight gradient, the largest product at a large vocabulary.
+    """
+    layers = getattr(model.base_model, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"trainable_layers needs a backbone with a `layers` list; {type(model.base_model).__name__}")
+    if count > len(layers):
+        raise ValueError(f"trainable_layers={count} but the policy has {len(layers)} decoder layers")
+    model.requires_grad_(False)
+    for layer in layers[len(layers) - count :]:
+        layer.requires_grad_(True)
+    norm = getattr(model.base_model, "norm", None)
+    if norm is not None:
+        norm.requires_grad_(True)
+
+
 def eos_token_ids(model, tokenizer) -> list[int]:
     """The union of the tokenizer's EOS and the generation config's EOS ids (chat models end turns with both)."""
     ids = set()
@@ -303,9 +328,17 @@ def completion_hidden(model, input_ids, attention_mask, prompt_len: int) -> torc
     return out.last_hidden_state[:, prompt_len - 1 : -1]
 
 
-def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast to bfloat16/float16 for the backbone (float32 master weights); float32 runs plain."""
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def head_inputs(model, hidden: torch.Tensor, dtype: torch.dtype):
+    """`(hidden, weight, bias)` for the fused op, in one compute dtype (under autocast the final norm may return
+    float32); the casts are differentiable, so gradients reach the float32 LM head."""
     head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
+    bias = getattr(head, "bias", None)
+    return hidden.to(dtype), head.weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------ rollouts
@@ -338,14 +371,16 @@ class MicroBatch:
 
 
 @torch.no_grad()
-def generate_micro_batch(policy, tokenizer, records: list[dict], cfg: GRPOConfig, generation_config, eos_ids, amp):
+def generate_micro_batch(
+    policy, tokenizer, records: list[dict], cfg: GRPOConfig, generation_config, eos_ids, dtype=torch.float32
+):
     """Sample G completions for each record; returns `(MicroBatch, per-sample columns, prompts truncated)`."""
     device = next(policy.parameters()).device
     encoded = [encode_prompt(tokenizer, r["prompt"], cfg.max_prompt_length) for r in records]
     G = cfg.num_generations
     rows = [ids for ids, _ in encoded for _ in range(G)]
     prompt_ids, prompt_mask = left_pad(rows, tokenizer.pad_token_id, device)
-    with amp():
+    with autocast(device, dtype):
         out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
     prompt_len = prompt_ids.shape[1]
     completion = out[:, prompt_len:]
@@ -374,19 +409,14 @@ def generate_micro_batch(policy, tokenizer, records: list[dict], cfg: GRPOConfig
 
 
 @torch.no_grad()
-def token_logprobs(model, batch: MicroBatch, temperature: float, amp, backend: str) -> torch.Tensor:
+def token_logprobs(
+    model, batch: MicroBatch, temperature: float, dtype: torch.dtype = torch.float32, backend: str = "auto"
+) -> torch.Tensor:
     """Forward-only token log-probs `[n, C]` (float32, 0 after EOS) of the completion under `model`."""
-    with amp():
+    with autocast(batch.input_ids.device, dtype):
         hidden = completion_hidden(model, batch.input_ids, batch.attention_mask, batch.prompt_len)
-    weight, bias = lm_head(model)
-    return linear_logprobs(
-        hidden,
-        weight.to(hidden.dtype),
-        batch.targets,
-        bias=None if bias is None else bias.to(hidden.dtype),
-        temperature=temperature,
-        backend=backend,
-    )
+    hidden, weight, bias = head_inputs(model, hidden, dtype)
+    return linear_logprobs(hidden, weight, batch.targets, bias=bias, temperature=temperature, backend=backend)
 
 
 # ------------------------------------------------------------------------------------------------- trainer
@@ -489,6 +519,8 @@ class GRPOTrainer:
     def __init__(self, cfg: GRPOConfig, scorer: Callable | None = None):
         cfg.validate()
         self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
         self.output = Path(cfg.output)
@@ -511,6 +543,8 @@ class GRPOTrainer:
         self.reference = None
         if cfg.beta != 0:
             self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
+        if cfg.trainable_layers is not None:
+            train_top_layers(self.policy, cfg.trainable_layers)
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer)
         self.generation_config = self._generation_config()
         if scorer is None and cfg.reward_model is not None:
@@ -547,11 +581,6 @@ class GRPOTrainer:
         self.metrics_log = JsonlLog(self.output / "metrics.jsonl", resumed_step)
         self.completions_log = JsonlLog(self.output / "completions.jsonl", resumed_step)
 
-    def amp(self):
-        if self.amp_dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def _generation_config(self):
         from transformers import GenerationConfig
 
@@ -580,7 +609,7 @@ class GRPOTrainer:
         for _ in range(cfg.grad_accum):
             records = self.stream.take(cfg.batch_size)
             batch, columns, cut = generate_micro_batch(
-                self.policy, self.tokenizer, records, cfg, self.generation_config, self.eos_ids, self.amp
+                self.policy, self.tokenizer, records, cfg, self.generation_config, self.eos_ids, self.amp_dtype
             )
             batches.append(batch)
             all_columns.append(columns)
@@ -601,9 +630,9 @@ class GRPOTrainer:
             batch.reward_table = table
             offset += n
             if cfg.num_iterations > 1:
-                batch.old_logps = token_logprobs(self.policy, batch, cfg.temperature, self.amp, cfg.backend)
+                batch.old_logps = token_logprobs(self.policy, batch, cfg.temperature, self.amp_dtype, cfg.backend)
             if self.reference is not None:
-                batch.ref_logps = token_logprobs(self.reference, batch, cfg.temperature, self.amp, cfg.backend)
+                batch.ref_logps = token_logprobs(self.reference, batch, cfg.temperature, self.amp_dtype, cfg.backend)
         return batches, self._rollout_metrics(batches, rewards, torch.cat(tables), prompts_cut)
 
     def _completions_for_fns(self, batch: MicroBatch) -> list:
@@ -649,17 +678,17 @@ class GRPOTrainer:
         totals: dict[str, float] = {}
         loss_sum = 0.0
         for batch in batches:
-            with self.amp():
+            with autocast(self.device, self.amp_dtype):
                 hidden = completion_hidden(self.policy, batch.input_ids, batch.attention_mask, batch.prompt_len)
-            weight, bias = lm_head(self.policy)
+            hidden, weight, bias = head_inputs(self.policy, hidden, self.amp_dtype)
             out = self.loss_fn(
                 hidden,
-                weight.to(hidden.dtype),
+                weight,
                 batch.targets,
                 batch.advantages.to(hidden.device),
                 old_logps=batch.old_logps,
                 ref_logps=batch.ref_logps,
-                bias=None if bias is None else bias.to(hidden.dtype),
+                bias=bias,
                 normalizer=normalizer,
             )
             out.loss.backward()
@@ -860,6 +889,8 @@ def add_train_grpo_arguments(parser: argparse.ArgumentParser) -> None:
     a("--rm-max-length", type=int, default=None, help="reward model truncation (default: its training length)")
     a("--rm-batch-size", type=int, default=d.rm_batch_size)
     a("--backend", default=d.backend, help="linear_logprobs backend: auto|torch|triton")
+    a("--trainable-layers", type=int, default=None, help="train only the top K decoder layers (+ final norm)")
+    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
@@ -889,3 +920,79 @@ def run_train_grpo(args: argparse.Namespace) -> int:
     rows = train_grpo(cfg)
     print_summary(rows, cfg.output)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------- demo
+
+DEMO_RM_NAME = "demo-rm-pr"  # where `aam-fast demo` saves its reward model inside the cache
+
+
+def demo_prompts(path: str | Path, count: int) -> list[dict]:
+    """`count` role-play prompts from the demo profiles, one per character, in file order."""
+    chosen, characters = [], set()
+    for record in load_prompts(path):
+        if record.get("character") not in characters:
+            characters.add(record.get("character"))
+            chosen.append(record)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def run_demo_grpo(args: argparse.Namespace) -> int:
+    """`make demo-grpo`: SmolLM2-135M-Instruct learns from the demo's AAM reward model on a few role-play prompts."""
+    from .demo_rm import cache_dir, converted_model, demo_data_path
+
+    started = time.time()
+    reward_model = Path(args.reward_model) if args.reward_model else cache_dir() / DEMO_RM_NAME
+    if not (reward_model / "config.json").is_file():
+        raise SystemExit(f"no reward model at {reward_model}: run `make demo` first (or pass --reward-model DIR)")
+    policy = converted_model()
+    output = Path(args.output) if args.output else cache_dir() / "demo-grpo"
+    cfg = GRPOConfig(
+        policy=str(policy),
+        prompts=demo_prompts(demo_data_path(), args.prompts),
+        reward_model=str(reward_model),
+        output=str(output),
+        num_generations=4,
+        max_new_tokens=args.max_new_tokens,
+        temperature=0.8,
+        batch_size=2,
+        max_steps=args.steps,
+        lr=args.lr,
+        beta=0.04,
+        seed=args.seed,
+        log_completions_every=1,
+    )
+    rows = train_grpo(cfg)
+    print(f"\nGRPO on SmolLM2-135M-Instruct with the AAM reward model {reward_model}, {time.time() - started:.0f} s")
+    print(f"{'step':>4} {'reward':>8} {'kl':>8} {'length':>7}")
+    for row in rows:
+        print(
+            f"{row['step']:>4} {row['reward']:>8.3f} {row.get('kl', 0.0):>8.4f} {row['completions/mean_length']:>7.1f}"
+        )
+    table = [json.loads(line) for line in (output / "completions.jsonl").read_text().splitlines() if line]
+    if table:
+        best = max((r for r in table if r["step"] == table[-1]["step"]), key=lambda r: r["reward"])
+        print(f"\nbest completion of the last step (reward {best['reward']:.3f}) to {best['prompt'][-1]['content']!r}:")
+        print(f"  {best['completion']!r}")
+    print(
+        f"\npolicy saved to {output}; metrics in {output / 'metrics.jsonl'}, samples in {output / 'completions.jsonl'}"
+    )
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Register `train-grpo` and `demo-grpo` with the `aam-fast` CLI."""
+    train = subparsers.add_parser("train-grpo", help="GRPO: train a policy against an AAM reward model")
+    add_train_grpo_arguments(train)
+    train.set_defaults(func=run_train_grpo)
+    demo = subparsers.add_parser("demo-grpo", help="a short CPU GRPO run on SmolLM2 with the demo reward model")
+    demo.add_argument("--reward-model", default=None, help="default: the model `aam-fast demo` saved in the cache")
+    demo.add_argument("--output", default=None, help="default: demo-grpo in the cache")
+    demo.add_argument("--steps", type=int, default=8)
+    demo.add_argument("--prompts", type=int, default=4, help="role-play prompts (one per character)")
+    demo.add_argument("--max-new-tokens", type=int, default=40)
+    demo.add_argument("--lr", type=float, default=3e-6)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=run_demo_grpo)

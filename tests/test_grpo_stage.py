@@ -96,7 +96,7 @@ def test_rollout_stops_at_eos_and_flags_truncation(stories):
     )
     torch.manual_seed(0)
     batch, columns, cut = generate_micro_batch(
-        policy, tokenizer, STORY_PROMPTS[:2], cfg, generation, [PERIOD_ID], lambda: torch.autocast("cpu", enabled=False)
+        policy, tokenizer, STORY_PROMPTS[:2], cfg, generation, [PERIOD_ID], torch.float32
     )
     n, width = batch.targets.shape
     assert n == 16 and width <= 12 and cut == 0
@@ -128,10 +128,8 @@ def test_logprobs_equal_the_sampling_distribution(stories):
         do_sample=True, top_k=0, temperature=0.7, max_new_tokens=5, eos_token_id=[2], pad_token_id=0
     )
     torch.manual_seed(1)
-    batch, _, _ = generate_micro_batch(
-        policy, tokenizer, STORY_PROMPTS[:2], cfg, generation, [2], lambda: torch.autocast("cpu", enabled=False)
-    )
-    ours = token_logprobs(policy, batch, 0.7, lambda: torch.autocast("cpu", enabled=False), "torch")
+    batch, _, _ = generate_micro_batch(policy, tokenizer, STORY_PROMPTS[:2], cfg, generation, [2], torch.float32)
+    ours = token_logprobs(policy, batch, 0.7, torch.float32, "torch")
     prompt_ids = batch.input_ids[:, : batch.prompt_len]
     prompt_mask = batch.attention_mask[:, : batch.prompt_len]
     replay = policy.generate(
@@ -371,3 +369,14 @@ def test_cli_flags_map_to_config():
     )
     assert cfg.reward_fns == ["a:b", "c:d"] and cfg.reward_weights == [1.0, 0.5, 0.25]
     cfg.validate()
+
+
+def test_trainable_layers_freeze_the_trunk_and_head(stories, tmp_path):
+    from safetensors.torch import load_file
+
+    rows = train_grpo(small_config(stories, tmp_path, trainable_layers=1, max_steps=1, dtype="bfloat16"))
+    assert math.isfinite(rows[0]["loss"]) and rows[0]["grad_norm"] > 0
+    before = load_file(f"{stories}/model.safetensors")
+    after = load_file(tmp_path / "run" / "model.safetensors")
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("model.layers.4.", "model.norm.")) for k in changed), sorted(changed)
