@@ -233,7 +233,13 @@ def test_resume_is_exact(stories, tmp_path):
 
     part = tmp_path / "part"
     train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=3, **common))
-    resumed = train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=5, resume=str(part), **common))
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+        train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=5, **common))
+    with pytest.warns(UserWarning, match=r"changed settings: lr \(0.001 -> 0.002\)"):
+        GRPOTrainer(
+            small_config(stories, tmp_path, output=str(tmp_path / "x"), resume=str(part), **{**common, "lr": 2e-3})
+        )
+    resumed = train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=5, resume="auto", **common))
     assert resumed == rows_full[3:]
     for name in ("metrics.jsonl", "completions.jsonl"):
         assert (part / name).read_text() == (tmp_path / "full" / name).read_text()
