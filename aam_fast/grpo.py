@@ -936,7 +936,8 @@ def config_from_args(args: argparse.Namespace) -> GRPOConfig:
     return GRPOConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def print_summary(rows: list[dict], output: str, stream=sys.stderr) -> None:
+def print_summary(rows: list[dict], output: str, stream=None) -> None:
+    stream = stream or sys.stderr
     if not rows:
         print(f"nothing to do: already at max_steps; policy in {output}", file=stream)
         return

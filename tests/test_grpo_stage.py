@@ -386,3 +386,30 @@ def test_trainable_layers_freeze_the_trunk_and_head(stories, tmp_path):
     after = load_file(tmp_path / "run" / "model.safetensors")
     changed = {k for k in after if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("model.layers.4.", "model.norm.")) for k in changed), sorted(changed)
+
+
+def test_cli_run_on_rpbench_cards(stories, shared_dir, tmp_path, capsys):
+    """`aam-fast train-grpo` end to end: RPBench cards + scenes, a rule reward from a file, the final folder."""
+    from aam_fast.cli import main
+
+    folder = shared_dir / "data" / "rpbench-auto"
+    rules = tmp_path / "rules.py"
+    rules.write_text(
+        "def brevity(prompts, completions, character, **kw):\n"
+        "    assert all(isinstance(c, list) and c[0]['role'] == 'assistant' for c in completions)\n"
+        "    return [-len(c[0]['content']) / 100 for c in completions]\n"
+    )
+    output = tmp_path / "cli"
+    argv = [
+        "train-grpo", "--policy", stories, "--prompts", str(folder / "rpbench_character.jsonl"),
+        "--scenes", str(folder / "rpbench_scene.jsonl"), "--reward-fn", f"{rules}:brevity", "--max-steps", "2",
+        "--num-generations", "3", "--max-new-tokens", "5", "--max-prompt-length", "200", "--lr", "1e-3",
+        "--output", str(output), "--no-progress", "--threads", "1",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert "steps 1..2: reward" in capsys.readouterr().err
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["prompts/truncated"] == 2
+    table = [json.loads(line) for line in (output / "completions.jsonl").read_text().splitlines()]
+    assert table[0]["prompt"][0]["role"] == "system" and "rewards/brevity" in table[0]
+    assert (output / "model.safetensors").is_file() and (output / "tokenizer.json").is_file()
