@@ -672,7 +672,7 @@ class GRPOTrainer:
             for prompt, text in zip(batch.prompts, batch.completions, strict=True)
         ]
 
-    def _rollout_metrics(self, batches, rewards, table, prompts_cut) -> dict[str, float]:
+    def _rollout_metrics(self, batches, rewards, table, prompts_cut) -> dict[str, float | None]:
         G = self.cfg.num_generations
         grouped = rewards.view(-1, G)
         group_std = grouped.std(dim=1)
@@ -691,7 +691,7 @@ class GRPOTrainer:
         for column, name in enumerate(self.rewards.names):
             values = table[:, column]
             finite = values[~torch.isnan(values)]
-            metrics[f"rewards/{name}/mean"] = float(finite.mean()) if finite.numel() else math.nan
+            metrics[f"rewards/{name}/mean"] = float(finite.mean()) if finite.numel() else None
             metrics[f"rewards/{name}/std"] = float(finite.std()) if finite.numel() > 1 else 0.0
         return metrics
 
