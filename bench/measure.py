@@ -102,17 +102,27 @@ def synchronize(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds one call of `fn` takes, synchronised on CUDA."""
+    """Wall-clock seconds one call of `fn` takes, synchronised on CUDA."""
+    return timed_both(fn, device)[0]
+
+
+def timed_both(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """`(wall seconds, process CPU seconds)` of one call of `fn`, synchronised on CUDA.
+
+    Process CPU time sums all threads of this process and does not advance while they are descheduled, so on a
+    CPU shared with other jobs it tracks the work done far better than wall time (unloaded, ≈ threads × wall).
+    """
     synchronize(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 @torch.no_grad()
 def matmul_floor(hidden: torch.Tensor, weight: torch.Tensor, rounds: int) -> dict[str, float]:
-    """Median seconds of the bare products: `forward` (one) and `forward_backward` (four), in the inputs' dtype."""
+    """Median seconds of the bare products, `forward` (one) and `forward_backward` (four), in the inputs' dtype;
+    wall clock, and process CPU time under the same keys with a `_cpu` suffix."""
     device = hidden.device
     n, v = hidden.shape[0], weight.shape[0]
     logits = torch.empty(n, v, dtype=hidden.dtype, device=device)
@@ -130,10 +140,14 @@ def matmul_floor(hidden: torch.Tensor, weight: torch.Tensor, rounds: int) -> dic
     forward()  # warm-up: library initialisation and first touch of the output pages
     d_hidden.zero_()
     d_weight.zero_()
-    fwd = [timed(forward, device) for _ in range(rounds)]
-    bwd = [timed(backward_products, device) for _ in range(rounds)]
-    fwd_s = statistics.median(fwd)
-    return {"forward": fwd_s, "forward_backward": 2 * fwd_s + statistics.median(bwd)}
+    fwd = [timed_both(forward, device) for _ in range(rounds)]
+    bwd = [timed_both(backward_products, device) for _ in range(rounds)]
+    floor = {}
+    for suffix, i in (("", 0), ("_cpu", 1)):
+        fwd_s = statistics.median(t[i] for t in fwd)
+        floor["forward" + suffix] = fwd_s
+        floor["forward_backward" + suffix] = 2 * fwd_s + statistics.median(t[i] for t in bwd)
+    return floor
 
 
 def product_flops(tokens: int, d: int, v: int) -> int:

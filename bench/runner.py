@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -200,7 +202,8 @@ def run_case(benchmark, env: BenchEnv, workload: str, provider_name: str, shape:
     base = env.inputs(shape)
     floor = env.floor(shape)
     floor_products = FLOOR_PRODUCTS[workload]
-    floor_s = floor["forward"] if floor_products == 1 else floor["forward_backward"]
+    floor_key = "forward" if floor_products == 1 else "forward_backward"
+    floor_s, floor_cpu_s = floor[floor_key], floor[floor_key + "_cpu"]
     step = build_step(workload, provider, base, shape)
 
     estimate_s, warmup_s = floor_s * 1.5, None
@@ -220,7 +223,7 @@ def run_case(benchmark, env: BenchEnv, workload: str, provider_name: str, shape:
             estimate_s = warmup_s
     rounds = env.timing.rounds(estimate_s)
 
-    held: dict = {"outputs": (), "peak": 0}
+    held: dict = {"outputs": (), "peak": 0, "cpu_s": []}
 
     def setup():
         held["outputs"] = ()
@@ -228,8 +231,10 @@ def run_case(benchmark, env: BenchEnv, workload: str, provider_name: str, shape:
             env.meter.reset()
 
     def one_round():
+        cpu_start = time.process_time()
         outputs = step()
         synchronize(env.device)
+        held["cpu_s"].append(time.process_time() - cpu_start)
         if env.meter.unavailable is None:
             held["peak"] = max(held["peak"], env.meter.peak_extra_bytes())
         held["outputs"] = outputs
@@ -268,6 +273,8 @@ def run_case(benchmark, env: BenchEnv, workload: str, provider_name: str, shape:
             "rounds": rounds,
             "warmup_s": warmup_s,
             "floor_s": floor_s,
+            "cpu_median_s": statistics.median(held["cpu_s"]),
+            "floor_cpu_s": floor_cpu_s,
             "floor_products": floor_products,
             "floor_flops": flops,
             "peak_extra_mb": None if env.meter.unavailable else held["peak"] / 2**20,

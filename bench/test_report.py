@@ -11,7 +11,7 @@ from .report import MUST_SHOW, criterion_value, load_results, main, write_report
 SHAPE = {"tokens": 2048, "d": 1024, "v": 151936, "dtype": "float32", "shape": "N2048-D1024-V151936-float32"}
 
 
-def _bench(workload, provider, median, peak, floor_s, products):
+def _bench(workload, provider, median, peak, floor_s, products, cpu_median=None):
     info = {
         **SHAPE,
         "workload": workload,
@@ -25,6 +25,8 @@ def _bench(workload, provider, median, peak, floor_s, products):
         "load_avg_1m": 1.5,
         "bench_set": "cpu",
         "floor_s": floor_s,
+        "cpu_median_s": 2 * median if cpu_median is None else cpu_median,
+        "floor_cpu_s": 2 * floor_s,
         "floor_products": products,
         "floor_flops": products * 2 * 2048 * 1024 * 151936,
         "peak_extra_mb": peak,
@@ -67,7 +69,8 @@ def test_ratios_and_verdicts(tmp_path):
     md_path = write_report([path], tmp_path / "out")
     assert md_path.name == "cpu-test-cpu-2-cpus-2026-11-27.md"
     text = md_path.read_text()
-    assert "| aam-torch fwd+bwd time vs fastest peer | N=2048, D=1024, V=151936, float32 | 1.30 | ≤ 1.4 |" in text
+    crit = "| aam-torch fwd+bwd time vs fastest peer | N=2048, D=1024, V=151936, float32 | ≤ 1.4 | 1.30 |"
+    assert crit in text
     assert "| **aam-torch** | 26.00 s | 1.30 | 1.30 | 700 | 0.23 |" in text
     assert "GRPO token loss" not in text.split("## Token")[0]  # an unmeasured criterion is left out
     for suffix in ("-time.png", "-memory.png"):
@@ -79,12 +82,15 @@ def test_a_failed_criterion_says_no(tmp_path):
     path = _write(
         tmp_path,
         [
-            _bench("logprobs-fwdbwd", "aam-torch", 40.0, 700.0, 20.0, 4),
+            _bench("logprobs-fwdbwd", "aam-torch", 40.0, 700.0, 20.0, 4, cpu_median=48.0),
             _bench("logprobs-fwdbwd", "cce", 20.0, 900.0, 20.0, 4),
         ],
     )
     text = write_report([path], tmp_path / "out").read_text()
-    assert "| 2.00 | ≤ 1.4 | cce 20.00 s | **no** |" in text
+    # Wall clock 40 s / 20 s fails; process CPU time 48 s / 40 s holds: both are shown.
+    assert "| ≤ 1.4 | 2.00 | cce 20.00 s | **no** | 1.20 | yes |" in text
+    cpu_text = write_report([path], tmp_path / "cpu", clock="cpu").read_text()
+    assert "process CPU time" in cpu_text and "| **aam-torch** | 48.00 s | 1.20 |" in cpu_text
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
