@@ -8,7 +8,8 @@ model's own ``lm_head`` call, so no ``[tokens, vocab]`` logits exist.
 With ``trainable_layers=K`` only the top K decoder layers, the final norm and the score head train. The frozen trunk
 below them runs once per batch: a pre-hook on the first trainable layer captures its input and call arguments, and
 the :class:`ReferenceModel` (the frozen initial model that PR margins compare against) then needs only its own copy of
-the top K layers, the final norm and the LM head, which it runs on that captured input.
+the top K layers, the final norm and the LM head, which it runs on that captured input. The trunk's output can also
+be computed once (:meth:`RewardModel.trunk_output`) and fed back later (``trunk_hidden=``) to skip the trunk.
 
 A saved model is a ``save_pretrained`` folder of the matching ``*ForSequenceClassification`` class (``num_labels=1``,
 ``pad_token_id`` set, head ``score``) with its tokenizer, so ``AutoModelForSequenceClassification.from_pretrained``
@@ -230,6 +231,8 @@ class RewardModel(nn.Module):
         """Rewards ``[B]`` and final hidden states; with ``reference``, also the reference's final hidden states
         (computed without gradient; under ``trainable_layers`` from the shared frozen trunk). ``trunk_hidden``
         (from :meth:`trunk_output`, e.g. cached across epochs) skips the frozen trunk."""
+        if trunk_hidden is not None and self.trainable_layers is None:
+            raise ValueError("trunk_hidden needs a model built with trainable_layers")
         capture = handle = None
         if reference is not None and reference.top_only:
             capture = _LayerInputCapture()
@@ -343,7 +346,7 @@ def _sequence_classification_class(config):
     return getattr(transformers, name)
 
 
-def _read_tensors(folder: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
+def read_safetensors(folder: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Named tensors from a folder's ``model.safetensors`` (or its sharded index)."""
     from safetensors import safe_open
 
@@ -420,7 +423,7 @@ def load_reward_model(
 
         lm.get_output_embeddings().load_state_dict(load_file(str(head_file)))
     score = nn.Linear(config.get_text_config().hidden_size, 1, bias=False)
-    score.weight.data.copy_(_read_tensors(path, ["score.weight"])["score.weight"])
+    score.weight.data.copy_(read_safetensors(path, ["score.weight"])["score.weight"])
     model = RewardModel(lm, score.to(dtype), trainable_layers=trainable_layers, train_lm_head=train_lm_head).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, metadata
@@ -503,13 +506,16 @@ class RewardScorer:
 
     @torch.no_grad()
     def score_sequences(self, sequences: Sequence[tuple[list[int], int]]) -> torch.Tensor:
-        """Rewards of already tokenised ``(ids, prompt_len)`` sequences, in order."""
-        rewards = []
-        for start in range(0, len(sequences), self.batch_size):
-            batch = pad_sequences(sequences[start : start + self.batch_size], self.pad_token_id)
+        """Rewards of already tokenised ``(ids, prompt_len)`` sequences, in order (batched by length, as
+        ``eval-rm`` batches pairs, to spend little compute on padding)."""
+        order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i][0]), i))
+        rewards = torch.zeros(len(sequences))
+        for start in range(0, len(order), self.batch_size):
+            indices = order[start : start + self.batch_size]
+            batch = pad_sequences([sequences[i] for i in indices], self.pad_token_id)
             out = self.model(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
-            rewards.append(out.rewards.float().cpu())
-        return torch.cat(rewards) if rewards else torch.zeros(0)
+            rewards[indices] = out.rewards.float().cpu()
+        return rewards
 
     def __call__(self, prompts: Sequence[Text], completions: Sequence[Text]) -> torch.Tensor:
         if len(prompts) != len(completions):

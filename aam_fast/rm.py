@@ -51,11 +51,11 @@ from .models import (
     LM_HEAD_FILE,
     ReferenceModel,
     RewardModel,
-    _read_tensors,
     disable_dropout,
     is_reward_model_dir,
     load_causal_lm,
     load_reward_model,
+    read_safetensors,
     save_reward_model,
 )
 
@@ -426,7 +426,7 @@ def load_weights(model: RewardModel, folder: Path) -> None:
     backbone = {k.split(".", 1)[1]: v for k, v in tensors.items() if prefix and k.startswith(prefix + ".")}
     with torch.no_grad():
         model.backbone.load_state_dict(backbone, strict=True)
-        model.score.weight.copy_(_read_tensors(folder, ["score.weight"])["score.weight"])
+        model.score.weight.copy_(read_safetensors(folder, ["score.weight"])["score.weight"])
         if (folder / LM_HEAD_FILE).is_file():
             model.lm_head.load_state_dict(load_file(str(folder / LM_HEAD_FILE)))
 
