@@ -980,8 +980,8 @@ def demo_prompts(path: str | Path, count: int) -> list[dict]:
 def run_demo_grpo(args: argparse.Namespace) -> int:
     """`make demo-grpo`: SmolLM2-135M-Instruct learns from the demo's AAM reward model on a few role-play prompts.
 
-    Four prompts (one per character), 4 completions each, 2 prompts per step, the top 4 of 30 layers training,
-    KL to the initial policy with beta 0.04: a few minutes on a 2-core CPU.
+    Two prompts (one per character) in every step, 4 completions each, the top 4 of 30 layers training, KL to the
+    initial policy with beta 0.04: a few minutes on a 2-core CPU.
     """
     from .demo_rm import cache_dir, converted_model, demo_data_path
 
@@ -999,11 +999,12 @@ def run_demo_grpo(args: argparse.Namespace) -> int:
         num_generations=4,
         max_new_tokens=args.max_new_tokens,
         temperature=0.8,
-        batch_size=2,
+        batch_size=args.prompts,  # every step sees every prompt, so rewards compare across steps
         max_steps=args.steps,
         lr=args.lr,
         beta=0.04,
         trainable_layers=args.trainable_layers,
+        threads=args.threads,
         seed=args.seed,
         log_completions_every=1,
     )
@@ -1034,9 +1035,10 @@ def add_parser(subparsers) -> None:
     demo.add_argument("--reward-model", default=None, help="default: the model `aam-fast demo` saved in the cache")
     demo.add_argument("--output", default=None, help="default: demo-grpo in the cache")
     demo.add_argument("--steps", type=int, default=6)
-    demo.add_argument("--prompts", type=int, default=4, help="role-play prompts (one per character)")
+    demo.add_argument("--prompts", type=int, default=2, help="role-play prompts (one per character), all in each step")
     demo.add_argument("--max-new-tokens", type=int, default=40)
     demo.add_argument("--lr", type=float, default=1e-5)
     demo.add_argument("--trainable-layers", type=int, default=4, help="top decoder layers that train (of 30)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a busy CPU)")
     demo.set_defaults(func=run_demo_grpo)

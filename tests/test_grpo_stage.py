@@ -413,3 +413,13 @@ def test_cli_run_on_rpbench_cards(stories, shared_dir, tmp_path, capsys):
     table = [json.loads(line) for line in (output / "completions.jsonl").read_text().splitlines()]
     assert table[0]["prompt"][0]["role"] == "system" and "rewards/brevity" in table[0]
     assert (output / "model.safetensors").is_file() and (output / "tokenizer.json").is_file()
+
+
+def test_demo_prompts_take_one_per_character(tmp_path):
+    from aam_fast.grpo import demo_prompts
+
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "character": name} for i, name in enumerate("AABCB")]
+    path = tmp_path / "profiles.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["prompt"][0]["content"] for r in demo_prompts(path, 2)] == ["q0", "q2"]
+    assert [r["character"] for r in demo_prompts(path, 5)] == ["A", "B", "C"]
