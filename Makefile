@@ -8,12 +8,17 @@ STAMP := $(VENV)/.aam-fast-installed
 
 .PHONY: install test demo demo-grpo lint bench clean
 
-$(STAMP): pyproject.toml
+# The native kernels (kernels/cpu) compile against the venv's torch, so the build runs without isolation: its tools
+# go into the venv first, and the library must build (AAM_FAST_REQUIRE_NATIVE). Editing a kernel re-runs this.
+NATIVE_SOURCES := CMakeLists.txt $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h)
+$(STAMP): pyproject.toml $(NATIVE_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@if ! $(PY) -c "import torch" 2>/dev/null && [ -n "$(TORCH_SPEC)" ]; then \
 		$(PY) -m pip install --quiet "$(TORCH_SPEC)"; fi
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet "scikit-build-core>=0.10" "cmake>=3.18" ninja
+	$(PY) -m pip install --quiet --no-build-isolation \
+		--config-settings=cmake.define.AAM_FAST_REQUIRE_NATIVE=ON -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
