@@ -16,8 +16,11 @@ BACKEND_DTYPES = [
     ("torch", torch.float16),
     ("triton", torch.float32),
     ("triton", torch.float16),
+    ("native", torch.float32),
+    ("native", torch.bfloat16),
+    ("native", torch.float16),
 ]
-F32_TOL = {"torch": 3e-5, "triton": 1e-4}
+F32_TOL = {"torch": 3e-5, "triton": 1e-4, "native": 3e-5}
 
 
 @pytest.fixture
@@ -106,13 +109,13 @@ def test_matches_float64_reference(backend, dtype, bias, temperature, entropy, s
     run_case(backend, dtype, (37,), 48, 301, bias=bias, temperature=temperature, entropy=entropy)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "native"])
 def test_leading_dims_and_odd_shapes(backend, small_tiles):
     run_case(backend, torch.float32, (3, 7), 17, 1000, bias=True, temperature=1.0, entropy=True)
     run_case(backend, torch.float32, (1,), 5, 3, bias=False, temperature=0.5, entropy=False)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "native"])
 def test_non_contiguous_inputs(backend):
     gen = torch.Generator().manual_seed(1)
     base = torch.randn(48, 2 * 40, generator=gen) * 0.3

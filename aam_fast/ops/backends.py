@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "native")
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,24 @@ def _triton_backend() -> Backend:
     return Backend("triton", triton_forward, triton_backward)
 
 
+def _native_backend() -> Backend:
+    from .native_backend import load_native, native_backward, native_forward
+
+    load_native()  # ValueError saying how to build the library where it is absent
+    return Backend("native", native_forward, native_backward)
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """Triton kernels run on CUDA devices, and on CPU only under the interpreter (TRITON_INTERPRET=1)."""
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def resolve_backend(backend: str, device: torch.device) -> Backend:
-    """Map a backend name to its functions; "auto" picks triton on CUDA and torch elsewhere."""
+    """Map a backend name to its functions; "auto" picks triton on CUDA and torch elsewhere.
+
+    "native" (the C++ CPU kernels) is opt-in: on the 2-core CPU it does not beat "torch" by the margin that
+    would make it the CPU default (see `native_backend`).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -52,4 +63,8 @@ def resolve_backend(backend: str, device: torch.device) -> Backend:
                 f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got tensors on {device}"
             )
         return _triton_backend()
+    if backend == "native":
+        if device.type != "cpu":
+            raise ValueError(f"backend='native' runs on CPU tensors, got tensors on {device}")
+        return _native_backend()
     return _torch_backend()
