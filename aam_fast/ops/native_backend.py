@@ -14,13 +14,12 @@ peaks at 0.89× its memory, the float32 weight gradient (594 MiB) being most of 
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
+import sys
 from pathlib import Path
 
 import torch
 
-_DISTRIBUTION = "aam-fast"
 _LIBRARY_FOLDER = "aam_fast.libs"
 _LIBRARY_STEM = "_aam_fast_native"
 _LIBRARY_SUFFIXES = (".so", ".dylib", ".pyd", ".dll")
@@ -41,23 +40,18 @@ _loaded = False
 
 
 def library_path() -> Path | None:
-    """The built library: $AAM_FAST_NATIVE_LIB, else `aam_fast.libs/` of the installed distribution (where the
-    CMake build installs it, editable or not), else a copy inside one of the package's folders.
+    """The built library: $AAM_FAST_NATIVE_LIB, else `aam_fast.libs/` in a sys.path folder (site-packages, where
+    the CMake build installs it, editable or not), else a copy inside one of the package's folders.
     """
     override = os.environ.get(LIBRARY_ENV)
     if override:
         return Path(override)
-    names = [f"{_LIBRARY_STEM}{suffix}" for suffix in _LIBRARY_SUFFIXES]
-    candidates = []
-    try:
-        distribution = importlib.metadata.distribution(_DISTRIBUTION)
-        candidates += [Path(str(distribution.locate_file(f"{_LIBRARY_FOLDER}/{name}"))) for name in names]
-    except importlib.metadata.PackageNotFoundError:
-        pass
     import aam_fast
 
-    candidates += [Path(folder) / name for folder in getattr(aam_fast, "__path__", []) for name in names]
-    return next((path for path in candidates if path.is_file()), None)
+    names = [f"{_LIBRARY_STEM}{suffix}" for suffix in _LIBRARY_SUFFIXES]
+    folders = [Path(entry or ".") / _LIBRARY_FOLDER for entry in sys.path]
+    folders += [Path(folder) for folder in getattr(aam_fast, "__path__", [])]
+    return next((folder / name for folder in folders for name in names if (folder / name).is_file()), None)
 
 
 def load_native() -> None:
