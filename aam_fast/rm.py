@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import AAMLoss, linear_logprobs
+from . import distributed as dist_utils
 from .data import (
     IGNORE_INDEX,
     EncodedPair,
@@ -114,6 +115,8 @@ class RMConfig:
     liger: bool = True
     backend: str = "auto"
     progress: bool = True
+    strategy: str = "ddp"
+    packing: bool = False
 
     def validate(self) -> None:
         if self.margin not in MARGINS:
@@ -133,6 +136,10 @@ class RMConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.cache_trunk and self.trainable_layers is None:
             raise ValueError("cache_trunk needs trainable_layers (there is no frozen trunk to cache otherwise)")
+        if self.strategy not in dist_utils.STRATEGIES:
+            raise ValueError(f"strategy must be one of {dist_utils.STRATEGIES}, got {self.strategy!r}")
+        if self.packing and (self.cache_trunk or (self.needs_reference and self.trainable_layers is not None)):
+            raise ValueError("packing does not combine with cache_trunk or a top-layers-only PR reference")
 
     @property
     def effective_gamma(self) -> float:
@@ -150,7 +157,8 @@ class RMConfig:
 
 
 def _log(message: str) -> None:
-    tqdm.write(message, file=sys.stderr)
+    if dist_utils.is_main_process():
+        tqdm.write(message, file=sys.stderr)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -610,7 +618,10 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
     started = time.time()
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    ctx = dist_utils.setup(cfg.strategy, resolve_device(cfg.device))
+    device = ctx.device
+    if cfg.cache_trunk and ctx.distributed and cfg.strategy == "fsdp2":
+        raise ValueError("cache_trunk runs the trunk outside the FSDP2 root; use --strategy ddp with it")
     param_dtype, autocast_dtype = precision(cfg.dtype, device)
     seed_everything(cfg.seed)
 
@@ -625,16 +636,13 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
     train_encoded, stats = encoder.encode_all(train_pairs)
     dev_encoded, _ = encoder.encode_all(dev_pairs)
     _log(f"data: {len(train_encoded)} train / {len(dev_encoded)} dev pairs from {cfg.data}; {stats.describe()}")
-    if len(train_encoded) < cfg.batch_size:
-        raise ValueError(f"{len(train_encoded)} training pairs is fewer than --batch-size {cfg.batch_size}")
+    global_batch = cfg.batch_size * ctx.world  # pairs per micro-batch over all ranks
+    if len(train_encoded) < global_batch:
+        raise ValueError(f"{len(train_encoded)} training pairs is fewer than --batch-size x ranks {global_batch}")
 
-    per_epoch = len(train_encoded) // cfg.batch_size
+    per_epoch = len(train_encoded) // global_batch
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
     warmup = int(round(cfg.warmup_ratio * total_steps))
-    trainable = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("score.")]
-    groups = [{"params": trainable, "lr": cfg.lr}, {"params": [model.score.weight], "lr": cfg.score_lr or cfg.lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     loss_fn = AAMLoss(
         margin=cfg.margin,
         beta=cfg.beta,
@@ -646,6 +654,45 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
         center_rewards=cfg.center_rewards,
         backend=cfg.backend,
     )
+
+    def micro_batch_loss(model: RewardModel, batch: dict[str, Any]):
+        """``(AAMOutput, rewards [2B])`` of one micro-batch: the root module's forward under DDP/FSDP2."""
+        input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        with _autocast(device, autocast_dtype):
+            if cfg.packing:
+                from .packing import packed_reward_forward
+
+                out = packed_reward_forward(model, batch, reference=step_reference)
+            else:
+                out = model(input_ids, attention_mask, reference=step_reference, trunk_hidden=batch["trunk"])
+        hidden = weight = bias = ref_hidden = ref_weight = ref_bias = None
+        if cfg.needs_logps:
+            hidden, weight, bias = head_inputs(
+                out.hidden[:, :-1], model.lm_head_weight, model.lm_head_bias, autocast_dtype
+            )
+        if out.ref_hidden is not None:
+            ref_hidden, ref_weight, ref_bias = head_inputs(
+                out.ref_hidden[:, :-1], reference.lm_head_weight, reference.lm_head_bias, autocast_dtype
+            )
+        result = loss_fn(
+            hidden,
+            weight,
+            labels[:, 1:] if cfg.needs_logps else None,
+            out.rewards,
+            ref_logps=batch["ref_logps"],
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            data_margin=batch["margin"],
+            bias=bias,
+            ref_bias=ref_bias,
+        )
+        return result, out.rewards.detach().clone()  # a fresh tensor: FSDP2 warns on returned views
+
+    engine = ctx.wrap(model, micro_batch_loss, compute_dtype=autocast_dtype)  # FSDP2 shards `model` in place
+    trainable = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("score.")]
+    groups = [{"params": trainable, "lr": cfg.lr}, {"params": [model.score.weight], "lr": cfg.score_lr or cfg.lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     metadata = {
         "base_model": cfg.model,
         "max_length": cfg.max_length,
@@ -663,21 +710,32 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
         else:
             if not (resume_from / TRAINER_STATE).is_file():
                 raise ValueError(f"{resume_from} is not a complete checkpoint (no {TRAINER_STATE})")
-            state = torch.load(resume_from / TRAINER_STATE, weights_only=False)
-            load_weights(model, resume_from)
-            optimizer.load_state_dict(state["optimizer"])
+            if ctx.distributed:
+                state, rng = ctx.load_checkpoint(resume_from, engine, optimizer, state_file=TRAINER_STATE)
+                if state.get("global_batch", global_batch) != global_batch:
+                    raise ValueError(
+                        f"{resume_from} was written with {state['global_batch']} pairs per micro-batch over all "
+                        f"ranks; this run has {global_batch} (keep --batch-size x ranks the same)"
+                    )
+                if rng is not None:
+                    _set_rng_state(rng)
+            else:
+                state = torch.load(resume_from / TRAINER_STATE, weights_only=False)
+                load_weights(model, resume_from)
+                optimizer.load_state_dict(state["optimizer"])
+                _set_rng_state(state["rng"])
             scheduler.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"])
             step = state["step"]
             if state["total_steps"] != total_steps:
                 raise ValueError(
                     f"{resume_from} was written by a run of {state['total_steps']} steps; this one has {total_steps}"
                 )
             _log(f"resumed from {resume_from} at step {step}")
-    writer = MetricsWriter(output, step if resume_from is not None else None)
+    writer = ctx.writer(lambda: MetricsWriter(output, step if resume_from is not None else None))
     _log(
         f"training {cfg.margin} reward model: {total_steps} steps x {cfg.grad_accum} x {cfg.batch_size} pairs, "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters, device {device}"
+        + (f", {ctx.world} ranks ({cfg.strategy})" if ctx.distributed else "")
     )
 
     trunk_cache = None
@@ -702,7 +760,7 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
         total=total_steps,
         initial=step,
         desc=f"train-rm {cfg.margin}",
-        disable=not cfg.progress,
+        disable=not cfg.progress or not ctx.is_main,
         file=sys.stderr,
         dynamic_ncols=True,
     )
@@ -711,7 +769,7 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
         if not dev_encoded:
             return None
         report = evaluate_pairs(
-            model,
+            dist_utils.ScoringView(engine, model) if ctx.distributed else model,
             dev_encoded,
             pad_token_id,
             batch_size=cfg.eval_batch_size,
@@ -740,54 +798,35 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             for micro in range(cfg.grad_accum):
                 index = step * cfg.grad_accum + micro
-                _, ids = micro_batch_indices(len(train_encoded), cfg.batch_size, cfg.seed, index)
+                _, ids = micro_batch_indices(len(train_encoded), global_batch, cfg.seed, index)
+                ids = ctx.shard(ids)
                 batch = collate_pairs([train_encoded[i] for i in ids], pad_token_id)
-                input_ids = batch["input_ids"].to(device)
-                attention_mask = batch["attention_mask"].to(device)
-                labels = batch["labels"].to(device)
-                trunk = ref_logps = None
+                if cfg.packing:
+                    from .packing import add_packing
+
+                    add_packing(batch)
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                batch["trunk"] = batch["ref_logps"] = None
                 if trunk_cache is not None:
-                    trunk = trunk_cache.batch(ids, input_ids.shape[1])
+                    batch["trunk"] = trunk_cache.batch(ids, batch["input_ids"].shape[1])
                     ref_logps = trunk_cache.ref_logps(ids, cfg.length_norm)
-                    ref_logps = None if ref_logps is None else ref_logps.to(device)
-                with _autocast(device, autocast_dtype):
-                    out = model(input_ids, attention_mask, reference=step_reference, trunk_hidden=trunk)
-                hidden = weight = bias = ref_hidden = ref_weight = ref_bias = None
-                if cfg.needs_logps:
-                    hidden, weight, bias = head_inputs(
-                        out.hidden[:, :-1], model.lm_head_weight, model.lm_head_bias, autocast_dtype
-                    )
-                if out.ref_hidden is not None:
-                    ref_hidden, ref_weight, ref_bias = head_inputs(
-                        out.ref_hidden[:, :-1], reference.lm_head_weight, reference.lm_head_bias, autocast_dtype
-                    )
-                result = loss_fn(
-                    hidden,
-                    weight,
-                    labels[:, 1:] if cfg.needs_logps else None,
-                    out.rewards,
-                    ref_logps=ref_logps,
-                    ref_hidden=ref_hidden,
-                    ref_weight=ref_weight,
-                    data_margin=None if batch["margin"] is None else batch["margin"].to(device),
-                    bias=bias,
-                    ref_bias=ref_bias,
-                )
+                    batch["ref_logps"] = None if ref_logps is None else ref_logps.to(device)
+                with ctx.no_sync(engine, micro == cfg.grad_accum - 1):
+                    result, rewards = engine(batch)
                 if not torch.isfinite(result.loss):
                     raise TrainingDiverged(
                         f"non-finite loss ({result.loss.item()}) at step {step + 1} (micro-batch {micro + 1}); "
                         f"stopping. Last good checkpoint: {last_checkpoint or 'none'}"
                     )
-                (result.loss / cfg.grad_accum).backward()
+                with ctx.no_sync(engine, micro == cfg.grad_accum - 1):
+                    (result.loss / cfg.grad_accum).backward()
                 sums["loss"] += result.loss.item() / cfg.grad_accum
                 gaps.append(result.reward_gap)
                 margins.append(result.margin)
-                half = out.rewards.shape[0] // 2
-                chosen_r.append(out.rewards[:half].detach())
-                rejected_r.append(out.rewards[half:].detach())
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm
-            )
+                half = rewards.shape[0] // 2
+                chosen_r.append(rewards[:half].detach())
+                rejected_r.append(rewards[half:].detach())
+            grad_norm = ctx.clip_grad_norm([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise TrainingDiverged(
                     f"non-finite gradient norm at step {step + 1}; stopping. "
@@ -798,18 +837,19 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
             scheduler.step()
             step += 1
 
+            # Metrics over every rank, reduced by counts (sums and example counts, never means of means).
             gap = torch.cat(gaps).float()
-            margin = torch.cat(margins).float()
+            margin_mean, margin_std = ctx.mean_std(torch.cat(margins).float())
             record = {
                 "step": step,
                 "epoch": step * cfg.grad_accum / per_epoch,
-                "loss": sums["loss"],
-                "accuracy": (gap > 0).float().mean().item(),
-                "margin/mean": margin.mean().item(),
-                "margin/std": margin.std(unbiased=False).item(),
-                "reward_gap/mean": gap.mean().item(),
-                "rewards/chosen": torch.cat(chosen_r).float().mean().item(),
-                "rewards/rejected": torch.cat(rejected_r).float().mean().item(),
+                "loss": ctx.weighted_mean(sums["loss"], gap.numel()),
+                "accuracy": ctx.mean_std((gap > 0).float())[0],
+                "margin/mean": margin_mean,
+                "margin/std": margin_std,
+                "reward_gap/mean": ctx.mean_std(gap)[0],
+                "rewards/chosen": ctx.mean_std(torch.cat(chosen_r).float())[0],
+                "rewards/rejected": ctx.mean_std(torch.cat(rejected_r).float())[0],
                 "grad_norm": grad_norm.item(),
                 "learning_rate": learning_rate,
             }
@@ -832,9 +872,24 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
                     "rng": _rng_state(),
                     "config": dataclasses.asdict(cfg),
                 }
-                last_checkpoint = save_checkpoint(
-                    checkpoints, step, model, tokenizer, trainer_state, metadata, cfg.keep_checkpoints
-                )
+                if ctx.distributed:
+                    rng = trainer_state.pop("rng")
+                    del trainer_state["optimizer"]  # in the sharded DCP checkpoint
+                    last_checkpoint = ctx.save_checkpoint(
+                        checkpoints,
+                        f"{CHECKPOINT_PREFIX}{step:08d}",
+                        engine,
+                        optimizer,
+                        {**trainer_state, "global_batch": global_batch},
+                        rng,
+                        state_file=TRAINER_STATE,
+                        keep=cfg.keep_checkpoints,
+                        list_checkpoints=list_checkpoints,
+                    )
+                else:
+                    last_checkpoint = save_checkpoint(
+                        checkpoints, step, model, tokenizer, trainer_state, metadata, cfg.keep_checkpoints
+                    )
     finally:
         bar.close()
         writer.close()
@@ -843,7 +898,7 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
     metadata["final_eval"] = (
         None if final_report is None else {k: final_report[k] for k in ("accuracy", "length_baseline", "num_pairs")}
     )
-    save_reward_model(model, tokenizer, output, metadata=metadata)
+    ctx.export_reward_model(engine, model, lambda m: save_reward_model(m, tokenizer, output, metadata=metadata))
     summary = {
         "output": str(output),
         "margin": cfg.margin,
@@ -855,8 +910,10 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
         "eval": final_report,
         "truncation": dataclasses.asdict(stats),
     }
-    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if ctx.is_main:
+        (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _log(_format_summary(summary))
+    ctx.close()
     return summary
 
 
@@ -948,6 +1005,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=defaults.seed)
     g.add_argument("--no-liger", dest="liger", action="store_false", help="skip Liger-Kernel patches on CUDA")
     g.add_argument("--backend", default=defaults.backend, help="linear_logprobs backend")
+    g.add_argument(
+        "--strategy",
+        choices=dist_utils.STRATEGIES,
+        default=defaults.strategy,
+        help="under torchrun (WORLD_SIZE>1): ddp replicates the model, fsdp2 shards it per decoder layer",
+    )
+    g.add_argument(
+        "--packing",
+        action="store_true",
+        help="padding-free batches: sequences concatenated, position_ids restarting (flash-attn varlen or SDPA)",
+    )
     g = parser.add_argument_group("output")
     g.add_argument("--output", required=True, help="folder for the final model, metrics and checkpoints")
     g.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between dev evaluations")

@@ -1,0 +1,335 @@
+"""Scale-out on the existing engines: ``torchrun`` process groups, DDP or FSDP2, rank-sharded data, count-weighted
+metrics, sharded (DCP) checkpoints and a full ``save_pretrained`` export from rank 0.
+
+A stage builds its model, then :func:`setup` (which reads torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and
+starts a gloo group on CPU, nccl on CUDA when ``WORLD_SIZE > 1``) and :meth:`DistContext.wrap` it:
+
+- the trainable model is placed under a root :class:`LossModule` whose ``forward(batch)`` runs the stage's loss
+  function. Under FSDP2 the root's forward is where the root-level parameters (embeddings, final norm, LM head,
+  score head) are all-gathered, so the fused log-prob op sees the full LM-head weight, never a shard (DESIGN §4);
+- ``ddp``: ``DistributedDataParallel`` of that root (gradients averaged over ranks);
+- ``fsdp2``: ``fully_shard`` on every decoder layer, then on the root, with a ``MixedPrecisionPolicy`` whose
+  ``reduce_dtype`` is float32 (``param_dtype`` the autocast dtype on CUDA; plain float32 on CPU).
+
+Data: global micro-batch ``i`` holds ``batch_size · world`` examples in the stage's seeded order; rank ``r`` takes
+the ``r``-th contiguous slice of ``batch_size`` (a DistributedSampler whose ``set_epoch`` is the stage's
+``(seed, epoch)`` permutation). Hence ``N`` ranks of ``batch_size`` take exactly the steps of one process with
+``N · batch_size``: each rank's loss is a mean over its examples and DDP/FSDP average gradients over ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+import shutil
+import types
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+STRATEGIES = ("ddp", "fsdp2")
+DCP_FOLDER = "dcp"
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the current process group (or of torchrun's environment before it starts); True when alone."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return env_rank() == 0
+
+
+class LossModule(nn.Module):
+    """The root module under DDP/FSDP2: ``forward(batch)`` returns ``loss_fn(model, batch)`` (the loss and whatever
+    the stage reads next to it); ``forward(**model_kwargs)`` with no batch is the plain model forward (scoring,
+    evaluation), so that under FSDP2 the root-level parameters are gathered for it too."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any]):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn  # a plain function, not a submodule
+
+    def forward(self, batch: Any = None, **model_kwargs):
+        if batch is None:
+            return self.model(**model_kwargs)
+        return self.loss_fn(self.model, batch)
+
+
+class ScoringView:
+    """What ``score_pairs``/``evaluate_pairs`` call as a model (``model(input_ids, attention_mask)``, ``.train``,
+    ``.eval``, ``.training``), routed through the wrapped root so FSDP2 gathers its parameters."""
+
+    def __init__(self, engine: nn.Module, model: nn.Module):
+        self.engine, self.model = engine, model
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+        return self.engine(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+class _NullWriter:
+    """The metrics writer of ranks other than 0."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _StateDict:
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._tensors = tensors
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self._tensors)
+
+
+class _RewardModelExport:
+    """What ``save_reward_model`` reads of a RewardModel (``lm`` for its config, ``tied``, ``backbone``,
+    ``score.weight``, ``lm_head``), with the full weights of a gathered state dict (keys ``model.<name>``)."""
+
+    def __init__(self, model: nn.Module, full: dict[str, torch.Tensor]):
+        full = {k.removeprefix("model."): v for k, v in full.items()}
+        self.lm, self.tied = model.lm, model.tied
+        backbone = f"lm.{model.lm.base_model_prefix}."
+        head = next(f"lm.{n}." for n, m in model.lm.named_modules() if m is model.lm_head)
+        self.backbone = _StateDict({k[len(backbone) :]: v for k, v in full.items() if k.startswith(backbone)})
+        self.lm_head = _StateDict({k[len(head) :]: v for k, v in full.items() if k.startswith(head)})
+        self.score = types.SimpleNamespace(weight=full["score.weight"])
+
+
+def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
+    layers = getattr(model, "decoder_layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} exposes no decoder_layers; FSDP2 needs them to shard per layer")
+    return layers
+
+
+@dataclasses.dataclass
+class DistContext:
+    """One process's place in the run: ``rank``/``world`` (1 without torchrun), ``strategy`` and the device."""
+
+    rank: int
+    world: int
+    local_rank: int
+    strategy: str
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- model ----------------------------------------------------------------------------------------------------
+    def wrap(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[nn.Module, Any], Any],
+        *,
+        compute_dtype: torch.dtype | None = None,
+    ) -> nn.Module:
+        """The engine to call as ``engine(batch)``: ``model`` under a :class:`LossModule` root, wrapped by the
+        strategy when distributed. ``model`` is modified in place under FSDP2 (its parameters become DTensor
+        shards), so build the optimizer from ``model.parameters()`` after this call."""
+        root = LossModule(model, loss_fn)
+        if not self.distributed:
+            return root
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(root, device_ids=device_ids)
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = None
+        if self.device.type == "cuda":
+            mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        kwargs = {} if mp is None else {"mp_policy": mp}
+        for layer in _decoder_layers(model):
+            fully_shard(layer, **kwargs)
+        fully_shard(root, **kwargs)
+        return root
+
+    def no_sync(self, engine: nn.Module, last_micro_batch: bool):
+        """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation (exact: averaging is
+        linear); FSDP2 and single-process runs need nothing."""
+        if self.strategy == "ddp" and self.distributed and not last_micro_batch:
+            return engine.no_sync()
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, parameters: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Global gradient norm (clipped in place) as a plain scalar tensor (DTensor norms are made full)."""
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        full = getattr(norm, "full_tensor", None)
+        return full() if full is not None else norm
+
+    # -- data -----------------------------------------------------------------------------------------------------
+    def shard(self, indices: Sequence[int]) -> list[int]:
+        """This rank's contiguous slice of a global micro-batch of ``world · batch_size`` indices."""
+        if len(indices) % self.world:
+            raise ValueError(f"a global micro-batch of {len(indices)} does not split over {self.world} ranks")
+        per_rank = len(indices) // self.world
+        return list(indices[self.rank * per_rank : (self.rank + 1) * per_rank])
+
+    # -- metrics --------------------------------------------------------------------------------------------------
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.detach().to(torch.float64)
+        if self.distributed:
+            values = values.to(self.device) if self.device.type == "cuda" else values
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values.cpu()
+
+    def mean_std(self, values: torch.Tensor) -> tuple[float, float]:
+        """Mean and population std over every rank's ``values`` from all-reduced ``(Σx, Σx², n)``."""
+        flat = values.detach().double().flatten().cpu()
+        total, squares, count = self.all_reduce_sum(
+            torch.stack([flat.sum(), (flat * flat).sum(), torch.tensor(float(flat.numel()))])
+        ).tolist()
+        if count == 0:
+            return float("nan"), float("nan")
+        mean = total / count
+        return mean, max(squares / count - mean * mean, 0.0) ** 0.5
+
+    def weighted_mean(self, value: float, count: float) -> float:
+        """``Σ_r value_r · count_r / Σ_r count_r``: a per-rank mean reduced by its example count."""
+        total, n = self.all_reduce_sum(torch.tensor([value * count, float(count)])).tolist()
+        return total / n if n else float("nan")
+
+    def writer(self, make: Callable[[], Any]):
+        """``make()`` on rank 0, a writer that drops everything elsewhere."""
+        return make() if self.is_main else _NullWriter()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def save_checkpoint(
+        self,
+        root: Path,
+        name: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainer_state: dict[str, Any],
+        rng_state: dict[str, Any],
+        *,
+        state_file: str,
+        keep: int,
+        list_checkpoints: Callable[[Path], list[Path]],
+    ) -> Path:
+        """``root/name``: model and optimizer as a DCP sharded checkpoint (every rank writes its shards), one RNG
+        file per rank, and ``state_file`` (scheduler, step, ...) written last by rank 0, all into a temporary folder
+        that rank 0 renames into place (a crash mid-save leaves the previous checkpoint intact)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        final = root / name
+        tmp = root / f".tmp-{name}"
+        if self.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        self.barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / DCP_FOLDER))
+        torch.save(rng_state, tmp / f"rng-rank{self.rank}.pt")
+        self.barrier()
+        if self.is_main:
+            torch.save({**trainer_state, "world_size": self.world, "strategy": self.strategy}, tmp / state_file)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+        return final
+
+    def load_checkpoint(
+        self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, state_file: str
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Load a :meth:`save_checkpoint` folder into ``model``/``optimizer`` in place (DCP reshards onto this
+        world size); returns ``(trainer_state, this rank's RNG state or None when the world size changed)``."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        if not (folder / DCP_FOLDER).is_dir():
+            raise ValueError(f"{folder} is not a distributed (DCP) checkpoint: no {DCP_FOLDER}/ folder")
+        state = torch.load(folder / state_file, weights_only=False)
+        model_state, optim_state = get_state_dict(model, optimizer)
+        loaded = {"model": model_state, "optim": optim_state}
+        dcp.load(loaded, checkpoint_id=str(folder / DCP_FOLDER))
+        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        rng_file = folder / f"rng-rank{self.rank}.pt"
+        same_world = state.get("world_size") == self.world
+        rng = torch.load(rng_file, weights_only=False) if same_world and rng_file.is_file() else None
+        return state, rng
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """Every parameter and buffer of ``model`` unsharded on CPU, on rank 0 (None elsewhere); a collective."""
+        if not self.distributed:
+            return {k: v.detach() for k, v in model.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.is_main else None
+
+    def export_reward_model(self, engine: nn.Module, model: nn.Module, save: Callable[[Any], Any]) -> None:
+        """``save(view)`` on rank 0 with ``view`` a stand-in for ``model`` (a RewardModel) holding the full
+        gathered weights: the ``save_pretrained`` export of a sharded or replicated model (a collective)."""
+        if not self.distributed:
+            save(model)
+            return
+        full = self.full_state_dict(engine)
+        if self.is_main:
+            save(_RewardModelExport(model, full))
+        self.barrier()
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def setup(strategy: str, device: torch.device) -> DistContext:
+    """The process's :class:`DistContext`; starts the process group (gloo on CPU, nccl on CUDA, torchrun's env://
+    rendezvous) when ``WORLD_SIZE > 1`` and none is running. On CUDA each rank uses ``cuda:LOCAL_RANK``."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    world = env_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    rank = dist.get_rank() if world > 1 else 0
+    return DistContext(rank=rank, world=world, local_rank=local_rank, strategy=strategy, device=device)
