@@ -69,6 +69,19 @@ def test_contended_weight_tiles_match_torch_backend(native, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_no_rows_left_gives_zeros_even_with_an_empty_vocabulary(native):
+    hidden = torch.randn(2, 3, 8, requires_grad=True)
+    for weight in (torch.randn(11, 8, requires_grad=True), torch.randn(0, 8, requires_grad=True)):
+        logp, ent = aam_fast.linear_logprobs(
+            hidden, weight, torch.full((2, 3), -100), return_entropy=True, backend="native"
+        )
+        assert torch.all(logp == 0) and torch.all(ent == 0)
+        hidden.grad = None
+        (logp.sum() + ent.sum()).backward()
+        assert torch.all(hidden.grad == 0)
+        assert weight.grad.shape == weight.shape and torch.all(weight.grad == 0)
+
+
 def test_op_rejects_mismatched_targets(native):
     with pytest.raises(RuntimeError, match="targets must be int64"):
         torch.ops.aam_fast.linear_logprobs_forward(

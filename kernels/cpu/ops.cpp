@@ -12,7 +12,7 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const std:
   TORCH_CHECK(hidden.dim() == 2, "hidden must be [N, D], got ", hidden.sizes());
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1), "weight must be [V, D] with D=",
               hidden.size(1), ", got ", weight.sizes());
-  TORCH_CHECK(weight.size(0) > 0, "weight must have at least one row (V >= 1)");
+  TORCH_CHECK(weight.size(0) > 0 || hidden.size(0) == 0, "weight must have at least one row (V >= 1)");
   const auto dtype = hidden.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "hidden must be float32, bfloat16 or float16, got ", dtype);
