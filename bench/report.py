@@ -209,7 +209,7 @@ def load_results(paths: list[Path], clock: str = "wall") -> tuple[list[Result], 
             raise ValueError(f"{path}: not a readable pytest-benchmark JSON file ({exc})") from exc
         if "benchmarks" not in data:
             raise ValueError(f"{path}: no 'benchmarks' list; pass the file written by --benchmark-json")
-        header = header or {k: data.get(k) for k in ("machine_info", "datetime", "version")}
+        header = header or {k: data.get(k) for k in ("machine_info", "commit_info", "datetime", "version")}
         for bench in data["benchmarks"]:
             info = bench.get("extra_info") or {}
             if "workload" not in info:
@@ -357,6 +357,13 @@ def _versions(results: list[Result]) -> str:
     return ", ".join(f"{k} {v}" for k, v in versions.items())
 
 
+def _commit(header: dict) -> str:
+    commit = header.get("commit_info") or {}
+    if not commit.get("id"):
+        return "unknown"
+    return f"`{commit['id'][:10]}`" + (" with uncommitted changes" if commit.get("dirty") else "")
+
+
 def device_slug(results: list[Result], header: dict) -> str:
     info = results[0].info
     slug = re.sub(r"[^a-z0-9]+", "-", info["device_name"].lower()).strip("-")
@@ -377,7 +384,7 @@ def render_markdown(results: list[Result], header: dict, plot_names: list[str]) 
         f"# aam_fast benchmarks: {info['device_name']}",
         "",
         f"- **Device**: {info['device_name']} ({info['device']}, {info.get('threads', '?')} torch threads)",
-        f"- **Date**: {header.get('datetime', '?')}",
+        f"- **Date**: {header.get('datetime', '?')}; **commit** {_commit(header)}",
         f"- **Versions**: {_versions(results)}, Python {machine.get('python_version', '?')}, "
         f"pytest-benchmark {header.get('version', '?')}",
         f"- **Set**: `{info.get('bench_set', '?')}`; inputs: logits ~ N(0, 6²), targets sampled from the softmax "
@@ -511,7 +518,8 @@ def render_plots(results: list[Result], out_stem: Path) -> list[Path]:
     workloads = [w for w in WORKLOAD_TITLES if any(r.workload == w for r in results)]
     info = results[0].info
     written = []
-    for metric, ylabel in (("time", "median time (s)"), ("memory", "peak extra memory (MB)")):
+    time_label = "median process CPU time (s)" if results[0].clock == "cpu" else "median wall time (s)"
+    for metric, ylabel in (("time", time_label), ("memory", "peak extra memory (MB)")):
         fig, axes = plt.subplots(len(workloads), 2, figsize=(12, 3.6 * len(workloads)), squeeze=False)
         for row, workload in enumerate(workloads):
             subset = [r for r in results if r.workload == workload]
@@ -534,7 +542,7 @@ def render_plots(results: list[Result], out_stem: Path) -> list[Path]:
                 ax.set_title(WORKLOAD_TITLES[workload], fontsize=9)
                 ax.grid(True, which="both", alpha=0.3)
         fig.suptitle(f"aam_fast vs peers: {metric}, {info['device_name']}, {results[0].dtype}", fontsize=11)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.98))
         path = out_stem.with_name(f"{out_stem.name}-{metric}.png")
         fig.savefig(path, dpi=90)
         plt.close(fig)
@@ -542,13 +550,14 @@ def render_plots(results: list[Result], out_stem: Path) -> list[Path]:
     return written
 
 
-def write_report(paths: list[Path], out_dir: Path, clock: str = "wall") -> Path:
+def write_report(paths: list[Path], out_dir: Path, clock: str = "wall", suffix: str = "") -> Path:
+    """Write `<device>-<date><suffix>.md` and its plots into `out_dir`; return the markdown's path."""
     results, header = load_results(paths, clock)
     if not results:
         raise ValueError(f"no benchmark results in {', '.join(map(str, paths))}")
     out_dir.mkdir(parents=True, exist_ok=True)
     date = (header.get("datetime") or "unknown-date")[:10]
-    stem = out_dir / f"{device_slug(results, header)}-{date}"
+    stem = out_dir / f"{device_slug(results, header)}-{date}{suffix}"
     plots = render_plots(results, stem)
     markdown = render_markdown(results, header, [p.name for p in plots])
     md_path = stem.with_suffix(".md")
@@ -563,9 +572,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--clock", choices=CLOCKS, default="wall", help="time the tables by wall clock or process CPU time"
     )
+    parser.add_argument("--suffix", default="", help="appended to the file names, e.g. -rerun")
     args = parser.parse_args(argv)
+    if args.suffix and not re.fullmatch(r"[A-Za-z0-9._-]+", args.suffix):
+        parser.error(f"--suffix may hold letters, digits, '.', '_' and '-' only, got {args.suffix!r}")
     try:
-        md_path = write_report(args.results, args.out, args.clock)
+        md_path = write_report(args.results, args.out, args.clock, args.suffix)
     except ValueError as exc:
         parser.error(str(exc))
     print(md_path)
