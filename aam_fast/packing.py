@@ -6,9 +6,10 @@
 - ``packed_position_ids [1, N]`` restarting at 0 for every sequence;
 - ``cu_seq_lens [n + 1]`` int32 cumulative lengths (flash-attn's varlen convention), ``max_seq_len``.
 
-The backbone runs on the packed row with ``position_ids`` and no attention mask: transformers reads the sequence
-boundaries from the restarting positions (a block-diagonal causal mask for SDPA/eager, ``cu_seq_lens`` varlen
-kernels for flash-attn, which :func:`use_flash_attention` selects on CUDA when ``flash_attn`` is installed). Each
+The backbone runs on the packed row with no attention mask: ``position_ids`` restart per sequence (rotary
+positions as in the padded batch) and ``cu_seq_lens`` go to the attention, which :func:`use_packed_attention` makes
+flash-attn 2's varlen kernels on CUDA when ``flash_attn`` is installed and otherwise SDPA run on each sequence's own
+block (``Σ Lᵢ²`` attention, never ``N²``). Each
 sequence therefore sees exactly the tokens it sees in the padded batch, with the same positions, so rewards
 (score head at each sequence's last token) and log-probs equal the padded ones. The hidden states are scattered
 back to ``[n, T, D]`` (zeros at padding, which the losses ignore through ``-100`` targets), so the losses run
@@ -18,6 +19,7 @@ unchanged on the padded layout; the saving is the backbone's compute on padding.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 
 import torch
 from torch import nn
@@ -53,41 +55,78 @@ def unpack(packed: torch.Tensor, cu_seq_lens: torch.Tensor, length: int) -> torc
     return out * valid.view(*valid.shape, *([1] * (packed.dim() - 1))).to(out.dtype)
 
 
-def use_flash_attention(lm: nn.Module) -> bool:
-    """Switch ``lm`` to flash-attn 2 (varlen kernels for packed rows) when flash_attn is installed and the model
-    is on CUDA; True when it runs flash-attn. Otherwise SDPA with the block-diagonal mask is kept."""
-    config = lm.config
-    if str(getattr(config, "_attn_implementation", "")).startswith("flash_attention"):
-        return True
-    if importlib.util.find_spec("flash_attn") is None or next(lm.parameters()).device.type != "cuda":
-        return False
-    try:
-        lm.set_attn_implementation("flash_attention_2")
-    except Exception:  # an architecture or dtype flash-attn does not take: keep SDPA
-        return False
-    return True
+VARLEN_SDPA = "aam_varlen_sdpa"
 
 
-def _flash_kwargs(lm: nn.Module, batch: dict) -> dict:
-    if not str(getattr(lm.config, "_attn_implementation", "")).startswith("flash_attention"):
-        return {}
-    cu = batch["cu_seq_lens"].to(batch["packed_input_ids"].device)
-    return {
-        "cu_seq_lens_q": cu,
-        "cu_seq_lens_k": cu,
-        "max_length_q": batch["max_seq_len"],
-        "max_length_k": batch["max_seq_len"],
-    }
+def _varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """An attention function for transformers' ``AttentionInterface``: with ``cu_seq_lens_q`` (a packed row), causal
+    SDPA on each sequence's own block, so compute is ``Σ Lᵢ²`` and no ``N × N`` mask exists; without it (a padded
+    batch) exactly transformers' SDPA attention. Returns ``[B, T, H, d]`` as transformers' attention functions do."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: repeat the key/value heads
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    dropout = dropout if module.training else 0.0
+    bounds = cu.tolist()
+    blocks = [
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout, is_causal=True, scale=scaling
+        )
+        for a, b in itertools.pairwise(bounds)
+    ]
+    return torch.cat(blocks, dim=2).transpose(1, 2).contiguous(), None
 
 
-def packed_hidden(backbone: nn.Module, lm: nn.Module, batch: dict) -> torch.Tensor:
+def _register_varlen_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(VARLEN_SDPA, _varlen_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, sdpa_mask)  # padded batches keep SDPA's mask
+
+
+def _attention(model: nn.Module) -> str:
+    return str(getattr(model.config, "_attn_implementation", ""))
+
+
+def use_packed_attention(model: nn.Module) -> str:
+    """Give ``model`` (a transformers model) an attention that keeps packed sequences apart without an ``N × N``
+    mask: flash-attn 2's varlen kernels when flash_attn is installed and the model is on CUDA, else the per-sequence
+    SDPA of :func:`_varlen_sdpa_attention` (plain SDPA for padded batches). Returns the implementation's name."""
+    current = _attention(model)
+    if current.startswith("flash_attention") or current == VARLEN_SDPA:
+        return current
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    if on_cuda and importlib.util.find_spec("flash_attn") is not None:
+        try:
+            model.set_attn_implementation("flash_attention_2")
+            return "flash_attention_2"
+        except Exception:  # an architecture or dtype flash-attn does not take: per-sequence SDPA
+            pass
+    _register_varlen_sdpa()
+    model.set_attn_implementation(VARLEN_SDPA)
+    return VARLEN_SDPA
+
+
+def packed_hidden(backbone: nn.Module, batch: dict) -> torch.Tensor:
     """Final hidden states ``[N, D]`` of the packed row through ``backbone`` (no attention mask: the boundaries
-    come from the restarting ``position_ids`` or flash-attn's ``cu_seq_lens``)."""
+    go to the attention as ``cu_seq_lens``, and as restarting ``position_ids`` to the rotary embedding)."""
+    use_packed_attention(backbone)
+    cu = batch["cu_seq_lens"].to(batch["packed_input_ids"].device)
     out = backbone(
         input_ids=batch["packed_input_ids"],
         position_ids=batch["packed_position_ids"],
         use_cache=False,
-        **_flash_kwargs(lm, batch),
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=batch["max_seq_len"],
+        max_length_k=batch["max_seq_len"],
     )
     return out.last_hidden_state[0]
 
@@ -102,11 +141,11 @@ def packed_reward_forward(model: nn.Module, batch: dict, *, reference: nn.Module
         raise ValueError("packing does not support a top-layers-only reference (trainable_layers with PR margins)")
     length = batch["input_ids"].shape[1]
     cu = batch["cu_seq_lens"]
-    hidden = packed_hidden(model.backbone, model.lm, batch)
+    hidden = packed_hidden(model.backbone, batch)
     last = hidden[cu[1:].long() - 1]
     rewards = model.score(last.to(model.score.weight.dtype)).squeeze(-1).float()
     ref_hidden = None
     if reference is not None:
         with torch.no_grad():
-            ref_hidden = unpack(packed_hidden(reference.backbone, model.lm, batch), cu, length)
+            ref_hidden = unpack(packed_hidden(reference.backbone, batch), cu, length)
     return RewardOutput(rewards, unpack(hidden, cu, length), ref_hidden)

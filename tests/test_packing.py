@@ -84,6 +84,10 @@ def test_packed_rewards_logprobs_and_gradients_equal_padded(paths):
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[mode] = (out.rewards.detach(), logps.detach(), result.logps, result.ref_logps, result.loss, grads)
     padded, packed = results["padded"], results["packed"]
+    assert model.lm.config._attn_implementation == "aam_varlen_sdpa"  # set by the packed forward
+    with torch.no_grad():  # padded batches still run plain SDPA under it
+        again = model(batch["input_ids"], batch["attention_mask"]).rewards
+    torch.testing.assert_close(again, padded[0], rtol=0, atol=0)
     torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-5)  # rewards
     torch.testing.assert_close(packed[1], padded[1], rtol=1e-5, atol=1e-5)  # token log-probs
     torch.testing.assert_close(packed[2], padded[2], rtol=1e-5, atol=1e-5)  # sequence log-probs
