@@ -72,15 +72,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
   const float* bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
   const float scale = static_cast<float>(inv_temperature);
   // the chain through z = (h W^T + b) * s scales every upstream gradient by s
-  const at::Tensor g_t = grad_logp_in.detach().to(at::kFloat).mul(inv_temperature).contiguous();
-  const at::Tensor e_t = entropy ? grad_entropy_in->detach().to(at::kFloat).mul(inv_temperature).contiguous()
+  const at::Tensor g_buf = grad_logp_in.detach().to(at::kFloat).mul(inv_temperature).contiguous();
+  const at::Tensor e_buf = entropy ? grad_entropy_in->detach().to(at::kFloat).mul(inv_temperature).contiguous()
                                  : at::Tensor();
-  const at::Tensor mz_t = entropy ? mean_z_in->detach().to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor lse64_t = lse_in.detach().to(at::kDouble).contiguous();
-  const float* g = g_t.data_ptr<float>();
-  const float* e = entropy ? e_t.data_ptr<float>() : nullptr;
-  const float* mz = entropy ? mz_t.data_ptr<float>() : nullptr;
-  const double* lse64 = lse64_t.data_ptr<double>();
+  const at::Tensor mz_buf = entropy ? mean_z_in->detach().to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor lse_buf = lse_in.detach().to(at::kDouble).contiguous();
+  const float* g = g_buf.data_ptr<float>();
+  const float* e = entropy ? e_buf.data_ptr<float>() : nullptr;
+  const float* mz = entropy ? mz_buf.data_ptr<float>() : nullptr;
+  const double* lse64 = lse_buf.data_ptr<double>();
   const int64_t* y = targets.data_ptr<int64_t>();
 
   const TilePlan plan = make_plan(n, vocab, dim, block_rows, tile_width, vocab_chunks);
@@ -129,13 +129,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
         const float z_y = !has_target ? 0.0f
                           : tile_bias != nullptr ? (row[col] + tile_bias[col]) * scale
                                                  : row[col] * scale;
-        const float e_t = entropy ? e[t] : 0.0f, mz_t = entropy ? mz[t] : 0.0f;
-        logit_grad_row(row, cols, tile_bias, scale, static_cast<float>(lse64[t]), g[t], entropy, e_t, mz_t);
+        const float e_row = entropy ? e[t] : 0.0f, mz_row = entropy ? mz[t] : 0.0f;
+        logit_grad_row(row, cols, tile_bias, scale, static_cast<float>(lse64[t]), g[t], entropy, e_row, mz_row);
         if (has_target) {
           // dz_y = g (1 - p_y) + e p_y (mean_z - z_y), with 1 - p_y = -expm1(z_y - lse) exact when p_y ~ 1
           const double log_p = static_cast<double>(z_y) - lse64[t];
           double dz = -static_cast<double>(g[t]) * std::expm1(log_p);
-          if (entropy) dz += static_cast<double>(e_t) * std::exp(log_p) * (static_cast<double>(mz_t) - z_y);
+          if (entropy) dz += static_cast<double>(e_row) * std::exp(log_p) * (static_cast<double>(mz_row) - z_y);
           row[col] = static_cast<float>(dz);
         }
       }
