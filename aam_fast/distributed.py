@@ -62,7 +62,11 @@ class LossModule(nn.Module):
         self.model = model
         self.loss_fn = loss_fn  # a plain function, not a submodule
 
-    def forward(self, batch: Any = None, **model_kwargs):
+    def forward(self, batch: Any = None, *, run: Callable[[nn.Module], Any] | None = None, **model_kwargs):
+        """``loss_fn(model, batch)``; ``run(model)`` when ``run`` is given (work such as ``generate`` that needs
+        the root's parameters gathered); the plain model forward on ``model_kwargs`` otherwise."""
+        if run is not None:
+            return run(self.model)
         if batch is None:
             return self.model(**model_kwargs)
         return self.loss_fn(self.model, batch)
@@ -123,8 +127,11 @@ class _RewardModelExport:
 
 
 def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
+    """``model.decoder_layers`` (RewardModel), else a transformers model's ``base_model.layers`` (causal LMs)."""
     layers = getattr(model, "decoder_layers", None)
     if layers is None:
+        layers = getattr(getattr(model, "base_model", None), "layers", None)
+    if not isinstance(layers, (nn.ModuleList, list, tuple)):
         raise ValueError(f"{type(model).__name__} exposes no decoder_layers; FSDP2 needs them to shard per layer")
     return layers
 
@@ -190,6 +197,27 @@ class DistContext:
         full = getattr(norm, "full_tensor", None)
         return full() if full is not None else norm
 
+    def run_unsharded(self, engine: nn.Module, model: nn.Module, fn: Callable[[nn.Module], Any]) -> Any:
+        """``fn(model)`` with the full weights, forward-only work such as a whole rollout's ``generate`` calls.
+
+        FSDP2: every FSDP module is set not to reshard after forward, and ``fn`` runs inside the root's forward,
+        so the root-level parameters are all-gathered once and each decoder layer once, at its first forward;
+        they stay gathered for every later token and are resharded when ``fn`` returns (never once per token).
+        DDP and single-process runs hold full weights already: ``fn(model)`` directly."""
+        if not (self.distributed and self.strategy == "fsdp2"):
+            return fn(model)
+        from torch.distributed.fsdp import FSDPModule
+
+        engine.set_reshard_after_forward(False)
+        try:
+            return engine(run=fn)
+        finally:
+            for module in engine.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+            engine.set_reshard_after_forward(True)  # the layers' setting from fully_shard ...
+            engine.set_reshard_after_forward(False, recurse=False)  # ... and the root's (kept for backward)
+
     # -- data -----------------------------------------------------------------------------------------------------
     def shard(self, indices: Sequence[int]) -> list[int]:
         """This rank's contiguous slice of a global micro-batch of ``world · batch_size`` indices."""
@@ -205,6 +233,17 @@ class DistContext:
             values = values.to(self.device) if self.device.type == "cuda" else values
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
         return values.cpu()
+
+    def all_gather_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``values`` (the same shape on each) concatenated along dim 0 in rank order, on the CPU in
+        ``values``' dtype; ``values`` itself in a single process."""
+        if not self.distributed:
+            return values
+        local = values.detach().to(torch.float64).contiguous()
+        local = local.to(self.device) if self.device.type == "cuda" else local.cpu()
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts).cpu().to(values.dtype)
 
     def mean_std(self, values: torch.Tensor) -> tuple[float, float]:
         """Mean and population std over every rank's ``values`` from all-reduced ``(Σx, Σx², n)``."""
@@ -238,15 +277,16 @@ class DistContext:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         trainer_state: dict[str, Any],
-        rng_state: dict[str, Any],
+        rank_state: dict[str, Any],
         *,
         state_file: str,
         keep: int,
         list_checkpoints: Callable[[Path], list[Path]],
     ) -> Path:
-        """``root/name``: model and optimizer as a DCP sharded checkpoint (every rank writes its shards), one RNG
-        file per rank, and ``state_file`` (scheduler, step, ...) written last by rank 0, all into a temporary folder
-        that rank 0 renames into place (a crash mid-save leaves the previous checkpoint intact)."""
+        """``root/name``: model and optimizer as a DCP sharded checkpoint (every rank writes its shards), one file
+        per rank (``rank_state``: its RNG state and whatever else is rank-local), and ``state_file`` (scheduler,
+        step, ...) written last by rank 0, all into a temporary folder that rank 0 renames into place (a crash
+        mid-save leaves the previous checkpoint intact)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -260,7 +300,7 @@ class DistContext:
         self.barrier()
         model_state, optim_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / DCP_FOLDER))
-        torch.save(rng_state, tmp / f"rng-rank{self.rank}.pt")
+        torch.save(rank_state, tmp / f"rng-rank{self.rank}.pt")
         self.barrier()
         if self.is_main:
             torch.save({**trainer_state, "world_size": self.world, "strategy": self.strategy}, tmp / state_file)
@@ -276,7 +316,7 @@ class DistContext:
         self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, state_file: str
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Load a :meth:`save_checkpoint` folder into ``model``/``optimizer`` in place (DCP reshards onto this
-        world size); returns ``(trainer_state, this rank's RNG state or None when the world size changed)``."""
+        world size); returns ``(trainer_state, this rank's rank_state or None when the world size changed)``."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 

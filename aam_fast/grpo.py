@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed as dist_utils
 from .data import choose_pad_token_id, render_conversation
 from .losses import LOSS_TYPES, GRPOLoss, default_normalizer, group_advantages
 from .models import load_causal_lm
@@ -116,6 +117,7 @@ class GRPOConfig:
     trainable_layers: int | None = None
     threads: int | None = None
     progress: bool = True
+    strategy: str = "ddp"
 
     def validate(self) -> None:
         """Raise ValueError naming the setting that cannot work."""
@@ -157,6 +159,8 @@ class GRPOConfig:
             raise ValueError(f"trainable_layers must be a positive integer or None, got {self.trainable_layers}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be a positive integer or None, got {self.threads}")
+        if self.strategy not in dist_utils.STRATEGIES:
+            raise ValueError(f"strategy must be one of {dist_utils.STRATEGIES}, got {self.strategy!r}")
         if self.save_every < 0 or self.log_completions_every < 0 or self.warmup_steps < 0:
             raise ValueError("save_every, log_completions_every and warmup_steps must be >= 0")
 
@@ -423,6 +427,44 @@ def generate_micro_batch(
     return batch, columns, sum(t for _, t in encoded)
 
 
+def prompt_seed(seed: int, step: int, position: int) -> int:
+    """The sampling seed of the prompt at global `position` of the rollout made at optimizer step `step`."""
+    return int(np.random.SeedSequence([seed, step, position]).generate_state(1)[0])
+
+
+@torch.no_grad()
+def generate_group(policy, tokenizer, record: dict, cfg: GRPOConfig, generation_config, eos_ids, dtype, seed: int):
+    """`generate_micro_batch` for one prompt under its own seed, the global RNG left untouched: a prompt's G
+    completions depend on the weights, the seed and its rollout position only, not on which rank samples it nor
+    on how many ranks there are."""
+    device = next(policy.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return generate_micro_batch(policy, tokenizer, [record], cfg, generation_config, eos_ids, dtype)
+
+
+def concat_micro_batches(parts: list[MicroBatch], pad_id: int) -> MicroBatch:
+    """One micro-batch of `parts` (no rewards yet): prompts left-padded to the longest prompt, completions
+    right-padded (pad ids, mask 0, targets ignored) to the longest completion."""
+    prompt_len = max(p.prompt_len for p in parts)
+    width = max(p.targets.shape[1] for p in parts)
+    ids, masks, targets = [], [], []
+    for p in parts:
+        left, right = prompt_len - p.prompt_len, width - p.targets.shape[1]
+        ids.append(torch.nn.functional.pad(p.input_ids, (left, right), value=pad_id))
+        masks.append(torch.nn.functional.pad(p.attention_mask, (left, right), value=0))
+        targets.append(torch.nn.functional.pad(p.targets, (0, right), value=IGNORE_INDEX))
+    return MicroBatch(
+        input_ids=torch.cat(ids),
+        attention_mask=torch.cat(masks),
+        prompt_len=prompt_len,
+        targets=torch.cat(targets),
+        truncated=torch.cat([p.truncated for p in parts]),
+        prompts=[x for p in parts for x in p.prompts],
+        completions=[x for p in parts for x in p.completions],
+    )
+
+
 @torch.no_grad()
 def token_logprobs(
     model, batch: MicroBatch, temperature: float, dtype: torch.dtype = torch.float32, backend: str = "auto"
@@ -476,9 +518,17 @@ def atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+DIST_STATE_FILE = "trainer_state.pt"  # the rank-0 file of a distributed (DCP) checkpoint folder
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoint files `step-*.pt` in `folder`, oldest first (a `.tmp` of a crashed save is not one)."""
-    return sorted(folder.glob("step-*.pt")) if folder.is_dir() else []
+    """Complete checkpoints in `folder`, oldest first: `step-*.pt` files (one process) and `step-*/` folders
+    holding a DCP checkpoint (torchrun); a `.tmp` of a crashed save is neither."""
+    if not folder.is_dir():
+        return []
+    files = list(folder.glob("step-*.pt"))
+    folders = [p for p in folder.glob("step-*") if p.is_dir() and (p / DIST_STATE_FILE).is_file()]
+    return sorted(files + folders, key=lambda p: p.name.removesuffix(".pt"))
 
 
 def find_checkpoint(resume: str, output: Path) -> Path | None:
@@ -488,7 +538,7 @@ def find_checkpoint(resume: str, output: Path) -> Path | None:
         found = list_checkpoints(output / "checkpoints")
         return found[-1] if found else None
     path = Path(resume)
-    if path.is_file():
+    if path.is_file() or (path / DIST_STATE_FILE).is_file():
         return path
     for folder in (path / "checkpoints", path):
         found = list_checkpoints(folder)
@@ -545,11 +595,14 @@ class GRPOTrainer:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = resolve_device(cfg.device)
+        self.ctx = dist_utils.setup(cfg.strategy, resolve_device(cfg.device))
+        self.device = self.ctx.device
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
         self.output = Path(cfg.output)
-        self.output.mkdir(parents=True, exist_ok=True)
-        (self.output / "checkpoints").mkdir(exist_ok=True)
+        if self.ctx.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / "checkpoints").mkdir(exist_ok=True)
+        self.ctx.barrier()
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -593,6 +646,9 @@ class GRPOTrainer:
             temperature=cfg.temperature,
             backend=cfg.backend,
         )
+        # The policy under the root LossModule (DDP/FSDP2 under torchrun); FSDP2 shards it in place, so the
+        # optimizer is built from its parameters after this.
+        self.engine = self.ctx.wrap(self.policy, self._micro_batch_loss, compute_dtype=self.amp_dtype)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg)
@@ -608,8 +664,8 @@ class GRPOTrainer:
                 "it, or choose another --output"
             )
         resumed_step = self._resume(checkpoint) if checkpoint is not None else None
-        self.metrics_log = JsonlLog(self.output / "metrics.jsonl", resumed_step)
-        self.completions_log = JsonlLog(self.output / "completions.jsonl", resumed_step)
+        self.metrics_log = self.ctx.writer(lambda: JsonlLog(self.output / "metrics.jsonl", resumed_step))
+        self.completions_log = self.ctx.writer(lambda: JsonlLog(self.output / "completions.jsonl", resumed_step))
 
     def _generation_config(self):
         from transformers import GenerationConfig
@@ -632,18 +688,49 @@ class GRPOTrainer:
     # -- rollout ------------------------------------------------------------------------------------------
 
     def make_rollout(self) -> tuple[list[MicroBatch], dict[str, float]]:
-        """Generate, score and take advantages for one optimizer step's worth of prompts."""
+        """Generate, score and take advantages for one optimizer step's worth of prompts.
+
+        Each micro-batch takes `batch_size × ranks` prompts from the shared stream and this rank samples its
+        contiguous slice, each prompt under `prompt_seed(seed, step, position)`, so ranks together sample what one
+        process with the combined batch samples. Under FSDP2 the weights are gathered once for the whole rollout.
+        Advantages and metrics are taken over every rank's rewards (gathered), as one process would.
+        """
         cfg = self.cfg
         G = cfg.num_generations
-        batches, all_columns, prompts_cut = [], [], 0
-        for _ in range(cfg.grad_accum):
-            records = self.stream.take(cfg.batch_size)
-            batch, columns, cut = generate_micro_batch(
-                self.policy, self.tokenizer, records, cfg, self.generation_config, self.eos_ids, self.amp_dtype
-            )
-            batches.append(batch)
-            all_columns.append(columns)
-            prompts_cut += cut
+        global_batch = cfg.batch_size * self.ctx.world
+        plan = []  # per micro-batch: this rank's (global position, record) pairs
+        for micro in range(cfg.grad_accum):
+            records = self.stream.take(global_batch)
+            positions = self.ctx.shard(range(micro * global_batch, (micro + 1) * global_batch))
+            plan.append([(p, records[p - micro * global_batch]) for p in positions])
+
+        def sample(policy):
+            out = []
+            for pairs in plan:
+                groups = [
+                    generate_group(
+                        policy,
+                        self.tokenizer,
+                        record,
+                        cfg,
+                        self.generation_config,
+                        self.eos_ids,
+                        self.amp_dtype,
+                        prompt_seed(cfg.seed, self.step, position),
+                    )
+                    for position, record in pairs
+                ]
+                batch = concat_micro_batches([g[0] for g in groups], self.tokenizer.pad_token_id)
+                columns = {k: [x for g in groups for x in g[1][k]] for k in groups[0][1]}
+                if cfg.num_iterations > 1:
+                    batch.old_logps = token_logprobs(policy, batch, cfg.temperature, self.amp_dtype, cfg.backend)
+                out.append((batch, columns, sum(g[2] for g in groups)))
+            return out
+
+        sampled = self.ctx.run_unsharded(self.engine, self.policy, sample)
+        batches = [b for b, _, _ in sampled]
+        all_columns = [c for _, c, _ in sampled]
+        prompts_cut = sum(cut for _, _, cut in sampled)
         totals, tables = [], []
         for batch, columns in zip(batches, all_columns, strict=True):
             completion_ids = [t[t != IGNORE_INDEX].tolist() for t in batch.targets]
@@ -652,18 +739,28 @@ class GRPOTrainer:
             totals.append(total)
             tables.append(table)
         rewards = torch.cat(totals)
-        advantages = group_advantages(rewards, G, scale=cfg.scale_rewards)
+        local = rewards.shape[0]
+        every_rank = self.ctx.all_gather_rows(rewards)  # whole groups, rank after rank
+        advantages = group_advantages(every_rank, G, scale=cfg.scale_rewards)
+        advantages = advantages[self.ctx.rank * local : (self.ctx.rank + 1) * local]
         offset = 0
         for batch, table in zip(batches, tables, strict=True):
             n = batch.targets.shape[0]
             batch.rewards, batch.advantages = rewards[offset : offset + n], advantages[offset : offset + n]
             batch.reward_table = table
             offset += n
-            if cfg.num_iterations > 1:
-                batch.old_logps = token_logprobs(self.policy, batch, cfg.temperature, self.amp_dtype, cfg.backend)
             if self.reference is not None:
                 batch.ref_logps = token_logprobs(self.reference, batch, cfg.temperature, self.amp_dtype, cfg.backend)
-        return batches, self._rollout_metrics(batches, rewards, torch.cat(tables), prompts_cut)
+        lengths = torch.cat([b.mask.sum(dim=1) for b in batches]).float()
+        truncated = torch.cat([b.truncated for b in batches]).float()
+        metrics = self._rollout_metrics(
+            every_rank,
+            self.ctx.all_gather_rows(torch.cat(tables)),
+            self.ctx.all_gather_rows(lengths),
+            self.ctx.all_gather_rows(truncated),
+            self.ctx.all_reduce_sum(torch.tensor([float(prompts_cut)])).item(),
+        )
+        return batches, metrics
 
     def _completions_for_fns(self, batch: MicroBatch) -> list:
         """Completions in TRL's form: a string, or `[{"role": "assistant", "content": ...}]` for chat prompts."""
@@ -672,12 +769,12 @@ class GRPOTrainer:
             for prompt, text in zip(batch.prompts, batch.completions, strict=True)
         ]
 
-    def _rollout_metrics(self, batches, rewards, table, prompts_cut) -> dict[str, float | None]:
+    def _rollout_metrics(self, rewards, table, lengths, truncated, prompts_cut) -> dict[str, float | None]:
+        """Metrics of a rollout from per-sample `rewards`, reward `table`, completion `lengths` and `truncated`
+        flags of every rank, and the number of prompts cut over all ranks."""
         G = self.cfg.num_generations
         grouped = rewards.view(-1, G)
         group_std = grouped.std(dim=1)
-        lengths = torch.cat([b.mask.sum(dim=1) for b in batches]).float()
-        truncated = torch.cat([b.truncated for b in batches]).float()
         metrics = {
             "reward": float(rewards.mean()),
             "reward_std": float(group_std.mean()),
@@ -700,32 +797,47 @@ class GRPOTrainer:
     def accumulate_gradients(self, batches: list[MicroBatch]) -> tuple[float, dict[str, float]]:
         """Backward over every micro-batch of one step; `(loss, summed stats)`.
 
-        The normaliser (tokens, sequences, or sequences × max_new_tokens) is counted over all micro-batches before
-        the loop, so the accumulated gradient equals the gradient of the whole step's batch in one piece.
+        The normaliser (tokens, sequences, or sequences × max_new_tokens) is counted over all micro-batches of
+        every rank before the loop, so the accumulated gradient equals the gradient of the whole step's batch in
+        one piece. Under torchrun each rank's loss is its share of that one loss; DDP/FSDP2 average gradients over
+        ranks, so the backward runs on `ranks × loss` (the sum of the shares). Loss and stats are summed over
+        ranks.
         """
         cfg = self.cfg
-        normalizer = sum(default_normalizer(b.mask.float(), cfg.loss_type, cfg.max_new_tokens) for b in batches)
+        local = sum(float(default_normalizer(b.mask.float(), cfg.loss_type, cfg.max_new_tokens)) for b in batches)
+        normalizer = self.ctx.all_reduce_sum(torch.tensor([local])).item()
         totals: dict[str, float] = {}
         loss_sum = 0.0
-        for batch in batches:
-            with autocast(self.device, self.amp_dtype):
-                hidden = completion_hidden(self.policy, batch.input_ids, batch.attention_mask, batch.prompt_len)
-            hidden, weight, bias = head_inputs(self.policy, hidden, self.amp_dtype)
-            out = self.loss_fn(
-                hidden,
-                weight,
-                batch.targets,
-                batch.advantages.to(hidden.device),
-                old_logps=batch.old_logps,
-                ref_logps=batch.ref_logps,
-                bias=bias,
-                normalizer=normalizer,
-            )
-            out.loss.backward()
+        for i, batch in enumerate(batches):
+            with self.ctx.no_sync(self.engine, i == len(batches) - 1):
+                out = self.engine({"micro_batch": batch, "normalizer": normalizer})
+                (out.loss * self.ctx.world).backward()
             loss_sum += float(out.loss.detach())
             for key, value in out.stats.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
+        if self.ctx.distributed:
+            keys = sorted(totals)
+            summed = self.ctx.all_reduce_sum(torch.tensor([loss_sum] + [totals[k] for k in keys])).tolist()
+            loss_sum, totals = summed[0], dict(zip(keys, summed[1:], strict=True))
         return loss_sum, totals
+
+    def _micro_batch_loss(self, policy, inputs: dict):
+        """The GRPO loss of one micro-batch (`GRPOLoss` output): the root module's forward under DDP/FSDP2, so the
+        fused op sees the full LM-head weight."""
+        batch = inputs["micro_batch"]
+        with autocast(self.device, self.amp_dtype):
+            hidden = completion_hidden(policy, batch.input_ids, batch.attention_mask, batch.prompt_len)
+        hidden, weight, bias = head_inputs(policy, hidden, self.amp_dtype)
+        return self.loss_fn(
+            hidden,
+            weight,
+            batch.targets,
+            batch.advantages.to(hidden.device),
+            old_logps=batch.old_logps,
+            ref_logps=batch.ref_logps,
+            bias=bias,
+            normalizer=inputs["normalizer"],
+        )
 
     def optimizer_step(self, batches: list[MicroBatch]) -> dict[str, float]:
         """One optimizer step (gradient accumulation, clipping, AdamW, schedule); returns its metrics."""
@@ -739,7 +851,7 @@ class GRPOTrainer:
             )
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = float(self.ctx.clip_grad_norm(params, max_norm))
         learning_rate = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -762,14 +874,20 @@ class GRPOTrainer:
 
         cfg = self.cfg
         rows = []
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="grpo", disable=not cfg.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc="grpo",
+            disable=not cfg.progress or not self.ctx.is_main,
+            dynamic_ncols=True,
+        )
         while self.step < cfg.max_steps:
             started = time.perf_counter()
             if self.rollout is None or self.iteration >= cfg.num_iterations:
                 self.rollout, self.rollout_metrics = self.make_rollout()
                 self.iteration = 0
                 if cfg.log_completions_every and self.step % cfg.log_completions_every == 0:
-                    self.completions_log.write(self._completion_rows(self.step + 1))
+                    self.completions_log.write(self._completion_rows(self.step + 1))  # rank 0's samples
             metrics = self.optimizer_step(self.rollout)
             self.iteration += 1
             self.step += 1
@@ -813,23 +931,40 @@ class GRPOTrainer:
     # -- checkpoints --------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """`checkpoints/step-NNNNNN.pt`: model, optimizer, scheduler, RNG, data position, unfinished rollout."""
+        """`checkpoints/step-NNNNNN.pt`: model, optimizer, scheduler, RNG, data position, unfinished rollout.
+
+        Under torchrun, `checkpoints/step-NNNNNN/`: model and optimizer as a DCP sharded checkpoint, each rank's
+        RNG and unfinished rollout slice in its own file, the rest in `trainer_state.pt` (rank 0)."""
         cfg = self.cfg
         mid_rollout = self.rollout is not None and self.iteration < cfg.num_iterations
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "step": self.step,
-            "policy": self.policy.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+        rank_state = {
             "rng": rng_state(),
-            "data": {"epoch": self.stream.epoch, "index": self.stream.index, "prompts": len(self.records)},
             "rollout": [b.to("cpu") for b in self.rollout] if mid_rollout else None,
             "rollout_metrics": self.rollout_metrics if mid_rollout else None,
             "iteration": self.iteration,
+        }
+        shared = {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "data": {"epoch": self.stream.epoch, "index": self.stream.index, "prompts": len(self.records)},
             "config": {k: v for k, v in asdict(cfg).items() if k not in ("reward_fns", "prompts")},
+            "mid_rollout": mid_rollout,
         }
         folder = self.output / "checkpoints"
+        if self.ctx.distributed:
+            return self.ctx.save_checkpoint(
+                folder,
+                f"step-{self.step:06d}",
+                self.engine,
+                self.optimizer,
+                shared,
+                rank_state,
+                state_file=DIST_STATE_FILE,
+                keep=cfg.keep_checkpoints,
+                list_checkpoints=list_checkpoints,
+            )
+        state = {**shared, **rank_state, "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict()}
         path = folder / f"step-{self.step:06d}.pt"
         atomic_torch_save(state, path)
         old = list_checkpoints(folder)
@@ -839,8 +974,23 @@ class GRPOTrainer:
         return path
 
     def _resume(self, path: Path) -> int:
-        # Our own checkpoint: it holds Python objects (RNG states, rollout texts), hence weights_only=False.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        if self.ctx.distributed != path.is_dir():
+            raise ValueError(
+                f"{path}: a {'distributed (DCP)' if path.is_dir() else 'single-process'} checkpoint; resume it "
+                f"{'under torchrun with several ranks' if path.is_dir() else 'in a single process'}"
+            )
+        if self.ctx.distributed:
+            state, rank_state = self.ctx.load_checkpoint(path, self.engine, self.optimizer, state_file=DIST_STATE_FILE)
+            if rank_state is None:
+                if state["mid_rollout"]:
+                    raise ValueError(
+                        f"{path}: saved mid-rollout by {state['world_size']} ranks; resume it on as many ranks"
+                    )
+                rank_state = {"rng": None, "rollout": None}
+            state.update(rank_state)
+        else:
+            # Our own checkpoint: it holds Python objects (RNG states, rollout texts), hence weights_only=False.
+            state = torch.load(path, map_location="cpu", weights_only=False)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: not a GRPO checkpoint of format {CHECKPOINT_FORMAT}")
         if state["data"]["prompts"] != len(self.records):
@@ -856,10 +1006,12 @@ class GRPOTrainer:
         ]
         if changed:
             warnings.warn(f"resuming {path} with changed settings: {', '.join(changed)}", stacklevel=3)
-        self.policy.load_state_dict(state["policy"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not self.ctx.distributed:
+            self.policy.load_state_dict(state["policy"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        if state["rng"] is not None:
+            set_rng_state(state["rng"])
         self.step = state["step"]
         self.stream = PromptStream(self.records, self.cfg.seed, state["data"]["epoch"], state["data"]["index"])
         if state["rollout"] is not None:
@@ -869,13 +1021,28 @@ class GRPOTrainer:
         return self.step
 
     def save_final(self) -> None:
-        self.policy.save_pretrained(self.output)
-        self.tokenizer.save_pretrained(self.output)
+        """The policy as a `save_pretrained` folder; under torchrun the full weights are gathered and rank 0
+        writes them through a plain copy of the policy (a collective)."""
+        if not self.ctx.distributed:
+            self.policy.save_pretrained(self.output)
+            self.tokenizer.save_pretrained(self.output)
+            return
+        full = self.ctx.full_state_dict(self.engine)
+        if self.ctx.is_main:
+            plain = load_causal_lm(self.cfg.policy, dtype=torch.float32)
+            plain.load_state_dict({k.removeprefix("model."): v for k, v in full.items()})
+            plain.save_pretrained(self.output)
+            self.tokenizer.save_pretrained(self.output)
+        self.ctx.barrier()
 
 
 def train_grpo(cfg: GRPOConfig, scorer: Callable | None = None) -> list[dict]:
-    """Run the GRPO stage; returns the metric rows of this call (also in `output/metrics.jsonl`)."""
-    return GRPOTrainer(cfg, scorer=scorer).train()
+    """Run the GRPO stage; returns the metric rows of this call (also in `output/metrics.jsonl`). Under torchrun
+    every rank runs it; the process group is closed at the end."""
+    trainer = GRPOTrainer(cfg, scorer=scorer)
+    rows = trainer.train()
+    trainer.ctx.close()
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -929,6 +1096,12 @@ def add_train_grpo_arguments(parser: argparse.ArgumentParser) -> None:
     a("--trainable-layers", type=int, default=None, help="train only the top K decoder layers (+ final norm)")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    a(
+        "--strategy",
+        choices=dist_utils.STRATEGIES,
+        default=d.strategy,
+        help="under torchrun (WORLD_SIZE>1): ddp replicates the policy, fsdp2 shards it per decoder layer",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> GRPOConfig:
@@ -956,7 +1129,8 @@ def print_summary(rows: list[dict], output: str, stream=None) -> None:
 def run_train_grpo(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     rows = train_grpo(cfg)
-    print_summary(rows, cfg.output)
+    if dist_utils.is_main_process():
+        print_summary(rows, cfg.output)
     return 0
 
 
