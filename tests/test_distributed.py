@@ -1,9 +1,10 @@
-"""train-rm under torchrun on CPU (gloo, 2 processes, the real stories260k model and hh-rlhf pairs): DDP and FSDP2
-end where one process on the combined batch ends, and a resumed FSDP2 run from a sharded (DCP) checkpoint ends where
-the uninterrupted run does."""
+"""train-rm and train-grpo under torchrun on CPU (gloo, 2 processes, the real stories260k model; hh-rlhf pairs for
+the RM, a rule reward for GRPO): DDP and FSDP2 end where one process on the combined batch ends, and a resumed FSDP2
+run from a sharded (DCP) checkpoint ends where the uninterrupted run does."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from aam_fast import distributed
+from aam_fast.grpo import GRPOConfig, train_grpo
 from aam_fast.rm import RMConfig, train_reward_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,9 +32,15 @@ def common_args(shared: Path) -> list[str]:
 
 
 def torchrun(shared: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_two_ranks(
+        ["train-rm", *common_args(shared), "--output", str(output), "--batch-size", str(PER_RANK), *extra]
+    )
+
+
+def run_two_ranks(cli: list[str]) -> subprocess.CompletedProcess:
+    """`python -m aam_fast CLI...` on 2 CPU processes under torchrun (gloo); asserts success."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "aam_fast", "train-rm", *common_args(shared), "--output", str(output)]
-    command += ["--batch-size", str(PER_RANK), *extra]
+    command += ["-m", "aam_fast", *cli]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -131,3 +139,99 @@ def test_rank_slices_partition_the_global_micro_batch():
         distributed.DistContext(rank=0, world=5, local_rank=0, strategy="ddp", device=torch.device("cpu")).shard(
             indices
         )
+
+
+# ------------------------------------------------------------------------------------------------------ GRPO
+
+GRPO_PROMPTS = ["Once upon a time", "One day", "Lily was", "The cat", "Tom and", "There was a", "A dog", "Sam saw"]
+GRPO_STEPS = 2
+REWARD_SOURCE = """
+def share_of_a(prompts, completions, **columns):
+    return [c.count("a") / max(len(c), 1) for c in completions]
+"""
+
+
+def grpo_settings(shared: Path, folder: Path) -> dict:
+    """A 2-step run: beta > 0 (reference log-probs), 2 micro-batches per step, lr small enough that float32
+    summation-order differences stay far below 1e-5 after AdamW."""
+    return dict(
+        policy=str(shared / "models" / "stories260k"),
+        prompts=str(folder / "prompts.jsonl"),
+        reward_fns=[f"{folder / 'reward.py'}:share_of_a"],
+        num_generations=4,
+        max_new_tokens=8,
+        beta=0.04,
+        grad_accum=2,
+        lr=1e-4,
+        max_steps=GRPO_STEPS,
+        progress=False,
+    )
+
+
+def grpo_torchrun(settings: dict, output: Path, per_rank: int, *extra: str) -> subprocess.CompletedProcess:
+    s = settings
+    cli = ["train-grpo", "--policy", s["policy"], "--prompts", s["prompts"], "--reward-fn", s["reward_fns"][0]]
+    cli += ["--num-generations", str(s["num_generations"]), "--max-new-tokens", str(s["max_new_tokens"])]
+    cli += ["--beta", str(s["beta"]), "--grad-accum", str(s["grad_accum"]), "--lr", str(s["lr"])]
+    cli += ["--max-steps", str(s["max_steps"]), "--no-progress", "--output", str(output)]
+    return run_two_ranks([*cli, "--batch-size", str(per_rank), *extra])
+
+
+def metric_rows(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(rows: list[dict], reference: list[dict]) -> None:
+    assert [r["step"] for r in rows] == [r["step"] for r in reference] == list(range(1, GRPO_STEPS + 1))
+    for row, ref in zip(rows, reference, strict=True):
+        for key in ("reward", "reward_std", "completions/mean_length", "loss", "kl", "grad_norm", "entropy"):
+            assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.fixture(scope="module")
+def grpo_single(tmp_path_factory):
+    """One process with 2 prompts per micro-batch: the combined batch of 2 ranks with 1 prompt each."""
+    shared = Path(__file__).resolve().parents[1].parent / "shared"
+    if not (shared / "models" / "stories260k").is_dir():
+        pytest.skip(f"../shared not found at {shared}: the distributed GRPO tests need stories260k")
+    folder = tmp_path_factory.mktemp("grpo")
+    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in GRPO_PROMPTS))
+    (folder / "reward.py").write_text(REWARD_SOURCE)
+    settings = grpo_settings(shared, folder)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_grpo(GRPOConfig(**settings, batch_size=2, output=str(folder / "single")))
+    finally:
+        torch.set_num_threads(threads)
+    return settings, folder / "single"
+
+
+def test_grpo_ddp_two_ranks_match_one_process_on_the_combined_batch(grpo_single, tmp_path):
+    settings, reference = grpo_single
+    done = grpo_torchrun(settings, tmp_path, 1, "--strategy", "ddp")
+    assert done.stderr.count("policy saved to") == 1  # one summary: rank 0's
+    assert_same_weights(reference, tmp_path)
+    assert_same_metrics(metric_rows(tmp_path), metric_rows(reference))
+    initial = load_file(settings["policy"] + "/model.safetensors")
+    final = load_file(str(tmp_path / "model.safetensors"))
+    assert max(float((final[k] - initial[k]).abs().max()) for k in initial) > 1e-5, "the policy did not move"
+
+
+def test_grpo_fsdp2_two_ranks_match_one_process_and_resume_exactly(grpo_single, tmp_path):
+    settings, reference = grpo_single
+    grpo_torchrun(settings, tmp_path, 1, "--strategy", "fsdp2", "--save-every", "1")
+    assert_same_weights(reference, tmp_path)
+    assert_same_metrics(metric_rows(tmp_path), metric_rows(reference))
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000001", "step-000002"]
+    assert (checkpoints / "step-000001" / "dcp").is_dir() and (checkpoints / "step-000001" / "rng-rank1.pt").is_file()
+    uninterrupted = load_file(str(tmp_path / "model.safetensors"))
+    first_rows = metric_rows(tmp_path)
+
+    shutil.rmtree(checkpoints / "step-000002")  # as if the run had stopped after step 1
+    grpo_torchrun(settings, tmp_path, 1, "--strategy", "fsdp2", "--save-every", "1", "--resume", "auto")
+    resumed = load_file(str(tmp_path / "model.safetensors"))
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+    assert metric_rows(tmp_path) == first_rows
