@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from aam_fast import cli
 from aam_fast.data import load_preferences, split_by_prompt
@@ -15,13 +14,7 @@ from aam_fast.demo_rm import demo_config, demo_data_path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """stories260k's ops are far too small to split across threads; on a busy CPU doing so costs 10-60x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

@@ -16,14 +16,7 @@ from aam_fast.models import (
     save_reward_model,
 )
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """stories260k's ops are far too small to split across threads; on a busy CPU doing so costs 10-60x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

@@ -11,13 +11,7 @@ from aam_fast.models import ReferenceModel, RewardModel, load_causal_lm
 from aam_fast.packing import add_packing, packed_reward_forward, unpack
 from aam_fast.rm import RMConfig, train_reward_model
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture
