@@ -235,3 +235,44 @@ def test_grpo_fsdp2_two_ranks_match_one_process_and_resume_exactly(grpo_single, 
     for name, value in uninterrupted.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
     assert metric_rows(tmp_path) == first_rows
+
+
+GATHER_COUNT_SCRIPT = """
+import json, sys
+import torch.distributed.fsdp._fully_shard._fsdp_param_group as group_module
+from aam_fast.grpo import GRPOConfig, GRPOTrainer
+
+gathers = []
+original = group_module.foreach_all_gather
+
+
+def counting(*args, **kwargs):
+    gathers.append(1)
+    return original(*args, **kwargs)
+
+
+group_module.foreach_all_gather = counting
+trainer = GRPOTrainer(GRPOConfig(**json.loads(sys.argv[1])))
+batches, _ = trainer.make_rollout()
+if trainer.ctx.is_main:
+    print(json.dumps({"gathers": len(gathers), "layers": len(trainer.policy.base_model.layers),
+                      "tokens": batches[0].targets.shape[1]}))
+trainer.ctx.close()
+"""
+
+
+def test_grpo_fsdp2_rollout_gathers_the_weights_once(grpo_single, tmp_path):
+    """A whole rollout (2 micro-batches, old log-probs too) all-gathers each FSDP2 unit once: every decoder layer
+    and the root, never once per generated token."""
+    settings, _ = grpo_single
+    script = tmp_path / "count_gathers.py"
+    script.write_text(GATHER_COUNT_SCRIPT)
+    run = {**settings, "batch_size": 1, "num_iterations": 2, "output": str(tmp_path / "run"), "strategy": "fsdp2"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(script), json.dumps(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counts["tokens"] > 1
+    assert counts["gathers"] == counts["layers"] + 1
