@@ -151,6 +151,14 @@ class AamProvider(Provider):
         self._module()
         if self.backend == "triton" and device.type != "cuda":
             raise Unavailable("aam_fast's triton backend is benchmarked on CUDA only (the interpreter is for tests)")
+        try:
+            from aam_fast.ops.backends import resolve_backend
+        except ImportError:  # an aam_fast without the registry: let the call itself say what is wrong
+            return
+        try:
+            resolve_backend(self.backend, device)
+        except ValueError as exc:
+            raise Unavailable(f"aam_fast backend {self.backend!r} cannot run here: {exc}") from exc
 
     def version(self):
         return getattr(self._module(), "__version__", "unknown")
@@ -355,6 +363,7 @@ def all_providers() -> dict[str, Provider]:
     """Every provider by name, aam_fast's first."""
     providers = [
         AamProvider("torch"),
+        AamProvider("native"),
         AamProvider("triton"),
         NaiveProvider(),
         NaiveCompileProvider(),

@@ -46,7 +46,7 @@ class Timing:
 
 
 CPU_TIMING = Timing(case_seconds=4.0, min_rounds=1, max_rounds=3)
-CUDA_TIMING = Timing(case_seconds=2.0, min_rounds=3, max_rounds=20)
+CUDA_TIMING = Timing(case_seconds=1.0, min_rounds=3, max_rounds=10)
 
 
 def _device_name(device: torch.device) -> str:

@@ -62,6 +62,12 @@ def test_ratios_and_verdicts(tmp_path):
     assert time_ratio == pytest.approx(1.3) and against.startswith("cce")
     mem_ratio, _ = criterion_value(by_label["fwd+bwd peak extra memory vs fastest peer's"], results)
     assert mem_ratio == pytest.approx(700.0 / 3000.0)
+    working, against = criterion_value(
+        by_label["fwd+bwd working memory (peak extra − outputs) vs fastest peer's"], results
+    )
+    assert working == pytest.approx((700.0 - 600.0) / (3000.0 - 600.0)) and against == "cce 2,400 MB"
+    native, _ = criterion_value(by_label["fwd+bwd time vs fastest peer"], results, provider="aam-native")
+    assert native is None
     floor_ratio, _ = criterion_value(by_label["forward time vs one bare product"], results)
     assert floor_ratio == pytest.approx(1.1)
     assert criterion_value(by_label["GRPO token loss time vs fastest peer"], results) == (None, "not measured")
@@ -88,7 +94,7 @@ def test_a_failed_criterion_says_no(tmp_path):
     )
     text = write_report([path], tmp_path / "out").read_text()
     # Wall clock 40 s / 20 s fails; process CPU time 48 s / 40 s holds: both are shown.
-    assert "| ≤ 1.4 | 2.00 | cce 20.00 s | **no** | 1.20 | yes |" in text
+    assert "| ≤ 1.4 | 2.00 | cce 20.00 s | **no** | 1.20 | cce 40.00 s | yes |" in text
     cpu_text = write_report([path], tmp_path / "cpu", clock="cpu").read_text()
     assert "process CPU time" in cpu_text and "| **aam-torch** | 48.00 s | 1.20 |" in cpu_text
 
