@@ -391,16 +391,36 @@ class MicroBatch:
 
 @torch.no_grad()
 def generate_micro_batch(
-    policy, tokenizer, records: list[dict], cfg: GRPOConfig, generation_config, eos_ids, dtype=torch.float32
+    policy,
+    tokenizer,
+    records: list[dict],
+    cfg: GRPOConfig,
+    generation_config,
+    eos_ids,
+    dtype=torch.float32,
+    row_seeds: Sequence[int] | None = None,
 ):
-    """Sample G completions for each record; returns `(MicroBatch, per-sample columns, prompts truncated)`."""
+    """Sample G completions for each record; returns `(MicroBatch, per-sample columns, prompts truncated)`.
+
+    With `row_seeds` (one per completion, G per record) each completion is drawn by a :class:`RowSeededSampler`
+    from its own seed; otherwise from the global torch RNG, as `generate` does."""
     device = next(policy.parameters()).device
     encoded = [encode_prompt(tokenizer, r["prompt"], cfg.max_prompt_length) for r in records]
     G = cfg.num_generations
     rows = [ids for ids, _ in encoded for _ in range(G)]
     prompt_ids, prompt_mask = left_pad(rows, tokenizer.pad_token_id, device)
+    extra = {}
+    if row_seeds is not None:
+        from transformers import LogitsProcessorList
+
+        if len(row_seeds) != len(rows):
+            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(rows)} completions")
+        sampler = RowSeededSampler(row_seeds, prompt_ids.shape[1], generation_config)
+        extra["logits_processor"] = LogitsProcessorList([sampler])
     with autocast(device, dtype):
-        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
+        out = policy.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config, **extra
+        )
     prompt_len = prompt_ids.shape[1]
     completion = out[:, prompt_len:]
     width = completion.shape[1]
@@ -427,42 +447,70 @@ def generate_micro_batch(
     return batch, columns, sum(t for _, t in encoded)
 
 
-def prompt_seed(seed: int, step: int, position: int) -> int:
-    """The sampling seed of the prompt at global `position` of the rollout made at optimizer step `step`."""
-    return int(np.random.SeedSequence([seed, step, position]).generate_state(1)[0])
+def completion_seed(seed: int, step: int, position: int, generation: int) -> int:
+    """The sampling seed of completion `generation` of the prompt at global `position` of the rollout made at
+    optimizer step `step` (63 bits)."""
+    high, low = np.random.SeedSequence([seed, step, position, generation]).generate_state(2)
+    return (int(high) & 0x7FFFFFFF) << 32 | int(low)
 
 
-@torch.no_grad()
-def generate_group(policy, tokenizer, record: dict, cfg: GRPOConfig, generation_config, eos_ids, dtype, seed: int):
-    """`generate_micro_batch` for one prompt under its own seed, the global RNG left untouched: a prompt's G
-    completions depend on the weights, the seed and its rollout position only, not on which rank samples it nor
-    on how many ranks there are."""
-    device = next(policy.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        return generate_micro_batch(policy, tokenizer, [record], cfg, generation_config, eos_ids, dtype)
+_MASK64 = (1 << 64) - 1
 
 
-def concat_micro_batches(parts: list[MicroBatch], pad_id: int) -> MicroBatch:
-    """One micro-batch of `parts` (no rewards yet): prompts left-padded to the longest prompt, completions
-    right-padded (pad ids, mask 0, targets ignored) to the longest completion."""
-    prompt_len = max(p.prompt_len for p in parts)
-    width = max(p.targets.shape[1] for p in parts)
-    ids, masks, targets = [], [], []
-    for p in parts:
-        left, right = prompt_len - p.prompt_len, width - p.targets.shape[1]
-        ids.append(torch.nn.functional.pad(p.input_ids, (left, right), value=pad_id))
-        masks.append(torch.nn.functional.pad(p.attention_mask, (left, right), value=0))
-        targets.append(torch.nn.functional.pad(p.targets, (0, right), value=IGNORE_INDEX))
-    return MicroBatch(
-        input_ids=torch.cat(ids),
-        attention_mask=torch.cat(masks),
-        prompt_len=prompt_len,
-        targets=torch.cat(targets),
-        truncated=torch.cat([p.truncated for p in parts]),
-        prompts=[x for p in parts for x in p.prompts],
-        completions=[x for p in parts for x in p.completions],
-    )
+def _signed(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's `>>` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors (wrapping multiplication): a counter-based hash."""
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+class RowSeededSampler:
+    """A `generate` logits processor that samples every row from its own seed: token `t` of row `r` is
+    `argmax(log p_warped + Gumbel(hash(seed_r, t, vocab)))`, an exact draw from the temperature/top-k/top-p
+    distribution (the Gumbel-max trick) that depends on the row's seed, step and logits only, not on the other rows
+    of the batch nor on any RNG state. It returns a one-hot score row (0 at the draw, -inf elsewhere), so the
+    warpers and the multinomial draw that `generate` applies after it keep exactly that token."""
+
+    def __init__(self, row_seeds: Sequence[int], prompt_width: int, generation_config):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.seeds = torch.tensor([_signed(int(s)) for s in row_seeds], dtype=torch.long)
+        self.prompt_width = prompt_width
+        self.warpers = []
+        if generation_config.temperature not in (None, 1.0):
+            self.warpers.append(TemperatureLogitsWarper(generation_config.temperature))
+        if generation_config.top_k:
+            self.warpers.append(TopKLogitsWarper(generation_config.top_k))
+        if generation_config.top_p is not None and generation_config.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(generation_config.top_p))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        step = input_ids.shape[1] - self.prompt_width
+        seeds = self.seeds.to(scores.device)
+        row_keys = _splitmix64(seeds ^ _splitmix64(torch.full_like(seeds, _signed(step * 0x9E3779B97F4A7C15 + 1))))
+        vocab = torch.arange(scores.shape[1], device=scores.device, dtype=torch.long)
+        bits = _splitmix64(row_keys[:, None] + (vocab[None, :] + 1) * _GOLDEN)
+        uniform = (_shift_right(bits, 11).double() + 0.5) * 2.0**-53  # in (0, 1)
+        gumbel = -torch.log(-torch.log(uniform))
+        chosen = (torch.log_softmax(scores.double(), dim=-1) + gumbel).argmax(dim=-1)
+        one_hot = torch.full_like(scores, -math.inf)
+        return one_hot.scatter_(1, chosen[:, None], 0.0)
 
 
 @torch.no_grad()
@@ -691,8 +739,9 @@ class GRPOTrainer:
         """Generate, score and take advantages for one optimizer step's worth of prompts.
 
         Each micro-batch takes `batch_size × ranks` prompts from the shared stream and this rank samples its
-        contiguous slice, each prompt under `prompt_seed(seed, step, position)`, so ranks together sample what one
-        process with the combined batch samples. Under FSDP2 the weights are gathered once for the whole rollout.
+        contiguous slice in one `generate` call, each completion from its own `completion_seed(seed, step,
+        position, g)` (:class:`RowSeededSampler`), so ranks together sample what one process with the combined
+        batch samples. Under FSDP2 the weights are gathered once for the whole rollout.
         Advantages and metrics are taken over every rank's rewards (gathered), as one process would.
         """
         cfg = self.cfg
@@ -707,24 +756,14 @@ class GRPOTrainer:
         def sample(policy):
             out = []
             for pairs in plan:
-                groups = [
-                    generate_group(
-                        policy,
-                        self.tokenizer,
-                        record,
-                        cfg,
-                        self.generation_config,
-                        self.eos_ids,
-                        self.amp_dtype,
-                        prompt_seed(cfg.seed, self.step, position),
-                    )
-                    for position, record in pairs
-                ]
-                batch = concat_micro_batches([g[0] for g in groups], self.tokenizer.pad_token_id)
-                columns = {k: [x for g in groups for x in g[1][k]] for k in groups[0][1]}
+                seeds = [completion_seed(cfg.seed, self.step, p, g) for p, _ in pairs for g in range(G)]
+                records = [record for _, record in pairs]
+                batch, columns, cut = generate_micro_batch(
+                    policy, self.tokenizer, records, cfg, self.generation_config, self.eos_ids, self.amp_dtype, seeds
+                )
                 if cfg.num_iterations > 1:
                     batch.old_logps = token_logprobs(policy, batch, cfg.temperature, self.amp_dtype, cfg.backend)
-                out.append((batch, columns, sum(g[2] for g in groups)))
+                out.append((batch, columns, cut))
             return out
 
         sampled = self.ctx.run_unsharded(self.engine, self.policy, sample)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from aam_fast import distributed
-from aam_fast.grpo import GRPOConfig, train_grpo
+from aam_fast.grpo import GRPOConfig, RowSeededSampler, completion_seed, train_grpo
 from aam_fast.rm import RMConfig, train_reward_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -276,3 +276,43 @@ def test_grpo_fsdp2_rollout_gathers_the_weights_once(grpo_single, tmp_path):
     counts = json.loads(done.stdout.strip().splitlines()[-1])
     assert counts["tokens"] > 1
     assert counts["gathers"] == counts["layers"] + 1
+
+
+def test_row_seeded_sampler_draws_from_the_warped_distribution():
+    """20000 rows with the same logits and their own seeds: top-k excludes the rest, and the frequencies of the
+    kept tokens match softmax(logits / T) renormalised over them (chi-square, 2 degrees of freedom)."""
+    from transformers import GenerationConfig
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5, -3.0])
+    rows = 20000
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_k=3, top_p=1.0)
+    sampler = RowSeededSampler([completion_seed(0, 0, i, 0) for i in range(rows)], 3, config)
+    scores = sampler(torch.zeros(rows, 5, dtype=torch.long), logits.expand(rows, -1).clone())
+    assert bool((torch.isfinite(scores).sum(dim=1) == 1).all()), "one token kept per row"
+    counts = torch.bincount(scores.argmax(dim=1), minlength=6).double()
+    kept = torch.tensor([0, 1, 4])
+    assert counts[[2, 3, 5]].sum() == 0
+    expected = torch.softmax(logits[kept].double() / 0.7, dim=0) * rows
+    assert float(((counts[kept] - expected) ** 2 / expected).sum()) < 13.8  # p = 0.001
+
+
+def test_row_seeded_draws_ignore_the_rest_of_the_batch():
+    """A row's draw depends on its seed, step and logits only: not on the other rows nor on the prompt padding
+    (which differ between one process and each rank's slice); other seeds or steps draw differently."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 50, generator=generator)
+    seeds = [completion_seed(7, 2, position, g) for position in range(4) for g in range(2)]
+
+    def draw(rows, prompt_width, generated):
+        sampler = RowSeededSampler([seeds[r] for r in rows], prompt_width, config)
+        ids = torch.zeros(len(rows), prompt_width + generated, dtype=torch.long)
+        return sampler(ids, logits[rows].clone()).argmax(dim=1).tolist()
+
+    whole = draw(list(range(8)), 5, 1)
+    assert draw([4, 5, 6, 7], 9, 1) == whole[4:]
+    assert draw([1], 2, 1) == whole[1:2]
+    assert draw(list(range(8)), 5, 2) != whole
+    assert len(set(seeds)) == len(seeds)
