@@ -245,6 +245,14 @@ class DistContext:
         dist.all_gather(parts, local)
         return torch.cat(parts).cpu().to(values.dtype)
 
+    def gather_objects(self, items: list[Any]) -> list[Any]:
+        """Every rank's list of picklable ``items`` concatenated in rank order (on every rank); a collective."""
+        if not self.distributed:
+            return list(items)
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, items)
+        return [item for part in gathered for item in part]
+
     def mean_std(self, values: torch.Tensor) -> tuple[float, float]:
         """Mean and population std over every rank's ``values`` from all-reduced ``(Σx, Σx², n)``."""
         flat = values.detach().double().flatten().cpu()

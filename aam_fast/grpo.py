@@ -11,6 +11,12 @@ forward pass; its normaliser is counted over the whole optimizer step before the
 accumulation is exact. The policy runs with dropout off (eval mode), so rollout, old and new log-probs are one
 function of the weights.
 
+Under `torchrun --nproc_per_node N -m aam_fast train-grpo --strategy ddp|fsdp2` each rank samples its slice of every
+micro-batch's `batch_size × N` prompts, each completion from its own seed (so N ranks sample what one process with the
+combined batch samples), the normaliser is all-reduced before the micro-batch loop, the loss runs inside the root
+module's forward (`aam_fast.distributed`), advantages and metrics cover every rank, FSDP2 gathers the policy once per
+rollout for generation, checkpoints are DCP-sharded and the final export is gathered to rank 0.
+
 `--output DIR` ends holding the final policy as a `save_pretrained` folder (tokenizer included), `metrics.jsonl`
 (one line per optimizer step, TRL's metric names), `completions.jsonl` (sampled completions with their rewards and
 advantages every `log_completions_every` steps) and `checkpoints/` (atomic, exact resume).
@@ -926,7 +932,7 @@ class GRPOTrainer:
                 self.rollout, self.rollout_metrics = self.make_rollout()
                 self.iteration = 0
                 if cfg.log_completions_every and self.step % cfg.log_completions_every == 0:
-                    self.completions_log.write(self._completion_rows(self.step + 1))  # rank 0's samples
+                    self.completions_log.write(self._completion_rows(self.step + 1))
             metrics = self.optimizer_step(self.rollout)
             self.iteration += 1
             self.step += 1
@@ -946,25 +952,32 @@ class GRPOTrainer:
         return rows
 
     def _completion_rows(self, step: int) -> list[dict]:
+        """One row per sampled completion of every rank, in the order one process with the combined batch has
+        (micro-batch by micro-batch, ranks in order within each); a collective under torchrun."""
         rows = []
         for batch in self.rollout:
-            for i, (prompt, text) in enumerate(zip(batch.prompts, batch.completions, strict=True)):
-                per_source = {
-                    f"rewards/{name}": None if math.isnan(float(value)) else float(value)
-                    for name, value in zip(self.rewards.names, batch.reward_table[i], strict=True)
+            rows += self.ctx.gather_objects(self._batch_rows(batch, step))
+        return rows
+
+    def _batch_rows(self, batch: MicroBatch, step: int) -> list[dict]:
+        rows = []
+        for i, (prompt, text) in enumerate(zip(batch.prompts, batch.completions, strict=True)):
+            per_source = {
+                f"rewards/{name}": None if math.isnan(float(value)) else float(value)
+                for name, value in zip(self.rewards.names, batch.reward_table[i], strict=True)
+            }
+            rows.append(
+                {
+                    "step": step,
+                    "prompt": prompt,
+                    "completion": text,
+                    "reward": float(batch.rewards[i]),
+                    "advantage": float(batch.advantages[i]),
+                    **per_source,
+                    "length": int(batch.mask[i].sum()),
+                    "truncated": bool(batch.truncated[i]),
                 }
-                rows.append(
-                    {
-                        "step": step,
-                        "prompt": prompt,
-                        "completion": text,
-                        "reward": float(batch.rewards[i]),
-                        "advantage": float(batch.advantages[i]),
-                        **per_source,
-                        "length": int(batch.mask[i].sum()),
-                        "truncated": bool(batch.truncated[i]),
-                    }
-                )
+            )
         return rows
 
     # -- checkpoints --------------------------------------------------------------------------------------
@@ -989,6 +1002,7 @@ class GRPOTrainer:
             "data": {"epoch": self.stream.epoch, "index": self.stream.index, "prompts": len(self.records)},
             "config": {k: v for k, v in asdict(cfg).items() if k not in ("reward_fns", "prompts")},
             "mid_rollout": mid_rollout,
+            "global_batch": cfg.batch_size * self.ctx.world,
         }
         folder = self.output / "checkpoints"
         if self.ctx.distributed:
@@ -1027,6 +1041,12 @@ class GRPOTrainer:
                     )
                 rank_state = {"rng": None, "rollout": None}
             state.update(rank_state)
+            global_batch = self.cfg.batch_size * self.ctx.world
+            if state["global_batch"] != global_batch:
+                raise ValueError(
+                    f"{path}: written with {state['global_batch']} prompts per micro-batch over all ranks; this run "
+                    f"has {global_batch} (keep --batch-size x ranks the same)"
+                )
         else:
             # Our own checkpoint: it holds Python objects (RNG states, rollout texts), hence weights_only=False.
             state = torch.load(path, map_location="cpu", weights_only=False)

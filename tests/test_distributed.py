@@ -181,6 +181,10 @@ def metric_rows(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
+def completion_rows(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "completions.jsonl").read_text().splitlines()]
+
+
 def assert_same_metrics(rows: list[dict], reference: list[dict]) -> None:
     assert [r["step"] for r in rows] == [r["step"] for r in reference] == list(range(1, GRPO_STEPS + 1))
     for row, ref in zip(rows, reference, strict=True):
@@ -213,6 +217,12 @@ def test_grpo_ddp_two_ranks_match_one_process_on_the_combined_batch(grpo_single,
     assert done.stderr.count("policy saved to") == 1  # one summary: rank 0's
     assert_same_weights(reference, tmp_path)
     assert_same_metrics(metric_rows(tmp_path), metric_rows(reference))
+    samples, reference_samples = completion_rows(tmp_path), completion_rows(reference)
+    assert len(samples) == 2 * settings["grad_accum"] * settings["num_generations"]  # every rank's, step 1
+    assert [(r["prompt"], r["completion"]) for r in samples] == [
+        (r["prompt"], r["completion"]) for r in reference_samples
+    ]
+    assert [r["advantage"] for r in samples] == pytest.approx([r["advantage"] for r in reference_samples], abs=1e-6)
     initial = load_file(settings["policy"] + "/model.safetensors")
     final = load_file(str(tmp_path / "model.safetensors"))
     assert max(float((final[k] - initial[k]).abs().max()) for k in initial) > 1e-5, "the policy did not move"
