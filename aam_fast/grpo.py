@@ -69,6 +69,7 @@ RESUME_FREE_SETTINGS = frozenset(
         "progress",
         "threads",
         "device",
+        "strategy",
     }
 )
 
@@ -1027,12 +1028,9 @@ class GRPOTrainer:
         return path
 
     def _resume(self, path: Path) -> int:
-        if self.ctx.distributed != path.is_dir():
-            raise ValueError(
-                f"{path}: a {'distributed (DCP)' if path.is_dir() else 'single-process'} checkpoint; resume it "
-                f"{'under torchrun with several ranks' if path.is_dir() else 'in a single process'}"
-            )
-        if self.ctx.distributed:
+        if self.ctx.distributed and not path.is_dir():
+            raise ValueError(f"{path}: a single-process checkpoint; resume it in a single process")
+        if path.is_dir():  # DCP: resharded onto this run's ranks (one process included)
             state, rank_state = self.ctx.load_checkpoint(path, self.engine, self.optimizer, state_file=DIST_STATE_FILE)
             if rank_state is None:
                 if state["mid_rollout"]:
@@ -1058,14 +1056,16 @@ class GRPOTrainer:
                 "resume with the same prompts"
             )
         saved, current = state["config"], asdict(self.cfg)
+        # A DCP checkpoint may continue on another number of ranks: batch_size x ranks was checked above.
+        free = RESUME_FREE_SETTINGS | ({"batch_size"} if path.is_dir() else set())
         changed = [
             f"{key} ({saved[key]!r} -> {current[key]!r})"
             for key in sorted(saved)
-            if key not in RESUME_FREE_SETTINGS and key in current and saved[key] != current[key]
+            if key not in free and key in current and saved[key] != current[key]
         ]
         if changed:
             warnings.warn(f"resuming {path} with changed settings: {', '.join(changed)}", stacklevel=3)
-        if not self.ctx.distributed:
+        if not path.is_dir():  # a DCP checkpoint was loaded in place above
             self.policy.load_state_dict(state["policy"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

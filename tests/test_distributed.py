@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,8 @@ def test_grpo_ddp_two_ranks_match_one_process_on_the_combined_batch(grpo_single,
 
 
 def test_grpo_fsdp2_two_ranks_match_one_process_and_resume_exactly(grpo_single, tmp_path):
+    """2 ranks end as one process does; resumed from the step-1 DCP checkpoint on 2 ranks they end bit for bit
+    where the uninterrupted run ended, and on one process within 1e-5."""
     settings, reference = grpo_single
     grpo_torchrun(settings, tmp_path, 1, "--strategy", "fsdp2", "--save-every", "1")
     assert_same_weights(reference, tmp_path)
@@ -245,6 +248,22 @@ def test_grpo_fsdp2_two_ranks_match_one_process_and_resume_exactly(grpo_single, 
     for name, value in uninterrupted.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
     assert metric_rows(tmp_path) == first_rows
+
+    # onto one process (DCP reshards): the same end within float32 summation-order differences
+    alone = tmp_path / "alone"
+    shutil.copytree(checkpoints / "step-000001", alone / "checkpoints" / "step-000001")
+    shutil.copy(tmp_path / "metrics.jsonl", alone / "metrics.jsonl")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            # no "changed settings" warning: batch_size x ranks is the same
+            warnings.filterwarnings("error", message=".*changed settings")
+            rows = train_grpo(GRPOConfig(**settings, batch_size=2, output=str(alone), resume="auto"))
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["step"] for r in rows] == [2]
+    assert_same_weights(tmp_path, alone)
 
 
 GATHER_COUNT_SCRIPT = """
