@@ -11,6 +11,9 @@ starts a gloo group on CPU, nccl on CUDA when ``WORLD_SIZE > 1``) and :meth:`Dis
 - ``fsdp2``: ``fully_shard`` on every decoder layer, then on the root, with a ``MixedPrecisionPolicy`` whose
   ``reduce_dtype`` is float32 (``param_dtype`` the autocast dtype on CUDA; plain float32 on CPU).
 
+Forward-only work that needs the full weights many times, GRPO's ``generate``, runs through
+:meth:`DistContext.run_unsharded`: under FSDP2 each unit is all-gathered once for the whole call, not per token.
+
 Data: global micro-batch ``i`` holds ``batch_size · world`` examples in the stage's seeded order; rank ``r`` takes
 the ``r``-th contiguous slice of ``batch_size`` (a DistributedSampler whose ``set_epoch`` is the stage's
 ``(seed, epoch)`` permutation). Hence ``N`` ranks of ``batch_size`` take exactly the steps of one process with
