@@ -21,7 +21,7 @@ class LogprobParams:
     with_entropy: bool
 
 
-def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+def valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     """Indices of the rows to compute, or None when every row counts (no copy needed)."""
     keep = targets != ignore_index
     if bool(keep.all()):
@@ -39,7 +39,7 @@ def logprob_forward(hidden2d, weight, bias, targets1d, params: LogprobParams):
 
     Ignored rows are dropped before the backend runs (prompt tokens cost nothing) and get 0 log-prob and entropy.
     """
-    rows = _valid_rows(targets1d, params.ignore_index)
+    rows = valid_rows(targets1d, params.ignore_index)
     h = hidden2d if rows is None else hidden2d.index_select(0, rows)
     y = targets1d if rows is None else targets1d.index_select(0, rows)
     lse, target_logit, mean_z = params.backend.forward(

@@ -14,7 +14,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .backends import resolve_backend
-from .linear_logprobs import LogprobParams, logprob_backward, logprob_forward, unit_inner_stride
+from .linear_logprobs import LogprobParams, logprob_backward, logprob_forward, unit_inner_stride, valid_rows
+from .torch_chunked import torch_chunked_local
 from .validation import check_linear_logprobs_inputs
 
 TokenLossFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -33,17 +34,56 @@ def _token_loss_and_grads(token_loss_fn, logp, entropy):
     return loss.detach(), grad_logp, grad_entropy
 
 
+def _chunked_local_loss(hidden2d, weight, bias, targets1d, params: LogprobParams, token_loss_fn, needs):
+    """The torch backend's three-product path: token gradients taken chunk by chunk while the logits are at hand.
+
+    Locality makes the gradient of row t depend only on row t, so a chunk's gradients come from differentiating the
+    loss with that chunk's log-probs in place and zeros elsewhere; the loss itself is evaluated once at the end.
+    """
+    keep = valid_rows(targets1d, params.ignore_index)
+    rows = keep if keep is not None else torch.arange(targets1d.shape[0], device=targets1d.device)
+    hidden_rows = hidden2d if keep is None else hidden2d.index_select(0, keep)
+    target_rows = targets1d if keep is None else targets1d.index_select(0, keep)
+    n = targets1d.shape[0]
+
+    def token_grads(start, stop, logp_rows, entropy_rows):
+        index = rows[start:stop]
+        logp = logp_rows.new_zeros(n).index_copy_(0, index, logp_rows)
+        entropy = None if entropy_rows is None else entropy_rows.new_zeros(n).index_copy_(0, index, entropy_rows)
+        _, grad_logp, grad_entropy = _token_loss_and_grads(token_loss_fn, logp, entropy)
+        return grad_logp.index_select(0, index), None if grad_entropy is None else grad_entropy.index_select(0, index)
+
+    logp_rows, entropy_rows, d_hidden_rows, d_weight, d_bias = torch_chunked_local(
+        hidden_rows, weight, bias, target_rows, token_grads, inv_temperature=params.inv_temperature,
+        with_entropy=params.with_entropy, needs_hidden_grad=needs[0], needs_weight_grad=needs[1],
+        needs_bias_grad=needs[2],
+    )
+    logp = logp_rows.new_zeros(n).index_copy_(0, rows, logp_rows)
+    entropy = None if entropy_rows is None else entropy_rows.new_zeros(n).index_copy_(0, rows, entropy_rows)
+    with torch.no_grad():
+        loss = token_loss_fn(logp, entropy).detach()
+    d_hidden = d_hidden_rows
+    if d_hidden_rows is not None and keep is not None:
+        d_hidden = d_hidden_rows.new_zeros(hidden2d.shape).index_copy_(0, keep, d_hidden_rows)
+    d_bias = None if d_bias is None else d_bias.to(bias.dtype)
+    return loss, logp, entropy, (d_hidden, d_weight, d_bias)
+
+
 class LinearLocalLossFunction(torch.autograd.Function):
     """Forward returns the loss and stores its finished gradients; backward scales them by the upstream grad."""
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, targets1d, params: LogprobParams, token_loss_fn, results: dict):
-        logp, entropy, saved = logprob_forward(hidden2d, weight, bias, targets1d, params)
-        loss, grad_logp, grad_entropy = _token_loss_and_grads(token_loss_fn, logp, entropy)
         needs = ctx.needs_input_grad[:3]
-        grads = logprob_backward(
-            hidden2d, weight, bias, targets1d, saved, grad_logp, grad_entropy, params, needs
-        )
+        if params.backend.name == "torch" and weight.dtype == torch.float32:
+            loss, logp, entropy, grads = _chunked_local_loss(hidden2d, weight, bias, targets1d, params, token_loss_fn,
+                                                             needs)
+        else:
+            logp, entropy, saved = logprob_forward(hidden2d, weight, bias, targets1d, params)
+            loss, grad_logp, grad_entropy = _token_loss_and_grads(token_loss_fn, logp, entropy)
+            grads = logprob_backward(
+                hidden2d, weight, bias, targets1d, saved, grad_logp, grad_entropy, params, needs
+            )
         ctx.save_for_backward(*grads)
         results["logp"], results["entropy"] = logp, entropy
         return loss
