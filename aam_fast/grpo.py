@@ -513,9 +513,10 @@ class RowSeededSampler:
         row_keys = _splitmix64(seeds ^ _splitmix64(torch.full_like(seeds, _signed(step * 0x9E3779B97F4A7C15 + 1))))
         vocab = torch.arange(scores.shape[1], device=scores.device, dtype=torch.long)
         bits = _splitmix64(row_keys[:, None] + (vocab[None, :] + 1) * _GOLDEN)
-        uniform = (_shift_right(bits, 11).double() + 0.5) * 2.0**-53  # in (0, 1)
+        # 24-bit uniforms in (0, 1): float32 Gumbels, truncated only where their CDF is below 3e-8 or above 1 - 3e-8
+        uniform = (_shift_right(bits, 40).float() + 0.5) * 2.0**-24
         gumbel = -torch.log(-torch.log(uniform))
-        chosen = (torch.log_softmax(scores.double(), dim=-1) + gumbel).argmax(dim=-1)
+        chosen = (torch.log_softmax(scores.float(), dim=-1) + gumbel).argmax(dim=-1)
         one_hot = torch.full_like(scores, -math.inf)
         return one_hot.scatter_(1, chosen[:, None], 0.0)
 
