@@ -335,7 +335,7 @@ def render_markdown(results: list[Result], header: dict, plot_names: list[str]) 
         f"- **Set**: `{info.get('bench_set', '?')}`; inputs: logits ~ N(0, 6²), targets sampled from the softmax "
         f"(mean entropy {', '.join(map(str, entropies))} nats)",
         f"- **Time**: {clock_text}, median of the rounds (one call per round; compiled and autotuned providers "
-        "warmed up first). TFLOP/s: the floor's operations over the wall-clock median. "
+        "warmed up first). TFLOP/s (CUDA only): the floor's operations over the wall-clock median. "
         "**Floor**: the same run's bare `N×D×V` matrix products (1 for forward-only work, 4 for forward + "
         "backward). **× peer**: time over the fastest peer's (a non-aam_fast provider) in the same case.",
         "- **Peak extra MB**: peak memory above the inputs during one call, outputs (log-probs, gradients) "
@@ -350,6 +350,7 @@ def render_markdown(results: list[Result], header: dict, plot_names: list[str]) 
     lines.append("")
     lines += _must_show_lines(results)
     cases = _cases(results)
+    tflops = info["device"] == "cuda"
     for workload, title in WORKLOAD_TITLES.items():
         keys = sorted((k for k in cases if k[0] == workload), key=lambda k: _shape_key(cases[k]))
         if not keys:
@@ -357,18 +358,19 @@ def render_markdown(results: list[Result], header: dict, plot_names: list[str]) 
         lines += [
             f"## {title} (`{workload}`)",
             "",
-            "| shape | provider | median | × peer | × floor | peak extra MB | × peer mem | out MB | TFLOP/s | rounds |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| shape | provider | median | × peer | × floor | peak extra MB | × peer mem | out MB |"
+            + (" TFLOP/s |" if tflops else "")
+            + " rounds |",
+            "|---|---|---|---|---|---|---|---|" + ("---|" if tflops else "") + "---|",
         ]
         for key in keys:
             case = sorted(cases[key], key=lambda r: _provider_order(r.provider))
             best = fastest_peer(case)
             first = case[0]
-            floor_tflops = first.floor_flops / first.floor_s / 1e12
             products = f"{first.floor_products} product" + ("s" if first.floor_products > 1 else "")
+            floor_tflops = f" {first.floor_flops / first.floor_wall_s / 1e12:.3g} |" if tflops else ""
             lines.append(
-                f"| {first.shape} | *floor ({products})* | {_fmt_time(first.floor_s)} | | 1.00 | | | | "
-                f"{floor_tflops:.3g} | |"
+                f"| {first.shape} | *floor ({products})* | {_fmt_time(first.floor_s)} | | 1.00 | | | |{floor_tflops} |"
             )
             for r in case:
                 time_ratio = r.median_s / best.median_s if best else None
@@ -377,11 +379,13 @@ def render_markdown(results: list[Result], header: dict, plot_names: list[str]) 
                 lines.append(
                     f"| {r.shape} | {name} | {_fmt_time(r.median_s)} | {_fmt(time_ratio)} | "
                     f"{_fmt(r.median_s / r.floor_s)} | {_fmt_mb(r.peak_mb)} | {_fmt(mem_ratio)} | "
-                    f"{_fmt_mb(r.output_mb)} | {r.tflops:.3g} | {r.rounds} |"
+                    f"{_fmt_mb(r.output_mb)} |" + (f" {r.tflops:.3g} |" if tflops else "") + f" {r.rounds} |"
                 )
             missing = sorted({x.provider for x in results if x.workload == workload} - {r.provider for r in case})
             if missing:
-                lines.append(f"| {first.shape} | not run: {', '.join(missing)} | | | | | | | | |")
+                lines.append(
+                    f"| {first.shape} | not run: {', '.join(missing)} | | | | | | |" + (" |" if tflops else "") + " |"
+                )
         lines.append("")
     lines.append(
         "Providers that a device cannot run (Triton-only kernels on CPU, peers not installed) are skipped; "

@@ -107,3 +107,21 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing.json"), "--out", str(tmp_path)])
     assert "not a readable pytest-benchmark JSON file" in capsys.readouterr().err
+
+
+def test_gpu_report_has_tflops_and_the_gpu_criteria(tmp_path):
+    gpu = {"tokens": 8192, "d": 4096, "v": 128256, "dtype": "bfloat16", "shape": "N8192-D4096-V128256-bfloat16"}
+    benchmarks = []
+    for provider, median, peak in (("aam-triton", 0.060, 1100.0), ("cce", 0.070, 1200.0), ("liger", 0.120, 1500.0)):
+        bench = _bench("logprobs-fwdbwd", provider, median, peak, 0.050, 4)
+        bench["extra_info"].update(gpu, device="cuda", device_name="NVIDIA H100 80GB HBM3")
+        bench["extra_info"]["floor_flops"] = 4 * 2 * 8192 * 4096 * 128256
+        benchmarks.append(bench)
+    text = write_report([_write(tmp_path, benchmarks)], tmp_path / "out").read_text()
+    assert "| out MB | TFLOP/s | rounds |" in text
+    assert (
+        "| aam-triton fwd+bwd time vs four bare products | N=8192, D=4096, V=128256, bfloat16 | ≤ 1.3 | 1.20 |" in text
+    )
+    assert "fwd+bwd time vs fastest peer (must be faster) | N=8192, D=4096, V=128256, bfloat16 | < 1.0 | 0.86 |" in text
+    # 4 · 2 · 8192 · 4096 · 128256 flops in 60 ms.
+    assert f"| {4 * 2 * 8192 * 4096 * 128256 / 0.060 / 1e12:.3g} | 1 |" in text
