@@ -311,3 +311,12 @@ def test_local_loss_chunked_path_matches_float64(monkeypatch, chunk_bytes):
     for leaf, ref_leaf in zip(leaves, ref_leaves, strict=True):
         assert rel_err(leaf.grad, ref_leaf.grad) <= 1e-4
     assert torch.all(leaves[0].grad[targets == -100] == 0)
+
+
+def test_grpo_loss_scaled_upstream_gradient():
+    """backward of 2.5 * loss scales the precomputed gradients; backward of loss hands them over unchanged."""
+    hidden, weight, targets, advantages, old, _ = grpo_batch(seed=51)
+    w1, w2 = weight.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    aam_fast.grpo_loss(hidden, w1, targets, advantages, old_logps=old).loss.backward()
+    (2.5 * aam_fast.grpo_loss(hidden, w2, targets, advantages, old_logps=old).loss).backward()
+    assert torch.allclose(w2.grad, 2.5 * w1.grad, rtol=1e-6, atol=1e-9)

@@ -91,8 +91,10 @@ class LinearLocalLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
-        return scaled[0], scaled[1], scaled[2], None, None, None, None
+        grads = ctx.saved_tensors
+        if not bool(grad_loss == 1):  # `loss.backward()` passes 1: hand the finished gradients over, no copy
+            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
+        return grads[0], grads[1], grads[2], None, None, None, None
 
 
 def linear_local_loss(
