@@ -42,9 +42,12 @@ demo-grpo: $(DEMO_STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# The peers only (re-installing aam_fast itself here would rebuild it with build isolation).
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e ".[dev,bench]"
-	$(PY) -m pytest bench/ --benchmark-only
+	$(PY) -m pip install --quiet liger-kernel cut-cross-entropy matplotlib
+	mkdir -p .benchmarks
+	$(PY) -m pytest bench/ --benchmark-only --benchmark-json=.benchmarks/latest.json
+	$(PY) -m bench.report .benchmarks/latest.json --out bench/results/ --clock cpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
