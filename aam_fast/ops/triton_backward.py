@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_forward import TileConfig, choose_tile_config, dot_precision, launch_with_fallback
+from .triton_forward import TileConfig, choose_tile_config, dot_precision, launch_with_fallback, logits_tile
 
 
 @triton.jit
@@ -74,23 +74,11 @@ def _backward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
 
     # Recompute the logits tile.
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for d_start in range(0, dim, BLOCK_D):
-        d64 = (d_start + offs_d).to(tl.int64)
-        d_mask = d64 < dim
-        h = tl.load(
-            hidden_ptr + rows64[:, None] * stride_hn + d64[None, :] * stride_hd,
-            mask=row_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            weight_ptr + cols64[:, None] * stride_wv + d64[None, :] * stride_wd,
-            mask=col_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols64 * stride_b, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    acc = logits_tile(
+        hidden_ptr, weight_ptr, bias_ptr, rows64, row_mask, cols64, col_mask, dim,
+        stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
+    )  # fmt: skip
     z = acc * inv_temperature
 
     lse = tl.load(lse_ptr + rows64 * stride_lse, mask=row_mask, other=0.0)

@@ -138,6 +138,53 @@ def launch_with_fallback(key: tuple, config: TileConfig, launch: Callable[[TileC
 
 
 @triton.jit
+def logits_tile(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    rows64,
+    row_mask,
+    cols64,
+    col_mask,
+    dim,
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    stride_b,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """``h[rows] @ W[cols].T (+ b[cols])`` for one (token block, vocab block) tile, float32, D streamed in chunks.
+
+    Shared by the forward and the backward kernels (the backward recomputes exactly these numbers). The temperature
+    is applied by the caller; masked rows and columns read as 0.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for d_start in range(0, dim, BLOCK_D):
+        d64 = (d_start + offs_d).to(tl.int64)
+        d_mask = d64 < dim
+        h = tl.load(
+            hidden_ptr + rows64[:, None] * stride_hn + d64[None, :] * stride_hd,
+            mask=row_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            weight_ptr + cols64[:, None] * stride_wv + d64[None, :] * stride_wd,
+            mask=col_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols64 * stride_b, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _lse_partials_kernel(
     hidden_ptr,
     weight_ptr,
@@ -168,7 +215,6 @@ def _lse_partials_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     rows64 = rows.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
 
     v_begin = pid_s * vocab_per_split
     v_end = tl.minimum(v_begin + vocab_per_split, vocab)
@@ -180,24 +226,11 @@ def _lse_partials_kernel(
         cols = v_start + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
         cols64 = cols.to(tl.int64)
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for d_start in range(0, dim, BLOCK_D):
-            d64 = (d_start + offs_d).to(tl.int64)
-            d_mask = d64 < dim
-            h = tl.load(
-                hidden_ptr + rows64[:, None] * stride_hn + d64[None, :] * stride_hd,
-                mask=row_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            w = tl.load(
-                weight_ptr + cols64[:, None] * stride_wv + d64[None, :] * stride_wd,
-                mask=col_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            b = tl.load(bias_ptr + cols64 * stride_b, mask=col_mask, other=0.0).to(tl.float32)
-            acc += b[None, :]
+        acc = logits_tile(
+            hidden_ptr, weight_ptr, bias_ptr, rows64, row_mask, cols64, col_mask, dim,
+            stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
+            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
+        )  # fmt: skip
         z = tl.where(col_mask[None, :], acc * inv_temperature, NEG_LARGE)
 
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
