@@ -88,21 +88,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
   at::Tensor dh_parts = (needs_hidden_grad && plan.chunks > 1) ? at::empty({plan.chunks, n, dim}, f32) : at::Tensor();
   TileLocks locks(plan.tiles);
 
-  struct Workspace {
-    at::Tensor logits, hidden32, weight32;
-  };
-  std::vector<Workspace> spaces(static_cast<size_t>(plan.threads));
+  std::vector<TileWorkspace> spaces(static_cast<size_t>(plan.threads));
   const bool low_precision = hidden.scalar_type() != at::kFloat;
 
   run_tasks(plan.tasks(), plan.threads, [&](int64_t task, int worker) {
-    Workspace& ws = spaces[static_cast<size_t>(worker)];
-    if (!ws.logits.defined()) {
-      ws.logits = at::empty({plan.rows * plan.width}, f32);
-      if (low_precision) {
-        ws.hidden32 = at::empty({plan.rows, dim}, f32);
-        ws.weight32 = at::empty({plan.width, dim}, f32);
-      }
-    }
+    TileWorkspace& ws = spaces[static_cast<size_t>(worker)];
+    ws.ensure(plan, f32, low_precision);
     const int64_t block = plan.block_of(task), chunk = plan.chunk_of(task);
     const int64_t r0 = block * plan.rows, nr = std::min(plan.rows, n - r0);
     const at::Tensor h = float_rows(hidden, r0, nr, ws.hidden32);

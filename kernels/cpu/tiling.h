@@ -1,6 +1,7 @@
 // How the native kernels split the work: token blocks x vocabulary tiles, and the tasks the threads take.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -21,6 +22,21 @@ struct TilePlan {
   int64_t block_of(int64_t task) const { return task / chunks; }
   int64_t chunk_of(int64_t task) const { return task % chunks; }
   int64_t chunk_first_tile(int64_t chunk) const { return chunk * tiles / chunks; }
+};
+
+// One worker's float32 buffers, allocated on its first task and reused: the logits tile, and for 16-bit inputs the
+// converted hidden rows and weight tile.
+struct TileWorkspace {
+  at::Tensor logits, hidden32, weight32;
+
+  void ensure(const TilePlan& plan, const at::TensorOptions& f32, bool low_precision) {
+    if (logits.defined()) return;
+    logits = at::empty({plan.rows * plan.width}, f32);
+    if (low_precision) {
+      hidden32 = at::empty({plan.rows, plan.dim}, f32);
+      weight32 = at::empty({plan.width, plan.dim}, f32);
+    }
+  }
 };
 
 // `block_rows`, `tile_width`, `vocab_chunks` <= 0 pick the defaults (tiles sized for the L2 cache).
