@@ -13,8 +13,14 @@ from collections.abc import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from .backends import resolve_backend
-from .linear_logprobs import LogprobParams, logprob_backward, logprob_forward, unit_inner_stride, valid_rows
+from .linear_logprobs import (
+    LogprobParams,
+    logprob_backward,
+    logprob_forward,
+    logprob_params,
+    unit_inner_stride,
+    valid_rows,
+)
 from .torch_chunked import torch_chunked_local
 from .validation import check_linear_logprobs_inputs
 
@@ -54,9 +60,17 @@ def _chunked_local_loss(hidden2d, weight, bias, targets1d, params: LogprobParams
         return grad_logp.index_select(0, index), None if grad_entropy is None else grad_entropy.index_select(0, index)
 
     logp_rows, entropy_rows, d_hidden_rows, d_weight, d_bias = torch_chunked_local(
-        hidden_rows, weight, bias, target_rows, token_grads, inv_temperature=params.inv_temperature,
-        with_entropy=params.with_entropy, needs_hidden_grad=needs[0], needs_weight_grad=needs[1],
+        hidden_rows,
+        weight,
+        bias,
+        target_rows,
+        token_grads,
+        inv_temperature=params.inv_temperature,
+        with_entropy=params.with_entropy,
+        needs_hidden_grad=needs[0],
+        needs_weight_grad=needs[1],
         needs_bias_grad=needs[2],
+        grad_filter_eps=params.grad_filter_eps,
     )
     logp = logp_rows.new_zeros(n).index_copy_(0, rows, logp_rows)
     entropy = None if entropy_rows is None else entropy_rows.new_zeros(n).index_copy_(0, rows, entropy_rows)
@@ -76,14 +90,13 @@ class LinearLocalLossFunction(torch.autograd.Function):
     def forward(ctx, hidden2d, weight, bias, targets1d, params: LogprobParams, token_loss_fn, results: dict):
         needs = ctx.needs_input_grad[:3]
         if params.backend.name == "torch" and weight.dtype == torch.float32:
-            loss, logp, entropy, grads = _chunked_local_loss(hidden2d, weight, bias, targets1d, params, token_loss_fn,
-                                                             needs)
+            loss, logp, entropy, grads = _chunked_local_loss(
+                hidden2d, weight, bias, targets1d, params, token_loss_fn, needs
+            )
         else:
             logp, entropy, saved = logprob_forward(hidden2d, weight, bias, targets1d, params)
             loss, grad_logp, grad_entropy = _token_loss_and_grads(token_loss_fn, logp, entropy)
-            grads = logprob_backward(
-                hidden2d, weight, bias, targets1d, saved, grad_logp, grad_entropy, params, needs
-            )
+            grads = logprob_backward(hidden2d, weight, bias, targets1d, saved, grad_logp, grad_entropy, params, needs)
         ctx.save_for_backward(*grads)
         results["logp"], results["entropy"] = logp, entropy
         return loss
@@ -108,21 +121,17 @@ def linear_local_loss(
     ignore_index: int = -100,
     with_entropy: bool = False,
     backend: str = "auto",
+    grad_filter_eps: float | None = None,
 ):
     """Scalar `token_loss_fn(ℓ, H)` of the token log-probs `ℓ` (and entropies `H`) of `linear_logprobs`.
 
     `token_loss_fn` receives float32 tensors shaped like `targets` (0 at ignored positions; `H` is None unless
     `with_entropy`) and returns a scalar; its gradient must be local per token (it is differentiated once, in the
     forward pass). Returns `(loss, logp, entropy)` with `logp`/`entropy` detached. Differentiable in hidden, weight
-    and bias; the backward pass does no matrix product.
+    and bias; the backward pass does no matrix product. `grad_filter_eps` as in `linear_logprobs`.
     """
     check_linear_logprobs_inputs(hidden, weight, targets, bias, temperature, ignore_index)
-    params = LogprobParams(
-        backend=resolve_backend(backend, hidden.device),
-        inv_temperature=1.0 / float(temperature),
-        ignore_index=int(ignore_index),
-        with_entropy=bool(with_entropy),
-    )
+    params = logprob_params(hidden.device, backend, temperature, ignore_index, with_entropy, grad_filter_eps)
     hidden2d = unit_inner_stride(hidden.reshape(-1, hidden.shape[-1]))
     weight = unit_inner_stride(weight)
     targets1d = targets.reshape(-1).long()
@@ -131,9 +140,7 @@ def linear_local_loss(
     def flat_loss(logp, entropy):
         return token_loss_fn(logp.view(shape), None if entropy is None else entropy.view(shape))
 
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    )
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad:
         results: dict = {}
         loss = LinearLocalLossFunction.apply(hidden2d, weight, bias, targets1d, params, flat_loss, results)

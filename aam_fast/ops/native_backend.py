@@ -116,12 +116,16 @@ def native_backward(
     needs_hidden_grad: bool,
     needs_weight_grad: bool,
     needs_bias_grad: bool,
+    grad_filter_eps: float = 0.0,
 ):
     """Gradients of `Σ g·logp + Σ e·H`, as `torch_backward`: `(d_hidden in hidden.dtype, d_weight f32, d_bias f32)`.
+    Gradient filtering is not implemented here: `grad_filter_eps` must be 0.
 
     Each tile's `∂/∂z = s·[g (onehot − p) + e p (mean_z − z)]` (`s = 1/τ`) is formed in place, the target column
     as `g·q + e p_y (mean_z − z_y)` with `q = 1 − p_y = −expm1(z_y − lse)` in float64 (exact when `p_y ≈ 1`).
     """
+    if grad_filter_eps > 0.0:
+        raise ValueError("grad_filter_eps is not implemented by backend='native'; use backend='torch' or 'triton'")
     load_native()
     upstream = (lse, mean_z, grad_logp, grad_entropy)
     needs = (bool(needs_hidden_grad), bool(needs_weight_grad), bool(needs_bias_grad))

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from .grad_filter import filtered
+
 # Working-set budget for the per-tile float32 buffers (two [rows, tile] buffers live at once).
 _TILE_BUDGET_BYTES = int(os.environ.get("AAM_FAST_TORCH_TILE_MB", "32")) * 2**20
 _MAX_ROWS = 4096
@@ -103,6 +105,7 @@ def torch_backward(
     needs_hidden_grad: bool,
     needs_weight_grad: bool,
     needs_bias_grad: bool,
+    grad_filter_eps: float = 0.0,
 ):
     """Gradients of `Σ g·logp + Σ e·H` by recomputing each logits tile.
 
@@ -111,6 +114,7 @@ def torch_backward(
     `P'` the probabilities with each row's target zeroed and `q = 1 − p_y = −expm1(z_y − lse)` (exact even when
     `p_y ≈ 1`), `dh = s·g ⊙ (q·W[y] − P'W)`, `dW = s·(scatter_y(q·g ⊙ h) − P'ᵀ(g ⊙ h))`,
     `db = s·(bincount_y(q·g) − P'ᵀg)`: a tile costs one exp pass besides its three products, and nothing cancels.
+    With `grad_filter_eps > 0` the off-target entries whose `p < grad_filter_eps` may be dropped (`grad_filter`).
     Returns `(d_hidden in hidden.dtype, d_weight float32, d_bias float32)`, each None when not needed.
     """
     n, dim = hidden.shape
@@ -146,6 +150,8 @@ def torch_backward(
                 target_z = torch.where(in_tile, at_column, target_z)
                 p = z.sub_(lse_rows[:, None]).exp_()
                 p.scatter_(1, column, torch.where(in_tile, 0.0, p.gather(1, column).view(-1))[:, None])
+                if grad_filter_eps > 0.0:
+                    p = filtered(p, p >= grad_filter_eps)
                 if mixed_rows is not None:
                     mixed_rows.addmm_(p, w32)
                 if d_weight is not None:
@@ -156,6 +162,7 @@ def torch_backward(
             dz = grad_buf[: r1 - r0, : v1 - v0]
             torch.sub(z, lse_rows[:, None], out=dz)
             dz.exp_()  # p
+            keep = dz >= grad_filter_eps if grad_filter_eps > 0.0 else None
             # z <- e (mean_z − z) − g, then dz = p · z, plus g at the target column
             z.neg_().add_(mean_z[r0:r1, None]).mul_(e[r0:r1, None]).sub_(g_rows[:, None])
             dz.mul_(z)
@@ -163,12 +170,16 @@ def torch_backward(
             if bool(in_tile.any()):
                 hit = in_tile.nonzero().view(-1)
                 dz.index_put_((hit, y_rows[hit] - v0), g_rows[hit], accumulate=True)
+                if keep is not None:
+                    keep[hit, y_rows[hit] - v0] = True
+            if keep is not None:
+                dz = filtered(dz, keep)
             if mixed_rows is not None:
                 mixed_rows.addmm_(dz, w32)
             if d_weight is not None:
                 d_weight[v0:v1].addmm_(dz.t(), h32)
             if d_bias is not None:
-                d_bias[v0:v1].add_(dz.sum(dim=0))
+                d_bias[v0:v1].add_(torch.mv(dz.t(), torch.ones_like(g_rows)))
         if e is None:
             # the target column, row by row: q = 1 − p_y without cancellation
             q = (-torch.expm1(target_z.double() - lse64[r0:r1])).float()

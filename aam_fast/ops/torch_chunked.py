@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from .grad_filter import filtered
+
 _CHUNK_BUDGET_BYTES = int(os.environ.get("AAM_FAST_TORCH_CHUNK_MB", "512")) * 2**20
 
 # token_grads(start, stop, logp_rows, entropy_rows) -> (grad_logp_rows, grad_entropy_rows or None)
@@ -37,6 +39,7 @@ def torch_chunked_local(
     needs_hidden_grad: bool,
     needs_weight_grad: bool,
     needs_bias_grad: bool,
+    grad_filter_eps: float = 0.0,
 ):
     """Log-probs, entropies and the gradients of a local token loss in one sweep of row chunks.
 
@@ -44,7 +47,8 @@ def torch_chunked_local(
     `(logp [N], entropy [N] or None, d_hidden [N, D] in hidden.dtype or None, d_weight [V, D] or None,
     d_bias [V] or None)`. Per chunk, with `s = 1/τ`, `p = softmax(z)` and upstream `g = ∂L/∂ℓ`, `e = ∂L/∂H`:
     `dz = s·[g (onehot − p) + e p (mean_z − z)]`, its target column set to `s·[g q + e p_y (mean_z − z_y)]` with
-    `q = 1 − p_y = −expm1(ℓ)`, so near-certain tokens do not cancel.
+    `q = 1 − p_y = −expm1(ℓ)`, so near-certain tokens do not cancel. With `grad_filter_eps > 0` the off-target
+    entries whose `p < grad_filter_eps` may be dropped (`grad_filter`).
     """
     n, dim = hidden.shape
     vocab = weight.shape[0]
@@ -86,6 +90,7 @@ def torch_chunked_local(
         if not (needs_hidden_grad or needs_weight_grad or needs_bias_grad):
             continue
         p_target = p.gather(1, y).view(-1)
+        keep = p >= grad_filter_eps if grad_filter_eps > 0.0 else None
         target_grad = g * (-torch.expm1(logp_rows))
         if e is not None:
             target_grad = target_grad + e * p_target * (mean_z - target_z)
@@ -95,11 +100,14 @@ def torch_chunked_local(
         else:
             dz = p.mul_(-g[:, None])
         dz.scatter_(1, y, target_grad[:, None])
+        if keep is not None:
+            dz = filtered(dz, keep.scatter_(1, y, True))
         if d_hidden is not None:
-            torch.mm(dz, weight.float() if weight.dtype != torch.float32 else weight, out=d_hidden[r0:r1])
+            w32 = weight.float() if weight.dtype != torch.float32 else weight
+            d_hidden[r0:r1].addmm_(dz, w32, beta=0.0)
         if d_weight is not None:
             d_weight.addmm_(dz.t(), h32)
         if d_bias is not None:
-            d_bias.add_(dz.sum(dim=0))
+            d_bias.add_(torch.mv(dz.t(), torch.ones_like(g)))
     d_hidden = None if d_hidden is None else d_hidden.to(hidden.dtype)
     return logp, entropy, d_hidden, d_weight, d_bias

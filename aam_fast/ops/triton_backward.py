@@ -8,7 +8,10 @@ and ``e = dL/dH`` (``H = lse - mean_z``):
 (the entropy term from ``dH/dz_v = -p_v (z_v - mean_z)``). Each program owns one (token block x vocab block) tile:
 it recomputes ``z``, forms ``dz = inv_temperature * dL/dz`` in float32, then walks D in chunks adding
 ``dz @ W_tile`` into ``d_hidden`` rows and ``dz^T @ h_tile`` into ``d_weight`` rows with float32 atomics;
-``d_bias`` gets the column sums of ``dz``.
+``d_bias`` gets the column sums of ``dz``. With gradient filtering on, a tile whose probabilities are all below
+``filter_eps`` and which holds no target is skipped after its recompute (its ``dz`` entries are each at most
+``filter_eps`` times the row's upstream gradients): on a peaked softmax most tiles are, and their two products and
+atomics are saved.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def _backward_kernel(
     stride_gl,
     stride_ge,
     inv_temperature,
+    filter_eps,
     HAS_BIAS: tl.constexpr,
     HAS_GRAD_LOGP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
@@ -56,6 +60,7 @@ def _backward_kernel(
     COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
     SCALE_DZ: tl.constexpr,
+    FILTER: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -85,11 +90,19 @@ def _backward_kernel(
     # z <= lse holds exactly; the clamp keeps padded rows (lse read as 0) from overflowing exp.
     p = tl.where(tile_mask, tl.exp(tl.minimum(z - lse[:, None], 0.0)), 0.0)
 
+    if HAS_GRAD_LOGP:
+        target = tl.load(targets_ptr + rows64 * stride_t, mask=row_mask, other=-1)
+        is_target = cols64[None, :] == target[:, None]
+    if FILTER:
+        kept = tl.max(tl.max(p, axis=1), axis=0) >= filter_eps
+        if HAS_GRAD_LOGP:
+            kept = kept | (tl.max(tl.max(tl.where(is_target & tile_mask, 1, 0), axis=1), axis=0) > 0)
+        if not kept:
+            return
+
     dz = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     if HAS_GRAD_LOGP:
         g = tl.load(grad_logp_ptr + rows64 * stride_gl, mask=row_mask, other=0.0)
-        target = tl.load(targets_ptr + rows64 * stride_t, mask=row_mask, other=-1)
-        is_target = cols64[None, :] == target[:, None]
         dz += g[:, None] * (tl.where(is_target, 1.0, 0.0) - p)
     if WITH_ENTROPY:
         e = tl.load(grad_entropy_ptr + rows64 * stride_ge, mask=row_mask, other=0.0)
@@ -158,6 +171,7 @@ def triton_backward(
     needs_hidden_grad: bool,
     needs_weight_grad: bool,
     needs_bias_grad: bool,
+    grad_filter_eps: float = 0.0,
 ):
     """Fused backward. Inputs as in ``triton_forward`` plus its saved ``lse`` and ``mean_z`` [N] float32 and the
     upstream ``grad_logp`` (dL/d logp) and ``grad_entropy`` (dL/dH) [N] float32, any strides (expanded gradients with
@@ -166,7 +180,8 @@ def triton_backward(
     Returns ``(d_hidden [N, D] in hidden.dtype, d_weight [V, D] float32, d_bias [V] float32)``, each None when not
     needed (``d_bias`` also when ``bias`` is None): ``d_hidden = inv_temperature * dz @ W``,
     ``d_weight = inv_temperature * dz^T @ hidden``, ``d_bias = inv_temperature * dz.sum(0)`` with
-    ``dz = grad_logp * (onehot(y) - p) + grad_entropy * p * (mean_z - z)``.
+    ``dz = grad_logp * (onehot(y) - p) + grad_entropy * p * (mean_z - z)``. With ``grad_filter_eps > 0`` the tiles
+    whose ``p`` are all below it and that hold no target are skipped.
     """
     if grad_entropy is not None and mean_z is None:
         raise ValueError("triton_backward: grad_entropy was given but mean_z is None (forward ran without entropy)")
@@ -211,6 +226,7 @@ def triton_backward(
                 grad_logp.stride(0) if grad_logp is not None else 0,
                 grad_entropy.stride(0) if grad_entropy is not None else 0,
                 float(inv_temperature),
+                float(grad_filter_eps),
                 HAS_BIAS=has_bias,
                 HAS_GRAD_LOGP=grad_logp is not None,
                 WITH_ENTROPY=grad_entropy is not None,
@@ -218,6 +234,7 @@ def triton_backward(
                 COMPUTE_DW=needs_weight_grad,
                 COMPUTE_DB=compute_db,
                 SCALE_DZ=hidden.dtype == torch.float16,
+                FILTER=grad_filter_eps > 0.0,
                 BLOCK_N=config.block_n,
                 BLOCK_V=config.block_v,
                 BLOCK_D=config.block_d,

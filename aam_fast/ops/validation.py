@@ -64,3 +64,14 @@ def check_linear_logprobs_inputs(
                 f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {first} "
                 f"({int(bad.sum())} such entries)"
             )
+
+
+def check_grad_filter_eps(grad_filter_eps: float | None) -> float:
+    """`grad_filter_eps` as a float threshold (0.0 when None: no filtering); ValueError unless in [0, 1)."""
+    if grad_filter_eps is None:
+        return 0.0
+    if isinstance(grad_filter_eps, bool) or not isinstance(grad_filter_eps, (int, float)):
+        raise ValueError(f"grad_filter_eps must be a float in [0, 1) or None, got {grad_filter_eps!r}")
+    if not 0.0 <= grad_filter_eps < 1.0:
+        raise ValueError(f"grad_filter_eps must lie in [0, 1) (a softmax probability), got {grad_filter_eps!r}")
+    return float(grad_filter_eps)
