@@ -48,6 +48,7 @@ from .data import choose_pad_token_id, render_conversation
 from .losses import LOSS_TYPES, GRPOLoss, default_normalizer, group_advantages
 from .models import load_causal_lm
 from .ops import linear_logprobs
+from .packing import add_packing, packed_hidden, padded_columns
 from .prompts import DEFAULT_OPENING_TURN, is_conversational, load_prompts
 
 KL_CHOICES = ("k1", "k2", "k3")
@@ -125,6 +126,7 @@ class GRPOConfig:
     threads: int | None = None
     progress: bool = True
     strategy: str = "ddp"
+    packing: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the setting that cannot work."""
@@ -342,11 +344,17 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), mask.to(device)
 
 
-def completion_hidden(model, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
+def completion_hidden(model, input_ids, attention_mask, prompt_len: int, packing: bool = False) -> torch.Tensor:
     """Final (post-norm) hidden states `[n, C, D]` at the positions that predict the C completion tokens.
 
-    Runs the backbone only (no LM-head call); positions count attended tokens, as `generate` does.
+    Runs the backbone only (no LM-head call); positions count attended tokens, as `generate` does. With `packing`
+    the rows' attended tokens run as one padding-free row (`aam_fast.packing`): the same values, zero at positions
+    after a row's last token (whose targets are ignored).
     """
+    if packing:
+        batch = add_packing({"input_ids": input_ids, "attention_mask": attention_mask})
+        hidden = packed_hidden(model.base_model, batch)
+        return padded_columns(hidden, batch, prompt_len - 1, input_ids.shape[1] - prompt_len)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     out = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -523,11 +531,17 @@ class RowSeededSampler:
 
 @torch.no_grad()
 def token_logprobs(
-    model, batch: MicroBatch, temperature: float, dtype: torch.dtype = torch.float32, backend: str = "auto"
+    model,
+    batch: MicroBatch,
+    temperature: float,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    packing: bool = False,
 ) -> torch.Tensor:
-    """Forward-only token log-probs `[n, C]` (float32, 0 after EOS) of the completion under `model`."""
+    """Forward-only token log-probs `[n, C]` (float32, 0 after EOS) of the completion under `model`; `packing`
+    runs the backbone on the padding-free row (:func:`completion_hidden`)."""
     with autocast(batch.input_ids.device, dtype):
-        hidden = completion_hidden(model, batch.input_ids, batch.attention_mask, batch.prompt_len)
+        hidden = completion_hidden(model, batch.input_ids, batch.attention_mask, batch.prompt_len, packing)
     hidden, weight, bias = head_inputs(model, hidden, dtype)
     return linear_logprobs(hidden, weight, batch.targets, bias=bias, temperature=temperature, backend=backend)
 
@@ -689,6 +703,7 @@ class GRPOTrainer:
                 dtype=self.amp_dtype,
                 max_length=cfg.rm_max_length,
                 batch_size=cfg.rm_batch_size,
+                packing=cfg.packing,
             )
         self.rewards = RewardSources(scorer, cfg.reward_fns, cfg.reward_weights)
         self.loss_fn = GRPOLoss(
@@ -770,7 +785,7 @@ class GRPOTrainer:
                     policy, self.tokenizer, records, cfg, self.generation_config, self.eos_ids, self.amp_dtype, seeds
                 )
                 if cfg.num_iterations > 1:
-                    batch.old_logps = token_logprobs(policy, batch, cfg.temperature, self.amp_dtype, cfg.backend)
+                    batch.old_logps = self._token_logprobs(policy, batch)
                 out.append((batch, columns, cut))
             return out
 
@@ -797,7 +812,7 @@ class GRPOTrainer:
             batch.reward_table = table
             offset += n
             if self.reference is not None:
-                batch.ref_logps = token_logprobs(self.reference, batch, cfg.temperature, self.amp_dtype, cfg.backend)
+                batch.ref_logps = self._token_logprobs(self.reference, batch)
         lengths = torch.cat([b.mask.sum(dim=1) for b in batches]).float()
         truncated = torch.cat([b.truncated for b in batches]).float()
         metrics = self._rollout_metrics(
@@ -808,6 +823,10 @@ class GRPOTrainer:
             self.ctx.all_reduce_sum(torch.tensor([float(prompts_cut)])).item(),
         )
         return batches, metrics
+
+    def _token_logprobs(self, model, batch: MicroBatch) -> torch.Tensor:
+        cfg = self.cfg
+        return token_logprobs(model, batch, cfg.temperature, self.amp_dtype, cfg.backend, cfg.packing)
 
     def _completions_for_fns(self, batch: MicroBatch) -> list:
         """Completions in TRL's form: a string, or `[{"role": "assistant", "content": ...}]` for chat prompts."""
@@ -873,7 +892,9 @@ class GRPOTrainer:
         fused op sees the full LM-head weight."""
         batch = inputs["micro_batch"]
         with autocast(self.device, self.amp_dtype):
-            hidden = completion_hidden(policy, batch.input_ids, batch.attention_mask, batch.prompt_len)
+            hidden = completion_hidden(
+                policy, batch.input_ids, batch.attention_mask, batch.prompt_len, self.cfg.packing
+            )
         hidden, weight, bias = head_inputs(policy, hidden, self.amp_dtype)
         return self.loss_fn(
             hidden,
@@ -1161,6 +1182,11 @@ def add_train_grpo_arguments(parser: argparse.ArgumentParser) -> None:
         choices=dist_utils.STRATEGIES,
         default=d.strategy,
         help="under torchrun (WORLD_SIZE>1): ddp replicates the policy, fsdp2 shards it per decoder layer",
+    )
+    a(
+        "--packing",
+        action="store_true",
+        help="padding-free batches for the policy, reference and reward-model passes (flash-attn varlen or SDPA)",
     )
 
 

@@ -484,7 +484,8 @@ class RewardScorer:
     ``prompts[i]`` is a string (standard: ``prompt + completion + eos``) or a message list (conversational: the
     completion becomes an assistant message, rendered by the saved chat template). Sequences are truncated as in
     training (``max_length`` defaults to the one the model was trained with) and scored in batches of
-    ``batch_size``, right-padded. Returns float32 rewards ``[n]`` on CPU.
+    ``batch_size``, right-padded (``packing``: each batch as one padding-free row, :mod:`aam_fast.packing`).
+    Returns float32 rewards ``[n]`` on CPU.
     """
 
     def __init__(
@@ -494,9 +495,11 @@ class RewardScorer:
         dtype: torch.dtype = torch.float32,
         max_length: int | None = None,
         batch_size: int = 8,
+        packing: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.packing = packing
         self.model, self.tokenizer, self.metadata = load_reward_model(model_dir, dtype=dtype, device=device)
         self.model.eval()
         self.device = torch.device(device)
@@ -513,7 +516,13 @@ class RewardScorer:
         for start in range(0, len(order), self.batch_size):
             indices = order[start : start + self.batch_size]
             batch = pad_sequences([sequences[i] for i in indices], self.pad_token_id)
-            out = self.model(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            if self.packing:
+                from .packing import add_packing, packed_reward_forward
+
+                out = packed_reward_forward(self.model, add_packing(batch))
+            else:
+                out = self.model(batch["input_ids"], batch["attention_mask"])
             rewards[indices] = out.rewards.float().cpu()
         return rewards
 

@@ -1,19 +1,23 @@
-"""Padding-free ("packed") batches: the ``n`` sequences of a right-padded batch concatenated into one row.
+"""Padding-free ("packed") batches: the ``n`` sequences of a padded batch concatenated into one row.
 
-``add_packing(batch)`` adds to a padded batch (``input_ids``/``attention_mask`` ``[n, T]``, right padding):
+``add_packing(batch)`` adds to a padded batch (``input_ids``/``attention_mask`` ``[n, T]``; each row's attended
+tokens one contiguous block: right padding as in train-rm, left padding, or both as GRPO's
+``[left-padded prompt; completion; padding after EOS]`` rows):
 
 - ``packed_input_ids [1, N]`` with ``N = Σ lengths`` (no padding token is ever computed on);
-- ``packed_position_ids [1, N]`` restarting at 0 for every sequence;
-- ``cu_seq_lens [n + 1]`` int32 cumulative lengths (flash-attn's varlen convention), ``max_seq_len``.
+- ``packed_position_ids [1, N]`` restarting at 0 for every sequence (as ``attention_mask.cumsum(-1) - 1`` numbers
+  the attended tokens of a padded row);
+- ``cu_seq_lens [n + 1]`` int32 cumulative lengths (flash-attn's varlen convention), ``max_seq_len``, and
+  ``packed_starts [n]``, the column of each row's first attended token.
 
 The backbone runs on the packed row with no attention mask: ``position_ids`` restart per sequence (rotary
 positions as in the padded batch) and ``cu_seq_lens`` go to the attention, which :func:`use_packed_attention` makes
 flash-attn 2's varlen kernels on CUDA when ``flash_attn`` is installed and otherwise SDPA run on each sequence's own
-block (``Σ Lᵢ²`` attention, never ``N²``). Each
-sequence therefore sees exactly the tokens it sees in the padded batch, with the same positions, so rewards
-(score head at each sequence's last token) and log-probs equal the padded ones. The hidden states are scattered
-back to ``[n, T, D]`` (zeros at padding, which the losses ignore through ``-100`` targets), so the losses run
-unchanged on the padded layout; the saving is the backbone's compute on padding.
+block (``Σ Lᵢ²`` attention, never ``N²``). Each sequence therefore sees exactly the tokens it sees in the padded
+batch, with the same positions, so rewards (score head at each sequence's last token) and log-probs equal the padded
+ones. :func:`padded_columns` reads the hidden states back at columns of the padded layout (zeros where a row has no
+token, which the losses ignore through ``-100`` targets), so the losses run unchanged on the padded layout; the
+saving is the backbone's compute on padding.
 """
 
 from __future__ import annotations
@@ -28,31 +32,45 @@ from .models import RewardOutput
 
 
 def add_packing(batch: dict) -> dict:
-    """Add the packed fields (see the module docstring) to a right-padded batch in place; returns it."""
+    """Add the packed fields (see the module docstring) to a padded batch in place; returns it. ValueError when a
+    row has no attended token or a gap inside its attended tokens."""
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(-1)
     if (lengths == 0).any():
         raise ValueError("attention_mask has a row without any attended token")
-    positions = torch.arange(mask.shape[1]).expand_as(mask)
-    if not torch.equal(mask, positions < lengths[:, None]):
-        raise ValueError("packing needs right-padded rows (attention_mask ones then zeros)")
+    starts = mask.int().argmax(-1)
+    columns = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    positions = columns - starts[:, None]
+    if not torch.equal(mask, (positions >= 0) & (positions < lengths[:, None])):
+        raise ValueError("packing needs each row's attended tokens in one block (attention_mask 0..0 1..1 0..0)")
     batch["packed_input_ids"] = batch["input_ids"][mask].unsqueeze(0)
     batch["packed_position_ids"] = positions[mask].unsqueeze(0)
     batch["cu_seq_lens"] = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     batch["max_seq_len"] = int(lengths.max())
+    batch["packed_starts"] = starts
     return batch
 
 
-def unpack(packed: torch.Tensor, cu_seq_lens: torch.Tensor, length: int) -> torch.Tensor:
-    """``packed [N, ...]`` (one row, sequences back to back) -> ``[n, length, ...]`` right-padded with zeros;
-    differentiable (a gather)."""
-    starts = cu_seq_lens[:-1].long()
-    lengths = cu_seq_lens.diff().long()
-    positions = torch.arange(length, device=packed.device)
-    valid = positions[None, :] < lengths[:, None].to(packed.device)
-    index = (starts[:, None].to(packed.device) + positions[None, :]).clamp(max=packed.shape[0] - 1)
-    out = packed[index]
+def unpack(packed: torch.Tensor, cu_seq_lens: torch.Tensor, length: int, shift: torch.Tensor | None = None):
+    """``packed [N, ...]`` (sequences back to back) -> ``out [n, length, ...]`` with ``out[i, j]`` token
+    ``j + shift[i]`` of sequence ``i`` (``shift`` 0 by default: right padding), zero where that token does not
+    exist; differentiable (a gather)."""
+    device = packed.device
+    starts = cu_seq_lens[:-1].long().to(device)
+    lengths = cu_seq_lens.diff().long().to(device)
+    index = torch.arange(length, device=device)[None, :]
+    if shift is not None:
+        index = index + shift.long().to(device)[:, None]
+    valid = (index >= 0) & (index < lengths[:, None])
+    out = packed[(starts[:, None] + index).clamp(0, packed.shape[0] - 1)]
     return out * valid.view(*valid.shape, *([1] * (packed.dim() - 1))).to(out.dtype)
+
+
+def padded_columns(packed: torch.Tensor, batch: dict, first: int, width: int) -> torch.Tensor:
+    """The values ``packed [N, ...]`` of an :func:`add_packing` batch at columns ``first .. first + width - 1`` of
+    its padded layout: ``[n, width, ...]``, zero at padding; differentiable."""
+    shift = first - batch["packed_starts"]
+    return unpack(packed, batch["cu_seq_lens"], width, shift)
 
 
 VARLEN_SDPA = "aam_varlen_sdpa"
@@ -140,12 +158,11 @@ def packed_reward_forward(model: nn.Module, batch: dict, *, reference: nn.Module
     if reference is not None and getattr(reference, "top_only", False):
         raise ValueError("packing does not support a top-layers-only reference (trainable_layers with PR margins)")
     length = batch["input_ids"].shape[1]
-    cu = batch["cu_seq_lens"]
     hidden = packed_hidden(model.backbone, batch)
-    last = hidden[cu[1:].long() - 1]
+    last = hidden[batch["cu_seq_lens"][1:].long() - 1]
     rewards = model.score(last.to(model.score.weight.dtype)).squeeze(-1).float()
     ref_hidden = None
     if reference is not None:
         with torch.no_grad():
-            ref_hidden = unpack(packed_hidden(reference.backbone, batch), cu, length)
-    return RewardOutput(rewards, unpack(hidden, cu, length), ref_hidden)
+            ref_hidden = padded_columns(packed_hidden(reference.backbone, batch), batch, 0, length)
+    return RewardOutput(rewards, padded_columns(hidden, batch, 0, length), ref_hidden)

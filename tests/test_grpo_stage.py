@@ -353,7 +353,7 @@ def test_cli_flags_map_to_config():
         "--top-p 0.95 --beta 0.02 --kl k2 --epsilon 0.1 --epsilon-high 0.28 --loss-type seq-mean-token-sum-norm "
         "--scale-rewards none --num-iterations 3 --entropy-coef 0.01 --lr 2e-6 --max-steps 7 --batch-size 3 "
         "--grad-accum 4 --seed 9 --output OUT --save-every 5 --resume CK --reward-fn a:b --reward-fn c:d "
-        "--reward-weights 1 0.5 0.25 --log-completions-every 2 --dtype bfloat16"
+        "--reward-weights 1 0.5 0.25 --log-completions-every 2 --dtype bfloat16 --packing"
     ).split()
     cfg = config_from_args(parser.parse_args(argv))
     assert cfg.policy == "P" and cfg.reward_model == "RM" and cfg.prompts == "F" and cfg.scenes == "S"
@@ -373,7 +373,7 @@ def test_cli_flags_map_to_config():
         2,
         "bfloat16",
     )
-    assert cfg.reward_fns == ["a:b", "c:d"] and cfg.reward_weights == [1.0, 0.5, 0.25]
+    assert cfg.reward_fns == ["a:b", "c:d"] and cfg.reward_weights == [1.0, 0.5, 0.25] and cfg.packing
     cfg.validate()
 
 
