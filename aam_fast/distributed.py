@@ -28,6 +28,7 @@ import datetime
 import os
 import shutil
 import types
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -327,7 +328,8 @@ class DistContext:
         self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, state_file: str
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Load a :meth:`save_checkpoint` folder into ``model``/``optimizer`` in place (DCP reshards onto this
-        world size); returns ``(trainer_state, this rank's rank_state or None when the world size changed)``."""
+        world size, one process included); returns ``(trainer_state, this rank's rank_state or None when the world
+        size changed: per-rank RNG states cannot be mapped onto another number of ranks)``."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -336,12 +338,46 @@ class DistContext:
         state = torch.load(folder / state_file, weights_only=False)
         model_state, optim_state = get_state_dict(model, optimizer)
         loaded = {"model": model_state, "optim": optim_state}
-        dcp.load(loaded, checkpoint_id=str(folder / DCP_FOLDER))
+        with warnings.catch_warnings():  # one process loading a sharded checkpoint is what we mean
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            dcp.load(loaded, checkpoint_id=str(folder / DCP_FOLDER))
         set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
         rng_file = folder / f"rng-rank{self.rank}.pt"
         same_world = state.get("world_size") == self.world
         rng = torch.load(rng_file, weights_only=False) if same_world and rng_file.is_file() else None
         return state, rng
+
+    def load_optimizer_state(self, engine: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+        """Load ``saved``, the ``optimizer.state_dict()`` of a single-process run whose optimizer had the same
+        parameter groups in the same order, into this run's ``optimizer``: as it is in one process; under torchrun
+        keyed by parameter name and handed to ``set_optimizer_state_dict`` as a full state dict, so each FSDP2 rank
+        keeps its shard (DDP ranks all of it). ValueError when the groups differ."""
+        groups, saved_groups = optimizer.param_groups, saved["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in saved_groups]:
+            raise ValueError(
+                f"the saved optimizer has parameter groups of {[len(g['params']) for g in saved_groups]} tensors, "
+                f"this run's {[len(g['params']) for g in groups]}: the trainable parameters differ"
+            )
+        if not self.distributed:
+            optimizer.load_state_dict(saved)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        root = getattr(engine, "module", engine)  # DDP's wrapped root; FSDP2 keeps the names
+        names = {id(p): name for name, p in root.named_parameters()}
+        state, param_groups = {}, []
+        for group, saved_group in zip(groups, saved_groups, strict=True):
+            fqns = [names[id(p)] for p in group["params"]]
+            state.update(
+                {
+                    fqn: saved["state"][i]
+                    for fqn, i in zip(fqns, saved_group["params"], strict=True)
+                    if i in saved["state"]
+                }
+            )
+            param_groups.append({**saved_group, "params": fqns})
+        full = {"state": state, "param_groups": param_groups}
+        set_optimizer_state_dict(engine, optimizer, full, options=StateDictOptions(full_state_dict=True))
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """Every parameter and buffer of ``model`` unsharded on CPU, on rank 0 (None elsewhere); a collective."""

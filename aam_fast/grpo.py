@@ -717,6 +717,20 @@ class GRPOTrainer:
             temperature=cfg.temperature,
             backend=cfg.backend,
         )
+        checkpoint = find_checkpoint(cfg.resume, self.output) if cfg.resume else None
+        if checkpoint is None and list_checkpoints(self.output / "checkpoints"):
+            raise ValueError(
+                f"{self.output / 'checkpoints'} holds checkpoints of an earlier run: pass --resume auto to continue "
+                "it, or choose another --output"
+            )
+        single_process_state = None
+        if checkpoint is not None and not checkpoint.is_dir():
+            # Our own checkpoint: it holds Python objects (RNG states, rollout texts), hence weights_only=False. Its
+            # weights go into the plain policy, before FSDP2 shards it (any number of ranks).
+            single_process_state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            if single_process_state.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"{checkpoint}: not a GRPO checkpoint of format {CHECKPOINT_FORMAT}")
+            self.policy.load_state_dict(single_process_state["policy"])
         # The policy under the root LossModule (DDP/FSDP2 under torchrun); FSDP2 shards it in place, so the
         # optimizer is built from its parameters after this.
         self.engine = self.ctx.wrap(self.policy, self._micro_batch_loss, compute_dtype=self.amp_dtype)
@@ -728,13 +742,7 @@ class GRPOTrainer:
         self.rollout: list[MicroBatch] | None = None
         self.rollout_metrics: dict[str, float] = {}
         self.iteration = 0
-        checkpoint = find_checkpoint(cfg.resume, self.output) if cfg.resume else None
-        if checkpoint is None and list_checkpoints(self.output / "checkpoints"):
-            raise ValueError(
-                f"{self.output / 'checkpoints'} holds checkpoints of an earlier run: pass --resume auto to continue "
-                "it, or choose another --output"
-            )
-        resumed_step = self._resume(checkpoint) if checkpoint is not None else None
+        resumed_step = self._resume(checkpoint, single_process_state) if checkpoint is not None else None
         self.metrics_log = self.ctx.writer(lambda: JsonlLog(self.output / "metrics.jsonl", resumed_step))
         self.completions_log = self.ctx.writer(lambda: JsonlLog(self.output / "completions.jsonl", resumed_step))
 
@@ -1049,37 +1057,40 @@ class GRPOTrainer:
                 stale.unlink()
         return path
 
-    def _resume(self, path: Path) -> int:
-        if self.ctx.distributed and not path.is_dir():
-            raise ValueError(f"{path}: a single-process checkpoint; resume it in a single process")
-        if path.is_dir():  # DCP: resharded onto this run's ranks (one process included)
+    def _resume(self, path: Path, single_process_state: dict | None) -> int:
+        """Continue from checkpoint `path`: a DCP folder (loaded here, resharded onto this run's ranks) or a
+        single-process file (`single_process_state`, its weights already in the policy). Another number of ranks
+        works when --batch-size x ranks is unchanged and the checkpoint was not saved mid-rollout; the RNG states
+        then stay at this run's seeded start (sampling does not use them: each completion has its own seed)."""
+        if single_process_state is None:
             state, rank_state = self.ctx.load_checkpoint(path, self.engine, self.optimizer, state_file=DIST_STATE_FILE)
-            if rank_state is None:
-                if state["mid_rollout"]:
-                    raise ValueError(
-                        f"{path}: saved mid-rollout by {state['world_size']} ranks; resume it on as many ranks"
-                    )
-                rank_state = {"rng": None, "rollout": None}
-            state.update(rank_state)
-            global_batch = self.cfg.batch_size * self.ctx.world
-            if state["global_batch"] != global_batch:
-                raise ValueError(
-                    f"{path}: written with {state['global_batch']} prompts per micro-batch over all ranks; this run "
-                    f"has {global_batch} (keep --batch-size x ranks the same)"
-                )
+            saved_world = state["world_size"]
         else:
-            # Our own checkpoint: it holds Python objects (RNG states, rollout texts), hence weights_only=False.
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state, saved_world = single_process_state, 1
+            self.ctx.load_optimizer_state(self.engine, self.optimizer, state["optimizer"])
+            rank_state = state if self.ctx.world == 1 else None
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: not a GRPO checkpoint of format {CHECKPOINT_FORMAT}")
+        if rank_state is None:  # written by another number of ranks
+            if state["mid_rollout"]:
+                raise ValueError(f"{path}: saved mid-rollout by {saved_world} ranks; resume it on as many ranks")
+            rank_state = {"rng": None, "rollout": None}
+        state.update(rank_state)
+        global_batch = self.cfg.batch_size * self.ctx.world
+        if state["global_batch"] != global_batch:
+            raise ValueError(
+                f"{path}: written with {state['global_batch']} prompts per micro-batch over all ranks; this run "
+                f"has {global_batch} (--batch-size {self.cfg.batch_size} x {self.ctx.world} ranks): keep "
+                "batch-size x ranks the same"
+            )
         if state["data"]["prompts"] != len(self.records):
             raise ValueError(
                 f"{path}: saved with {state['data']['prompts']} prompts, this run has {len(self.records)}; "
                 "resume with the same prompts"
             )
         saved, current = state["config"], asdict(self.cfg)
-        # A DCP checkpoint may continue on another number of ranks: batch_size x ranks was checked above.
-        free = RESUME_FREE_SETTINGS | ({"batch_size"} if path.is_dir() else set())
+        # A checkpoint may continue on another number of ranks: batch_size x ranks was checked above.
+        free = RESUME_FREE_SETTINGS | {"batch_size"}
         changed = [
             f"{key} ({saved[key]!r} -> {current[key]!r})"
             for key in sorted(saved)
@@ -1087,9 +1098,6 @@ class GRPOTrainer:
         ]
         if changed:
             warnings.warn(f"resuming {path} with changed settings: {', '.join(changed)}", stacklevel=3)
-        if not path.is_dir():  # a DCP checkpoint was loaded in place above
-            self.policy.load_state_dict(state["policy"])
-            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["rng"] is not None:
             set_rng_state(state["rng"])

@@ -5,7 +5,10 @@ Training, per optimizer step: ``grad_accum`` micro-batches of ``batch_size`` pai
 loss from :class:`aam_fast.AAMLoss` on the final hidden states and the LM-head weight, AdamW, linear warmup then
 cosine decay, gradient clipping. The data order is a function of (seed, epoch), so the position in the data is just
 the number of micro-batches consumed; a checkpoint holds the model, optimizer, scheduler, RNG states and that count,
-and resuming from it continues the identical loss curve.
+and resuming from it continues the identical loss curve. A checkpoint resumes on another number of ranks too (a
+single-process folder on N ranks, a sharded one written by N ranks on M or in one process) when ``batch_size x
+ranks`` is unchanged; the RNG states then stay at the run's seeded start, which changes nothing here (dropout is off
+and the data order does not use them).
 
 ``--output DIR`` ends holding the final model (a ``save_pretrained`` folder that
 ``AutoModelForSequenceClassification`` loads), ``metrics.jsonl`` (TRL's metric names), ``summary.json`` and
@@ -396,6 +399,23 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=_checkpoint_step)
 
 
+def find_resume_checkpoint(resume: str | None, checkpoints: Path) -> Path | None:
+    """The checkpoint ``--resume`` names: ``auto`` is the latest complete one under ``checkpoints`` (None, logged,
+    when there is none), anything else a checkpoint folder, which must be complete (ValueError otherwise)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(checkpoints)
+        if not found:
+            _log(f"--resume auto: no checkpoint under {checkpoints}; starting fresh")
+            return None
+        return found[-1]
+    path = Path(resume)
+    if not (path / TRAINER_STATE).is_file():
+        raise ValueError(f"{path} is not a complete checkpoint (no {TRAINER_STATE})")
+    return path
+
+
 def save_checkpoint(
     root: Path, step: int, model: RewardModel, tokenizer, trainer_state: dict, metadata: dict, keep: int
 ) -> Path:
@@ -688,6 +708,13 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
         )
         return result, out.rewards.detach().clone()  # a fresh tensor: FSDP2 warns on returned views
 
+    checkpoints = output / "checkpoints"
+    resume_from = find_resume_checkpoint(cfg.resume, checkpoints)
+    single_process_state = None
+    if resume_from is not None and not (resume_from / dist_utils.DCP_FOLDER).is_dir():
+        # A single-process checkpoint: its weights go into the plain model, before FSDP2 shards it (any world size).
+        single_process_state = torch.load(resume_from / TRAINER_STATE, weights_only=False)
+        load_weights(model, resume_from)
     engine = ctx.wrap(model, micro_batch_loss, compute_dtype=autocast_dtype)  # FSDP2 shards `model` in place
     trainable = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("score.")]
     groups = [{"params": trainable, "lr": cfg.lr}, {"params": [model.score.weight], "lr": cfg.score_lr or cfg.lr}]
@@ -699,38 +726,30 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
         "training": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "resume")},
     }
 
-    checkpoints = output / "checkpoints"
     step = 0
-    resume_from = None
-    if cfg.resume:
-        resume_from = list_checkpoints(checkpoints)[-1:] if cfg.resume == "auto" else [Path(cfg.resume)]
-        resume_from = resume_from[0] if resume_from else None
-        if resume_from is None:
-            _log(f"--resume auto: no checkpoint under {checkpoints}; starting fresh")
+    if resume_from is not None:
+        if single_process_state is None:  # DCP: resharded onto this run's ranks (one process included)
+            state, rng = ctx.load_checkpoint(resume_from, engine, optimizer, state_file=TRAINER_STATE)
         else:
-            if not (resume_from / TRAINER_STATE).is_file():
-                raise ValueError(f"{resume_from} is not a complete checkpoint (no {TRAINER_STATE})")
-            if ctx.distributed:
-                state, rng = ctx.load_checkpoint(resume_from, engine, optimizer, state_file=TRAINER_STATE)
-                if state.get("global_batch", global_batch) != global_batch:
-                    raise ValueError(
-                        f"{resume_from} was written with {state['global_batch']} pairs per micro-batch over all "
-                        f"ranks; this run has {global_batch} (keep --batch-size x ranks the same)"
-                    )
-                if rng is not None:
-                    _set_rng_state(rng)
-            else:
-                state = torch.load(resume_from / TRAINER_STATE, weights_only=False)
-                load_weights(model, resume_from)
-                optimizer.load_state_dict(state["optimizer"])
-                _set_rng_state(state["rng"])
-            scheduler.load_state_dict(state["scheduler"])
-            step = state["step"]
-            if state["total_steps"] != total_steps:
-                raise ValueError(
-                    f"{resume_from} was written by a run of {state['total_steps']} steps; this one has {total_steps}"
-                )
-            _log(f"resumed from {resume_from} at step {step}")
+            state = single_process_state
+            ctx.load_optimizer_state(engine, optimizer, state["optimizer"])
+            rng = state["rng"] if ctx.world == 1 else None
+        # Written before global_batch was recorded: a single-process checkpoint, whose batch_size is its global one.
+        saved_batch = state.get("global_batch", state["config"]["batch_size"])
+        if saved_batch != global_batch:
+            raise ValueError(
+                f"{resume_from} was written with {saved_batch} pairs per micro-batch over all ranks; this run has "
+                f"{global_batch} (--batch-size {cfg.batch_size} x {ctx.world} ranks): keep batch-size x ranks the same"
+            )
+        if rng is not None:  # per-rank RNG states carry over only to the same number of ranks
+            _set_rng_state(rng)
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        if state["total_steps"] != total_steps:
+            raise ValueError(
+                f"{resume_from} was written by a run of {state['total_steps']} steps; this one has {total_steps}"
+            )
+        _log(f"resumed from {resume_from} at step {step}")
     writer = ctx.writer(lambda: MetricsWriter(output, step if resume_from is not None else None))
     _log(
         f"training {cfg.margin} reward model: {total_steps} steps x {cfg.grad_accum} x {cfg.batch_size} pairs, "
@@ -871,6 +890,7 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
                     "scheduler": scheduler.state_dict(),
                     "rng": _rng_state(),
                     "config": dataclasses.asdict(cfg),
+                    "global_batch": global_batch,
                 }
                 if ctx.distributed:
                     rng = trainer_state.pop("rng")
@@ -880,7 +900,7 @@ def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
                         f"{CHECKPOINT_PREFIX}{step:08d}",
                         engine,
                         optimizer,
-                        {**trainer_state, "global_batch": global_batch},
+                        trainer_state,
                         rng,
                         state_file=TRAINER_STATE,
                         keep=cfg.keep_checkpoints,

@@ -1,6 +1,7 @@
 """train-rm and train-grpo under torchrun on CPU (gloo, 2 processes, the real stories260k model; hh-rlhf pairs for
-the RM, a rule reward for GRPO): DDP and FSDP2 end where one process on the combined batch ends, and a resumed FSDP2
-run from a sharded (DCP) checkpoint ends where the uninterrupted run does."""
+the RM, a rule reward for GRPO): DDP and FSDP2 end where one process on the combined batch ends, a resumed FSDP2
+run from a sharded (DCP) checkpoint ends where the uninterrupted run does, and checkpoints move between world sizes
+(2 ranks -> 1 process, 1 process -> 2 ranks) with batch-size x ranks kept."""
 
 import json
 import os
@@ -81,6 +82,13 @@ def single(tmp_path_factory):
     if not (shared / "models" / "stories260k").is_dir():
         pytest.skip(f"../shared not found at {shared}: the distributed tests need stories260k and hh-rlhf")
     output = tmp_path_factory.mktemp("single")
+    # step 2's single-process checkpoint is resumed on 2 ranks below
+    train_in_process(shared, output, batch_size=2 * PER_RANK, save_every=2)
+    return shared, output
+
+
+def train_in_process(shared: Path, output: Path, **settings) -> None:
+    """train-rm in this process, one intra-op thread, with the settings of `common_args` and `settings`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -96,12 +104,11 @@ def single(tmp_path_factory):
                 lr=1e-4,
                 warmup_ratio=0.0,
                 progress=False,
-                batch_size=2 * PER_RANK,
+                **settings,
             )
         )
     finally:
         torch.set_num_threads(threads)
-    return shared, output
 
 
 def test_ddp_two_ranks_match_one_process_on_the_combined_batch(single, tmp_path):
@@ -129,6 +136,29 @@ def test_fsdp2_two_ranks_match_one_process_and_resume_exactly(single, tmp_path):
     for name, value in uninterrupted.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
     assert losses(tmp_path) == first_losses
+
+    # onto one process (DCP reshards) with the combined batch: where the one-process run ends
+    alone = tmp_path / "alone"
+    shutil.copytree(checkpoint, alone / "checkpoints" / checkpoint.name)
+    with pytest.raises(ValueError, match=r"written with 4 pairs .* this run has 2 .*keep batch-size x ranks"):
+        train_in_process(shared, alone, batch_size=PER_RANK, resume="auto")
+    train_in_process(shared, alone, batch_size=2 * PER_RANK, resume="auto")
+    assert_same_weights(reference, alone)
+    assert losses(alone) == pytest.approx(losses(reference)[2:], abs=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_a_single_process_checkpoint_resumes_on_two_ranks(single, tmp_path, strategy):
+    """The one-process run's step-2 checkpoint (a save_pretrained folder, the optimizer's state by index) resumed
+    by 2 ranks of half the batch ends where the one-process run ends."""
+    shared, reference = single
+    checkpoint = reference / "checkpoints" / "step-00000002"
+    assert (checkpoint / "model.safetensors").is_file() and not (checkpoint / "dcp").exists()
+    shutil.copytree(checkpoint, tmp_path / "checkpoints" / checkpoint.name)
+    done = torchrun(shared, tmp_path, "--strategy", strategy, "--save-every", "2", "--resume", "auto")
+    assert "resumed from" in done.stderr and "at step 2" in done.stderr
+    assert_same_weights(reference, tmp_path)
+    assert losses(tmp_path) == pytest.approx(losses(reference)[2:], abs=1e-5)
 
 
 def test_single_process_context_is_the_identity():
@@ -200,8 +230,9 @@ def completion_rows(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "completions.jsonl").read_text().splitlines()]
 
 
-def assert_same_metrics(rows: list[dict], reference: list[dict]) -> None:
-    assert [r["step"] for r in rows] == [r["step"] for r in reference] == list(range(1, GRPO_STEPS + 1))
+def assert_same_metrics(rows: list[dict], reference: list[dict], steps: list[int] | None = None) -> None:
+    steps = steps or list(range(1, GRPO_STEPS + 1))
+    assert [r["step"] for r in rows] == [r["step"] for r in reference] == steps
     for row, ref in zip(rows, reference, strict=True):
         for key in ("reward", "reward_std", "completions/mean_length", "loss", "kl", "grad_norm", "entropy"):
             assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
@@ -219,8 +250,8 @@ def grpo_single(tmp_path_factory):
     settings = grpo_settings(shared, folder)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        train_grpo(GRPOConfig(**settings, batch_size=2, output=str(folder / "single")))
+    try:  # step 1's single-process checkpoint is resumed on 2 ranks below
+        train_grpo(GRPOConfig(**settings, batch_size=2, output=str(folder / "single"), save_every=1))
     finally:
         torch.set_num_threads(threads)
     return settings, folder / "single"
@@ -278,6 +309,18 @@ def test_grpo_fsdp2_two_ranks_match_one_process_and_resume_exactly(grpo_single, 
         torch.set_num_threads(threads)
     assert [r["step"] for r in rows] == [2]
     assert_same_weights(tmp_path, alone)
+
+
+def test_grpo_single_process_checkpoint_resumes_on_two_fsdp2_ranks(grpo_single, tmp_path):
+    """The one-process run's step-1 checkpoint (a .pt file) resumed by 2 FSDP2 ranks of 1 prompt each ends where
+    the one-process run ends."""
+    settings, reference = grpo_single
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(reference / "checkpoints" / "step-000001.pt", tmp_path / "checkpoints")
+    grpo_torchrun(settings, tmp_path, 1, "--strategy", "fsdp2", "--save-every", "1", "--resume", "auto")
+    assert [r["step"] for r in metric_rows(tmp_path)] == [2]
+    assert_same_weights(reference, tmp_path)
+    assert_same_metrics(metric_rows(tmp_path), metric_rows(reference)[1:], steps=[2])
 
 
 GATHER_COUNT_SCRIPT = """
