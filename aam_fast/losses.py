@@ -87,6 +87,7 @@ def aam_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
+    grad_filter_eps: float | None = None,
 ) -> AAMOutput:
     """Pairwise reward-model loss with an act-adaptive margin, mean over the B pairs of a `[chosen; rejected]` batch.
 
@@ -98,7 +99,7 @@ def aam_loss(
     `detach_margin` stops gradients through the margin; `margin_clip` clamps it to `[−c, c]`. With a detached
     margin and `sft_weight = 0` the policy log-probs are computed forward-only (nothing saved for backward).
     hidden `[2B, T, D]`, targets `[2B, T]`, rewards `[2B]` or `[2B, 1]`; hidden/weight/targets may be None for
-    "bt" and "fixed" without SFT.
+    "bt" and "fixed" without SFT. `grad_filter_eps` (off by default) as in `linear_logprobs`.
     """
     _check_margin_args(margin, length_norm, beta, margin_clip, gamma)
     reward_chosen, reward_rejected = _pair_rewards(rewards)
@@ -118,7 +119,7 @@ def aam_loss(
         with torch.set_grad_enabled(torch.is_grad_enabled() and trained_through):
             token_logps = linear_logprobs(
                 hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
-                backend=backend,
+                backend=backend, grad_filter_eps=grad_filter_eps,
             )
         logps = sequence_logprobs(token_logps, targets, ignore_index=ignore_index, length_norm=length_norm)
 
@@ -198,13 +199,14 @@ class AAMLoss(nn.Module):
         temperature: float = 1.0,
         ignore_index: int = -100,
         backend: str = "auto",
+        grad_filter_eps: float | None = None,
     ):
         super().__init__()
         _check_margin_args(margin, length_norm, beta, margin_clip, gamma)
         self.config = dict(
             margin=margin, beta=beta, gamma=gamma, length_norm=length_norm, detach_margin=detach_margin,
             margin_clip=margin_clip, sft_weight=sft_weight, center_rewards=center_rewards,
-            temperature=temperature, ignore_index=ignore_index, backend=backend,
+            temperature=temperature, ignore_index=ignore_index, backend=backend, grad_filter_eps=grad_filter_eps,
         )
 
     def forward(self, hidden, weight, targets, rewards, *, ref_logps=None, ref_hidden=None, ref_weight=None,
@@ -286,6 +288,7 @@ def grpo_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
+    grad_filter_eps: float | None = None,
 ) -> GRPOOutput:
     """GRPO clipped-surrogate loss of completion tokens, its gradient formed during the forward pass.
 
@@ -294,7 +297,7 @@ def grpo_loss(
     ignore_index) and divided by `normalizer`: total tokens ("token-mean"), sequences after a per-sequence token
     mean ("seq-mean-token-mean"), or sequences × max_completion_length ("seq-mean-token-sum-norm", Dr. GRPO).
     `normalizer=None` uses this batch's own. hidden `[B, T, D]`, targets `[B, T]`, advantages `[B]`,
-    old_logps/ref_logps `[B, T]`.
+    old_logps/ref_logps `[B, T]`. `grad_filter_eps` (off by default) as in `linear_logprobs`.
     """
     _check_grpo_args(epsilon, epsilon_high, kl, loss_type)
     if targets.dim() != 2:
@@ -332,7 +335,7 @@ def grpo_loss(
 
     loss, logps, entropy = linear_local_loss(
         hidden, weight, targets, token_loss, bias=bias, temperature=temperature, ignore_index=ignore_index,
-        with_entropy=with_entropy, backend=backend,
+        with_entropy=with_entropy, backend=backend, grad_filter_eps=grad_filter_eps,
     )
     stats = _grpo_stats(logps, entropy, mask, advantages, old_logps, ref_logps, epsilon, eps_high, kl)
     return GRPOOutput(loss=loss, logps=logps, entropy=entropy, stats=stats)
@@ -374,13 +377,14 @@ class GRPOLoss(nn.Module):
         temperature: float = 1.0,
         ignore_index: int = -100,
         backend: str = "auto",
+        grad_filter_eps: float | None = None,
     ):
         super().__init__()
         _check_grpo_args(epsilon, epsilon_high, kl, loss_type)
         self.config = dict(
             epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, kl=kl, entropy_coef=entropy_coef,
             loss_type=loss_type, max_completion_length=max_completion_length, compute_entropy=compute_entropy,
-            temperature=temperature, ignore_index=ignore_index, backend=backend,
+            temperature=temperature, ignore_index=ignore_index, backend=backend, grad_filter_eps=grad_filter_eps,
         )
 
     def forward(self, hidden, weight, targets, advantages, *, old_logps=None, ref_logps=None, bias=None,

@@ -135,13 +135,16 @@ class Provider:
 
 
 class AamProvider(Provider):
-    """aam_fast with an explicit backend: `linear_logprobs`, `aam_loss`, `grpo_loss`."""
+    """aam_fast with an explicit backend: `linear_logprobs`, `aam_loss`, `grpo_loss`; with `grad_filter_eps` its
+    gradient-filtered form (named `aam-<backend>-filter`), which runs only the workloads with a backward pass."""
 
     distribution = "aam-fast"
+    FILTER_EPS = 2.0**-12  # Cut Cross-Entropy's default threshold for bfloat16
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, grad_filter_eps: float | None = None):
         self.backend = backend
-        self.name = f"aam-{backend}"
+        self.grad_filter_eps = grad_filter_eps
+        self.name = f"aam-{backend}" + ("-filter" if grad_filter_eps else "")
         self.needs_warmup = backend == "triton"
 
     def _module(self):
@@ -149,6 +152,8 @@ class AamProvider(Provider):
 
     def check(self, workload, device):
         self._module()
+        if self.grad_filter_eps and workload in ("logprobs-fwd", "aam-detached"):
+            raise Unavailable("gradient filtering changes only the backward pass: this workload has none")
         if self.backend == "triton" and device.type != "cuda":
             raise Unavailable("aam_fast's triton backend is benchmarked on CUDA only (the interpreter is for tests)")
         try:
@@ -164,7 +169,9 @@ class AamProvider(Provider):
         return getattr(self._module(), "__version__", "unknown")
 
     def token_logprobs(self, hidden, weight, targets):
-        return self._module().linear_logprobs(hidden, weight, targets, backend=self.backend)
+        return self._module().linear_logprobs(
+            hidden, weight, targets, backend=self.backend, grad_filter_eps=self.grad_filter_eps
+        )
 
     def pairwise_loss(self, batch, detach_margin):
         out = self._module().aam_loss(
@@ -179,6 +186,7 @@ class AamProvider(Provider):
             detach_margin=detach_margin,
             sft_weight=batch.sft_weight,
             backend=self.backend,
+            grad_filter_eps=self.grad_filter_eps,
         )
         return out.loss
 
@@ -196,6 +204,7 @@ class AamProvider(Provider):
             loss_type="token-mean",
             compute_entropy=False,
             backend=self.backend,
+            grad_filter_eps=self.grad_filter_eps,
         )
         return out.loss
 
@@ -365,6 +374,8 @@ def all_providers() -> dict[str, Provider]:
         AamProvider("torch"),
         AamProvider("native"),
         AamProvider("triton"),
+        AamProvider("torch", AamProvider.FILTER_EPS),
+        AamProvider("triton", AamProvider.FILTER_EPS),
         NaiveProvider(),
         NaiveCompileProvider(),
         LigerProvider(),
