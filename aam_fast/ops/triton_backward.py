@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_forward import TileConfig, choose_tile_config, dot_precision, launch_with_fallback, logits_tile
+from .triton_forward import logits_tile
+from .triton_tuning import TileConfig, autotune_enabled, choose_tile_configs, dot_precision, tuned_launch, tuning_key
 
 
 @triton.jit
@@ -243,10 +244,17 @@ def triton_backward(
                 num_stages=config.num_stages,
             )
 
-        config = choose_tile_config(n_rows, hidden.dtype, device, backward=True)
+        def reset() -> None:  # the timed runs of the autotuner accumulate into the outputs
+            for grad in (d_hidden, d_weight, d_bias):
+                if grad is not None:
+                    grad.zero_()
+
+        configs = choose_tile_configs(n_rows, hidden.dtype, device, backward=True)
+        flags = (has_bias, grad_logp is not None, grad_entropy is not None, needs_hidden_grad, needs_weight_grad,
+                 compute_db, grad_filter_eps > 0.0)  # fmt: skip
         with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-            key = ("backward", device, hidden.dtype, dot_precision(hidden.dtype))
-            launch_with_fallback(key, config, launch)
+            key = tuning_key("backward", device, hidden.dtype, n_rows, dim, vocab, *flags)
+            tuned_launch(key, configs, launch, tune=autotune_enabled(device), reset=reset)
 
     if d_hidden is not None and d_hidden.dtype != hidden.dtype:
         d_hidden = d_hidden.to(hidden.dtype)

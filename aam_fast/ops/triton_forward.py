@@ -12,33 +12,24 @@ and a cheap torch epilogue combines the ``[splits, N]`` partials. The target log
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
-from typing import TypeVar
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
-T = TypeVar("T")
+from .triton_tuning import (
+    TileConfig,
+    autotune_enabled,
+    choose_tile_configs,
+    dot_precision,
+    running_in_interpreter,
+    tuned_launch,
+    tuning_key,
+)
 
 # A finite "minus infinity" for running maxima: exp(NEG_LARGE - m) underflows to 0 and 0 * NEG_LARGE stays 0.
 NEG_LARGE: tl.constexpr = tl.constexpr(-1.0e30)
-
-
-def running_in_interpreter() -> bool:
-    """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: float32 inputs use IEEE products unless torch allows TF32 for matmuls."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
 
 
 def multiprocessor_count(device: torch.device) -> int:
@@ -46,95 +37,6 @@ def multiprocessor_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2
-
-
-def shared_memory_bytes(device: torch.device) -> int:
-    """Shared memory one program may use on ``device`` (opt-in maximum where torch reports it)."""
-    if device.type != "cuda":
-        return 1 << 30
-    props = torch.cuda.get_device_properties(device)
-    optin = getattr(props, "shared_memory_per_block_optin", 0)
-    return int(optin or getattr(props, "shared_memory_per_block", 49152))
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Tile sizes and launch options shared by the forward and backward launchers."""
-
-    block_n: int
-    block_v: int
-    block_d: int
-    num_warps: int
-    num_stages: int
-
-
-def choose_tile_config(n_rows: int, dtype: torch.dtype, device: torch.device, *, backward: bool = False) -> TileConfig:
-    """Tiles for a (token block x vocab block) kernel that streams D in chunks.
-
-    Under the interpreter one small config keeps CPU tests fast. On GPU the base configs compile for sm_90
-    without register spills: 128x128 tiles on the tensor cores (16-bit inputs, or float32 with TF32 allowed),
-    smaller tiles for IEEE float32, whose dots run on the CUDA cores. The token block shrinks for small N; the
-    pipeline depth, then the D chunk, shrink when a shared-memory estimate exceeds the device's (the backward also
-    keeps the dz tile and its transpose in shared memory). ``launch_with_fallback`` covers what the estimate misses.
-    """
-    if running_in_interpreter():
-        return TileConfig(block_n=16, block_v=32, block_d=16, num_warps=4, num_stages=1)
-    if dtype != torch.float32:
-        base = TileConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
-    elif dot_precision(dtype) == "tf32":
-        base = TileConfig(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=3)
-    elif backward:
-        base = TileConfig(block_n=64, block_v=64, block_d=16, num_warps=8, num_stages=2)
-    else:
-        base = TileConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=3)
-    block_n = min(base.block_n, max(16, triton.next_power_of_2(n_rows)))
-    block_d, num_stages = base.block_d, base.num_stages
-    element_size = torch.empty(0, dtype=dtype).element_size()
-    budget = shared_memory_bytes(device)
-    dz_tiles = 2 * block_n * base.block_v * element_size if backward else 0
-
-    def smem(stages: int, chunk: int) -> int:
-        return stages * (block_n + base.block_v) * chunk * element_size + dz_tiles
-
-    while smem(num_stages, block_d) > budget and num_stages > 2:
-        num_stages -= 1
-    while smem(num_stages, block_d) > budget and block_d > 16:
-        block_d //= 2
-    return TileConfig(block_n, base.block_v, block_d, base.num_warps, num_stages)
-
-
-def _shrink(config: TileConfig) -> TileConfig | None:
-    """The next smaller config to try after an out-of-shared-memory failure, or None at the floor."""
-    if config.num_stages > 2:
-        return replace(config, num_stages=config.num_stages - 1)
-    if config.block_d > 16:
-        return replace(config, block_d=config.block_d // 2)
-    if config.block_n > 16:
-        return replace(config, block_n=config.block_n // 2)
-    if config.block_v > 32:
-        return replace(config, block_v=config.block_v // 2)
-    return None
-
-
-_FITTED_CONFIGS: dict[tuple, TileConfig] = {}
-
-
-def launch_with_fallback(key: tuple, config: TileConfig, launch: Callable[[TileConfig], T]) -> T:
-    """Return ``launch(config)``; when the compiled kernel needs more shared memory than the device offers (raised
-    before anything runs), retry with smaller tiles and remember the config that fitted under ``(key, config)``."""
-    wanted = config
-    config = _FITTED_CONFIGS.get((key, wanted), wanted)
-    while True:
-        try:
-            result = launch(config)
-        except OutOfResources:
-            config = _shrink(config)
-            if config is None:
-                raise
-            continue
-        if config != wanted:
-            _FITTED_CONFIGS[(key, wanted)] = config
-        return result
 
 
 @triton.jit
@@ -374,10 +276,10 @@ def triton_forward(hidden, weight, bias, targets, *, inv_temperature: float, wit
         )
         return part_max, part_sumexp, part_pz
 
-    config = choose_tile_config(n_rows, hidden.dtype, device)
+    configs = choose_tile_configs(n_rows, hidden.dtype, device, backward=False)
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        key = ("lse_partials", device, hidden.dtype, dot_precision(hidden.dtype))
-        part_max, part_sumexp, part_pz = launch_with_fallback(key, config, launch)
+        key = tuning_key("lse_partials", device, hidden.dtype, n_rows, dim, vocab, has_bias, with_entropy)
+        part_max, part_sumexp, part_pz = tuned_launch(key, configs, launch, tune=autotune_enabled(device))
         target_logit = _launch_target_logit(hidden, weight, bias, targets, inv_temperature)
 
     # Combine the per-split partials: every split saw at least one real column, so each partial max is finite.
