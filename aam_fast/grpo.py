@@ -1073,7 +1073,8 @@ class GRPOTrainer:
             raise ValueError(f"{path}: not a GRPO checkpoint of format {CHECKPOINT_FORMAT}")
         if rank_state is None:  # written by another number of ranks
             if state["mid_rollout"]:
-                raise ValueError(f"{path}: saved mid-rollout by {saved_world} ranks; resume it on as many ranks")
+                writer = "one process" if saved_world == 1 else f"{saved_world} ranks"
+                raise ValueError(f"{path}: saved mid-rollout by {writer}; resume it on as many ranks")
             rank_state = {"rng": None, "rollout": None}
         state.update(rank_state)
         global_batch = self.cfg.batch_size * self.ctx.world
