@@ -178,3 +178,30 @@ def test_native_backend_refuses_filtering_before_any_work():
     hidden, weight, _, targets = peaked_inputs(4, 8, 16, scale=1.0, seed=0, bias=False)
     with pytest.raises(ValueError, match="grad_filter_eps is not implemented by backend='native'"):
         aam_fast.linear_logprobs(hidden, weight, targets, backend="native", grad_filter_eps=1e-4)
+
+
+@pytest.mark.parametrize("loss_name", ["aam", "grpo"])
+def test_losses_pass_the_threshold_to_the_op(loss_name):
+    """AAMLoss (trained-through margin) and GRPOLoss filter their backward; their loss values do not change."""
+    pairs, seq, dim, vocab = 3, 7, 16, 211
+    hidden, weight, _, targets = peaked_inputs(2 * pairs * seq, dim, vocab, scale=4.0, seed=11, bias=False)
+    hidden, targets = hidden.view(2 * pairs, seq, dim), targets.view(2 * pairs, seq)
+
+    def run(eps):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if loss_name == "aam":
+            rewards = torch.linspace(-1.0, 1.0, 2 * pairs)
+            module = aam_fast.AAMLoss(margin="ld", detach_margin=False, backend="torch", grad_filter_eps=eps)
+            loss = module(h, w, targets, rewards).loss
+        else:
+            module = aam_fast.GRPOLoss(beta=0.0, backend="torch", grad_filter_eps=eps)
+            loss = module(h, w, targets, torch.linspace(-1.0, 1.0, 2 * pairs)).loss
+        loss.backward()
+        return loss.detach(), w.grad
+
+    (loss_on, grad_on), (loss_off, grad_off) = run(0.01), run(None)
+    assert torch.equal(loss_on, loss_off)
+    assert not torch.equal(grad_on, grad_off)  # the bound itself is checked op by op above
+    assert (grad_on - grad_off).norm() < 0.2 * grad_off.norm()
+    with pytest.raises(ValueError, match="grad_filter_eps"):
+        run(2.0)
