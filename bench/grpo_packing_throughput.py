@@ -7,7 +7,7 @@ model with a seeded random score head; its scoring batches are sorted by length,
 `--repeats` times, the fastest kept; tokens/s counts real (attended) tokens only. stories260k rarely ends a reply
 within 64 tokens; `--stop-at-period` also ends each completion at its first ".", for completions of mixed lengths.
 
-    python scripts/grpo_packing_throughput.py [--micro-batches 4] [--batch-size 4] [--stop-at-period] [--threads 1]
+    python bench/grpo_packing_throughput.py [--micro-batches 4] [--batch-size 4] [--stop-at-period] [--threads 1]
 """
 
 from __future__ import annotations
