@@ -24,7 +24,7 @@ def filtered(tile: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """`tile` itself when more than `SPARSE_MAX_DENSITY` of `keep` is set, else a sparse CSR copy of the entries of
     `tile` where `keep` (a bool mask of its shape). Either works in `addmm_`, `.t()` and `torch.mv`."""
     n_rows, n_cols = tile.shape
-    kept = int(keep.sum())
+    kept = int(torch.count_nonzero(keep))  # keep.sum() would first widen the mask to int64: 8 bytes an entry
     if kept > n_rows * n_cols * SPARSE_MAX_DENSITY:
         return tile
     rows, cols = keep.nonzero(as_tuple=True)  # row-major order: what CSR wants
