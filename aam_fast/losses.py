@@ -118,8 +118,14 @@ def aam_loss(
         trained_through = sft_weight != 0 or (margin in ("pr", "ld") and not detach_margin)
         with torch.set_grad_enabled(torch.is_grad_enabled() and trained_through):
             token_logps = linear_logprobs(
-                hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
-                backend=backend, grad_filter_eps=grad_filter_eps,
+                hidden,
+                weight,
+                targets,
+                bias=bias,
+                temperature=temperature,
+                ignore_index=ignore_index,
+                backend=backend,
+                grad_filter_eps=grad_filter_eps,
             )
         logps = sequence_logprobs(token_logps, targets, ignore_index=ignore_index, length_norm=length_norm)
 
@@ -136,8 +142,16 @@ def aam_loss(
         policy_term = logps[:pairs] - logps[pairs:]
         if gamma_value != 0:
             ref_seq = _reference_logps(
-                ref_logps, ref_hidden, ref_weight, ref_bias, targets, pairs, temperature, ignore_index,
-                length_norm, backend,
+                ref_logps,
+                ref_hidden,
+                ref_weight,
+                ref_bias,
+                targets,
+                pairs,
+                temperature,
+                ignore_index,
+                length_norm,
+                backend,
             )
             policy_term = policy_term - gamma_value * (ref_seq[:pairs] - ref_seq[pairs:])
         pair_margin = float(beta) * policy_term
@@ -177,7 +191,12 @@ def _reference_logps(
         raise ValueError("a margin with gamma != 0 needs the reference: ref_logps, or ref_hidden and ref_weight")
     with torch.no_grad():
         token_logps = linear_logprobs(
-            ref_hidden, ref_weight, targets, bias=ref_bias, temperature=temperature, ignore_index=ignore_index,
+            ref_hidden,
+            ref_weight,
+            targets,
+            bias=ref_bias,
+            temperature=temperature,
+            ignore_index=ignore_index,
             backend=backend,
         )
     return sequence_logprobs(token_logps, targets, ignore_index=ignore_index, length_norm=length_norm)
@@ -204,16 +223,46 @@ class AAMLoss(nn.Module):
         super().__init__()
         _check_margin_args(margin, length_norm, beta, margin_clip, gamma)
         self.config = dict(
-            margin=margin, beta=beta, gamma=gamma, length_norm=length_norm, detach_margin=detach_margin,
-            margin_clip=margin_clip, sft_weight=sft_weight, center_rewards=center_rewards,
-            temperature=temperature, ignore_index=ignore_index, backend=backend, grad_filter_eps=grad_filter_eps,
+            margin=margin,
+            beta=beta,
+            gamma=gamma,
+            length_norm=length_norm,
+            detach_margin=detach_margin,
+            margin_clip=margin_clip,
+            sft_weight=sft_weight,
+            center_rewards=center_rewards,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            backend=backend,
+            grad_filter_eps=grad_filter_eps,
         )
 
-    def forward(self, hidden, weight, targets, rewards, *, ref_logps=None, ref_hidden=None, ref_weight=None,
-                data_margin=None, bias=None, ref_bias=None) -> AAMOutput:
+    def forward(
+        self,
+        hidden,
+        weight,
+        targets,
+        rewards,
+        *,
+        ref_logps=None,
+        ref_hidden=None,
+        ref_weight=None,
+        data_margin=None,
+        bias=None,
+        ref_bias=None,
+    ) -> AAMOutput:
         return aam_loss(
-            hidden, weight, targets, rewards, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
-            data_margin=data_margin, bias=bias, ref_bias=ref_bias, **self.config,
+            hidden,
+            weight,
+            targets,
+            rewards,
+            ref_logps=ref_logps,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            data_margin=data_margin,
+            bias=bias,
+            ref_bias=ref_bias,
+            **self.config,
         )
 
     def extra_repr(self) -> str:
@@ -334,8 +383,16 @@ def grpo_loss(
         return per_token.sum() * scale
 
     loss, logps, entropy = linear_local_loss(
-        hidden, weight, targets, token_loss, bias=bias, temperature=temperature, ignore_index=ignore_index,
-        with_entropy=with_entropy, backend=backend, grad_filter_eps=grad_filter_eps,
+        hidden,
+        weight,
+        targets,
+        token_loss,
+        bias=bias,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        with_entropy=with_entropy,
+        backend=backend,
+        grad_filter_eps=grad_filter_eps,
     )
     stats = _grpo_stats(logps, entropy, mask, advantages, old_logps, ref_logps, epsilon, eps_high, kl)
     return GRPOOutput(loss=loss, logps=logps, entropy=entropy, stats=stats)
@@ -382,16 +439,33 @@ class GRPOLoss(nn.Module):
         super().__init__()
         _check_grpo_args(epsilon, epsilon_high, kl, loss_type)
         self.config = dict(
-            epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, kl=kl, entropy_coef=entropy_coef,
-            loss_type=loss_type, max_completion_length=max_completion_length, compute_entropy=compute_entropy,
-            temperature=temperature, ignore_index=ignore_index, backend=backend, grad_filter_eps=grad_filter_eps,
+            epsilon=epsilon,
+            epsilon_high=epsilon_high,
+            beta=beta,
+            kl=kl,
+            entropy_coef=entropy_coef,
+            loss_type=loss_type,
+            max_completion_length=max_completion_length,
+            compute_entropy=compute_entropy,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            backend=backend,
+            grad_filter_eps=grad_filter_eps,
         )
 
-    def forward(self, hidden, weight, targets, advantages, *, old_logps=None, ref_logps=None, bias=None,
-                normalizer=None) -> GRPOOutput:
+    def forward(
+        self, hidden, weight, targets, advantages, *, old_logps=None, ref_logps=None, bias=None, normalizer=None
+    ) -> GRPOOutput:
         return grpo_loss(
-            hidden, weight, targets, advantages, old_logps=old_logps, ref_logps=ref_logps, bias=bias,
-            normalizer=normalizer, **self.config,
+            hidden,
+            weight,
+            targets,
+            advantages,
+            old_logps=old_logps,
+            ref_logps=ref_logps,
+            bias=bias,
+            normalizer=normalizer,
+            **self.config,
         )
 
     def extra_repr(self) -> str:

@@ -59,10 +59,12 @@ def test_triton_float32_matches_torch_backend_on_gpu():
     bias = torch.randn(5003, device="cuda")
     targets = torch.randint(0, 5003, (777,), device="cuda")
     targets[::7] = -100
-    a, ea = aam_fast.linear_logprobs(hidden, weight, targets, bias=bias, temperature=0.8, return_entropy=True,
-                                     backend="triton")
-    b, eb = aam_fast.linear_logprobs(hidden, weight, targets, bias=bias, temperature=0.8, return_entropy=True,
-                                     backend="torch")
+    a, ea = aam_fast.linear_logprobs(
+        hidden, weight, targets, bias=bias, temperature=0.8, return_entropy=True, backend="triton"
+    )
+    b, eb = aam_fast.linear_logprobs(
+        hidden, weight, targets, bias=bias, temperature=0.8, return_entropy=True, backend="torch"
+    )
     assert rel_err(a, b) <= 1e-3 and rel_err(ea, eb) <= 1e-3  # GPU float32 dots may use TF32
 
 

@@ -35,13 +35,25 @@ def seq_logps64(hidden, weight, targets, norm="mean", bias=None, temperature=1.0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("margin,gamma,norm", [("pr", None, "mean"), ("pr", None, "sum"), ("ld", None, "mean"),
-                                                ("pr", 0.5, "mean")])
+@pytest.mark.parametrize(
+    "margin,gamma,norm", [("pr", None, "mean"), ("pr", None, "sum"), ("ld", None, "mean"), ("pr", 0.5, "mean")]
+)
 def test_adaptive_margin_matches_formula(backend, margin, gamma, norm):
     hidden, weight, targets, rewards, ref_hidden = pair_batch()
     beta = 0.7
-    out = aam_fast.aam_loss(hidden, weight, targets, rewards.unsqueeze(1), ref_hidden=ref_hidden, ref_weight=weight,
-                            margin=margin, beta=beta, gamma=gamma, length_norm=norm, backend=backend)
+    out = aam_fast.aam_loss(
+        hidden,
+        weight,
+        targets,
+        rewards.unsqueeze(1),
+        ref_hidden=ref_hidden,
+        ref_weight=weight,
+        margin=margin,
+        beta=beta,
+        gamma=gamma,
+        length_norm=norm,
+        backend=backend,
+    )
     g = {"pr": 1.0, "ld": 0.0}[margin] if gamma is None else gamma
     pol = seq_logps64(hidden, weight, targets, norm)
     ref = seq_logps64(ref_hidden, weight, targets, norm)
@@ -90,16 +102,16 @@ def test_trained_through_margin_sft_and_centering_gradients(backend):
     hidden, weight, targets, rewards, ref_hidden = pair_batch(seed=5)
     kwargs = dict(margin="pr", beta=0.5, detach_margin=False, margin_clip=0.8, sft_weight=0.3, center_rewards=0.1)
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, rewards)]
-    out = aam_fast.aam_loss(leaves[0], leaves[1], targets, leaves[2], ref_hidden=ref_hidden, ref_weight=weight,
-                            backend=backend, **kwargs)
+    out = aam_fast.aam_loss(
+        leaves[0], leaves[1], targets, leaves[2], ref_hidden=ref_hidden, ref_weight=weight, backend=backend, **kwargs
+    )
     out.loss.backward()
 
     h, w, r = [t.detach().double().requires_grad_(True) for t in (hidden, weight, rewards)]
     pol = seq_logps64(h, w, targets)
     ref = seq_logps64(ref_hidden, weight, targets)
     m = (0.5 * ((pol[:3] - pol[3:]) - (ref[:3] - ref[3:]))).clamp(-0.8, 0.8)
-    expected = (-F.logsigmoid(r[:3] - r[3:] - m).mean() + 0.3 * (-pol[:3]).mean()
-                + 0.1 * (r[:3] + r[3:]).pow(2).mean())
+    expected = -F.logsigmoid(r[:3] - r[3:] - m).mean() + 0.3 * (-pol[:3]).mean() + 0.1 * (r[:3] + r[3:]).pow(2).mean()
     expected.backward()
     assert abs(out.loss.item() - expected.item()) <= 1e-5
     for leaf, ref_leaf in zip(leaves, (h, w, r), strict=True):
@@ -161,8 +173,23 @@ def grpo_batch(batch=4, length=7, dim=12, vocab=29, seed=0):
     return hidden, weight, targets, advantages, old, ref
 
 
-def direct_grpo(hidden, weight, targets, advantages, old, ref, *, eps, eps_high, beta, kl, ent_coef, loss_type,
-                normalizer, max_len=None):
+def direct_grpo(
+    hidden,
+    weight,
+    targets,
+    advantages,
+    old,
+    ref,
+    *,
+    eps,
+    eps_high,
+    beta,
+    kl,
+    ent_coef,
+    loss_type,
+    normalizer,
+    max_len=None,
+):
     """The per-token GRPO loss written out (float64), aggregated as the three modes define."""
     logp, entropy = reference_logprobs(hidden, weight, targets)
     mask = (targets != -100).double()
@@ -186,9 +213,21 @@ def test_grpo_matches_direct_formula(backend, kl, loss_type):
     hidden, weight, targets, advantages, old, ref = grpo_batch(seed=len(kl) + len(loss_type))
     cfg = dict(eps=0.2, eps_high=0.28, beta=0.05, kl=kl, ent_coef=0.01, loss_type=loss_type, normalizer=None)
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    out = aam_fast.grpo_loss(h, w, targets, advantages, old_logps=old, ref_logps=ref, epsilon=0.2,
-                             epsilon_high=0.28, beta=0.05, kl=kl, entropy_coef=0.01, loss_type=loss_type,
-                             backend=backend)
+    out = aam_fast.grpo_loss(
+        h,
+        w,
+        targets,
+        advantages,
+        old_logps=old,
+        ref_logps=ref,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        beta=0.05,
+        kl=kl,
+        entropy_coef=0.01,
+        loss_type=loss_type,
+        backend=backend,
+    )
     out.loss.backward()
     h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
     expected = direct_grpo(h64, w64, targets, advantages, old, ref, **cfg)
@@ -220,15 +259,23 @@ def test_grpo_two_micro_batches_accumulate_to_one_batch(loss_type):
     normalizer = aam_fast.default_normalizer(mask.float(), loss_type, 7)
 
     w_full = weight.clone().requires_grad_(True)
-    full = aam_fast.grpo_loss(hidden, w_full, targets, advantages, **{**cfg, "old_logps": old}, ref_logps=ref,
-                              normalizer=normalizer)
+    full = aam_fast.grpo_loss(
+        hidden, w_full, targets, advantages, **{**cfg, "old_logps": old}, ref_logps=ref, normalizer=normalizer
+    )
     full.loss.backward()
 
     w_acc = weight.clone().requires_grad_(True)
     total = 0.0
     for rows in (slice(0, 2), slice(2, 6)):  # unequal token counts per micro-batch
-        part = aam_fast.grpo_loss(hidden[rows], w_acc, targets[rows], advantages[rows],
-                                  **{**cfg, "old_logps": old[rows]}, ref_logps=ref[rows], normalizer=normalizer)
+        part = aam_fast.grpo_loss(
+            hidden[rows],
+            w_acc,
+            targets[rows],
+            advantages[rows],
+            **{**cfg, "old_logps": old[rows]},
+            ref_logps=ref[rows],
+            normalizer=normalizer,
+        )
         part.loss.backward()
         total += part.loss.item()
     assert abs(total - full.loss.item()) <= 1e-6
@@ -239,8 +286,17 @@ def test_grpo_module_matches_functional_and_errors():
     hidden, weight, targets, advantages, old, ref = grpo_batch(seed=31)
     module = aam_fast.GRPOLoss(beta=0.04, kl="k2", loss_type="seq-mean-token-mean")
     a = module(hidden, weight, targets, advantages, old_logps=old, ref_logps=ref)
-    b = aam_fast.grpo_loss(hidden, weight, targets, advantages, old_logps=old, ref_logps=ref, beta=0.04, kl="k2",
-                           loss_type="seq-mean-token-mean")
+    b = aam_fast.grpo_loss(
+        hidden,
+        weight,
+        targets,
+        advantages,
+        old_logps=old,
+        ref_logps=ref,
+        beta=0.04,
+        kl="k2",
+        loss_type="seq-mean-token-mean",
+    )
     assert torch.equal(a.loss, b.loss)
     with pytest.raises(ValueError, match="ref_logps"):
         aam_fast.grpo_loss(hidden, weight, targets, advantages, beta=0.1)
@@ -299,8 +355,9 @@ def test_local_loss_chunked_path_matches_float64(monkeypatch, chunk_bytes):
         return ((coef * logp + 0.3 * torch.exp(logp) - 0.2 * entropy) * mask).sum() / mask.sum()
 
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-    loss, logp, entropy = aam_fast.linear_local_loss(leaves[0], leaves[1], targets, token_loss, bias=leaves[2],
-                                                     temperature=0.8, with_entropy=True, backend="torch")
+    loss, logp, entropy = aam_fast.linear_local_loss(
+        leaves[0], leaves[1], targets, token_loss, bias=leaves[2], temperature=0.8, with_entropy=True, backend="torch"
+    )
     loss.backward()
     ref_leaves = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
     ref_logp, ref_entropy = reference_logprobs(ref_leaves[0], ref_leaves[1], targets, ref_leaves[2], 0.8)

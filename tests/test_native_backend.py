@@ -94,9 +94,7 @@ def test_absent_library_is_a_value_error_saying_how_to_build(monkeypatch, tmp_pa
     monkeypatch.setattr(native_backend, "_load_error", None)
     monkeypatch.setenv(native_backend.LIBRARY_ENV, str(tmp_path / "missing.so"))
     with pytest.raises(ValueError, match="--no-build-isolation"):
-        aam_fast.linear_logprobs(
-            torch.randn(3, 4), torch.randn(7, 4), torch.tensor([0, 1, 2]), backend="native"
-        )
+        aam_fast.linear_logprobs(torch.randn(3, 4), torch.randn(7, 4), torch.tensor([0, 1, 2]), backend="native")
 
 
 def test_native_refuses_non_cpu_tensors():
@@ -118,6 +116,4 @@ def test_package_imports_and_falls_back_without_the_library(tmp_path):
     env = dict(os.environ, AAM_FAST_NATIVE_LIB=str(tmp_path / "absent.so"))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert (
-        "backend='native' is unavailable" in out.stdout and "pip install --no-build-isolation" in out.stdout
-    )
+    assert "backend='native' is unavailable" in out.stdout and "pip install --no-build-isolation" in out.stdout
