@@ -38,3 +38,12 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"../shared not found at {SHARED}: real-data tests need the shared folder beside the repo")
     return SHARED
+
+
+@pytest.fixture
+def paths(shared_dir) -> dict[str, str]:
+    """The real small model (stories260k) and preference data (hh-rlhf harmless) of ../shared."""
+    return {
+        "model": str(shared_dir / "models" / "stories260k"),
+        "hh": str(shared_dir / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"),
+    }

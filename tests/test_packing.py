@@ -16,14 +16,6 @@ from aam_fast.rm import RMConfig, train_reward_model
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture
-def paths(shared_dir):
-    return {
-        "model": str(shared_dir / "models" / "stories260k"),
-        "hh": str(shared_dir / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"),
-    }
-
-
 def test_pack_and_unpack_layout():
     batch = pad_sequences([([7, 8, 9], 1), ([5], 0), ([4, 3], 1)], pad_token_id=0)
     add_packing(batch)

@@ -35,14 +35,6 @@ TRL_KEYS = {
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture
-def paths(shared_dir):
-    return {
-        "model": str(shared_dir / "models" / "stories260k"),
-        "hh": str(shared_dir / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"),
-    }
-
-
 def config(paths, output, **overrides):
     values = dict(
         model=paths["model"],

@@ -118,9 +118,8 @@ def autotune_enabled(device: torch.device) -> bool:
 
 def tuning_key(kernel: str, device: torch.device, dtype: torch.dtype, n_rows: int, *shape_and_flags) -> tuple:
     """Configs are tuned per kernel, device, dtype, precision, the given shape/flags and a power-of-two N bucket."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     bucket = triton.next_power_of_2(max(n_rows, 1))
-    return (kernel, name, device.index, dtype, dot_precision(dtype), bucket, *shape_and_flags)
+    return (kernel, device.type, device.index, dtype, dot_precision(dtype), bucket, *shape_and_flags)
 
 
 def _shrink(config: TileConfig) -> TileConfig | None:
