@@ -3,7 +3,8 @@
 Each stage module exposes ``add_parser(subparsers)``, which registers its subcommands and sets ``func`` (taking the
 parsed ``argparse.Namespace``, returning an exit code) with ``set_defaults``. To add a stage, append its module to
 :data:`STAGE_MODULES`; a module listed there that is not present in this installation is skipped. A ``ValueError``
-from a command (bad data, bad flags) is printed as one error line with exit code 2.
+from a command (bad data, bad flags) is printed as one error line with exit code 2; a run stopped by a non-finite
+loss or gradient (:class:`~aam_fast.training.TrainingDiverged`) as one line with exit code 1.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from .training.runtime import TrainingDiverged
+
 STAGE_MODULES = (
-    "aam_fast.rm",  # train-rm, eval-rm
-    "aam_fast.demo_rm",  # demo
-    "aam_fast.grpo",  # train-grpo, demo-grpo (the GRPO stage registers itself here)
+    "aam_fast.stages.rm.cli",  # train-rm, eval-rm
+    "aam_fast.stages.rm.demo",  # demo
+    "aam_fast.stages.grpo.cli",  # train-grpo
+    "aam_fast.stages.grpo.demo",  # demo-grpo
 )
 
 
@@ -29,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name == name:  # the stage is not part of this installation
+            if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):  # not installed
                 continue
             raise
         register = getattr(module, "add_parser", None)
@@ -51,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # bad input (a data record, a flag combination): the message says what and where
         print(f"aam-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:  # nothing non-finite was applied or saved; the message names the step
+        print(f"aam-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

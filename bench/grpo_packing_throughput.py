@@ -35,9 +35,10 @@ def fastest(fn, repeats: int) -> float:
 def main() -> None:
     from transformers import AutoTokenizer
 
-    import aam_fast.grpo
-    from aam_fast.grpo import GRPOConfig, GRPOTrainer
-    from aam_fast.models import RewardModel, RewardScorer, load_causal_lm, save_reward_model
+    from aam_fast.modeling import RewardModel, RewardScorer, load_causal_lm, save_reward_model
+    from aam_fast.stages.grpo import trainer as grpo_trainer
+    from aam_fast.stages.grpo.config import GRPOConfig
+    from aam_fast.stages.grpo.trainer import GRPOTrainer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--micro-batches", type=int, default=4)
@@ -74,8 +75,8 @@ def main() -> None:
         )
         if args.stop_at_period:
             period = AutoTokenizer.from_pretrained(model).convert_tokens_to_ids(".")
-            eos_token_ids = aam_fast.grpo.eos_token_ids
-            aam_fast.grpo.eos_token_ids = lambda m, t: [*eos_token_ids(m, t), period]
+            eos_token_ids = grpo_trainer.eos_token_ids
+            grpo_trainer.eos_token_ids = lambda m, t: [*eos_token_ids(m, t), period]
         trainer = GRPOTrainer(cfg)
         batches, _ = trainer.make_rollout()
         for batch in batches:

@@ -9,7 +9,8 @@ import pytest
 
 from aam_fast import cli
 from aam_fast.data import load_preferences, split_by_prompt
-from aam_fast.demo_rm import demo_config, demo_data_path
+from aam_fast.demo_assets import demo_data_path
+from aam_fast.stages.rm.demo import demo_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,3 +139,56 @@ def test_demo_data_ships_and_the_demo_config_is_valid(tmp_path):
     assert cfg.margin == "pr" and cfg.trainable_layers and cfg.cache_trunk
     train, dev = split_by_prompt(data.pairs, cfg.dev_fraction)
     assert len(dev) >= 20 and len(train) >= 80
+
+
+def _subcommands(parser):
+    return parser._subparsers._group_actions[0].choices
+
+
+@pytest.mark.parametrize("command", ["train-rm", "eval-rm", "train-grpo"])
+def test_every_flag_shows_its_meaning_and_default(command):
+    parser = _subcommands(cli.build_parser())[command]
+    formatter = parser.formatter_class(command)
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{command} {action.option_strings} has no help"
+        if not action.required:
+            assert "(default" in formatter._get_help_string(action), f"{command} {action.option_strings}: no default"
+
+
+def test_a_flag_of_both_stages_is_one_field():
+    from aam_fast.stages.grpo.config import GRPOConfig
+    from aam_fast.stages.rm.config import RMConfig
+    from aam_fast.training.config import TrainingConfig
+
+    commands = _subcommands(cli.build_parser())
+    shared = {f.name for f in __import__("dataclasses").fields(TrainingConfig)}
+    for stage, config in (("train-rm", RMConfig), ("train-grpo", GRPOConfig)):
+        assert issubclass(config, TrainingConfig)
+        dests = {a.dest for a in commands[stage]._actions}
+        assert shared <= dests, f"{stage} lacks {shared - dests}"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-grad-norm", "-1", "--max-grad-norm must be >= 0.0, got -1.0"),
+        ("--score-lr", "-1", "--score-lr must be > 0.0"),
+        ("--save-every", "-1", "--save-every must be >= 0"),
+        ("--eval-every", "-1", "--eval-every must be >= 0"),
+        ("--dev-fraction", "-0.5", "--dev-fraction must be >= 0.0 and < 1.0"),
+        ("--max-pairs", "0", "--max-pairs must be >= 1"),
+        ("--lr", "nan", "--lr must be > 0.0"),
+    ],
+)
+def test_a_flag_out_of_range_is_one_line_exit_2(flag, value, message, tmp_path, capsys):
+    argv = ["train-rm", "--model", "m", "--data", "d", "--output", str(tmp_path / "o"), flag, value]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_eval_rm_batch_size_out_of_range(tmp_path, capsys):
+    assert cli.main(["eval-rm", "--model", "m", "--data", "d", "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err

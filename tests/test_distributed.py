@@ -1,7 +1,7 @@
 """train-rm and train-grpo under torchrun on CPU (gloo, 2 processes, the real stories260k model; hh-rlhf pairs for
 the RM, a rule reward for GRPO): DDP and FSDP2 end where one process on the combined batch ends, a resumed FSDP2
-run from a sharded (DCP) checkpoint ends where the uninterrupted run does, and checkpoints move between world sizes
-(2 ranks -> 1 process, 1 process -> 2 ranks) with batch-size x ranks kept."""
+run from its checkpoint ends where the uninterrupted run does, and checkpoints move between world sizes (2 ranks ->
+1 process, 1 process -> 2 ranks) with batch-size x ranks kept."""
 
 import json
 import os
@@ -15,9 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aam_fast import distributed
-from aam_fast.grpo import GRPOConfig, RowSeededSampler, completion_seed, train_grpo
-from aam_fast.rm import RMConfig, train_reward_model
+from aam_fast.stages.grpo import GRPOConfig, train_grpo
+from aam_fast.stages.grpo.sampling import RowSeededSampler, completion_seed
+from aam_fast.stages.rm.config import RMConfig
+from aam_fast.stages.rm.trainer import train_reward_model
+from aam_fast.training import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -131,8 +133,8 @@ def test_fsdp2_two_ranks_match_one_process_and_resume_exactly(single, tmp_path):
     assert done.stderr.count("training pr reward model") == 1  # one log: rank 0's
     assert_same_weights(reference, tmp_path)
     assert losses(tmp_path) == pytest.approx(losses(reference), abs=1e-5)
-    checkpoint = tmp_path / "checkpoints" / "step-00000002"
-    assert (checkpoint / "dcp").is_dir() and (checkpoint / "rng-rank1.pt").is_file()
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "rank1.pt").is_file()
     uninterrupted = load_file(str(tmp_path / "model.safetensors"))
     first_losses = losses(tmp_path)
 
@@ -143,7 +145,7 @@ def test_fsdp2_two_ranks_match_one_process_and_resume_exactly(single, tmp_path):
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
     assert losses(tmp_path) == first_losses
 
-    # onto one process (DCP reshards) with the combined batch: where the one-process run ends
+    # onto one process (full weights and optimizer state) with the combined batch: where the one-process run ends
     alone = tmp_path / "alone"
     shutil.copytree(checkpoint, alone / "checkpoints" / checkpoint.name)
     with pytest.raises(ValueError, match=r"written with 4 pairs .* this run has 2 .*keep batch-size x ranks"):
@@ -155,11 +157,11 @@ def test_fsdp2_two_ranks_match_one_process_and_resume_exactly(single, tmp_path):
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
 def test_a_single_process_checkpoint_resumes_on_two_ranks(single, tmp_path, strategy):
-    """The one-process run's step-2 checkpoint (a save_pretrained folder, the optimizer's state by index) resumed
-    by 2 ranks of half the batch ends where the one-process run ends."""
+    """The one-process run's step-2 checkpoint resumed by 2 ranks of half the batch ends where the one-process run
+    ends."""
     shared, reference = single
-    checkpoint = reference / "checkpoints" / "step-00000002"
-    assert (checkpoint / "model.safetensors").is_file() and not (checkpoint / "dcp").exists()
+    checkpoint = reference / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").is_file() and not (checkpoint / "rank1.pt").exists()
     shutil.copytree(checkpoint, tmp_path / "checkpoints" / checkpoint.name)
     done = torchrun(shared, tmp_path, "--strategy", strategy, "--save-every", "2", "--resume", "auto")
     assert "resumed from" in done.stderr and "at step 2" in done.stderr
@@ -281,28 +283,33 @@ def test_grpo_ddp_two_ranks_match_one_process_on_the_combined_batch(grpo_single,
 
 
 def test_grpo_fsdp2_two_ranks_match_one_process_and_resume_exactly(grpo_single, tmp_path):
-    """2 ranks end as one process does; resumed from the step-1 DCP checkpoint on 2 ranks they end bit for bit
-    where the uninterrupted run ended, and on one process within 1e-5."""
+    """2 ranks end as one process does; resumed from the step-1 checkpoint on 2 ranks they end bit for bit where
+    the uninterrupted run ended, and on one process within 1e-5."""
     settings, reference = grpo_single
     grpo_torchrun(settings, tmp_path, 1, "--strategy", "fsdp2", "--save-every", "1")
     assert_same_weights(reference, tmp_path)
     assert_same_metrics(metric_rows(tmp_path), metric_rows(reference))
     checkpoints = tmp_path / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000001", "step-000002"]
-    assert (checkpoints / "step-000001" / "dcp").is_dir() and (checkpoints / "step-000001" / "rng-rank1.pt").is_file()
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    first = checkpoints / "checkpoint-1"
+    assert {"model.safetensors", "optimizer.pt", "rank0.pt", "rank1.pt", "trainer_state.json"} <= {
+        p.name for p in first.iterdir()
+    }
+    assert json.loads((first / "trainer_state.json").read_text())["world_size"] == 2
+    assert_same_weights(reference / "checkpoints" / "checkpoint-1", first)  # the full weights, gathered
     uninterrupted = load_file(str(tmp_path / "model.safetensors"))
     first_rows = metric_rows(tmp_path)
 
-    shutil.rmtree(checkpoints / "step-000002")  # as if the run had stopped after step 1
+    shutil.rmtree(checkpoints / "checkpoint-2")  # as if the run had stopped after step 1
     grpo_torchrun(settings, tmp_path, 1, "--strategy", "fsdp2", "--save-every", "1", "--resume", "auto")
     resumed = load_file(str(tmp_path / "model.safetensors"))
     for name, value in uninterrupted.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
     assert metric_rows(tmp_path) == first_rows
 
-    # onto one process (DCP reshards): the same end within float32 summation-order differences
+    # onto one process (full weights and optimizer state): the same end within float32 summation-order differences
     alone = tmp_path / "alone"
-    shutil.copytree(checkpoints / "step-000001", alone / "checkpoints" / "step-000001")
+    shutil.copytree(first, alone / "checkpoints" / first.name)
     shutil.copy(tmp_path / "metrics.jsonl", alone / "metrics.jsonl")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -318,11 +325,11 @@ def test_grpo_fsdp2_two_ranks_match_one_process_and_resume_exactly(grpo_single, 
 
 
 def test_grpo_single_process_checkpoint_resumes_on_two_fsdp2_ranks(grpo_single, tmp_path):
-    """The one-process run's step-1 checkpoint (a .pt file) resumed by 2 FSDP2 ranks of 1 prompt each ends where
-    the one-process run ends."""
+    """The one-process run's step-1 checkpoint resumed by 2 FSDP2 ranks of 1 prompt each ends where the one-process
+    run ends."""
     settings, reference = grpo_single
-    (tmp_path / "checkpoints").mkdir()
-    shutil.copy(reference / "checkpoints" / "step-000001.pt", tmp_path / "checkpoints")
+    checkpoint = reference / "checkpoints" / "checkpoint-1"
+    shutil.copytree(checkpoint, tmp_path / "checkpoints" / checkpoint.name)
     grpo_torchrun(settings, tmp_path, 1, "--strategy", "fsdp2", "--save-every", "1", "--resume", "auto")
     assert [r["step"] for r in metric_rows(tmp_path)] == [2]
     assert_same_weights(reference, tmp_path)
@@ -332,7 +339,7 @@ def test_grpo_single_process_checkpoint_resumes_on_two_fsdp2_ranks(grpo_single, 
 GATHER_COUNT_SCRIPT = """
 import json, sys
 import torch.distributed.fsdp._fully_shard._fsdp_param_group as group_module
-from aam_fast.grpo import GRPOConfig, GRPOTrainer
+from aam_fast.stages.grpo import GRPOConfig, GRPOTrainer
 
 gathers = []
 original = group_module.foreach_all_gather

@@ -1,14 +1,16 @@
 """The GRPO stage end to end on the real tiny Llama in ../shared/models/stories260k (CPU).
 
 Covers: rollouts (EOS stop, truncation flag, log-probs equal to the sampling distribution), exact gradient
-accumulation (normaliser counted over the whole step), a loop that learns a rule reward, exact resume, the reward
-model scoring as eval-rm does, rule-reward plumbing, config and CLI. The fused loss's own formula tests live in
-tests/test_losses.py.
+accumulation (normaliser counted over the whole step), a loop that learns a rule reward, exact resume (mid-rollout
+too) from `checkpoint-<step>` folders whose every file loads with json or torch.load(weights_only=True), a diverging
+run that stops before applying or saving anything non-finite, the reward model scoring as eval-rm does, rule-reward
+plumbing, config and CLI. The fused loss's own formula tests live in tests/test_losses.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from dataclasses import fields
@@ -16,19 +18,11 @@ from dataclasses import fields
 import pytest
 import torch
 
-from aam_fast.grpo import (
-    GRPOConfig,
-    GRPOTrainer,
-    MicroBatch,
-    RewardSources,
-    add_train_grpo_arguments,
-    config_from_args,
-    generate_micro_batch,
-    load_policy,
-    load_reward_fn,
-    token_logprobs,
-    train_grpo,
-)
+from aam_fast.stages.grpo import GRPOConfig, GRPOTrainer, train_grpo
+from aam_fast.stages.grpo.policy import load_policy
+from aam_fast.stages.grpo.rewards import RewardSources, load_reward_fn
+from aam_fast.stages.grpo.rollout import MicroBatch, generate_micro_batch, token_logprobs
+from aam_fast.training import TrainingDiverged, add_config_arguments, config_from_args
 
 STORY_PROMPTS = [
     {"prompt": p} for p in ["Once upon a time", "One day", "Lily was", "The cat", "Tom and", "There was a"]
@@ -90,7 +84,9 @@ def test_rollout_stops_at_eos_and_flags_truncation(stories):
     from transformers import GenerationConfig
 
     policy, tokenizer = load_policy(stories, torch.device("cpu"))
-    cfg = GRPOConfig(policy=stories, reward_fns=[share_of_a], num_generations=8, max_new_tokens=12)
+    cfg = GRPOConfig(
+        policy=stories, prompts=STORY_PROMPTS, reward_fns=[share_of_a], num_generations=8, max_new_tokens=12
+    )
     generation = GenerationConfig(
         do_sample=True, top_k=0, max_new_tokens=12, eos_token_id=[PERIOD_ID], pad_token_id=tokenizer.pad_token_id
     )
@@ -123,7 +119,14 @@ def test_logprobs_equal_the_sampling_distribution(stories):
     from transformers import GenerationConfig
 
     policy, tokenizer = load_policy(stories, torch.device("cpu"))
-    cfg = GRPOConfig(policy=stories, reward_fns=[share_of_a], num_generations=2, max_new_tokens=5, temperature=0.7)
+    cfg = GRPOConfig(
+        policy=stories,
+        prompts=STORY_PROMPTS,
+        reward_fns=[share_of_a],
+        num_generations=2,
+        max_new_tokens=5,
+        temperature=0.7,
+    )
     generation = GenerationConfig(
         do_sample=True, top_k=0, temperature=0.7, max_new_tokens=5, eos_token_id=[2], pad_token_id=0
     )
@@ -235,7 +238,7 @@ def test_resume_is_exact(stories, tmp_path):
     train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=3, **common))
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
         train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=5, **common))
-    with pytest.warns(UserWarning, match=r"changed settings: lr \(0.001 -> 0.002\)"):
+    with pytest.warns(UserWarning, match=r"changed settings: lr 0.001 -> 0.002"):
         GRPOTrainer(
             small_config(stories, tmp_path, output=str(tmp_path / "x"), resume=str(part), **{**common, "lr": 2e-3})
         )
@@ -248,7 +251,9 @@ def test_resume_is_exact(stories, tmp_path):
     assert weights_full.keys() == weights_part.keys()
     assert all(torch.equal(weights_full[k], weights_part[k]) for k in weights_full)
 
-    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step-000003.pt", "step-000005.pt"]
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-5"]
+    state = json.loads((part / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["mid_rollout"] and state["iteration"] == 1
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (part / name).is_file()
     assert AutoModelForCausalLM.from_pretrained(part).config.vocab_size == 512
@@ -261,7 +266,7 @@ def test_reward_model_scores_as_eval_rm(stories, tmp_path):
     """RM + weighted rule reward on conversational prompts: logged rewards equal RewardScorer's scores."""
     from transformers import AutoTokenizer
 
-    from aam_fast.models import RewardModel, RewardScorer, load_causal_lm, save_reward_model
+    from aam_fast.modeling import RewardModel, RewardScorer, load_causal_lm, save_reward_model
 
     torch.manual_seed(0)
     rm_dir = tmp_path / "rm"
@@ -330,24 +335,27 @@ def test_load_reward_fn_specs(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(num_generations=1), "num_generations must be >= 2"),
+        (dict(num_generations=1), "--num-generations must be >= 2"),
         (dict(reward_fns=[]), "no reward"),
-        (dict(reward_weights=[1.0, 2.0]), "reward_weights has 2 values for 1 reward sources"),
-        (dict(temperature=0.0), "temperature must be > 0"),
-        (dict(loss_type="sum"), "loss_type must be one of"),
-        (dict(kl="k4"), "kl must be one of"),
-        (dict(batch_size=0), "batch_size must be a positive integer"),
+        (dict(reward_weights=[1.0, 2.0]), "--reward-weights has 2 values for 1 reward sources"),
+        (dict(temperature=0.0), "--temperature must be > 0"),
+        (dict(top_p=1.5), "--top-p must be > 0.0 and <= 1.0"),
+        (dict(loss_type="sum"), "--loss-type must be one of"),
+        (dict(kl="k4"), "--kl must be one of"),
+        (dict(batch_size=0), "--batch-size must be >= 1"),
+        (dict(prompts=""), "--prompts: give a prompt file"),
+        (dict(lr=float("nan")), "--lr must be > 0"),
     ],
 )
 def test_config_validation(overrides, message):
-    cfg = GRPOConfig(policy="p", **{"reward_fns": ["m:f"], **overrides})
+    cfg = GRPOConfig(policy="p", **{"prompts": "f.jsonl", "reward_fns": ["m:f"], **overrides})
     with pytest.raises(ValueError, match=message):
         cfg.validate()
 
 
 def test_cli_flags_map_to_config():
     parser = argparse.ArgumentParser()
-    add_train_grpo_arguments(parser)
+    add_config_arguments(parser, GRPOConfig)
     argv = (
         "--policy P --reward-model RM --prompts F --scenes S --num-generations 6 --max-new-tokens 33 --temperature 0.9 "
         "--top-p 0.95 --beta 0.02 --kl k2 --epsilon 0.1 --epsilon-high 0.28 --loss-type seq-mean-token-sum-norm "
@@ -355,7 +363,7 @@ def test_cli_flags_map_to_config():
         "--grad-accum 4 --seed 9 --output OUT --save-every 5 --resume CK --reward-fn a:b --reward-fn c:d "
         "--reward-weights 1 0.5 0.25 --log-completions-every 2 --dtype bfloat16 --packing"
     ).split()
-    cfg = config_from_args(parser.parse_args(argv))
+    cfg = config_from_args(GRPOConfig, parser.parse_args(argv))
     assert cfg.policy == "P" and cfg.reward_model == "RM" and cfg.prompts == "F" and cfg.scenes == "S"
     assert (cfg.num_generations, cfg.max_new_tokens, cfg.temperature, cfg.top_p) == (6, 33, 0.9, 0.95)
     assert (cfg.beta, cfg.kl, cfg.epsilon, cfg.epsilon_high) == (0.02, "k2", 0.1, 0.28)
@@ -416,10 +424,106 @@ def test_cli_run_on_rpbench_cards(stories, shared_dir, tmp_path, capsys):
 
 
 def test_demo_prompts_take_one_per_character(tmp_path):
-    from aam_fast.grpo import demo_prompts
+    from aam_fast.stages.grpo.demo import demo_prompts
 
     rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "character": name} for i, name in enumerate("AABCB")]
     path = tmp_path / "profiles.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [r["prompt"][0]["content"] for r in demo_prompts(path, 2)] == ["q0", "q2"]
     assert [r["character"] for r in demo_prompts(path, 5)] == ["A", "B", "C"]
+
+
+def assert_loads_without_unpickling(folder):
+    """Every file of a checkpoint loads with json, torch.load(weights_only=True) or safetensors; returns them."""
+    from safetensors.torch import load_file
+
+    loaded = {}
+    for path in sorted(folder.iterdir()):
+        assert path.is_file(), path
+        if path.suffix == ".json":
+            loaded[path.name] = json.loads(path.read_text())
+        elif path.suffix == ".pt":
+            loaded[path.name] = torch.load(path, map_location="cpu", weights_only=True)
+        elif path.suffix == ".safetensors":
+            loaded[path.name] = load_file(path)
+        else:
+            raise AssertionError(f"{path.name}: a checkpoint file that is neither JSON, tensors nor safetensors")
+    return loaded
+
+
+def test_checkpoint_files_load_with_json_or_weights_only(stories, tmp_path):
+    """checkpoint-1 is saved mid-rollout (2 iterations per rollout): its RNG states and the rollout's tensors are
+    in rank0.pt, the rollout's prompts and texts in rank0.json, all readable without unpickling code."""
+    cfg = small_config(stories, tmp_path, max_steps=2, num_iterations=2, save_every=1, beta=0.04)
+    train_grpo(cfg)
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in sorted(root.iterdir())] == ["checkpoint-1", "checkpoint-2"]
+    mid = assert_loads_without_unpickling(root / "checkpoint-1")
+    assert {"model.safetensors", "optimizer.pt", "rank0.pt", "rank0.json", "trainer_state.json"} <= set(mid)
+    state, tensors, texts = mid["trainer_state.json"], mid["rank0.pt"], mid["rank0.json"]
+    assert state["step"] == 1 and state["mid_rollout"] and state["stage"] == "grpo" and state["world_size"] == 1
+    assert set(tensors["rng"]) >= {"python", "numpy", "torch"}
+    [rollout] = tensors["rollout"]
+    assert rollout["targets"].shape[0] == 8 and {"old_logps", "ref_logps", "advantages"} <= set(rollout)
+    assert len(texts["rollout"][0]["completions"]) == 8 and texts["rollout"][0]["prompts"][0] in [
+        p["prompt"] for p in STORY_PROMPTS
+    ]
+    assert mid["optimizer.pt"]["state"] and all(isinstance(k, str) for k in mid["optimizer.pt"]["state"])
+    done = assert_loads_without_unpickling(root / "checkpoint-2")
+    assert (
+        not done["trainer_state.json"]["mid_rollout"] and "rank0.json" not in done and "rollout" not in done["rank0.pt"]
+    )
+
+
+def _nan_loss_at_step_2(trainer):
+    original = trainer.loss_fn
+
+    def loss_fn(*args, **kwargs):
+        out = original(*args, **kwargs)
+        return dataclasses.replace(out, loss=out.loss * math.nan) if trainer.step == 1 else out
+
+    trainer.loss_fn = loss_fn
+    return r"non-finite loss \(nan\) at step 2"
+
+
+def _nan_gradient_at_step_2(trainer):
+    parameter = next(p for p in trainer.policy.parameters() if p.requires_grad)
+    parameter.register_hook(lambda grad: grad * math.nan if trainer.step == 1 else grad)
+    return r"non-finite gradient norm \(nan\) at step 2"
+
+
+@pytest.mark.parametrize("poison", [_nan_loss_at_step_2, _nan_gradient_at_step_2])
+def test_a_diverging_run_stops_before_applying_or_saving_it(stories, tmp_path, poison):
+    """A NaN loss, or a finite loss whose gradient is NaN, at step 2: TrainingDiverged names the step and the last
+    finite checkpoint; the weights and the optimizer's state are still step 1's, and nothing non-finite is saved."""
+    trainer = GRPOTrainer(small_config(stories, tmp_path, max_steps=3, save_every=1, beta=0.04))
+    expected = poison(trainer)
+    with pytest.raises(TrainingDiverged, match=expected + r".*not applied.*checkpoint-1"):
+        trainer.train()
+    run = tmp_path / "run"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-1"]
+    assert not (run / "model.safetensors").exists(), "no final export of a diverged run"
+    saved = assert_loads_without_unpickling(run / "checkpoints" / "checkpoint-1")
+    assert all(bool(torch.isfinite(t).all()) for t in saved["model.safetensors"].values())
+    current = {k.removeprefix("model."): v for k, v in trainer.engine.state_dict().items()}
+    for name, value in saved["model.safetensors"].items():
+        assert torch.equal(current[name], value), name
+    optimizer = trainer.ctx.optimizer_state(trainer.engine, trainer.optimizer)["state"]
+    assert optimizer.keys() == saved["optimizer.pt"]["state"].keys() and optimizer
+    for name, moments in optimizer.items():
+        for key, value in moments.items():
+            assert torch.equal(value, saved["optimizer.pt"]["state"][name][key]), (name, key)
+            assert bool(torch.isfinite(value).all()) and float(moments["step"]) == 1
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_huge_learning_rate_diverges_without_saving_non_finite_weights(stories, tmp_path):
+    """lr 1e30: the weights blow up to ~1e30 after step 1 (finite), the next forward overflows; the run stops with
+    TrainingDiverged and every checkpoint on disk holds finite weights."""
+    cfg = small_config(stories, tmp_path, lr=1e30, max_steps=6, save_every=1, max_grad_norm=0.0)
+    with pytest.raises(TrainingDiverged, match=r"non-finite .* at step \d+"):
+        train_grpo(cfg)
+    folders = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    for folder in folders:
+        weights = assert_loads_without_unpickling(folder)["model.safetensors"]
+        assert all(bool(torch.isfinite(t).all()) for t in weights.values()), folder.name

@@ -5,7 +5,7 @@ import torch
 
 from aam_fast import linear_logprobs
 from aam_fast.data import PairEncoder, choose_pad_token_id, collate_pairs, load_preferences, pad_sequences
-from aam_fast.models import (
+from aam_fast.modeling import (
     LM_HEAD_FILE,
     ReferenceModel,
     RewardModel,

@@ -8,10 +8,12 @@ from safetensors.torch import load_file
 
 from aam_fast import AAMLoss, linear_logprobs
 from aam_fast.data import PairEncoder, collate_pairs, load_preferences, pad_sequences
-from aam_fast.grpo import GRPOConfig, GRPOTrainer, token_logprobs, train_grpo
-from aam_fast.models import ReferenceModel, RewardModel, RewardScorer, load_causal_lm, save_reward_model
-from aam_fast.packing import add_packing, packed_reward_forward, padded_columns, unpack
-from aam_fast.rm import RMConfig, train_reward_model
+from aam_fast.modeling import ReferenceModel, RewardModel, RewardScorer, load_causal_lm, save_reward_model
+from aam_fast.modeling.packing import add_packing, packed_reward_forward, padded_columns, unpack
+from aam_fast.stages.grpo import GRPOConfig, GRPOTrainer, train_grpo
+from aam_fast.stages.grpo.rollout import token_logprobs
+from aam_fast.stages.rm.config import RMConfig
+from aam_fast.stages.rm.trainer import train_reward_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -193,8 +195,9 @@ def test_grpo_packed_logprobs_rewards_loss_and_gradients_equal_padded(paths, rew
     shift = torch.linspace(-0.4, 0.4, width) * batch.mask  # ratios e^-0.4 .. e^0.4: both clip regions act
     batch.old_logps, batch.ref_logps = logps[0] + shift, ref[0]
 
-    texts = [c[-1]["content"] if isinstance(c, list) else c for c in trainer._completions_for_fns(batch)]
-    rewards = [RewardScorer(reward_model_dir, batch_size=5, packing=p)(batch.prompts, texts) for p in (False, True)]
+    rewards = [
+        RewardScorer(reward_model_dir, batch_size=5, packing=p)(batch.prompts, batch.completions) for p in (False, True)
+    ]
     torch.testing.assert_close(rewards[1], rewards[0], rtol=1e-5, atol=1e-5)
 
     results = {}
@@ -219,9 +222,9 @@ def test_train_grpo_with_packing_ends_where_padded_training_ends(paths, reward_m
     rounding of a gradient element near Adam's eps (|g| ~ 1e-8) into an update difference of up to ~0.1 lr."""
     import json
 
-    import aam_fast.grpo
+    import aam_fast.stages.grpo.trainer
 
-    monkeypatch.setattr(aam_fast.grpo, "eos_token_ids", lambda model, tokenizer: [2, PERIOD_ID])
+    monkeypatch.setattr(aam_fast.stages.grpo.trainer, "eos_token_ids", lambda model, tokenizer: [2, PERIOD_ID])
     runs = {}
     for packing in (False, True):
         output = tmp_path / ("packed" if packing else "padded")

@@ -7,22 +7,23 @@ import shutil
 import pytest
 import torch
 
-from aam_fast import rm
 from aam_fast.data import EncodedPair, EncodedSequence, load_preferences
-from aam_fast.rm import (
-    RMConfig,
-    TrainingDiverged,
-    list_checkpoints,
-    micro_batch_indices,
-    pairwise_report,
-    train_reward_model,
-)
+from aam_fast.stages.rm import trainer as rm
+from aam_fast.stages.rm.config import RMConfig
+from aam_fast.stages.rm.evaluate import pairwise_report
+from aam_fast.stages.rm.trainer import micro_batch_indices, train_reward_model
+from aam_fast.training import TrainingDiverged
+from aam_fast.training.checkpoints import list_checkpoints
 
 TRL_KEYS = {
     "loss",
     "accuracy",
-    "margin/mean",
-    "margin/std",
+    "margin",
+    "aam_margin/mean",
+    "aam_margin/std",
+    "min_reward",
+    "mean_reward",
+    "max_reward",
     "rewards/chosen",
     "rewards/rejected",
     "grad_norm",
@@ -76,13 +77,13 @@ def test_short_training_lowers_the_loss_and_leaves_loadable_checkpoints(paths, t
     first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-6:]) / 6
     assert last < first - 0.05, (first, last)
     assert sum(r["accuracy"] for r in rows[-6:]) / 6 > 0.6
-    evals = [r for r in read_metrics(out) if "eval/accuracy" in r]
+    evals = [r for r in read_metrics(out) if "eval_accuracy" in r]
     assert [r["step"] for r in evals] == [16, 32]
     assert summary["eval"]["num_pairs"] == summary["dev_pairs"] > 0
     assert 0 <= summary["eval"]["accuracy"] <= 1 and "length_baseline" in summary["eval"]
     assert json.loads((out / "summary.json").read_text())["steps"] == 32
-    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000016", "step-00000032"]
-    for folder in (out, out / "checkpoints" / "step-00000016"):
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-16", "checkpoint-32"]
+    for folder in (out, out / "checkpoints" / "checkpoint-16"):
         model = AutoModelForSequenceClassification.from_pretrained(folder)
         assert model.config.num_labels == 1
     assert json.loads((out / "aam_fast.json").read_text())["final_eval"]["num_pairs"] == summary["dev_pairs"]
@@ -137,13 +138,13 @@ class _NaNAtCall:
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(paths, tmp_path, monkeypatch):
     monkeypatch.setattr(rm, "AAMLoss", _NaNAtCall(3))
     out = tmp_path / "run"
-    with pytest.raises(TrainingDiverged, match=r"non-finite loss \(nan\) at step 3 .*step-00000002"):
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss \(nan\) at step 3\b.*checkpoint-2"):
         train_reward_model(config(paths, out, max_steps=5, save_every=1, keep_checkpoints=5))
-    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000001", "step-00000002"]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]
     assert [r["step"] for r in train_rows(out)] == [1, 2]
-    from aam_fast.models import load_reward_model
+    from aam_fast.modeling import load_reward_model
 
-    load_reward_model(out / "checkpoints" / "step-00000002")
+    load_reward_model(out / "checkpoints" / "checkpoint-2")
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint(paths, tmp_path, monkeypatch):
@@ -162,7 +163,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(paths, tmp_path, mo
     monkeypatch.setattr(rm, "save_reward_model", crashing_save)
     with pytest.raises(KeyboardInterrupt):
         train_reward_model(config(paths, out, max_steps=4, save_every=2))
-    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000002"]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
     monkeypatch.setattr(rm, "save_reward_model", real_save)
     summary = train_reward_model(config(paths, out, max_steps=4, save_every=2, resume="auto"))
     assert summary["steps"] == 4 and [r["step"] for r in train_rows(out)] == [1, 2, 3, 4]
@@ -182,20 +183,20 @@ def test_every_margin_trains(paths, tmp_path, margin):
     rows = train_rows(out)
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     if margin == "bt":
-        assert rows[1]["margin/mean"] == 0.0
+        assert rows[1]["aam_margin/mean"] == 0.0
     elif margin == "fixed":
         # The two steps of epoch 0 see all eight data margins 0, 0.25, ..., 1.75 once.
-        assert (rows[0]["margin/mean"] + rows[1]["margin/mean"]) / 2 == pytest.approx(0.875)
+        assert (rows[0]["aam_margin/mean"] + rows[1]["aam_margin/mean"]) / 2 == pytest.approx(0.875)
     else:
-        assert rows[1]["margin/std"] > 0
+        assert rows[1]["aam_margin/std"] > 0
 
 
 def test_config_errors(paths, tmp_path):
-    with pytest.raises(ValueError, match="cache_trunk needs trainable_layers"):
+    with pytest.raises(ValueError, match="--cache-trunk needs --trainable-layers"):
         train_reward_model(config(paths, tmp_path, cache_trunk=True))
-    with pytest.raises(ValueError, match="margin='fixed' needs a 'margin' field.*#0"):
+    with pytest.raises(ValueError, match="--margin fixed needs a 'margin' field.*#0"):
         train_reward_model(config(paths, tmp_path, margin="fixed"))
-    with pytest.raises(ValueError, match="margin must be one of"):
+    with pytest.raises(ValueError, match="--margin must be one of"):
         train_reward_model(config(paths, tmp_path, margin="huge"))
 
 
@@ -232,3 +233,111 @@ def test_pairwise_report_counts_ties_as_wrong():
     assert report["subsets"]["b"]["accuracy"] == 0.5 and report["subsets"]["b"]["length_baseline"] == 0.5
     gap = report["reward_gap"]
     assert gap["min"] == -1.0 and gap["max"] == 1.0 and gap["median"] == pytest.approx(0.05)
+
+
+def test_a_bad_model_path_is_one_clear_error(paths, tmp_path):
+    with pytest.raises(ValueError, match=r"model /nonexistent/model: no such folder"):
+        train_reward_model(config(paths, tmp_path / "a", model="/nonexistent/model"))
+    with pytest.raises(ValueError, match=r"exceeds the model's 512 positions"):
+        train_reward_model(config(paths, tmp_path / "b", max_length=100_000))
+
+
+def test_output_that_would_lose_data_is_refused(paths, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        train_reward_model(config(paths, tmp_path / "file"))
+    with pytest.raises(ValueError, match="is the --model folder"):
+        train_reward_model(config(paths, paths["model"]))
+    out = tmp_path / "run"
+    train_reward_model(config(paths, out, max_steps=2, save_every=1))
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+        train_reward_model(config(paths, out, max_steps=2, save_every=1, seed=1))
+    (out / "checkpoints" / ".tmp-checkpoint-9").mkdir()  # a crashed save's leftovers
+    summary = train_reward_model(config(paths, out, max_steps=2, save_every=1, seed=1, overwrite=True))
+    assert summary["steps"] == 2 and not (out / "checkpoints" / ".tmp-checkpoint-9").exists()
+    assert [r["step"] for r in train_rows(out)] == [1, 2]
+
+
+def test_resume_refuses_a_changed_run_and_warns_about_numerics(paths, tmp_path):
+    checkpoint = tmp_path / "checkpoint-2"
+    train_reward_model(config(paths, tmp_path / "first", max_steps=4, save_every=2))
+    shutil.copytree(tmp_path / "first" / "checkpoints" / "checkpoint-2", checkpoint)
+    for change, flag in ((dict(lr=1e-2), "--lr"), (dict(margin="bt"), "--margin"), (dict(seed=3), "--seed")):
+        with pytest.raises(ValueError, match=f"resuming would change the run: {flag} "):
+            train_reward_model(config(paths, tmp_path / "r", max_steps=4, resume=str(checkpoint), **change))
+    with pytest.warns(UserWarning, match="changed settings: backend 'auto' -> 'torch'"):
+        train_reward_model(config(paths, tmp_path / "r", max_steps=4, resume=str(checkpoint), backend="torch"))
+
+
+def test_a_non_finite_gradient_is_never_applied_or_saved(paths, tmp_path, monkeypatch):
+    real = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def poisoned(parameters, max_norm, *args, **kwargs):
+        calls["n"] += 1
+        parameters = list(parameters)
+        if calls["n"] == 3:
+            parameters[0].grad.fill_(float("nan"))
+        return real(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"non-finite gradient norm \(nan\) at step 3\b.*checkpoint-2"):
+        train_reward_model(config(paths, out, max_steps=5, save_every=1, keep_checkpoints=5))
+    from safetensors.torch import load_file
+
+    for folder in list_checkpoints(out / "checkpoints"):
+        assert all(torch.isfinite(t).all() for t in load_file(folder / "model.safetensors").values())
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_every_checkpoint_file_loads_without_unpickling(paths, tmp_path):
+    out = tmp_path / "run"
+    train_reward_model(config(paths, out, max_steps=1, save_every=1))
+    (folder,) = list_checkpoints(out / "checkpoints")
+    for path in folder.iterdir():
+        if path.suffix == ".pt":
+            torch.load(path, weights_only=True)
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        else:
+            assert path.suffix in (".safetensors", ".jinja", ".txt"), path.name
+
+
+def test_report_to_tensorboard_writes_the_step_metrics(paths, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is a dev extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train_reward_model(config(paths, out, max_steps=2, report_to=["jsonl", "tensorboard"]))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert [r["step"] for r in train_rows(out)] == [1, 2]
+    only_tb = tmp_path / "tb"
+    train_reward_model(config(paths, only_tb, max_steps=1, report_to=["tensorboard"]))
+    assert not (only_tb / "metrics.jsonl").exists() and (only_tb / "tensorboard").is_dir()
+
+
+@pytest.mark.parametrize("extra", [{}, {"trainable_layers": 2}], ids=["full", "top2"])
+def test_gradient_checkpointing_trains_the_same_weights(paths, tmp_path, extra, monkeypatch):
+    from safetensors.torch import load_file
+    from transformers.models.llama import modeling_llama
+
+    calls = {"n": 0}
+    forward = modeling_llama.LlamaMLP.forward
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counted)  # inside the checkpointed layer
+    plain, checkpointed = tmp_path / "plain", tmp_path / "gc"
+    train_reward_model(config(paths, plain, max_steps=2, dev_fraction=0.0, **extra))
+    plain_calls, calls["n"] = calls["n"], 0
+    train_reward_model(config(paths, checkpointed, max_steps=2, gradient_checkpointing=True, **extra))
+    assert calls["n"] > plain_calls  # the trained layers ran again in the backward
+    assert train_rows(plain)[-1]["loss"] == pytest.approx(train_rows(checkpointed)[-1]["loss"], abs=1e-6)
+    a, b = load_file(plain / "model.safetensors"), load_file(checkpointed / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)

@@ -28,7 +28,7 @@ import itertools
 import torch
 from torch import nn
 
-from .models import RewardOutput
+from .reward_model import RewardOutput
 
 
 def add_packing(batch: dict) -> dict:
@@ -150,7 +150,7 @@ def packed_hidden(backbone: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def packed_reward_forward(model: nn.Module, batch: dict, *, reference: nn.Module | None = None) -> RewardOutput:
-    """:class:`~aam_fast.models.RewardModel`'s forward on a packed batch: rewards ``[n]`` from the score head at
+    """:class:`~aam_fast.modeling.RewardModel`'s forward on a packed batch: rewards ``[n]`` from the score head at
     each sequence's last token, final hidden states unpacked to ``[n, T, D]`` (T the padded batch's length), and
     with a full-backbone ``reference`` its hidden states likewise (computed without gradient)."""
     if "packed_input_ids" not in batch:

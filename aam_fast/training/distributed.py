@@ -1,12 +1,12 @@
 """Scale-out on the existing engines: ``torchrun`` process groups, DDP or FSDP2, rank-sharded data, count-weighted
-metrics, sharded (DCP) checkpoints and a full ``save_pretrained`` export from rank 0.
+metrics, and full (gathered) state dicts for checkpoints and the ``save_pretrained`` export.
 
 A stage builds its model, then :func:`setup` (which reads torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and
 starts a gloo group on CPU, nccl on CUDA when ``WORLD_SIZE > 1``) and :meth:`DistContext.wrap` it:
 
 - the trainable model is placed under a root :class:`LossModule` whose ``forward(batch)`` runs the stage's loss
   function. Under FSDP2 the root's forward is where the root-level parameters (embeddings, final norm, LM head,
-  score head) are all-gathered, so the fused log-prob op sees the full LM-head weight, never a shard (DESIGN §4);
+  score head) are all-gathered, so the fused log-prob op sees the full LM-head weight, never a shard;
 - ``ddp``: ``DistributedDataParallel`` of that root (gradients averaged over ranks);
 - ``fsdp2``: ``fully_shard`` on every decoder layer, then on the root, with a ``MixedPrecisionPolicy`` whose
   ``reduce_dtype`` is float32 (``param_dtype`` the autocast dtype on CUDA; plain float32 on CPU).
@@ -25,20 +25,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import math
 import os
-import shutil
-import types
-import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-STRATEGIES = ("ddp", "fsdp2")
-DCP_FOLDER = "dcp"
+from ..modeling.layers import backbone_of, decoder_layers
+from .config import STRATEGIES
+from .metrics import NullWriter
 
 
 def env_world_size() -> int:
@@ -98,48 +96,6 @@ class ScoringView:
         return self.engine(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
-class _NullWriter:
-    """The metrics writer of ranks other than 0."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _StateDict:
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self._tensors = tensors
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self._tensors)
-
-
-class _RewardModelExport:
-    """What ``save_reward_model`` reads of a RewardModel (``lm`` for its config, ``tied``, ``backbone``,
-    ``score.weight``, ``lm_head``), with the full weights of a gathered state dict (keys ``model.<name>``)."""
-
-    def __init__(self, model: nn.Module, full: dict[str, torch.Tensor]):
-        full = {k.removeprefix("model."): v for k, v in full.items()}
-        self.lm, self.tied = model.lm, model.tied
-        backbone = f"lm.{model.lm.base_model_prefix}."
-        head = next(f"lm.{n}." for n, m in model.lm.named_modules() if m is model.lm_head)
-        self.backbone = _StateDict({k[len(backbone) :]: v for k, v in full.items() if k.startswith(backbone)})
-        self.lm_head = _StateDict({k[len(head) :]: v for k, v in full.items() if k.startswith(head)})
-        self.score = types.SimpleNamespace(weight=full["score.weight"])
-
-
-def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
-    """``model.decoder_layers`` (RewardModel), else a transformers model's ``base_model.layers`` (causal LMs)."""
-    layers = getattr(model, "decoder_layers", None)
-    if layers is None:
-        layers = getattr(getattr(model, "base_model", None), "layers", None)
-    if not isinstance(layers, (nn.ModuleList, list, tuple)):
-        raise ValueError(f"{type(model).__name__} exposes no decoder_layers; FSDP2 needs them to shard per layer")
-    return layers
-
-
 @dataclasses.dataclass
 class DistContext:
     """One process's place in the run: ``rank``/``world`` (1 without torchrun), ``strategy`` and the device."""
@@ -183,7 +139,7 @@ class DistContext:
         if self.device.type == "cuda":
             mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         kwargs = {} if mp is None else {"mp_policy": mp}
-        for layer in _decoder_layers(model):
+        for layer in decoder_layers(backbone_of(model)):
             fully_shard(layer, **kwargs)
         fully_shard(root, **kwargs)
         return root
@@ -268,6 +224,18 @@ class DistContext:
         mean = total / count
         return mean, max(squares / count - mean * mean, 0.0) ** 0.5
 
+    def min_max(self, values: torch.Tensor) -> tuple[float, float]:
+        """Minimum and maximum over every rank's ``values``."""
+        flat = values.detach().double().flatten().cpu()
+        both = (
+            torch.stack([-flat.min(), flat.max()]) if flat.numel() else torch.full((2,), -math.inf, dtype=torch.float64)
+        )
+        if self.distributed:
+            both = both.to(self.device) if self.device.type == "cuda" else both
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        low, high = both.cpu().tolist()
+        return -low, high
+
     def weighted_mean(self, value: float, count: float) -> float:
         """``Σ_r value_r · count_r / Σ_r count_r``: a per-rank mean reduced by its example count."""
         total, n = self.all_reduce_sum(torch.tensor([value * count, float(count)])).tolist()
@@ -275,129 +243,45 @@ class DistContext:
 
     def writer(self, make: Callable[[], Any]):
         """``make()`` on rank 0, a writer that drops everything elsewhere."""
-        return make() if self.is_main else _NullWriter()
+        return make() if self.is_main else NullWriter()
 
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
 
-    # -- checkpoints ----------------------------------------------------------------------------------------------
-    def save_checkpoint(
-        self,
-        root: Path,
-        name: str,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        trainer_state: dict[str, Any],
-        rank_state: dict[str, Any],
-        *,
-        state_file: str,
-        keep: int,
-        list_checkpoints: Callable[[Path], list[Path]],
-    ) -> Path:
-        """``root/name``: model and optimizer as a DCP sharded checkpoint (every rank writes its shards), one file
-        per rank (``rank_state``: its RNG state and whatever else is rank-local), and ``state_file`` (scheduler,
-        step, ...) written last by rank 0, all into a temporary folder that rank 0 renames into place (a crash
-        mid-save leaves the previous checkpoint intact)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        final = root / name
-        tmp = root / f".tmp-{name}"
-        if self.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        self.barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / DCP_FOLDER))
-        torch.save(rank_state, tmp / f"rng-rank{self.rank}.pt")
-        self.barrier()
-        if self.is_main:
-            torch.save({**trainer_state, "world_size": self.world, "strategy": self.strategy}, tmp / state_file)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in list_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.barrier()
-        return final
-
-    def load_checkpoint(
-        self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, state_file: str
-    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Load a :meth:`save_checkpoint` folder into ``model``/``optimizer`` in place (DCP reshards onto this
-        world size, one process included); returns ``(trainer_state, this rank's rank_state or None when the world
-        size changed: per-rank RNG states cannot be mapped onto another number of ranks)``."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        if not (folder / DCP_FOLDER).is_dir():
-            raise ValueError(f"{folder} is not a distributed (DCP) checkpoint: no {DCP_FOLDER}/ folder")
-        state = torch.load(folder / state_file, weights_only=False)
-        model_state, optim_state = get_state_dict(model, optimizer)
-        loaded = {"model": model_state, "optim": optim_state}
-        with warnings.catch_warnings():  # one process loading a sharded checkpoint is what we mean
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-            dcp.load(loaded, checkpoint_id=str(folder / DCP_FOLDER))
-        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
-        rng_file = folder / f"rng-rank{self.rank}.pt"
-        same_world = state.get("world_size") == self.world
-        rng = torch.load(rng_file, weights_only=False) if same_world and rng_file.is_file() else None
-        return state, rng
-
-    def load_optimizer_state(self, engine: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-        """Load ``saved``, the ``optimizer.state_dict()`` of a single-process run whose optimizer had the same
-        parameter groups in the same order, into this run's ``optimizer``: as it is in one process; under torchrun
-        keyed by parameter name and handed to ``set_optimizer_state_dict`` as a full state dict, so each FSDP2 rank
-        keeps its shard (DDP ranks all of it). ValueError when the groups differ."""
-        groups, saved_groups = optimizer.param_groups, saved["param_groups"]
-        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in saved_groups]:
-            raise ValueError(
-                f"the saved optimizer has parameter groups of {[len(g['params']) for g in saved_groups]} tensors, "
-                f"this run's {[len(g['params']) for g in groups]}: the trainable parameters differ"
-            )
+    # -- state -------------------------------------------------------------------------------------------------
+    def full_state_dict(self, engine: nn.Module) -> dict[str, torch.Tensor] | None:
+        """Every parameter and buffer of ``engine`` unsharded on CPU, on rank 0 (None elsewhere); a collective."""
         if not self.distributed:
-            optimizer.load_state_dict(saved)
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        root = getattr(engine, "module", engine)  # DDP's wrapped root; FSDP2 keeps the names
-        names = {id(p): name for name, p in root.named_parameters()}
-        state, param_groups = {}, []
-        for group, saved_group in zip(groups, saved_groups, strict=True):
-            fqns = [names[id(p)] for p in group["params"]]
-            state.update(
-                {
-                    fqn: saved["state"][i]
-                    for fqn, i in zip(fqns, saved_group["params"], strict=True)
-                    if i in saved["state"]
-                }
-            )
-            param_groups.append({**saved_group, "params": fqns})
-        full = {"state": state, "param_groups": param_groups}
-        set_optimizer_state_dict(engine, optimizer, full, options=StateDictOptions(full_state_dict=True))
-
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        """Every parameter and buffer of ``model`` unsharded on CPU, on rank 0 (None elsewhere); a collective."""
-        if not self.distributed:
-            return {k: v.detach() for k, v in model.state_dict().items()}
+            return {k: v.detach() for k, v in engine.state_dict().items()}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(engine, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if self.is_main else None
 
-    def export_reward_model(self, engine: nn.Module, model: nn.Module, save: Callable[[Any], Any]) -> None:
-        """``save(view)`` on rank 0 with ``view`` a stand-in for ``model`` (a RewardModel) holding the full
-        gathered weights: the ``save_pretrained`` export of a sharded or replicated model (a collective)."""
-        if not self.distributed:
-            save(model)
-            return
-        full = self.full_state_dict(engine)
-        if self.is_main:
-            save(_RewardModelExport(model, full))
-        self.barrier()
+    def optimizer_state(self, engine: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """The optimizer's full state keyed by parameter name (the same whatever the strategy and number of
+        ranks), on CPU, on rank 0 (None elsewhere); a collective."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_optimizer_state_dict(engine, optimizer, options=options)
+        return state if self.is_main else None
+
+    def load_optimizer_state(self, engine: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load :meth:`optimizer_state`'s output (read by every rank) into this run's optimizer: each FSDP2 rank
+        keeps its shard, DDP ranks all of it. ValueError when the trainable parameters differ."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        saved = [name for group in state["param_groups"] for name in group["params"]]
+        root = getattr(engine, "module", engine)  # DDP's wrapped root; FSDP2 keeps the names
+        names = {id(p): name for name, p in root.named_parameters()}
+        current = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        if sorted(saved) != sorted(current):
+            missing = sorted(set(saved) ^ set(current))[:3]
+            raise ValueError(f"the checkpoint's optimizer trains other parameters than this run's (e.g. {missing})")
+        options = StateDictOptions(full_state_dict=self.distributed)
+        set_optimizer_state_dict(engine, optimizer, state, options=options)
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():

@@ -1,0 +1,55 @@
+"""Models: the reward model around any causal LM, its frozen reference, the scorer GRPO uses, packing, loading and
+saving, and the layer surgery both stages share."""
+
+from .heads import head_inputs, lm_head_of
+from .io import (
+    LM_HEAD_FILE,
+    METADATA_FILE,
+    RewardModelView,
+    is_reward_model_dir,
+    load_causal_lm,
+    load_reward_model,
+    load_reward_weights,
+    load_tokenizer,
+    quiet_transformers,
+    read_safetensors,
+    save_reward_model,
+)
+from .layers import backbone_of, decoder_layers, disable_dropout, enable_checkpointing, final_norm, train_top_layers
+from .packing import add_packing, packed_hidden, packed_reward_forward, padded_columns, unpack
+from .reference import ReferenceModel, frozen_copy
+from .reward_model import RewardModel, RewardOutput, last_token_index
+from .scorer import RewardScorer
+
+__all__ = [
+    "LM_HEAD_FILE",
+    "METADATA_FILE",
+    "ReferenceModel",
+    "RewardModel",
+    "RewardOutput",
+    "RewardModelView",
+    "RewardScorer",
+    "add_packing",
+    "backbone_of",
+    "decoder_layers",
+    "disable_dropout",
+    "enable_checkpointing",
+    "final_norm",
+    "frozen_copy",
+    "head_inputs",
+    "is_reward_model_dir",
+    "last_token_index",
+    "lm_head_of",
+    "load_causal_lm",
+    "load_reward_model",
+    "load_reward_weights",
+    "load_tokenizer",
+    "packed_hidden",
+    "packed_reward_forward",
+    "padded_columns",
+    "quiet_transformers",
+    "read_safetensors",
+    "save_reward_model",
+    "train_top_layers",
+    "unpack",
+]

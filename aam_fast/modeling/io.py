@@ -1,0 +1,264 @@
+"""Loading and saving: causal LMs, and reward models as ``*ForSequenceClassification`` ``save_pretrained`` folders.
+
+A saved reward model is a folder of the matching ``*ForSequenceClassification`` class (``num_labels=1``,
+``pad_token_id`` set, head ``score``) with its tokenizer, so ``AutoModelForSequenceClassification.from_pretrained``
+gives the same scores; ``aam_fast.json`` and, for an untied LM head, ``lm_head.safetensors`` hold what AAM training
+needs beyond that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import types
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import FALLBACK_CHAT_TEMPLATE, choose_pad_token_id
+from .reward_model import RewardModel
+
+METADATA_FILE = "aam_fast.json"
+LM_HEAD_FILE = "lm_head.safetensors"
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load reports (e.g. the ignored ``score.weight`` when loading the causal LM)."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    root = logging.getLogger("transformers")
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+        root.setLevel(level)
+
+
+def _sequence_classification_class(config):
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(config.model_type)
+    if name is None or not hasattr(transformers, name):
+        raise ValueError(f"transformers has no *ForSequenceClassification class for model_type {config.model_type!r}")
+    return getattr(transformers, name)
+
+
+def read_safetensors(folder: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Named tensors from a folder's ``model.safetensors`` (or its sharded index)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: folder / weight_map[name] for name in names if name in weight_map}
+    else:
+        files = {name: folder / "model.safetensors" for name in names}
+    tensors = {}
+    for name, file in files.items():
+        if file.is_file():
+            with safe_open(str(file), framework="pt") as handle:
+                if name in handle.keys():
+                    tensors[name] = handle.get_tensor(name)
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise ValueError(f"{folder}: tensors {missing} not found in its safetensors files")
+    return tensors
+
+
+def check_model_source(name_or_path: str | Path, what: str = "model") -> None:
+    """ValueError naming ``what`` when ``name_or_path`` is neither a model folder nor a possible hub name."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{what} {name_or_path}: not a model folder (no config.json)")
+        return
+    if path.exists():
+        raise ValueError(f"{what} {name_or_path}: a file, not a model folder")
+    text = str(name_or_path)
+    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or text.endswith("/")
+    if looks_like_path:
+        raise ValueError(f"{what} {name_or_path}: no such folder")
+
+
+def from_pretrained(load, name_or_path: str | Path, what: str, **kwargs):
+    """``load(name_or_path, **kwargs)`` (a transformers ``from_pretrained``), its failure as one ValueError line."""
+    check_model_source(name_or_path, what)
+    try:
+        with quiet_transformers():
+            return load(str(name_or_path), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{what} {name_or_path}: cannot be loaded ({first})") from None
+
+
+def load_causal_lm(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` with the given dtype (offline paths and hub names alike)."""
+    from transformers import AutoModelForCausalLM
+
+    return from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, "model", dtype=dtype, **kwargs)
+
+
+def load_tokenizer(name_or_path: str | Path, what: str = "model", *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return from_pretrained(AutoTokenizer.from_pretrained, name_or_path, what, trust_remote_code=trust_remote_code)
+
+
+def is_reward_model_dir(path: str | Path) -> bool:
+    path = Path(path)
+    if (path / METADATA_FILE).is_file():
+        return True
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    architectures = json.loads(config.read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def load_reward_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trainable_layers: int | None = None,
+    train_lm_head: bool = False,
+    **load_kwargs: Any,
+) -> tuple[RewardModel, Any, dict]:
+    """Load a folder written by :func:`save_reward_model` (or any single-score ``*ForSequenceClassification``
+    folder with a ``score`` head) as ``(RewardModel, tokenizer, metadata)``.
+
+    The backbone comes through the causal-LM class of the same ``model_type``; a tied LM head is the embedding, an
+    untied one comes from ``lm_head.safetensors`` (without it the head stays freshly initialised: scores are exact,
+    AAM margins are not).
+    """
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = Path(path)
+    metadata = json.loads((path / METADATA_FILE).read_text()) if (path / METADATA_FILE).is_file() else {}
+    config = from_pretrained(AutoConfig.from_pretrained, path, "reward model")
+    if not is_reward_model_dir(path) or getattr(config, "num_labels", 1) != 1:
+        raise ValueError(
+            f"{path}: not a reward model (a train-rm output or a *ForSequenceClassification folder with one label)"
+        )
+    causal_name = metadata.get("causal_lm_architecture") or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if causal_name is None or not hasattr(transformers, causal_name):
+        raise ValueError(f"{path}: no causal-LM class known for model_type {config.model_type!r}")
+    config.architectures = [causal_name]
+    with quiet_transformers():
+        lm = getattr(transformers, causal_name).from_pretrained(path, config=config, dtype=dtype, **load_kwargs)
+    head_file = path / LM_HEAD_FILE
+    if head_file.is_file():
+        from safetensors.torch import load_file
+
+        lm.get_output_embeddings().load_state_dict(load_file(str(head_file)))
+    score = nn.Linear(config.get_text_config().hidden_size, 1, bias=False)
+    score.weight.data.copy_(read_safetensors(path, ["score.weight"])["score.weight"])
+    model = RewardModel(lm, score.to(dtype), trainable_layers=trainable_layers, train_lm_head=train_lm_head).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=load_kwargs.get("trust_remote_code", False))
+    return model, tokenizer, metadata
+
+
+def save_reward_model(model: RewardModel, tokenizer, folder: str | Path, *, metadata: dict | None = None) -> Path:
+    """Write ``folder`` as a ``*ForSequenceClassification`` ``save_pretrained`` folder with the tokenizer, plus
+    ``aam_fast.json`` and (untied head only) ``lm_head.safetensors``. Tokenizers without a chat template get
+    :data:`FALLBACK_CHAT_TEMPLATE`, the one training used."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    lm = model.lm
+    pad_token_id = choose_pad_token_id(tokenizer)
+    config = copy.deepcopy(lm.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    seq_cls = _sequence_classification_class(config)
+    config.architectures = [seq_cls.__name__]
+    config.num_labels = 1
+    config.pad_token_id = pad_token_id
+    if config.get_text_config() is not config:
+        config.get_text_config().pad_token_id = pad_token_id
+    with torch.device("meta"), quiet_transformers():
+        exported = seq_cls(config)
+    if not isinstance(getattr(exported, "score", None), nn.Linear):
+        raise ValueError(f"{seq_cls.__name__} has no 'score' head; cannot export")
+    state = {f"{exported.base_model_prefix}.{k}": v.detach() for k, v in model.backbone.state_dict().items()}
+    state["score.weight"] = model.score.weight.detach()
+    exported.load_state_dict(state, strict=True, assign=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    with quiet_transformers():
+        exported.save_pretrained(folder)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    if not model.tied:
+        head = {k: v.detach().contiguous() for k, v in model.lm_head.state_dict().items()}
+        save_file(head, str(folder / LM_HEAD_FILE))
+    info = {
+        "format": 1,
+        "causal_lm_architecture": type(lm).__name__,
+        "tie_word_embeddings": model.tied,
+        "lm_head_file": None if model.tied else LM_HEAD_FILE,
+        **(metadata or {}),
+    }
+    (folder / METADATA_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def load_reward_weights(model: RewardModel, folder: Path) -> None:
+    """Load a :func:`save_reward_model` folder's weights into ``model`` in place (parameters keep their identity, so
+    an optimizer built on them stays valid)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("model*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+    prefix = next((k.split(".", 1)[0] for k in tensors if k != "score.weight"), None)
+    backbone = {k.split(".", 1)[1]: v for k, v in tensors.items() if prefix and k.startswith(prefix + ".")}
+    with torch.no_grad():
+        model.backbone.load_state_dict(backbone, strict=True)
+        model.score.weight.copy_(read_safetensors(folder, ["score.weight"])["score.weight"])
+        if (folder / LM_HEAD_FILE).is_file():
+            model.lm_head.load_state_dict(load_file(str(folder / LM_HEAD_FILE)))
+
+
+class _Tensors:
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._tensors = tensors
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self._tensors)
+
+
+class RewardModelView:
+    """What :func:`save_reward_model` reads of a RewardModel (``lm`` for its config, ``tied``, ``backbone``,
+    ``score.weight``, ``lm_head``), holding the weights of a full state dict of the model (keys as
+    ``model.state_dict()``'s, optionally under a ``prefix`` such as a root module's ``model.``): how rank 0 exports a
+    model whose weights are sharded or replicated over ranks."""
+
+    def __init__(self, model: RewardModel, full: dict[str, torch.Tensor], prefix: str = ""):
+        full = {k.removeprefix(prefix): v for k, v in full.items()}
+        self.lm, self.tied = model.lm, model.tied
+        backbone = f"lm.{model.lm.base_model_prefix}."
+        head = next(f"lm.{n}." for n, m in model.lm.named_modules() if m is model.lm_head)
+        self.backbone = _Tensors({k[len(backbone) :]: v for k, v in full.items() if k.startswith(backbone)})
+        self.lm_head = _Tensors({k[len(head) :]: v for k, v in full.items() if k.startswith(head)})
+        self.score = types.SimpleNamespace(weight=full["score.weight"])

@@ -1,0 +1,55 @@
+"""The frozen reference a PR margin compares against: the reward model's initial backbone and LM head."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .reward_model import RewardModel
+
+
+class ReferenceModel(nn.Module):
+    """The frozen initial model for PR margins: a full copy of the backbone, or under ``trainable_layers=K`` a copy
+    of only the top K layers and the final norm (the trunk below is shared with the trained model). The LM head is
+    shared when it cannot train, copied otherwise."""
+
+    def __init__(self, model: RewardModel):
+        super().__init__()
+        self.num_layers = model.trainable_layers
+        self.top_only = self.num_layers is not None
+        if self.top_only:
+            layers = model.decoder_layers
+            self.layers = copy.deepcopy(layers[len(layers) - self.num_layers :])
+            self.norm = copy.deepcopy(model.final_norm)
+        else:
+            self.backbone = copy.deepcopy(model.backbone)
+        head_trains = model.lm_head_weight.requires_grad
+        if head_trains or not self.top_only:
+            self.register_buffer("weight", model.lm_head_weight.detach().clone(), persistent=False)
+            bias = model.lm_head_bias
+            self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+        else:
+            self._shared_head = (model.lm_head_weight, model.lm_head_bias)
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.weight if "weight" in self._buffers else self._shared_head[0].detach()
+
+    @property
+    def lm_head_bias(self) -> torch.Tensor | None:
+        if "weight" in self._buffers:
+            return self.bias
+        bias = self._shared_head[1]
+        return None if bias is None else bias.detach()
+
+    def train(self, mode: bool = True) -> ReferenceModel:
+        return super().train(False)  # always in eval mode
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen, eval-mode deep copy of ``model``: the GRPO policy's reference (its initial weights)."""
+    return copy.deepcopy(model).requires_grad_(False).eval()

@@ -1,0 +1,119 @@
+"""``train-grpo``'s settings: the shared :class:`~aam_fast.training.TrainingConfig` (with GRPO's own defaults) plus
+the policy, prompts, rewards, sampling and the GRPO loss."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from ...losses import KL_KINDS, LOSS_TYPES, SCALE_REWARDS
+from ...prompts import DEFAULT_OPENING_TURN
+from ...training.config import LR_SCHEDULES, TrainingConfig, option
+
+RewardFn = Callable[..., list]
+
+
+@dataclasses.dataclass(kw_only=True)
+class GRPOConfig(TrainingConfig):
+    """Every setting of a ``train-grpo`` run; the CLI flags are these names with dashes (``--reward-fn`` for
+    ``reward_fns``). ``prompts`` and ``reward_fns`` also take Python objects: a list of prompt records, callables."""
+
+    policy: str = option(help="policy model folder (a save_pretrained layout)", group="data")
+    prompts: str | list[dict] = option(
+        help="RPBench character cards, the demo's role-play profiles, or a json/jsonl/parquet file with a 'prompt' "
+        "column (from Python: a list of records {'prompt': ..., **columns})",
+        group="data",
+    )
+    scenes: str | None = option(None, help="RPBench scene file: adds each card's scene (matched by id)", group="data")
+    opening_turn: str = option(DEFAULT_OPENING_TURN, help="the user's opening line for RPBench cards", group="data")
+    max_prompts: int | None = option(None, help="use only the first N prompts", minimum=1, group="data")
+    max_prompt_length: int | None = option(
+        1024, help="prompts are left-truncated to this many tokens (none: never)", minimum=1, group="data"
+    )
+
+    reward_model: str | None = option(None, help="AAM reward model folder written by train-rm", group="rewards")
+    reward_fns: list[str | RewardFn] = option(
+        help="rule reward 'module:function' or 'file.py:function' with TRL's signature (repeatable)",
+        factory=list,
+        repeat=True,
+        dest_flag="reward-fn",
+        group="rewards",
+    )
+    reward_weights: list[float] | None = option(
+        None, help="one weight per reward source, the reward model first (default: all 1)", group="rewards"
+    )
+    rm_max_length: int | None = option(
+        None, help="reward model truncation (default: its training length)", minimum=1, group="rewards"
+    )
+    rm_batch_size: int = option(8, help="sequences per reward-model forward", minimum=1, group="rewards")
+
+    num_generations: int = option(
+        4, help="completions sampled per prompt (G); advantages compare within a group", minimum=2, group="sampling"
+    )
+    max_new_tokens: int = option(
+        64, help="completion length limit (a completion without EOS is truncated)", minimum=1, group="sampling"
+    )
+    temperature: float = option(
+        1.0, help="sampling temperature (also divides the trained logits)", above=0.0, group="sampling"
+    )
+    top_p: float = option(1.0, help="nucleus sampling mass", above=0.0, maximum=1.0, group="sampling")
+    top_k: int = option(0, help="top-k sampling (0: off)", minimum=0, group="sampling")
+
+    beta: float = option(
+        0.04, help="KL coefficient to the initial policy (0: no reference model)", minimum=0.0, group="loss"
+    )
+    kl: str = option("k3", help="KL estimator", choices=KL_KINDS, group="loss")
+    epsilon: float = option(0.2, help="lower clip range of the importance ratio", minimum=0.0, group="loss")
+    epsilon_high: float | None = option(None, help="upper clip range (default: --epsilon)", minimum=0.0, group="loss")
+    loss_type: str = option("token-mean", help="how token losses are aggregated", choices=LOSS_TYPES, group="loss")
+    scale_rewards: str = option(
+        "group",
+        help="advantage scaling: per-group std, batch std, or none (Dr. GRPO)",
+        choices=SCALE_REWARDS,
+        group="loss",
+    )
+    num_iterations: int = option(1, help="optimizer steps per rollout batch", minimum=1, group="loss")
+    entropy_coef: float = option(0.0, help="weight of the entropy bonus", minimum=0.0, group="loss")
+
+    log_completions_every: int = option(
+        10,
+        help="write the sampled completions every N steps to completions.jsonl (0: never)",
+        minimum=0,
+        group="output",
+    )
+
+    # Shared settings with GRPO's defaults.
+    output: str = option("runs/grpo", help="folder for the final policy, metrics and checkpoints", group="output")
+    batch_size: int = option(
+        2, help="prompts per micro-batch on each rank (each sampled G times)", minimum=1, group="optimisation"
+    )
+    lr: float = option(1e-6, help="peak learning rate (AdamW)", above=0.0, group="optimisation")
+    lr_schedule: str = option(
+        "constant",
+        help="decay after warmup (transformers' schedules)",
+        choices=LR_SCHEDULES,
+        group="optimisation",
+    )
+    max_steps: int = option(100, help="optimizer steps", minimum=1, group="optimisation")
+    seed: int = option(
+        0,
+        help="seed of the prompt order, initialisation and every completion's sampling",
+        minimum=0,
+        group="optimisation",
+    )
+
+    def validate(self) -> None:
+        """Ranges and choices of every flag, then the settings that only fail together (ValueError)."""
+        super().validate()
+        if isinstance(self.prompts, str) and not self.prompts:
+            raise ValueError("--prompts: give a prompt file (or, from Python, a list of prompt records)")
+        if not isinstance(self.prompts, str) and not isinstance(self.prompts, list):
+            raise ValueError(f"--prompts must be a path or a list of records, got {type(self.prompts).__name__}")
+        if self.reward_model is None and not self.reward_fns:
+            raise ValueError("no reward: give --reward-model and/or --reward-fn")
+        sources = (self.reward_model is not None) + len(self.reward_fns)
+        if self.reward_weights is not None and len(self.reward_weights) != sources:
+            raise ValueError(
+                f"--reward-weights has {len(self.reward_weights)} values for {sources} reward sources "
+                "(the reward model first, then each reward function in order)"
+            )

@@ -1,0 +1,102 @@
+"""GRPO's rewards: the reward model's score and rule functions with TRL's signature, weighted and summed.
+
+A rule function is ``f(prompts, completions, **columns) -> list[float | None]``: ``completions`` in TRL's form (a
+string, or ``[{"role": "assistant", "content": ...}]`` for a conversational prompt), ``columns`` the prompt records'
+other fields plus ``completion_ids``; ``None`` means "no reward from this function for that sample".
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from ...prompts import is_conversational
+from .config import RewardFn
+
+
+def load_reward_fn(spec: str | RewardFn) -> RewardFn:
+    """``module:function`` (a dotted module or a path to a .py file) or a callable, returned as the callable."""
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ValueError(f"reward function {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
+    module_name, function_name = spec.split(":")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise ValueError(f"reward function {spec!r}: no such file {path}")
+        module_spec = importlib.util.spec_from_file_location(f"aam_fast_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(f"reward function {spec!r}: cannot import {module_name!r} ({err})") from None
+    fn = getattr(module, function_name, None)
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r}: {module_name!r} has no callable {function_name!r}")
+    return fn
+
+
+def completions_for_fns(prompts: Sequence, texts: Sequence[str]) -> list:
+    """Completions in TRL's form: the text, or ``[{"role": "assistant", "content": text}]`` for a chat prompt."""
+    return [
+        [{"role": "assistant", "content": text}] if is_conversational(prompt) else text
+        for prompt, text in zip(prompts, texts, strict=True)
+    ]
+
+
+def _completion_text(completion: str | list[dict]) -> str:
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+class RewardSources:
+    """The weighted sum of the reward model's score and rule rewards, TRL's way.
+
+    Each source scores all samples; ``None`` from a rule function is NaN in the table, and the total is the
+    NaN-ignoring weighted sum (a sample that no source scores gets 0, with a warning).
+    """
+
+    def __init__(self, scorer: Callable | None, fns: Sequence[str | RewardFn], weights: Sequence[float] | None):
+        self.scorer = scorer
+        self.fns = [load_reward_fn(f) for f in fns]
+        self.names = (["reward_model"] if scorer is not None else []) + [
+            getattr(f, "__name__", type(f).__name__) for f in self.fns
+        ]
+        count = len(self.names)
+        self.weights = torch.tensor(list(weights) if weights is not None else [1.0] * count, dtype=torch.float32)
+
+    def __call__(self, prompts: list, completions: list, columns: dict[str, list]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(total [n], per_source [n, sources])`` float32 on the CPU; NaN where a source gave None."""
+        n = len(prompts)
+        per_source = []
+        if self.scorer is not None:
+            texts = [_completion_text(c) for c in completions]
+            scores = torch.as_tensor(self.scorer(prompts, texts), dtype=torch.float32).detach().cpu().reshape(-1)
+            if scores.shape[0] != n:
+                raise ValueError(f"reward model returned {scores.shape[0]} scores for {n} completions")
+            per_source.append(scores)
+        for fn in self.fns:
+            name = getattr(fn, "__name__", repr(fn))
+            values = fn(prompts=prompts, completions=completions, **columns)
+            if not isinstance(values, (list, tuple)) or len(values) != n:
+                raise ValueError(f"reward function {name} must return a list of {n} floats or None, got {values!r}")
+            try:
+                per_source.append(torch.tensor([math.nan if v is None else float(v) for v in values]))
+            except (TypeError, ValueError):
+                raise ValueError(f"reward function {name} returned a non-numeric value: {values!r}") from None
+        table = torch.stack(per_source, dim=1)
+        unscored = torch.isnan(table).all(dim=1)
+        if bool(unscored.any()):
+            warnings.warn(
+                f"{int(unscored.sum())} completions got no reward from any source; they count as 0", stacklevel=2
+            )
+        total = torch.nansum(table * self.weights, dim=1)
+        return total, table

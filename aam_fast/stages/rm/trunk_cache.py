@@ -1,0 +1,96 @@
+"""The frozen trunk's output cached across epochs, for ``--cache-trunk``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ...data import IGNORE_INDEX, EncodedPair, collate_pairs
+from ...modeling import ReferenceModel, RewardModel, head_inputs
+from ...ops import linear_logprobs
+from ...training.runtime import autocast
+
+
+class TrunkCache:
+    """The frozen trunk's output for every training sequence, computed once (in fixed chunks of the data order, so
+    a resumed run caches exactly the same values) and reused every epoch: later steps run only the top layers.
+
+    With a ``reference`` the reference's response log-prob (sum and token count) of each sequence is cached too:
+    it depends only on the frozen trunk and the frozen reference top, so training steps need no reference forward.
+    Memory: ``2 · pairs · tokens · D`` values, so this is for small data sets such as the demo's.
+    """
+
+    def __init__(
+        self,
+        model: RewardModel,
+        pairs: Sequence[EncodedPair],
+        pad_token_id: int,
+        *,
+        batch_size: int,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+        progress: bool,
+        reference: ReferenceModel | None = None,
+        backend: str = "auto",
+    ):
+        count = len(pairs)
+        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.ref_sums: dict[int, tuple[float, float]] = {}
+        self.ref_counts: dict[int, tuple[int, int]] = {}
+        # Chunks of similar length pad little; the order is fixed, so every run caches the same values.
+        order = sorted(range(count), key=lambda i: (max(len(pairs[i].chosen.ids), len(pairs[i].rejected.ids)), i))
+        for start in tqdm(
+            range(0, count, batch_size),
+            desc="caching frozen trunk",
+            disable=not progress,
+            file=sys.stderr,
+            leave=False,
+        ):
+            chunk = order[start : start + batch_size]
+            n = len(chunk)
+            batch = collate_pairs([pairs[i] for i in chunk], pad_token_id)
+            input_ids = batch["input_ids"].to(device)
+            attention_mask = batch["attention_mask"].to(device)
+            with autocast(device, autocast_dtype):
+                hidden = model.trunk_output(input_ids, attention_mask)
+            for row, index in enumerate(chunk):
+                chosen_len, rejected_len = len(pairs[index].chosen.ids), len(pairs[index].rejected.ids)
+                self.rows[index] = (hidden[row, :chosen_len].clone(), hidden[n + row, :rejected_len].clone())
+            if reference is not None:
+                with torch.no_grad():
+                    with autocast(device, autocast_dtype):
+                        out = model(input_ids, attention_mask, reference=reference, trunk_hidden=hidden)
+                    ref_hidden, ref_weight, ref_bias = head_inputs(
+                        out.ref_hidden[:, :-1], reference.lm_head_weight, reference.lm_head_bias, autocast_dtype
+                    )
+                    targets = batch["labels"][:, 1:].to(device)
+                    token_logps = linear_logprobs(ref_hidden, ref_weight, targets, bias=ref_bias, backend=backend)
+                sums = token_logps.sum(-1).cpu()
+                counts = (targets != IGNORE_INDEX).sum(-1).cpu()
+                for row, index in enumerate(chunk):
+                    self.ref_sums[index] = (sums[row].item(), sums[n + row].item())
+                    self.ref_counts[index] = (int(counts[row]), int(counts[n + row]))
+
+    def batch(self, indices: Sequence[int], length: int) -> torch.Tensor:
+        """``[2B, length, D]`` trunk outputs of pairs ``indices`` in ``[chosen; rejected]`` order, zero-padded."""
+        sample = self.rows[indices[0]][0]
+        out = sample.new_zeros(2 * len(indices), length, sample.shape[-1])
+        for row, index in enumerate(indices):
+            chosen, rejected = self.rows[index]
+            out[row, : chosen.shape[0]] = chosen
+            out[len(indices) + row, : rejected.shape[0]] = rejected
+        return out
+
+    def ref_logps(self, indices: Sequence[int], length_norm: str) -> torch.Tensor | None:
+        """The reference's sequence log-probs ``[2B]`` (``"mean"`` or ``"sum"``) of pairs ``indices``, or None."""
+        if not self.ref_sums:
+            return None
+        values = []
+        for side in (0, 1):
+            for index in indices:
+                total, count = self.ref_sums[index][side], self.ref_counts[index][side]
+                values.append(total / max(count, 1) if length_norm == "mean" else total)
+        return torch.tensor(values, dtype=torch.float32)

@@ -1,0 +1,124 @@
+"""Device, precision, seeding, RNG state and logging: one meaning for both stages.
+
+``--dtype`` is the compute dtype: parameters stay float32 (the optimizer's master weights) and the forward runs
+under ``torch.autocast`` to that dtype; ``auto`` is bfloat16 on CUDA and plain float32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+
+import numpy as np
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm stopped the run before the step was applied; the message names the step
+    and the last finite checkpoint."""
+
+
+def log(message: str) -> None:
+    """A line on stderr from the main process (progress bars stay intact)."""
+    from tqdm.auto import tqdm
+
+    from .distributed import is_main_process
+
+    if is_main_process():
+        tqdm.write(message, file=sys.stderr)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available; ValueError for a device this machine does not have."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of ``--dtype`` on ``device`` (float32 means no autocast)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of auto, {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to a 16-bit ``dtype``; float32 (or None) runs plain."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng() -> dict[str, torch.Tensor]:
+    """Every RNG state of this process as tensors (loadable with ``torch.load(weights_only=True)``)."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": torch.tensor([version, *words], dtype=torch.int64),
+        "python_gauss": torch.tensor([] if gauss is None else [gauss], dtype=torch.float64),
+        "numpy": torch.tensor(keys.astype(np.int64)),
+        "numpy_extra": torch.tensor([pos, has_gauss, cached], dtype=torch.float64),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        for index, cuda in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{index}"] = cuda
+    return state
+
+
+def restore_rng(state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    python = state["python"].tolist()
+    gauss = state["python_gauss"].tolist()
+    random.setstate((python[0], tuple(python[1:]), gauss[0] if gauss else None))
+    pos, has_gauss, cached = state["numpy_extra"].tolist()
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        cuda = [state[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in state]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def apply_liger(model: torch.nn.Module, device: torch.device, enabled: bool) -> str:
+    """Liger-Kernel's RoPE/RMSNorm/SwiGLU patches on a CUDA model where installed (never its loss kernels); returns
+    what happened, in words, for the log and the run's config."""
+    if not enabled:
+        return "off (--no-liger)"
+    if device.type != "cuda":
+        return f"not applied: Liger-Kernel's patches are Triton kernels for CUDA, the device is {device.type}"
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        return "not applied: liger-kernel is not installed (pip install 'aam-fast[gpu]')"
+    try:
+        _apply_liger_kernel_to_instance(
+            model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+        )
+    except Exception as exc:  # an architecture Liger does not know: keep the plain model
+        return f"not applied: {exc}"
+    return "applied (rope, rms_norm, swiglu)"
