@@ -44,12 +44,11 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
-from .data import choose_pad_token_id, render_conversation
+from .data import DEFAULT_OPENING_TURN, choose_pad_token_id, is_conversational, load_prompts, render_conversation
 from .losses import LOSS_TYPES, GRPOLoss, default_normalizer, group_advantages
 from .models import load_causal_lm
 from .ops import linear_logprobs
 from .packing import add_packing, packed_hidden, padded_columns
-from .prompts import DEFAULT_OPENING_TURN, is_conversational, load_prompts
 
 KL_CHOICES = ("k1", "k2", "k3")
 SCALE_CHOICES = ("group", "batch", "none")

@@ -25,12 +25,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .data import iter_file_records
+from .files import iter_file_records
+from .messages import Text, check_messages
 
-Message = dict[str, str]
-Prompt = str | list[Message]
-
-ROLES = ("system", "user", "assistant")
+Prompt = Text
 DEFAULT_OPENING_TURN = "*I look at you, waiting for you to go on.*"
 PREFERENCE_COLUMNS = ("chosen", "rejected", "margin")
 
@@ -51,7 +49,7 @@ RPBENCH_SCENE_SECTIONS = (
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a local json/jsonl/parquet file (each optionally `.gz`), read by `aam_fast.data`."""
+    """Records of a local json/jsonl/parquet file (each optionally `.gz`), read by `aam_fast.data.files`."""
     records = []
     for index, record in iter_file_records(path):
         if isinstance(record, Exception):
@@ -64,28 +62,16 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def is_conversational(prompt: Prompt) -> bool:
-    """True for a message-list prompt (rendered with the chat template), False for plain text."""
-    return isinstance(prompt, list)
-
-
 def check_prompt(prompt: Any, where: str) -> Prompt:
-    """Validate a prompt (non-empty string, or non-empty list of {role, content} messages); `where` names it."""
+    """Validate a prompt (non-empty string, or non-empty message list not ending with an assistant turn; the message
+    check of :mod:`aam_fast.data.messages`); `where` names it."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise ValueError(f"{where}: empty prompt")
         return prompt
     if not isinstance(prompt, list) or not prompt:
         raise ValueError(f"{where}: prompt must be a non-empty string or message list, got {type(prompt).__name__}")
-    messages = []
-    for turn, message in enumerate(prompt):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"{where}: message {turn} must be an object with 'role' and 'content'")
-        if message["role"] not in ROLES:
-            raise ValueError(f"{where}: message {turn} has role {message['role']!r}, expected one of {ROLES}")
-        if not isinstance(message["content"], str):
-            raise ValueError(f"{where}: message {turn} content must be a string")
-        messages.append({"role": message["role"], "content": message["content"]})
+    messages = check_messages(prompt, f"{where}: prompt")
     if messages[-1]["role"] == "assistant":
         raise ValueError(f"{where}: the last message is an assistant turn; a prompt must end before the reply")
     return messages
