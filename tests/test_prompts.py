@@ -170,7 +170,7 @@ def test_demo_roleplay_profiles():
     [
         ('{"prompt": "ok"}\n{"prompt": "a"\n', r"record 1 \(line 2\): invalid JSON"),
         ('{"prompt": "ok"}\n{"text": "no prompt"}\n', "record 1 has no 'prompt' field"),
-        ('{"text": "x"}\n', "neither a 'prompt' column nor RPBench card fields"),
+        ('{"text": "x"}\n', "neither a 'prompt' column, an Alpaca 'instruction' nor RPBench card fields"),
         ('{"prompt": "ok"}\n[1, 2]\n', "record 1 is a list"),
         ('{"prompt": "ok"}\n{"prompt": "  "}\n', "record 1: empty prompt"),
         ('{"prompt": 5}\n', "record 0: prompt must be a non-empty string or message list"),
@@ -198,7 +198,7 @@ def test_bad_cards_and_paths(tmp_path):
         load_prompts(no_greeting)
     with pytest.raises(ValueError, match="unknown file type"):
         load_prompts(write_jsonl(tmp_path / "cards.txt", [CARD]))
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="no such file"):
         load_prompts(tmp_path / "missing.jsonl")
     bad_scene = write_jsonl(tmp_path / "scenes.jsonl", [{**SCENE, "objectives": None}])
     with pytest.raises(ValueError, match=r"scenes.jsonl: record 0: scene is missing text fields \['objectives'\]"):

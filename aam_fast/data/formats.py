@@ -3,13 +3,17 @@
 - TRL standard / conversational, explicit ``prompt`` column or implicit (the prompt is the longest common prefix of
   ``chosen`` and ``rejected``: characters for strings, whole messages for message lists, as TRL's ``extract_prompt``);
 - hh-rlhf transcripts (``"\\n\\nHuman: ... \\n\\nAssistant: ..."`` strings), parsed into conversations;
-- ShareGPT (``conversations`` list of ``{"from", "value"}`` plus ``chosen``/``rejected`` messages, optional ``system``).
+- ShareGPT (``conversations`` list of ``{"from", "value"}`` plus ``chosen``/``rejected`` messages, optional ``system``);
+- Alpaca (``instruction``, optional ``input``, ``system`` and ``history``; see :func:`alpaca_prompt`).
+
+Field names can be mapped first (:class:`Columns`: ``prompt_key``, ``chosen_key``, ``rejected_key``, ``margin_key``).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from .messages import Message, Text, check_messages, completion_messages
@@ -106,50 +110,139 @@ def _split_strings(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:index], chosen[index:], rejected[index:]
 
 
-def _parse_margin(value: Any) -> float | None:
-    if value is None:
+def _parse_margin(value: Any, column: str = "margin") -> float | None:
+    """A finite float, or None for a missing value; a numeric string (as CSV holds) is parsed, a blank one is None."""
+    if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ValueError(f"'margin' must be a finite number, got {value!r}")
-    return float(value)
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(float(number)):
+        raise ValueError(f"{column!r} must be a finite number, got {value!r}")
+    return float(number)
 
 
-def normalize_record(record: Any, *, subset_field: str | None = None, origin: str = "") -> PreferencePair:
-    """Turn one raw record of any supported format into a :class:`PreferencePair` (``ValueError`` if impossible)."""
+@dataclass(frozen=True)
+class Columns:
+    """Which record fields hold the prompt, the two responses and the margin (OpenRLHF's ``--prompt-key`` etc.)."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    margin: str = "margin"
+
+    def __post_init__(self):
+        for name in ("prompt", "chosen", "rejected", "margin"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name}_key must be a non-empty string, got {value!r}")
+        keys = [self.prompt, self.chosen, self.rejected, self.margin]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"prompt_key, chosen_key, rejected_key and margin_key must differ, got {keys}")
+
+    def rename(self, record: dict) -> dict:
+        """``record`` with the mapped fields under their standard names (a mapped field replaces a standard one).
+        A mapped ``prompt_key`` must be present; a missing margin is None."""
+        mapping = {
+            canonical: source
+            for canonical, source in (
+                ("prompt", self.prompt),
+                ("chosen", self.chosen),
+                ("rejected", self.rejected),
+                ("margin", self.margin),
+            )
+            if canonical != source
+        }
+        if not mapping:
+            return record
+        if "prompt" in mapping and self.prompt not in record:
+            raise ValueError(f"missing field {self.prompt!r} (prompt_key; fields present: {sorted(record)})")
+        renamed = {k: v for k, v in record.items() if k not in mapping and k not in mapping.values()}
+        for canonical, source in mapping.items():
+            if source in record:
+                renamed[canonical] = record[source]
+        return renamed
+
+
+def alpaca_prompt(record: dict) -> list[Message]:
+    """An Alpaca-style prompt as messages, laid out as LLaMA-Factory does: the ``system`` string, the ``history``
+    ``[[user, assistant], ...]`` turns, then one user turn ``instruction + "\n" + input`` (an empty input left out)."""
+    parts = []
+    for name in ("instruction", "input"):
+        value = record.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name!r} must be a string, got {type(value).__name__}")
+        if value:
+            parts.append(value)
+    query = "\n".join(parts)
+    if not query.strip():
+        raise ValueError("'instruction' and 'input' are both empty")
+    messages: list[Message] = []
+    system = record.get("system")
+    if isinstance(system, str) and system:
+        messages.append({"role": "system", "content": system})
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise ValueError(f"'history' must be a list of [user, assistant] pairs, got {type(history).__name__}")
+    for turn, item in enumerate(history):
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(t, str) for t in item)):
+            raise ValueError(f"history[{turn}] must be a [user, assistant] pair of strings")
+        messages += [{"role": "user", "content": item[0]}, {"role": "assistant", "content": item[1]}]
+    messages.append({"role": "user", "content": query})
+    return messages
+
+
+def is_alpaca(record: dict) -> bool:
+    """An Alpaca-style record: an ``instruction`` field and no ``prompt`` field."""
+    return "instruction" in record and record.get("prompt") is None
+
+
+def normalize_record(
+    record: Any, *, subset_field: str | None = None, origin: str = "", columns: Columns | None = None
+) -> PreferencePair:
+    """Turn one raw record of any supported format into a :class:`PreferencePair` (``ValueError`` if impossible);
+    ``columns`` maps the record's field names first."""
     if not isinstance(record, dict):
         raise ValueError(f"record must be an object, got {type(record).__name__}")
-    for key in ("chosen", "rejected"):
+    columns = columns or Columns()
+    record = columns.rename(record)
+    for key, name in (("chosen", columns.chosen), ("rejected", columns.rejected)):
         if key not in record or record[key] is None:
-            raise ValueError(f"missing field {key!r} (fields present: {sorted(record)})")
-    chosen, rejected = record["chosen"], record["rejected"]
-    prompt = record.get("prompt")
-    if record.get("conversations") is not None:
-        prompt, chosen, rejected = _parse_sharegpt(record)
-    elif prompt is not None:
-        if isinstance(prompt, str):
-            if not isinstance(chosen, str) or not isinstance(rejected, str):
-                raise ValueError("a string 'prompt' needs string 'chosen' and 'rejected'")
-        else:
-            prompt = check_messages(prompt, "prompt")
-            chosen = completion_messages(chosen, "chosen")
-            rejected = completion_messages(rejected, "rejected")
-    elif isinstance(chosen, str) and isinstance(rejected, str):
-        if is_hh_transcript(chosen) and is_hh_transcript(rejected):
-            prompt, chosen, rejected = _split_messages(parse_hh_transcript(chosen), parse_hh_transcript(rejected))
-        else:
-            prompt, chosen, rejected = _split_strings(chosen, rejected)
-    elif isinstance(chosen, list) and isinstance(rejected, list):
-        prompt, chosen, rejected = _split_messages(
-            check_messages(chosen, "chosen"), check_messages(rejected, "rejected")
-        )
-    else:
-        raise ValueError(
-            f"'chosen' and 'rejected' must both be strings or both message lists, got "
-            f"{type(chosen).__name__} and {type(rejected).__name__}"
-        )
+            raise ValueError(f"missing field {name!r} (fields present: {sorted(record)})")
+    prompt, chosen, rejected = _prompt_and_completions(record)
     subset = None
     if subset_field is not None:
         if subset_field not in record:
             raise ValueError(f"missing subset field {subset_field!r}")
         subset = str(record[subset_field])
-    return PreferencePair(prompt, chosen, rejected, _parse_margin(record.get("margin")), subset, origin)
+    margin = _parse_margin(record.get("margin"), columns.margin)
+    return PreferencePair(prompt, chosen, rejected, margin, subset, origin)
+
+
+def _prompt_and_completions(record: dict) -> tuple[Text, Text, Text]:
+    chosen, rejected = record["chosen"], record["rejected"]
+    prompt = record.get("prompt")
+    if record.get("conversations") is not None:
+        return _parse_sharegpt(record)
+    if prompt is None and is_alpaca(record):
+        return alpaca_prompt(record), completion_messages(chosen, "chosen"), completion_messages(rejected, "rejected")
+    if prompt is not None:
+        if isinstance(prompt, str):
+            if not isinstance(chosen, str) or not isinstance(rejected, str):
+                raise ValueError("a string 'prompt' needs string 'chosen' and 'rejected'")
+            return prompt, chosen, rejected
+        prompt = check_messages(prompt, "prompt")
+        return prompt, completion_messages(chosen, "chosen"), completion_messages(rejected, "rejected")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if is_hh_transcript(chosen) and is_hh_transcript(rejected):
+            return _split_messages(parse_hh_transcript(chosen), parse_hh_transcript(rejected))
+        return _split_strings(chosen, rejected)
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        return _split_messages(check_messages(chosen, "chosen"), check_messages(rejected, "rejected"))
+    raise ValueError(
+        f"'chosen' and 'rejected' must both be strings or both message lists, got "
+        f"{type(chosen).__name__} and {type(rejected).__name__}"
+    )
