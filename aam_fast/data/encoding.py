@@ -138,26 +138,33 @@ class PairEncoder:
     def _ids(self, text: str, special: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"])
 
-    def tokenize(self, prompt: Text, completion: Text) -> tuple[list[int], int]:
-        """``(ids, prompt_len)`` of one prompt + completion, before truncation."""
+    def _texts(self, prompt: Text, completion: Text) -> tuple[str, str, bool]:
+        """``(prompt_text, full_text, standard)``: the two texts to tokenise, and whether the pair is standard (then
+        tokenised with special tokens and closed by EOS) rather than conversational (template carries its own)."""
         if isinstance(prompt, list):
             completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
-            prompt_ids = self._ids(render_conversation(self.tokenizer, prompt, add_generation_prompt=True), False)
-            full_ids = self._ids(render_conversation(self.tokenizer, prompt + completion), False)
-        else:
-            if not isinstance(completion, str):
-                raise ValueError("a string prompt needs a string completion")
-            prompt_ids = self._ids(prompt, True)
-            full_ids = self._ids(prompt + completion, True)
-            if self.eos_token_id is not None and (not full_ids or full_ids[-1] != self.eos_token_id):
-                full_ids.append(self.eos_token_id)
+            prompt_text = render_conversation(self.tokenizer, prompt, add_generation_prompt=True)
+            return prompt_text, render_conversation(self.tokenizer, prompt + completion), False
+        if not isinstance(completion, str):
+            raise ValueError("a string prompt needs a string completion")
+        return prompt, prompt + completion, True
+
+    def _finish(self, prompt_ids: list[int], full_ids: list[int], standard: bool) -> tuple[list[int], int]:
+        if standard and self.eos_token_id is not None and (not full_ids or full_ids[-1] != self.eos_token_id):
+            full_ids.append(self.eos_token_id)
         prompt_len = _common_prefix_len(prompt_ids, full_ids)
         if prompt_len == len(full_ids):  # an empty completion: keep at least one response token
             prompt_len -= 1
         return full_ids, prompt_len
 
-    def encode_sequence(self, prompt: Text, completion: Text) -> EncodedSequence:
-        ids, prompt_len = self.tokenize(prompt, completion)
+    def tokenize(self, prompt: Text, completion: Text) -> tuple[list[int], int]:
+        """``(ids, prompt_len)`` of one prompt + completion, before truncation."""
+        prompt_text, full_text, standard = self._texts(prompt, completion)
+        return self._finish(self._ids(prompt_text, standard), self._ids(full_text, standard), standard)
+
+    def truncate(self, ids: list[int], prompt_len: int) -> EncodedSequence:
+        """Fit ``ids`` into ``max_length``: prompt tokens go from the left (a leading BOS stays), then a response
+        that alone does not fit is cut on the right."""
         response_tokens = len(ids) - prompt_len
         if self.max_length is None or len(ids) <= self.max_length:
             return EncodedSequence(ids, prompt_len, response_tokens)
@@ -168,6 +175,21 @@ class PairEncoder:
         return EncodedSequence(
             ids[: self.max_length], prompt_len - prompt_cut, response_tokens, prompt_cut, response_cut
         )
+
+    def encode_sequence(self, prompt: Text, completion: Text) -> EncodedSequence:
+        return self.truncate(*self.tokenize(prompt, completion))
+
+    def encode_sequences(self, items: Sequence[tuple[Text, Text]]) -> list[EncodedSequence]:
+        """``[encode_sequence(p, c) for p, c in items]``, the same output, with one batched tokenizer call per kind
+        of text (standard / conversational) and each distinct prompt text tokenised once."""
+        texts = [self._texts(prompt, completion) for prompt, completion in items]
+        ids: dict[tuple[str, bool], list[int]] = {}
+        for standard in (True, False):
+            wanted = list(dict.fromkeys(t for p, f, s in texts if s == standard for t in (p, f)))
+            if wanted:
+                out = self.tokenizer(wanted, add_special_tokens=standard, verbose=False)["input_ids"]
+                ids.update(((text, standard), list(row)) for text, row in zip(wanted, out, strict=True))
+        return [self.truncate(*self._finish(ids[(p, s)], list(ids[(f, s)]), s)) for p, f, s in texts]
 
     def encode(self, pair: PreferencePair) -> EncodedPair:
         return EncodedPair(

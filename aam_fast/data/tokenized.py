@@ -78,17 +78,29 @@ def _fingerprint(columns: dict[str, list[str]], encoder: PairEncoder) -> str:
 
 
 def _encode_batch(batch: dict[str, list], encoder: PairEncoder) -> dict[str, list]:
-    out: dict[str, list] = {f"{side}_{name}": [] for side in _SIDES for name in _FIELDS}
-    for prompt, chosen, rejected, origin in zip(*(batch[c] for c in _TEXT_COLUMNS), strict=True):
-        prompt = json.loads(prompt)
-        for side, completion in (("chosen", chosen), ("rejected", rejected)):
-            try:
-                seq = encoder.encode_sequence(prompt, json.loads(completion))
-            except ValueError as exc:
-                raise DataFormatError(f"{origin or 'pair'}: cannot tokenise: {exc}") from exc
-            for name in _FIELDS:
-                out[f"{side}_{name}"].append(getattr(seq, name))
+    """Columns of the encoded chosen and rejected sequences of one batch (one batched tokenizer call per kind)."""
+    prompts = [json.loads(p) for p in batch["prompt"]]
+    items = [(p, json.loads(c)) for p, c in zip(prompts, batch["chosen"], strict=True)]
+    items += [(p, json.loads(r)) for p, r in zip(prompts, batch["rejected"], strict=True)]
+    try:
+        sequences = encoder.encode_sequences(items)
+    except ValueError:
+        _raise_naming_the_pair(items, batch["origin"], encoder)
+        raise
+    out: dict[str, list] = {}
+    for offset, side in ((0, "chosen"), (len(prompts), "rejected")):
+        rows = sequences[offset : offset + len(prompts)]
+        out.update({f"{side}_{name}": [getattr(seq, name) for seq in rows] for name in _FIELDS})
     return out
+
+
+def _raise_naming_the_pair(items: list, origins: list[str], encoder: PairEncoder) -> None:
+    for index, (prompt, completion) in enumerate(items):
+        try:
+            encoder.encode_sequence(prompt, completion)
+        except ValueError as exc:
+            origin = origins[index % len(origins)]
+            raise DataFormatError(f"{origin or 'pair'}: cannot tokenise: {exc}") from exc
 
 
 def _features():
