@@ -55,8 +55,9 @@ def write_jsonl(path: Path, records, compress=False):
 
 
 def test_real_hh_rlhf_transcripts_become_conversations(shared_dir):
-    data = load_preferences(shared_dir / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz")
-    assert len(data) == 1873 and data.skipped == 0
+    with pytest.warns(UserWarning, match="0 pairs have chosen equal to rejected .* and 3 an empty response"):
+        data = load_preferences(shared_dir / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz")
+    assert len(data) == 1873 and data.skipped == 0 and (data.identical, data.empty) == (0, 3)
     for pair in data.pairs:
         assert pair.conversational
         assert pair.prompt[-1]["role"] == "user"
@@ -194,9 +195,9 @@ def test_invalid_json_line_names_line(tmp_path):
 def test_bad_files(tmp_path):
     with pytest.raises(DataFormatError, match="no such file"):
         load_preferences(tmp_path / "missing.jsonl")
-    (tmp_path / "pairs.csv").write_text("a,b\n")
+    (tmp_path / "pairs.txt").write_text("a,b\n")
     with pytest.raises(DataFormatError, match="unknown file type"):
-        load_preferences(tmp_path / "pairs.csv")
+        load_preferences(tmp_path / "pairs.txt")
     (tmp_path / "object.json").write_text(json.dumps({"a": 1}))
     with pytest.raises(DataFormatError, match="expected a JSON list"):
         load_preferences(tmp_path / "object.json")
@@ -215,7 +216,7 @@ def test_bad_files(tmp_path):
 def test_prompt_hash_split_is_stable_and_groups_prompts(shared_dir):
     # The value is part of the contract: a dev set must not move between machines or versions.
     assert prompt_hash_fraction("hello") == 0.24011245664437425
-    pairs = load_preferences(shared_dir / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz").pairs
+    pairs = load_preferences(shared_dir / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz", skip_invalid=True).pairs
     train, dev = split_by_prompt(pairs, 0.2)
     assert len(train) + len(dev) == len(pairs)
     assert 0.15 < len(dev) / len(pairs) < 0.25

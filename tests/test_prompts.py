@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from aam_fast.prompts import DEFAULT_OPENING_TURN, load_prompts
+from aam_fast.data import DEFAULT_OPENING_TURN, load_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_PAIRS = REPO / "aam_fast" / "demo" / "roleplay_pairs.jsonl"
@@ -170,12 +170,12 @@ def test_demo_roleplay_profiles():
     [
         ('{"prompt": "ok"}\n{"prompt": "a"\n', r"record 1 \(line 2\): invalid JSON"),
         ('{"prompt": "ok"}\n{"text": "no prompt"}\n', "record 1 has no 'prompt' field"),
-        ('{"text": "x"}\n', "neither a 'prompt' column nor RPBench card fields"),
+        ('{"text": "x"}\n', "neither a 'prompt' column, an Alpaca 'instruction' nor RPBench card fields"),
         ('{"prompt": "ok"}\n[1, 2]\n', "record 1 is a list"),
         ('{"prompt": "ok"}\n{"prompt": "  "}\n', "record 1: empty prompt"),
         ('{"prompt": 5}\n', "record 0: prompt must be a non-empty string or message list"),
-        ('{"prompt": [{"role": "robot", "content": "x"}]}\n', "record 0: message 0 has role 'robot'"),
-        ('{"prompt": [{"role": "user"}]}\n', "record 0: message 0 must be an object with 'role' and 'content'"),
+        ('{"prompt": [{"role": "robot", "content": "x"}]}\n', r"record 0: prompt\[0\] has unknown role 'robot'"),
+        ('{"prompt": [{"role": "user"}]}\n', r"record 0: prompt\[0\] must be a \{'role', 'content'\} message"),
         ('{"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n', "assistant turn"),
         ("\n", "no records"),
     ],
@@ -198,8 +198,23 @@ def test_bad_cards_and_paths(tmp_path):
         load_prompts(no_greeting)
     with pytest.raises(ValueError, match="unknown file type"):
         load_prompts(write_jsonl(tmp_path / "cards.txt", [CARD]))
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="no such file"):
         load_prompts(tmp_path / "missing.jsonl")
     bad_scene = write_jsonl(tmp_path / "scenes.jsonl", [{**SCENE, "objectives": None}])
     with pytest.raises(ValueError, match=r"scenes.jsonl: record 0: scene is missing text fields \['objectives'\]"):
         load_prompts(write_jsonl(tmp_path / "ok.jsonl", [CARD]), scenes=bad_scene)
+
+
+def test_tool_role_is_one_message_check_for_prompts_and_pairs(tmp_path):
+    # One message check for both: a tool result is a valid turn, and a prompt may end with it (the assistant replies).
+    from aam_fast.data import normalize_record
+
+    turns = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "Calling the weather tool."},
+        {"role": "tool", "content": '{"celsius": 4}'},
+    ]
+    [record] = load_prompts(write_jsonl(tmp_path / "tool.jsonl", [{"prompt": turns}]))
+    assert record["prompt"] == turns
+    pair = normalize_record({"prompt": turns, "chosen": "It is 4 degrees.", "rejected": "No idea."})
+    assert pair.prompt == turns and pair.chosen == [{"role": "assistant", "content": "It is 4 degrees."}]

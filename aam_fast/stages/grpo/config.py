@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from ...data import DEFAULT_OPENING_TURN
 from ...losses import KL_KINDS, LOSS_TYPES, SCALE_REWARDS
-from ...prompts import DEFAULT_OPENING_TURN
 from ...training.config import LR_SCHEDULES, TrainingConfig, option
 
 RewardFn = Callable[..., list]

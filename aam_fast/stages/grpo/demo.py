@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from ...prompts import load_prompts
+from ...data import load_prompts
 from .config import GRPOConfig
 from .trainer import train_grpo
 

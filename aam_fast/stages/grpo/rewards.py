@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ...prompts import is_conversational
+from ...data import is_conversational
 from .config import RewardFn
 
 

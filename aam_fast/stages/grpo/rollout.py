@@ -9,11 +9,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ...data import IGNORE_INDEX, render_conversation
+from ...data import IGNORE_INDEX, is_conversational, render_conversation
 from ...modeling.heads import head_inputs, lm_head_of
 from ...modeling.packing import add_packing, packed_hidden, padded_columns
 from ...ops import linear_logprobs
-from ...prompts import is_conversational
 from ...training.runtime import autocast
 from .sampling import RowSeededSampler
 

@@ -34,11 +34,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ...data import IGNORE_INDEX
+from ...data import IGNORE_INDEX, load_prompts
 from ...losses import GRPOLoss, default_normalizer, group_advantages
 from ...modeling.heads import head_inputs, lm_head_of
 from ...modeling.reference import frozen_copy
-from ...prompts import load_prompts
 from ...training import checkpoints
 from ...training.distributed import setup
 from ...training.metrics import JsonlTable, MetricsWriter

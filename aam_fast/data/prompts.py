@@ -2,7 +2,7 @@
 
 `load_prompts(path)` returns a list of records `{"prompt": str | list[{"role", "content"}], **columns}`, the
 form TRL's GRPO trainer consumes: `prompt` is what the policy continues, the other columns are handed to rule
-reward functions as keyword arguments (one list per column). Three sources are recognised by their fields:
+reward functions as keyword arguments (one list per column). Four layouts are recognised by their fields:
 
 - RPBench-Auto character cards (`npc_profile`, `conversation`, `background`), e.g.
   `../shared/data/rpbench-auto/rpbench_character.jsonl`. Each card becomes the conversation RPBench-Auto itself
@@ -10,10 +10,13 @@ reward functions as keyword arguments (one list per column). Three sources are r
   character's greeting as the first assistant turn, and an opening user turn. The benchmark simulates the user with
   a judge model, so the data has no user line: a fixed `opening_turn` stands in for it. `scenes=FILE`
   (`rpbench_scene.jsonl`) adds the scene with the same `id` to the system message and uses the scene's greeting.
-- Any json/jsonl/parquet file (gzipped too) with a `prompt` column holding a string or a message list, including
+- Any source of `read_records` (json/jsonl/parquet/csv file, gzipped too; a `save_to_disk` folder; a `datasets`
+  name) with a `prompt` column (or the one `prompt_key` names) holding a string or a message list, including
   the demo's role-play profiles (`aam_fast/demo/roleplay_pairs.jsonl`, TRL conversational preference records).
   Preference files (`chosen`/`rejected` present) give each distinct prompt once, with the columns that are
   properties of the prompt (one value per prompt, such as `character` and `language`).
+- Alpaca-style records (`instruction`, optional `input`, `system`, `history`; no `prompt`): the prompt is the
+  conversation of `aam_fast.data.formats.alpaca_prompt`; other columns (such as `output`) are kept.
 
 Bad files and records raise `ValueError` naming the file and the record index.
 """
@@ -25,14 +28,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .data import iter_file_records
+from .formats import alpaca_prompt, is_alpaca
+from .messages import Text, check_messages
+from .sources import iter_source_records
 
-Message = dict[str, str]
-Prompt = str | list[Message]
-
-ROLES = ("system", "user", "assistant")
+Prompt = Text
 DEFAULT_OPENING_TURN = "*I look at you, waiting for you to go on.*"
 PREFERENCE_COLUMNS = ("chosen", "rejected", "margin")
+ALPACA_PROMPT_FIELDS = ("instruction", "input", "system", "history")  # folded into the prompt
 
 # RPBench-Auto's candidate system prompt (run_character_eval.py), so that prompts match the benchmark's.
 RPBENCH_CHARACTER_TEMPLATE = (
@@ -50,42 +53,31 @@ RPBENCH_SCENE_SECTIONS = (
 )
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a local json/jsonl/parquet file (each optionally `.gz`), read by `aam_fast.data`."""
+def read_records(path: str | Path, *, split: str = "train") -> list[dict[str, Any]]:
+    """Records of a source of :mod:`aam_fast.data.sources` (a json/jsonl/parquet/csv file, each optionally `.gz`,
+    a `save_to_disk` folder or a `datasets` name; `split` picks the split); an unreadable record raises."""
     records = []
-    for index, record in iter_file_records(path):
+    for index, record in iter_source_records(path, split=split):
         if isinstance(record, Exception):
             raise record
         if not isinstance(record, dict):
             raise ValueError(f"{path}: record {index} is a {type(record).__name__}, expected an object")
-        records.append(record)
+        records.append(dict(record))
     if not records:
         raise ValueError(f"{path}: no records")
     return records
 
 
-def is_conversational(prompt: Prompt) -> bool:
-    """True for a message-list prompt (rendered with the chat template), False for plain text."""
-    return isinstance(prompt, list)
-
-
 def check_prompt(prompt: Any, where: str) -> Prompt:
-    """Validate a prompt (non-empty string, or non-empty list of {role, content} messages); `where` names it."""
+    """Validate a prompt (non-empty string, or non-empty message list not ending with an assistant turn; the message
+    check of :mod:`aam_fast.data.messages`); `where` names it."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise ValueError(f"{where}: empty prompt")
         return prompt
     if not isinstance(prompt, list) or not prompt:
         raise ValueError(f"{where}: prompt must be a non-empty string or message list, got {type(prompt).__name__}")
-    messages = []
-    for turn, message in enumerate(prompt):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"{where}: message {turn} must be an object with 'role' and 'content'")
-        if message["role"] not in ROLES:
-            raise ValueError(f"{where}: message {turn} has role {message['role']!r}, expected one of {ROLES}")
-        if not isinstance(message["content"], str):
-            raise ValueError(f"{where}: message {turn} content must be a string")
-        messages.append({"role": message["role"], "content": message["content"]})
+    messages = check_messages(prompt, f"{where}: prompt")
     if messages[-1]["role"] == "assistant":
         raise ValueError(f"{where}: the last message is an assistant turn; a prompt must end before the reply")
     return messages
@@ -97,15 +89,24 @@ def load_prompts(
     scenes: str | Path | None = None,
     opening_turn: str = DEFAULT_OPENING_TURN,
     limit: int | None = None,
+    split: str = "train",
+    prompt_key: str = "prompt",
 ) -> list[dict[str, Any]]:
     """Prompt records `{"prompt": ..., **columns}` from `path` (format detected from the fields; see module doc).
 
-    Every record has the same column names (missing values are None). `limit` keeps the first records.
+    `path` is any source of `read_records` (`split` for a `DatasetDict` folder or a `datasets` name); `prompt_key`
+    names the prompt column. Every record has the same column names (missing values are None). `limit` (>= 1)
+    keeps the first records.
     """
-    path = Path(path)
-    records = read_records(path)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    if not isinstance(prompt_key, str) or not prompt_key:
+        raise ValueError(f"prompt_key must be a non-empty string, got {prompt_key!r}")
+    records = read_records(path, split=split)
+    if prompt_key != "prompt":
+        records = [_rename_prompt(record, prompt_key, f"{path}: record {i}") for i, record in enumerate(records)]
     if _is_rpbench_card(records[0]):
-        prompts = _rpbench_prompts(path, records, scenes, opening_turn)
+        prompts = _rpbench_prompts(Path(path), records, scenes, opening_turn)
     else:
         if scenes is not None:
             raise ValueError(f"scenes={scenes}: scenes apply only to RPBench character cards, not to {path}")
@@ -116,18 +117,34 @@ def load_prompts(
     return [{"prompt": r["prompt"], **{c: r.get(c) for c in columns}} for r in prompts]
 
 
-def _column_prompts(path: Path, records: list[dict]) -> list[dict]:
-    if "prompt" not in records[0]:
+def _rename_prompt(record: dict, prompt_key: str, where: str) -> dict:
+    if prompt_key not in record:
+        raise ValueError(f"{where} has no {prompt_key!r} field (prompt_key); fields: {sorted(record)}")
+    renamed = {k: v for k, v in record.items() if k not in ("prompt", prompt_key)}
+    renamed["prompt"] = record[prompt_key]
+    return renamed
+
+
+def _column_prompts(path: str | Path, records: list[dict]) -> list[dict]:
+    if "prompt" not in records[0] and not is_alpaca(records[0]):
         raise ValueError(
-            f"{path}: record 0 has neither a 'prompt' column nor RPBench card fields "
+            f"{path}: record 0 has neither a 'prompt' column, an Alpaca 'instruction' nor RPBench card fields "
             f"(npc_profile, conversation); fields found: {sorted(records[0])}"
         )
     prompts = []
     for index, record in enumerate(records):
-        if "prompt" not in record:
-            raise ValueError(f"{path}: record {index} has no 'prompt' field")
-        prompt = check_prompt(record["prompt"], f"{path}: record {index}")
-        prompts.append({**record, "prompt": prompt})
+        where = f"{path}: record {index}"
+        if is_alpaca(record):
+            try:
+                prompt = alpaca_prompt(record)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from exc
+            record = {k: v for k, v in record.items() if k not in ALPACA_PROMPT_FIELDS}
+        elif "prompt" not in record:
+            raise ValueError(f"{where} has no 'prompt' field")
+        else:
+            prompt = record["prompt"]
+        prompts.append({**record, "prompt": check_prompt(prompt, where)})
     if any(c in records[0] for c in ("chosen", "rejected")):
         return _distinct_prompts(prompts)
     return prompts
