@@ -7,19 +7,50 @@ Alignment: `hidden[..., t, :]` predicts `targets[..., t]` (for a causal LM: `hid
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import linear_local_loss, linear_logprobs, sequence_logprobs
+from .ops import IGNORE_INDEX, LENGTH_NORMS, linear_local_loss, linear_logprobs, sequence_logprobs
 
-MARGINS = ("bt", "fixed", "pr", "ld")
-NAMED_GAMMA = {"pr": 1.0, "ld": 0.0}
-KL_KINDS = ("k1", "k2", "k3")
-LOSS_TYPES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-SCALE_REWARDS = ("group", "batch", "none")
+# The choices the training stages offer, declared once here (IGNORE_INDEX and LENGTH_NORMS come from the ops).
+MARGINS = ("bt", "fixed", "pr", "ld")  # AAM margin kinds
+NAMED_GAMMA = {"pr": 1.0, "ld": 0.0}  # the reference's weight γ implied by the margin's name
+KL_KINDS = ("k1", "k2", "k3")  # per-token KL estimators (`kl_penalty`)
+LOSS_TYPES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")  # GRPO aggregations
+# TRL's GRPOConfig.loss_type names for the same aggregations ("dapo" and "bnpo" differ in TRL only in whether the
+# token count spans processes: here that is the `normalizer` the caller passes).
+LOSS_TYPE_ALIASES = {
+    "grpo": "seq-mean-token-mean",
+    "bnpo": "token-mean",
+    "dapo": "token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+}
+SCALE_REWARDS = ("group", "batch", "none")  # how `group_advantages` scales the centred rewards
+
+__all__ = [
+    "IGNORE_INDEX",
+    "KL_KINDS",
+    "LENGTH_NORMS",
+    "LOSS_TYPES",
+    "LOSS_TYPE_ALIASES",
+    "MARGINS",
+    "NAMED_GAMMA",
+    "SCALE_REWARDS",
+    "AAMLoss",
+    "AAMOutput",
+    "GRPOLoss",
+    "GRPOOutput",
+    "aam_loss",
+    "default_normalizer",
+    "group_advantages",
+    "grpo_loss",
+    "kl_penalty",
+    "resolve_loss_type",
+]
 # k3's exp(−δ) is evaluated on δ clamped to this range, and the estimate is capped, as is usual for this estimator.
 _KL_DELTA_CLAMP = 20.0
 _KL_MAX = 10.0
@@ -54,8 +85,8 @@ def _pair_rewards(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _check_margin_args(margin, length_norm, beta, margin_clip, gamma):
     if margin not in MARGINS:
         raise ValueError(f"margin must be one of {MARGINS}, got {margin!r}")
-    if length_norm not in ("mean", "sum"):
-        raise ValueError(f"length_norm must be 'mean' or 'sum', got {length_norm!r}")
+    if length_norm not in LENGTH_NORMS:
+        raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
     if margin_clip is not None and not margin_clip > 0:
         raise ValueError(f"margin_clip must be positive or None, got {margin_clip!r}")
     if gamma is not None and margin in ("bt", "fixed"):
@@ -85,7 +116,7 @@ def aam_loss(
     sft_weight: float = 0.0,
     center_rewards: float = 0.0,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     grad_filter_eps: float | None = None,
 ) -> AAMOutput:
@@ -99,7 +130,8 @@ def aam_loss(
     `detach_margin` stops gradients through the margin; `margin_clip` clamps it to `[−c, c]`. With a detached
     margin and `sft_weight = 0` the policy log-probs are computed forward-only (nothing saved for backward).
     hidden `[2B, T, D]`, targets `[2B, T]`, rewards `[2B]` or `[2B, 1]`; hidden/weight/targets may be None for
-    "bt" and "fixed" without SFT. `grad_filter_eps` (off by default) as in `linear_logprobs`.
+    "bt" and "fixed" without SFT; `data_margin` is a tensor (a list is refused, naming it). `grad_filter_eps` (off
+    by default) as in `linear_logprobs`.
     """
     _check_margin_args(margin, length_norm, beta, margin_clip, gamma)
     reward_chosen, reward_rejected = _pair_rewards(rewards)
@@ -134,7 +166,11 @@ def aam_loss(
     elif margin == "fixed":
         if data_margin is None:
             raise ValueError("margin='fixed' needs data_margin [B] (the data's margin column)")
-        pair_margin = torch.as_tensor(data_margin, device=reward_gap.device).float().reshape(-1)
+        if not isinstance(data_margin, torch.Tensor):
+            raise ValueError(
+                f"data_margin must be a torch.Tensor [B] (e.g. torch.tensor(margins)), got {type(data_margin).__name__}"
+            )
+        pair_margin = data_margin.to(reward_gap.device).float().reshape(-1)
         if pair_margin.shape[0] != pairs:
             raise ValueError(f"data_margin must be [B]=[{pairs}], got shape {tuple(data_margin.shape)}")
     else:
@@ -216,7 +252,7 @@ class AAMLoss(nn.Module):
         sft_weight: float = 0.0,
         center_rewards: float = 0.0,
         temperature: float = 1.0,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         backend: str = "auto",
         grad_filter_eps: float | None = None,
     ):
@@ -292,13 +328,36 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k3") -
     raise ValueError(f"kl must be one of {KL_KINDS}, got {kind!r}")
 
 
+def resolve_loss_type(loss_type: str) -> str:
+    """The canonical name (one of `LOSS_TYPES`) of `loss_type`, which may also be a TRL name (`LOSS_TYPE_ALIASES`)."""
+    if loss_type in LOSS_TYPES:
+        return loss_type
+    if isinstance(loss_type, str) and loss_type in LOSS_TYPE_ALIASES:
+        return LOSS_TYPE_ALIASES[loss_type]
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES} (or TRL's {tuple(LOSS_TYPE_ALIASES)}), got {loss_type!r}")
+
+
 def _check_grpo_args(epsilon, epsilon_high, kl, loss_type):
     if kl not in KL_KINDS:
         raise ValueError(f"kl must be one of {KL_KINDS}, got {kl!r}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    resolve_loss_type(loss_type)
     if not epsilon >= 0 or (epsilon_high is not None and not epsilon_high >= 0):
         raise ValueError(f"epsilon and epsilon_high must be non-negative, got {epsilon!r}, {epsilon_high!r}")
+
+
+def _check_normalizer(normalizer) -> float:
+    """`normalizer` as a float; ValueError unless it is a positive finite number (or a one-element tensor of one)."""
+    if isinstance(normalizer, torch.Tensor) and normalizer.numel() == 1:
+        value = float(normalizer)
+    elif isinstance(normalizer, (int, float)) and not isinstance(normalizer, bool):
+        value = float(normalizer)
+    else:
+        raise ValueError(f"normalizer must be a positive finite number or None, got {normalizer!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"normalizer must be a positive finite number (the step's token or sequence count) or None, got {value!r}"
+        )
+    return value
 
 
 def default_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None) -> float:
@@ -307,6 +366,7 @@ def default_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length
     For exact gradient accumulation sum this over every micro-batch (and rank) of the optimizer step, before the
     micro-batch loop, and pass the total as `normalizer`.
     """
+    loss_type = resolve_loss_type(loss_type)
     if loss_type == "token-mean":
         return float(mask.sum())
     sequences = float(mask.shape[0])
@@ -335,7 +395,7 @@ def grpo_loss(
     max_completion_length: int | None = None,
     compute_entropy: bool = True,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     grad_filter_eps: float | None = None,
 ) -> GRPOOutput:
@@ -345,10 +405,14 @@ def grpo_loss(
     clip(ρ, 1−ε, 1+ε_high)A) + β·KL_t − entropy_coef·H_t`; summed over completion tokens (targets !=
     ignore_index) and divided by `normalizer`: total tokens ("token-mean"), sequences after a per-sequence token
     mean ("seq-mean-token-mean"), or sequences × max_completion_length ("seq-mean-token-sum-norm", Dr. GRPO).
-    `normalizer=None` uses this batch's own. hidden `[B, T, D]`, targets `[B, T]`, advantages `[B]`,
-    old_logps/ref_logps `[B, T]`. `grad_filter_eps` (off by default) as in `linear_logprobs`.
+    `normalizer=None` uses this batch's own; a given `normalizer` must be a positive finite number (ValueError
+    otherwise). `loss_type` may also be a TRL name (`LOSS_TYPE_ALIASES`). Values of `old_logps`, `ref_logps` and
+    `advantages` at ignored positions never reach the loss or its gradient (NaN or −inf there is harmless).
+    hidden `[B, T, D]`, targets `[B, T]`, advantages `[B]`, old_logps/ref_logps `[B, T]`. `grad_filter_eps` (off
+    by default) as in `linear_logprobs`.
     """
     _check_grpo_args(epsilon, epsilon_high, kl, loss_type)
+    loss_type = resolve_loss_type(loss_type)
     if targets.dim() != 2:
         raise ValueError(f"targets must be [B, T], got shape {tuple(targets.shape)}")
     batch = targets.shape[0]
@@ -361,23 +425,28 @@ def grpo_loss(
     if beta != 0 and ref_logps is None:
         raise ValueError("beta != 0 needs ref_logps (the reference model's token log-probs)")
     eps_high = epsilon if epsilon_high is None else epsilon_high
-    mask = (targets != ignore_index).float()
+    valid = targets != ignore_index
+    mask = valid.float()
     if normalizer is None:
-        normalizer = default_normalizer(mask, loss_type, max_completion_length)
-    scale = 1.0 / max(float(normalizer), 1.0)
+        scale = 1.0 / max(default_normalizer(mask, loss_type, max_completion_length), 1.0)  # 1 for an empty batch
+    else:
+        scale = 1.0 / _check_normalizer(normalizer)
     with_entropy = compute_entropy or entropy_coef != 0
+    # Values at ignored positions are replaced (selected away, never multiplied by 0), so a NaN or −inf there in
+    # old_logps, ref_logps or an advantage never reaches the loss or its gradient.
+    adv = torch.where(valid, advantages[:, None], 0.0)
 
     def token_loss(logps, entropy):
-        old = logps.detach() if old_logps is None else old_logps.float()
+        old = logps.detach() if old_logps is None else torch.where(valid, old_logps.float(), logps.detach())
         ratio = torch.exp(logps - old)
-        adv = advantages[:, None]
         surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - epsilon, 1.0 + eps_high) * adv)
         per_token = -surrogate
         if beta != 0:
-            per_token = per_token + beta * kl_penalty(logps, ref_logps.float(), kl)
+            ref = torch.where(valid, ref_logps.float(), logps.detach())
+            per_token = per_token + beta * kl_penalty(logps, ref, kl)
         if entropy_coef != 0:
             per_token = per_token - entropy_coef * entropy
-        per_token = per_token * mask
+        per_token = torch.where(valid, per_token, 0.0)
         if loss_type == "seq-mean-token-mean":
             return (per_token.sum(-1) / mask.sum(-1).clamp_min(1.0)).sum() * scale
         return per_token.sum() * scale
@@ -394,27 +463,31 @@ def grpo_loss(
         backend=backend,
         grad_filter_eps=grad_filter_eps,
     )
-    stats = _grpo_stats(logps, entropy, mask, advantages, old_logps, ref_logps, epsilon, eps_high, kl)
+    stats = _grpo_stats(logps, entropy, valid, advantages, old_logps, ref_logps, epsilon, eps_high, kl)
     return GRPOOutput(loss=loss, logps=logps, entropy=entropy, stats=stats)
 
 
 @torch.no_grad()
-def _grpo_stats(logps, entropy, mask, advantages, old_logps, ref_logps, epsilon, eps_high, kl):
-    """Sums over completion tokens (reduce across micro-batches and ranks by adding, then divide by `tokens`)."""
-    ratio = torch.exp(logps - (logps if old_logps is None else old_logps.float()))
-    adv = advantages[:, None]
-    low = (ratio < 1.0 - epsilon) & (adv < 0)
-    high = (ratio > 1.0 + eps_high) & (adv > 0)
+def _grpo_stats(logps, entropy, valid, advantages, old_logps, ref_logps, epsilon, eps_high, kl):
+    """Sums over completion tokens (reduce across micro-batches and ranks by adding, then divide by `tokens`).
+
+    Ignored positions are selected away before any arithmetic, as in the loss."""
+    old = logps if old_logps is None else torch.where(valid, old_logps.float(), logps)
+    ratio = torch.exp(logps - old)
+    adv = torch.where(valid, advantages[:, None], 0.0)
+    low = (ratio < 1.0 - epsilon) & (adv < 0) & valid
+    high = (ratio > 1.0 + eps_high) & (adv > 0) & valid
     stats = {
-        "tokens": mask.sum(),
-        "clip_low_sum": (low.float() * mask).sum(),
-        "clip_high_sum": (high.float() * mask).sum(),
-        "clip_region_sum": ((low | high).float() * mask).sum(),
+        "tokens": valid.sum().float(),
+        "clip_low_sum": low.sum().float(),
+        "clip_high_sum": high.sum().float(),
+        "clip_region_sum": (low | high).sum().float(),
     }
     if ref_logps is not None:
-        stats["kl_sum"] = (kl_penalty(logps, ref_logps.float(), kl) * mask).sum()
+        ref = torch.where(valid, ref_logps.float(), logps)
+        stats["kl_sum"] = torch.where(valid, kl_penalty(logps, ref, kl), 0.0).sum()
     if entropy is not None:
-        stats["entropy_sum"] = (entropy * mask).sum()
+        stats["entropy_sum"] = torch.where(valid, entropy, 0.0).sum()
     return stats
 
 
@@ -432,7 +505,7 @@ class GRPOLoss(nn.Module):
         max_completion_length: int | None = None,
         compute_entropy: bool = True,
         temperature: float = 1.0,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         backend: str = "auto",
         grad_filter_eps: float | None = None,
     ):

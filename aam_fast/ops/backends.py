@@ -1,4 +1,18 @@
-"""Backend registry: each backend is a pair of functions with one contract (see `torch_backend`)."""
+"""Backend registry: each backend is a forward and a backward with one contract, and optional extra entries.
+
+The contract (rows whose target is ignored are already removed; every target lies in `[0, V)`):
+- `forward(hidden [N, D], weight [V, D], bias [V] | None, targets [N], params) -> (lse, target_logit, mean_z)`,
+  each `[N]` (float32 or float64), `mean_z = Σ_v softmax(z)_v z_v` or None unless `params.with_entropy`;
+- `backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_entropy, params, needs)
+  -> (d_hidden [N, D] in hidden.dtype, d_weight [V, D] float32, d_bias [V] float32)`, the gradients of
+  `Σ g·logp + Σ e·H` for the upstream `grad_logp`, `grad_entropy` (`[N]`, the latter may be None), each None
+  where the matching flag of `needs = (hidden, weight, bias)` is off;
+- `local_loss` (None where the backend has none): the three-product mode for losses whose per-token gradient is
+  local, `(hidden, weight, bias, targets, token_grads, params, needs) -> (logp, entropy | None, d_hidden, d_weight,
+  d_bias)` (see `torch_chunked`);
+- `grad_filter`: whether the backward honours `params.grad_filter_eps > 0`.
+`params` is a `LogprobParams`.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +27,20 @@ BACKENDS = ("auto", "torch", "triton", "native")
 
 @dataclass(frozen=True)
 class Backend:
-    """A backend's forward `(lse, target_logit, mean_z)` and backward `(d_hidden, d_weight, d_bias)`."""
+    """A backend's entries (see the module docstring for their contract)."""
 
     name: str
     forward: Callable
     backward: Callable
+    local_loss: Callable | None = None
+    grad_filter: bool = False
 
 
 def _torch_backend() -> Backend:
     from .torch_backend import torch_backward, torch_forward
+    from .torch_chunked import torch_chunked_local
 
-    return Backend("torch", torch_forward, torch_backward)
+    return Backend("torch", torch_forward, torch_backward, local_loss=torch_chunked_local, grad_filter=True)
 
 
 def _triton_backend() -> Backend:
@@ -32,7 +49,7 @@ def _triton_backend() -> Backend:
         from .triton_forward import triton_forward
     except ImportError as exc:  # triton missing on this platform
         raise ValueError(f"backend='triton' needs the triton package, which failed to import: {exc}") from exc
-    return Backend("triton", triton_forward, triton_backward)
+    return Backend("triton", triton_forward, triton_backward, grad_filter=True)
 
 
 def _native_backend() -> Backend:
@@ -48,7 +65,7 @@ def triton_runs_on(device: torch.device) -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> Backend:
-    """Map a backend name to its functions; "auto" picks triton on CUDA and torch elsewhere.
+    """Map a backend name to its entries; "auto" picks triton on CUDA and torch elsewhere.
 
     "native" (the C++ CPU kernels) is opt-in: on the 2-core CPU it does not beat "torch" by the margin that
     would make it the CPU default (see `native_backend`).

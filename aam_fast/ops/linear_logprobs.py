@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch.autograd.function import once_differentiable
 
-from .backends import Backend, resolve_backend
+from .backends import resolve_backend
+from .params import IGNORE_INDEX, LogprobParams
 from .validation import check_grad_filter_eps, check_linear_logprobs_inputs
 
-
-@dataclass(frozen=True)
-class LogprobParams:
-    """Everything but the tensors: the same for forward and backward."""
-
-    backend: Backend
-    inv_temperature: float
-    ignore_index: int
-    with_entropy: bool
-    grad_filter_eps: float = 0.0
+# How `sequence_logprobs` reduces a response's token log-probs.
+LENGTH_NORMS = ("mean", "sum")
 
 
 def logprob_params(
@@ -33,8 +24,10 @@ def logprob_params(
     """Checked `LogprobParams` for tensors on `device` (ValueError naming the argument that does not fit)."""
     resolved = resolve_backend(backend, device)
     eps = check_grad_filter_eps(grad_filter_eps)
-    if eps > 0.0 and resolved.name == "native":
-        raise ValueError("grad_filter_eps is not implemented by backend='native'; use backend='torch' or 'triton'")
+    if eps > 0.0 and not resolved.grad_filter:
+        raise ValueError(
+            f"grad_filter_eps is not implemented by backend={resolved.name!r}; use backend='torch' or 'triton'"
+        )
     return LogprobParams(
         backend=resolved,
         inv_temperature=1.0 / float(temperature),
@@ -65,9 +58,7 @@ def logprob_forward(hidden2d, weight, bias, targets1d, params: LogprobParams):
     rows = valid_rows(targets1d, params.ignore_index)
     h = hidden2d if rows is None else hidden2d.index_select(0, rows)
     y = targets1d if rows is None else targets1d.index_select(0, rows)
-    lse, target_logit, mean_z = params.backend.forward(
-        h, weight, bias, y, inv_temperature=params.inv_temperature, with_entropy=params.with_entropy
-    )
+    lse, target_logit, mean_z = params.backend.forward(h, weight, bias, y, params)
     # a backend may keep lse in float64 so that z_y − lse cancels exactly for near-certain tokens
     logp_rows = (target_logit.to(lse.dtype) - lse).float()
     entropy_rows = (lse - mean_z.to(lse.dtype)).float() if params.with_entropy else None
@@ -89,19 +80,7 @@ def logprob_backward(hidden2d, weight, bias, targets1d, saved, grad_logp, grad_e
     else:
         hidden_rows = hidden2d
     d_hidden_rows, d_weight, d_bias = params.backend.backward(
-        hidden_rows,
-        weight,
-        bias,
-        targets1d,
-        lse,
-        mean_z,
-        grad_logp,
-        grad_entropy,
-        inv_temperature=params.inv_temperature,
-        needs_hidden_grad=needs[0],
-        needs_weight_grad=needs[1],
-        needs_bias_grad=needs[2],
-        grad_filter_eps=params.grad_filter_eps,
+        hidden_rows, weight, bias, targets1d, lse, mean_z, grad_logp, grad_entropy, params, tuple(needs)
     )
     d_hidden = d_hidden_rows
     if d_hidden_rows is not None and rows is not None:
@@ -153,7 +132,7 @@ def linear_logprobs(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
     backend: str = "auto",
     grad_filter_eps: float | None = None,
@@ -187,20 +166,25 @@ def linear_logprobs(
 
 
 def sequence_logprobs(
-    token_logprobs: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100, length_norm: str = "mean"
+    token_logprobs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    length_norm: str = "mean",
 ) -> torch.Tensor:
     """Response log-prob `Σ_t m_t ℓ_t` over the last dim (`"sum"`), or that sum over `Σ_t m_t` (`"mean"`).
 
-    `m_t = targets != ignore_index`; a row with no response token gets 0 under "mean".
+    `m_t = targets != ignore_index`; a row with no response token gets 0 under "mean". Values at ignored positions
+    are never read (a NaN there does not reach the result).
     """
-    if length_norm not in ("mean", "sum"):
-        raise ValueError(f"length_norm must be 'mean' or 'sum', got {length_norm!r}")
+    if length_norm not in LENGTH_NORMS:
+        raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
     if token_logprobs.shape != targets.shape:
         raise ValueError(
             f"token_logprobs shape {tuple(token_logprobs.shape)} must equal targets shape {tuple(targets.shape)}"
         )
-    mask = (targets != ignore_index).to(token_logprobs.dtype)
-    total = (token_logprobs * mask).sum(-1)
+    valid = targets != ignore_index
+    total = torch.where(valid, token_logprobs, 0.0).sum(-1)  # selected, so a NaN at an ignored position stays out
     if length_norm == "sum":
         return total
-    return total / mask.sum(-1).clamp_min(1.0)
+    return total / valid.sum(-1).clamp_min(1).to(total.dtype)

@@ -13,15 +13,8 @@ from collections.abc import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from .linear_logprobs import (
-    LogprobParams,
-    logprob_backward,
-    logprob_forward,
-    logprob_params,
-    unit_inner_stride,
-    valid_rows,
-)
-from .torch_chunked import torch_chunked_local
+from .linear_logprobs import logprob_backward, logprob_forward, logprob_params, unit_inner_stride, valid_rows
+from .params import IGNORE_INDEX, LogprobParams
 from .validation import check_linear_logprobs_inputs
 
 TokenLossFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -40,8 +33,9 @@ def _token_loss_and_grads(token_loss_fn, logp, entropy):
     return loss.detach(), grad_logp, grad_entropy
 
 
-def _chunked_local_loss(hidden2d, weight, bias, targets1d, params: LogprobParams, token_loss_fn, needs):
-    """The torch backend's three-product path: token gradients taken chunk by chunk while the logits are at hand.
+def _backend_local_loss(hidden2d, weight, bias, targets1d, params: LogprobParams, token_loss_fn, needs):
+    """The backend's `local_loss` entry (three products): token gradients taken chunk by chunk while the logits are
+    at hand.
 
     Locality makes the gradient of row t depend only on row t, so a chunk's gradients come from differentiating the
     loss with that chunk's log-probs in place and zeros elsewhere; the loss itself is evaluated once at the end.
@@ -59,18 +53,8 @@ def _chunked_local_loss(hidden2d, weight, bias, targets1d, params: LogprobParams
         _, grad_logp, grad_entropy = _token_loss_and_grads(token_loss_fn, logp, entropy)
         return grad_logp.index_select(0, index), None if grad_entropy is None else grad_entropy.index_select(0, index)
 
-    logp_rows, entropy_rows, d_hidden_rows, d_weight, d_bias = torch_chunked_local(
-        hidden_rows,
-        weight,
-        bias,
-        target_rows,
-        token_grads,
-        inv_temperature=params.inv_temperature,
-        with_entropy=params.with_entropy,
-        needs_hidden_grad=needs[0],
-        needs_weight_grad=needs[1],
-        needs_bias_grad=needs[2],
-        grad_filter_eps=params.grad_filter_eps,
+    logp_rows, entropy_rows, d_hidden_rows, d_weight, d_bias = params.backend.local_loss(
+        hidden_rows, weight, bias, target_rows, token_grads, params, needs
     )
     logp = logp_rows.new_zeros(n).index_copy_(0, rows, logp_rows)
     entropy = None if entropy_rows is None else entropy_rows.new_zeros(n).index_copy_(0, rows, entropy_rows)
@@ -79,6 +63,7 @@ def _chunked_local_loss(hidden2d, weight, bias, targets1d, params: LogprobParams
     d_hidden = d_hidden_rows
     if d_hidden_rows is not None and keep is not None:
         d_hidden = d_hidden_rows.new_zeros(hidden2d.shape).index_copy_(0, keep, d_hidden_rows)
+    d_weight = None if d_weight is None else d_weight.to(weight.dtype)
     d_bias = None if d_bias is None else d_bias.to(bias.dtype)
     return loss, logp, entropy, (d_hidden, d_weight, d_bias)
 
@@ -88,9 +73,9 @@ class LinearLocalLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, targets1d, params: LogprobParams, token_loss_fn, results: dict):
-        needs = ctx.needs_input_grad[:3]
-        if params.backend.name == "torch" and weight.dtype == torch.float32:
-            loss, logp, entropy, grads = _chunked_local_loss(
+        needs = tuple(ctx.needs_input_grad[:3])
+        if params.backend.local_loss is not None:
+            loss, logp, entropy, grads = _backend_local_loss(
                 hidden2d, weight, bias, targets1d, params, token_loss_fn, needs
             )
         else:
@@ -118,7 +103,7 @@ def linear_local_loss(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     with_entropy: bool = False,
     backend: str = "auto",
     grad_filter_eps: float | None = None,

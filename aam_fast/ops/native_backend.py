@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .params import LogprobParams
+
 _LIBRARY_FOLDER = "aam_fast.libs"
 _LIBRARY_STEM = "_aam_fast_native"
 _LIBRARY_SUFFIXES = (".so", ".dylib", ".pyd", ".dll")
@@ -41,16 +43,15 @@ _loaded = False
 
 def library_path() -> Path | None:
     """The built library: $AAM_FAST_NATIVE_LIB, else `aam_fast.libs/` in a sys.path folder (site-packages, where
-    the CMake build installs it, editable or not), else a copy inside one of the package's folders.
+    the CMake build installs it, editable or not) or beside the package's folder, else a copy inside that folder.
     """
     override = os.environ.get(LIBRARY_ENV)
     if override:
         return Path(override)
-    import aam_fast
-
+    package_folder = Path(__file__).resolve().parent.parent  # aam_fast/, found without importing the package
     names = [f"{_LIBRARY_STEM}{suffix}" for suffix in _LIBRARY_SUFFIXES]
     folders = [Path(entry or ".") / _LIBRARY_FOLDER for entry in sys.path]
-    folders += [Path(folder) for folder in getattr(aam_fast, "__path__", [])]
+    folders += [package_folder.parent / _LIBRARY_FOLDER, package_folder]
     return next((folder / name for folder in folders for name in names if (folder / name).is_file()), None)
 
 
@@ -88,7 +89,7 @@ def _tiling() -> tuple[int, int, int]:
     return BLOCK_ROWS, TILE_WIDTH, VOCAB_CHUNKS
 
 
-def native_forward(hidden, weight, bias, targets, *, inv_temperature: float, with_entropy: bool):
+def native_forward(hidden, weight, bias, targets, params: LogprobParams):
     """Return `(lse [N] float64, target_logit [N] float32, mean_z [N] float32 or None)`, as `torch_forward`.
 
     `lse = max + log Σ exp(z − max)` with the sums in float64 across tiles (float32 within a tile), the target
@@ -97,44 +98,26 @@ def native_forward(hidden, weight, bias, targets, *, inv_temperature: float, wit
     load_native()
     with torch.no_grad():
         lse, target_logit, mean_z = torch.ops.aam_fast.linear_logprobs_forward(
-            hidden, weight, bias, targets, float(inv_temperature), bool(with_entropy), *_tiling()
+            hidden, weight, bias, targets, float(params.inv_temperature), bool(params.with_entropy), *_tiling()
         )
-    return lse, target_logit, (mean_z if with_entropy else None)
+    return lse, target_logit, (mean_z if params.with_entropy else None)
 
 
-def native_backward(
-    hidden,
-    weight,
-    bias,
-    targets,
-    lse,
-    mean_z,
-    grad_logp,
-    grad_entropy,
-    *,
-    inv_temperature: float,
-    needs_hidden_grad: bool,
-    needs_weight_grad: bool,
-    needs_bias_grad: bool,
-    grad_filter_eps: float = 0.0,
-):
-    """Gradients of `Σ g·logp + Σ e·H`, as `torch_backward`: `(d_hidden in hidden.dtype, d_weight f32, d_bias f32)`.
-    Gradient filtering is not implemented here: `grad_filter_eps` must be 0.
+def native_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_entropy, params: LogprobParams, needs):
+    """Gradients of `Σ g·logp + Σ e·H`, as `torch_backward`: `(d_hidden in hidden.dtype, d_weight f32, d_bias f32)`,
+    each None where `needs` = (hidden, weight, bias) is off. Gradient filtering is not implemented here
+    (`grad_filter_eps` must be 0; the backend says so with `grad_filter=False`).
 
     Each tile's `∂/∂z = s·[g (onehot − p) + e p (mean_z − z)]` (`s = 1/τ`) is formed in place, the target column
     as `g·q + e p_y (mean_z − z_y)` with `q = 1 − p_y = −expm1(z_y − lse)` in float64 (exact when `p_y ≈ 1`).
     """
-    if grad_filter_eps > 0.0:
+    if params.grad_filter_eps > 0.0:
         raise ValueError("grad_filter_eps is not implemented by backend='native'; use backend='torch' or 'triton'")
     load_native()
     upstream = (lse, mean_z, grad_logp, grad_entropy)
-    needs = (bool(needs_hidden_grad), bool(needs_weight_grad), bool(needs_bias_grad))
+    flags = tuple(bool(flag) for flag in needs)
     with torch.no_grad():
         d_hidden, d_weight, d_bias = torch.ops.aam_fast.linear_logprobs_backward(
-            hidden, weight, bias, targets, *upstream, float(inv_temperature), *needs, *_tiling()
+            hidden, weight, bias, targets, *upstream, float(params.inv_temperature), *flags, *_tiling()
         )
-    return (
-        d_hidden if needs_hidden_grad else None,
-        d_weight if needs_weight_grad else None,
-        d_bias if needs_bias_grad else None,
-    )
+    return tuple(grad if flag else None for grad, flag in zip((d_hidden, d_weight, d_bias), flags, strict=True))

@@ -14,6 +14,7 @@ import os
 import torch
 
 from .grad_filter import filtered
+from .params import LogprobParams
 
 # Working-set budget for the per-tile float32 buffers (two [rows, tile] buffers live at once).
 _TILE_BUDGET_BYTES = int(os.environ.get("AAM_FAST_TORCH_TILE_MB", "32")) * 2**20
@@ -42,18 +43,22 @@ def _logits_tile(h32, weight, bias, start, stop, inv_temperature, out):
     return z, w32
 
 
-def torch_forward(hidden, weight, bias, targets, *, inv_temperature: float, with_entropy: bool):
-    """Return `(lse [N], target_logit [N], mean_z [N] or None)` with `mean_z = Σ_v softmax(z)_v z_v`.
+def torch_forward(hidden, weight, bias, targets, params: LogprobParams):
+    """Return `(lse [N] f64, target_logit [N] f32, mean_z [N] f64 or None)` with `mean_z = Σ_v softmax(z)_v z_v`.
 
-    The target logit is read from the tile that holds it (the same numbers the logsumexp sees) and `lse = max +
-    log Σ` is kept in float64 (the rest is float32), so a confident token's `z_y − lse` cancels as exactly as in a
-    materialised log-softmax instead of losing `log Σ ≈ 1e-5` to the rounding of `max + log Σ`.
+    The target logit is read from the tile that holds it (the same numbers the logsumexp sees) and `lse = m +
+    log S` is kept in float64, so a confident token's `z_y − lse` cancels as exactly as in a materialised
+    log-softmax instead of losing `log S ≈ 1e-5` to the rounding of `m + log S`. With `m` the running max, the
+    per-row sums `S = Σ_v exp(z_v − m)` and `A = Σ_v exp(z_v − m)(z_v − m)` (every term ≤ 0: nothing cancels) are
+    float32 within a tile and float64 across tiles; `mean_z = m + A/S`, so the entropy `lse − mean_z = log S − A/S`
+    is as exact as the sums.
     """
+    inv_temperature, with_entropy = params.inv_temperature, params.with_entropy
     n, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
     lse = torch.empty(n, dtype=torch.float64, device=device)
     target_logit = torch.empty(n, dtype=torch.float32, device=device)
-    mean_z = torch.empty(n, dtype=torch.float32, device=device) if with_entropy else None
+    mean_z = torch.empty(n, dtype=torch.float64, device=device) if with_entropy else None
     if n == 0:
         return lse, target_logit, mean_z
     rows, width = _tile_shape(n, vocab)
@@ -64,8 +69,8 @@ def torch_forward(hidden, weight, bias, targets, *, inv_temperature: float, with
         h32 = hidden[r0:r1].float()
         y_rows = targets[r0:r1]
         running_max = torch.full((r1 - r0,), -float("inf"), dtype=torch.float32, device=device)
-        running_sum = torch.zeros(r1 - r0, dtype=torch.float32, device=device)
-        running_pz = torch.zeros(r1 - r0, dtype=torch.float32, device=device) if with_entropy else None
+        running_sum = torch.zeros(r1 - r0, dtype=torch.float64, device=device)
+        running_shift = torch.zeros(r1 - r0, dtype=torch.float64, device=device) if with_entropy else None
         picked = torch.zeros(r1 - r0, dtype=torch.float32, device=device)
         for v0 in range(0, vocab, width):
             v1 = min(vocab, v0 + width)
@@ -74,49 +79,38 @@ def torch_forward(hidden, weight, bias, targets, *, inv_temperature: float, with
             column = (y_rows - v0).clamp(0, v1 - v0 - 1)
             picked = torch.where(in_tile, z.gather(1, column[:, None]).view(-1), picked)
             new_max = torch.maximum(running_max, z.amax(dim=1))
-            rescale = torch.exp(running_max - new_max)
-            e = exp_buf[: r1 - r0, : v1 - v0]
-            torch.sub(z, new_max[:, None], out=e)
-            e.exp_()
-            running_sum.mul_(rescale).add_(e.sum(dim=1))
+            rescale = torch.exp((running_max - new_max).double())
+            z.sub_(new_max[:, None])  # z − m ≤ 0: no sum below mixes signs
+            e = torch.exp(z, out=exp_buf[: r1 - r0, : v1 - v0])
             if with_entropy:
-                # Σ e·z as a batched dot: no third [rows, tile] temporary.
-                pz = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)
-                running_pz.mul_(rescale).add_(pz)
+                # A = Σ e (z − m) over the tiles so far, re-based on each new max: the old tiles' (z − m_old)
+                # become (z − m_old) + (m_old − m_new). Summed (not bmm, whose float32 dot loses ~1e-4 at V=150k).
+                moved = torch.where(running_sum > 0, (running_max - new_max).double() * running_sum, 0.0)
+                running_shift.add_(moved).mul_(rescale).add_(z.mul_(e).sum(dim=1).double())
+            running_sum.mul_(rescale).add_(e.sum(dim=1).double())
             running_max = new_max
-        lse[r0:r1] = running_max.double() + running_sum.double().log()
+        lse[r0:r1] = running_max.double() + running_sum.log()
         target_logit[r0:r1] = picked
         if with_entropy:
-            mean_z[r0:r1] = running_pz / running_sum
+            mean_z[r0:r1] = running_max.double() + running_shift / running_sum
     return lse, target_logit, mean_z
 
 
-def torch_backward(
-    hidden,
-    weight,
-    bias,
-    targets,
-    lse,
-    mean_z,
-    grad_logp,
-    grad_entropy,
-    *,
-    inv_temperature: float,
-    needs_hidden_grad: bool,
-    needs_weight_grad: bool,
-    needs_bias_grad: bool,
-    grad_filter_eps: float = 0.0,
-):
-    """Gradients of `Σ g·logp + Σ e·H` by recomputing each logits tile.
+def torch_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_entropy, params: LogprobParams, needs):
+    """Gradients of `Σ g·logp + Σ e·H` by recomputing each logits tile; `needs` = (hidden, weight, bias) flags.
 
-    With `p = softmax(z)`: `∂logp/∂z = onehot(y) − p` and `∂H/∂z = p (mean_z − z)`; the chain through
-    `z = (hWᵀ + b)/τ` scales by `s = 1/τ`. Without entropy gradients the per-row `g` is kept off the tiles: with
-    `P'` the probabilities with each row's target zeroed and `q = 1 − p_y = −expm1(z_y − lse)` (exact even when
-    `p_y ≈ 1`), `dh = s·g ⊙ (q·W[y] − P'W)`, `dW = s·(scatter_y(q·g ⊙ h) − P'ᵀ(g ⊙ h))`,
-    `db = s·(bincount_y(q·g) − P'ᵀg)`: a tile costs one exp pass besides its three products, and nothing cancels.
-    With `grad_filter_eps > 0` the off-target entries whose `p < grad_filter_eps` may be dropped (`grad_filter`).
-    Returns `(d_hidden in hidden.dtype, d_weight float32, d_bias float32)`, each None when not needed.
+    With `p = softmax(z)`: `∂logp/∂z = onehot(y) − p` and `∂H/∂z = p (mean_z − z) = −p (log p + H)`; the chain
+    through `z = (hWᵀ + b)/τ` scales by `s = 1/τ`. `log p = (z − lse_hi) − lse_lo` with the float64 `lse` split
+    into float32 `lse_hi + lse_lo`, so `p` carries the rounding of `z − lse` (as a materialised log-softmax), not
+    of `lse`. Without entropy gradients the per-row `g` is kept off the tiles: with `P'` the probabilities with
+    each row's target zeroed and `q = 1 − p_y = −expm1(z_y − lse)` (exact even when `p_y ≈ 1`),
+    `dh = s·g ⊙ (q·W[y] − P'W)`, `dW = s·(scatter_y(q·g ⊙ h) − P'ᵀ(g ⊙ h))`, `db = s·(bincount_y(q·g) − P'ᵀg)`:
+    nothing cancels. With `grad_filter_eps > 0` the off-target entries whose `p < grad_filter_eps` may be dropped
+    (`grad_filter`). Returns `(d_hidden in hidden.dtype, d_weight float32, d_bias float32)`, each None when not
+    needed.
     """
+    needs_hidden_grad, needs_weight_grad, needs_bias_grad = needs
+    inv_temperature, grad_filter_eps = params.inv_temperature, params.grad_filter_eps
     n, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
@@ -127,14 +121,18 @@ def torch_backward(
         return _cast_hidden_grad(d_hidden, hidden), d_weight, d_bias
     g = grad_logp.float() * inv_temperature
     e = grad_entropy.float() * inv_temperature if grad_entropy is not None else None
-    lse64, lse = lse.double(), lse.float()
+    lse64 = lse.double()
+    lse_hi = lse64.float()
+    lse_lo = (lse64 - lse_hi.double()).float()
+    entropy = None if e is None else (lse64 - mean_z.double()).float()
     rows, width = _tile_shape(n, vocab)
     logits_buf = torch.empty(rows, width, dtype=torch.float32, device=device)
     grad_buf = torch.empty(rows, width, dtype=torch.float32, device=device)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         h32 = hidden[r0:r1].float()
-        g_rows, lse_rows, y_rows = g[r0:r1], lse[r0:r1], targets[r0:r1]
+        g_rows, y_rows = g[r0:r1], targets[r0:r1]
+        hi_rows, lo_rows = lse_hi[r0:r1, None], lse_lo[r0:r1, None]
         # Σ_{v≠y} p_tv W_v (fast path) or Σ_v dz_tv W_v (entropy path), accumulated over vocabulary tiles.
         mixed_rows = torch.zeros(r1 - r0, dim, dtype=torch.float32, device=device) if d_hidden is not None else None
         if e is None:
@@ -148,7 +146,7 @@ def torch_backward(
                 column = (y_rows - v0).clamp(0, v1 - v0 - 1)[:, None]
                 at_column = z.gather(1, column).view(-1)
                 target_z = torch.where(in_tile, at_column, target_z)
-                p = z.sub_(lse_rows[:, None]).exp_()
+                p = z.sub_(hi_rows).sub_(lo_rows).exp_()
                 p.scatter_(1, column, torch.where(in_tile, 0.0, p.gather(1, column).view(-1))[:, None])
                 if grad_filter_eps > 0.0:
                     p = filtered(p, p >= grad_filter_eps)
@@ -156,15 +154,17 @@ def torch_backward(
                     mixed_rows.addmm_(p, w32)
                 if d_weight is not None:
                     d_weight[v0:v1].addmm_(p.t(), scaled_h, alpha=-1.0)
-                if d_bias is not None:
-                    d_bias[v0:v1].sub_(torch.mv(p.t(), g_rows))
+                if d_bias is not None:  # p is spent: scale it in place and sum pairwise (a float32 mv sums serially)
+                    dense = p.layout == torch.strided
+                    d_bias[v0:v1].sub_(p.mul_(g_rows[:, None]).sum(dim=0) if dense else torch.mv(p.t(), g_rows))
                 continue
             dz = grad_buf[: r1 - r0, : v1 - v0]
-            torch.sub(z, lse_rows[:, None], out=dz)
+            torch.sub(z, hi_rows, out=dz).sub_(lo_rows)  # log p
+            torch.add(dz, entropy[r0:r1, None], out=z)  # log p + H
             dz.exp_()  # p
             keep = dz >= grad_filter_eps if grad_filter_eps > 0.0 else None
-            # z <- e (mean_z − z) − g, then dz = p · z, plus g at the target column
-            z.neg_().add_(mean_z[r0:r1, None]).mul_(e[r0:r1, None]).sub_(g_rows[:, None])
+            # z <- −e (log p + H) − g, then dz = p · z, plus g at the target column
+            z.mul_(-e[r0:r1, None]).sub_(g_rows[:, None])
             dz.mul_(z)
             in_tile = (y_rows >= v0) & (y_rows < v1)
             if bool(in_tile.any()):
@@ -179,7 +179,8 @@ def torch_backward(
             if d_weight is not None:
                 d_weight[v0:v1].addmm_(dz.t(), h32)
             if d_bias is not None:
-                d_bias[v0:v1].add_(torch.mv(dz.t(), torch.ones_like(g_rows)))
+                dense = dz.layout == torch.strided
+                d_bias[v0:v1].add_(dz.sum(dim=0) if dense else torch.mv(dz.t(), torch.ones_like(g_rows)))
         if e is None:
             # the target column, row by row: q = 1 − p_y without cancellation
             q = (-torch.expm1(target_z.double() - lse64[r0:r1])).float()

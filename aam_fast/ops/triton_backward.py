@@ -167,12 +167,8 @@ def triton_backward(
     mean_z,
     grad_logp,
     grad_entropy,
-    *,
-    inv_temperature: float,
-    needs_hidden_grad: bool,
-    needs_weight_grad: bool,
-    needs_bias_grad: bool,
-    grad_filter_eps: float = 0.0,
+    params,
+    needs,
 ):
     """Fused backward. Inputs as in ``triton_forward`` plus its saved ``lse`` and ``mean_z`` [N] float32 and the
     upstream ``grad_logp`` (dL/d logp) and ``grad_entropy`` (dL/dH) [N] float32, any strides (expanded gradients with
@@ -184,6 +180,8 @@ def triton_backward(
     ``dz = grad_logp * (onehot(y) - p) + grad_entropy * p * (mean_z - z)``. With ``grad_filter_eps > 0`` the tiles
     whose ``p`` are all below it and that hold no target are skipped.
     """
+    inv_temperature, grad_filter_eps = params.inv_temperature, params.grad_filter_eps
+    needs_hidden_grad, needs_weight_grad, needs_bias_grad = needs
     if grad_entropy is not None and mean_z is None:
         raise ValueError("triton_backward: grad_entropy was given but mean_z is None (forward ran without entropy)")
     n_rows, dim = hidden.shape

@@ -227,7 +227,7 @@ def _launch_target_logit(hidden, weight, bias, targets, inv_temperature: float) 
     return out
 
 
-def triton_forward(hidden, weight, bias, targets, *, inv_temperature: float, with_entropy: bool):
+def triton_forward(hidden, weight, bias, targets, params):
     """Fused forward. hidden [N, D] and weight [V, D] (same dtype, any strides), bias [V] or None, targets [N]
     int64 in [0, V).
 
@@ -235,6 +235,7 @@ def triton_forward(hidden, weight, bias, targets, *, inv_temperature: float, wit
     ``mean_z = sum_v softmax(z)_v z_v`` (None unless ``with_entropy``), where
     ``z = (hidden @ weight.T + bias) * inv_temperature`` is never materialised.
     """
+    inv_temperature, with_entropy = params.inv_temperature, params.with_entropy
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device

@@ -17,7 +17,7 @@ def check_linear_logprobs_inputs(
 ) -> None:
     """Raise a ValueError naming the argument when the inputs of `linear_logprobs` do not fit together.
 
-    Checks dtypes, shapes, devices, `temperature > 0` and that every target lies in `[0, V)` or equals
+    Checks dtypes, shapes (D ≥ 1), devices, `temperature > 0` and that every target lies in `[0, V)` or equals
     `ignore_index` (the range check reads the targets once; it is the only host sync).
     """
     for name, tensor in (("hidden", hidden), ("weight", weight), ("targets", targets)):
@@ -33,6 +33,11 @@ def check_linear_logprobs_inputs(
         raise ValueError(f"targets must be an integer tensor of token ids, got {targets.dtype}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, D], got shape {tuple(weight.shape)}")
+    if weight.shape[1] == 0:
+        raise ValueError(
+            f"the hidden size D (hidden's last dim, weight's dim 1) must be at least 1, got hidden shape "
+            f"{tuple(hidden.shape)} and weight shape {tuple(weight.shape)}"
+        )
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"hidden's last dim must equal weight's D={weight.shape[1]}, got hidden shape {tuple(hidden.shape)}"
