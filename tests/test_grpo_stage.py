@@ -238,9 +238,13 @@ def test_resume_is_exact(stories, tmp_path):
     train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=3, **common))
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
         train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=5, **common))
-    with pytest.warns(UserWarning, match=r"changed settings: lr 0.001 -> 0.002"):
+    with pytest.raises(ValueError, match=r"resuming would change the run: --lr 0.001 -> 0.002"):
         GRPOTrainer(
             small_config(stories, tmp_path, output=str(tmp_path / "x"), resume=str(part), **{**common, "lr": 2e-3})
+        )
+    with pytest.warns(UserWarning, match=r"changed settings: backend 'auto' -> 'torch'"):
+        GRPOTrainer(
+            small_config(stories, tmp_path, output=str(tmp_path / "y"), resume=str(part), **common, backend="torch")
         )
     resumed = train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=5, resume="auto", **common))
     assert resumed == rows_full[3:]

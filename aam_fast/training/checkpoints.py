@@ -186,8 +186,34 @@ def prepare_output(output: Path, *, resume: str | None, overwrite: bool, inputs:
     remove_incomplete(root)
 
 
+# Settings a resumed run may change in every stage: where it writes, what it shows, the devices and ranks (each
+# stage checks batch_size x ranks itself).
+RESUME_FREE = frozenset(
+    {"output", "resume", "overwrite", "save_every", "keep_checkpoints", "report_to", "progress"}
+    | {"device", "threads", "strategy", "liger", "batch_size"}
+)
+# Settings that change only how the same numbers are computed: allowed, with a warning.
+RESUME_NUMERICS = frozenset({"dtype", "backend", "packing", "gradient_checkpointing", "attn_implementation"})
+
+
+def restore(ctx: DistContext, folder: Path, engine: torch.nn.Module, optimizer, scheduler, stage: str):
+    """Load a checkpoint's optimizer, schedule and (written by as many ranks) RNG states into this run; returns
+    ``(state, this rank's tensors, this rank's json)``, the last two None when the number of ranks changed."""
+    state = read_state(folder)
+    if state.get("stage") != stage:
+        raise ValueError(f"--resume {folder}: not a {stage} checkpoint")
+    rank_tensors, rank_json = load_rank_state(ctx, folder, state)
+    ctx.load_optimizer_state(engine, optimizer, load_tensors(folder / OPTIMIZER_FILE))
+    scheduler.load_state_dict(state["scheduler"])
+    if rank_tensors is not None:  # per-rank RNG states carry over only to the same number of ranks
+        from .runtime import restore_rng
+
+        restore_rng(rank_tensors["rng"])
+    return state, rank_tensors, rank_json
+
+
 def check_resume_settings(
-    saved: dict[str, Any], current: dict[str, Any], *, free: set[str], numerics: set[str]
+    saved: dict[str, Any], current: dict[str, Any], *, free: frozenset[str] = RESUME_FREE, numerics=RESUME_NUMERICS
 ) -> list[str]:
     """Compare a checkpoint's config with this run's: a change to a setting outside ``free`` (which cannot change
     what is trained: output, logging, devices) and ``numerics`` (which changes only rounding: dtype, backend,

@@ -58,6 +58,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_config_command(subparsers, name: str, config_class: type, run, *, help: str, description: str):
+    """Register subcommand ``name`` whose flags are ``config_class``'s fields and whose action is ``run(args)``."""
+    parser = subparsers.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
+    add_config_arguments(parser, config_class)
+    parser.set_defaults(func=run)
+    return parser
+
+
 def flag_name(field: dataclasses.Field) -> str:
     return "--" + (field.metadata.get("flag") or field.name.replace("_", "-"))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ...training.config import add_config_arguments, config_from_args
+from ...training.config import add_config_command, config_from_args
 from ...training.distributed import is_main_process
 from .config import GRPOConfig
 from .stats import summary_lines
@@ -23,11 +23,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     """Register ``train-grpo``."""
-    train = subparsers.add_parser(
+    add_config_command(
+        subparsers,
         "train-grpo",
+        GRPOConfig,
+        run_train,
         help="GRPO: train a policy against an AAM reward model and rule rewards",
         description="GRPO with group-relative advantages, the fused GRPO loss and exact resume.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_config_arguments(train, GRPOConfig)
-    train.set_defaults(func=run_train)

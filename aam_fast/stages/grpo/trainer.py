@@ -39,20 +39,15 @@ from ...losses import GRPOLoss, default_normalizer, group_advantages
 from ...modeling.heads import head_inputs, lm_head_of
 from ...modeling.reference import frozen_copy
 from ...training import checkpoints
-from ...training.distributed import setup
+from ...training.launch import build_engine, launch
 from ...training.metrics import JsonlTable, MetricsWriter
-from ...training.optim import build_scheduler, check_loss, optimizer_step, warmup_steps
+from ...training.optim import check_loss, optimizer_step
 from ...training.runtime import (
     TrainingDiverged,
     apply_liger,
     autocast,
     capture_rng,
-    compute_dtype,
     log,
-    resolve_device,
-    restore_rng,
-    seed_everything,
-    set_threads,
 )
 from .config import GRPOConfig
 from .policy import (
@@ -69,28 +64,24 @@ from .rollout import MicroBatch, PromptStream, completion_hidden, generate_micro
 from .sampling import completion_seed
 from .stats import completion_rows, rollout_metrics, step_metrics
 
-# Settings a resumed run may change without a warning: where it writes and what it shows, the devices and ranks
-# (batch_size x ranks is checked), and how long it runs. A change to any other setting is allowed with a warning;
-# what would break the continuation (batch_size x ranks, the prompts, an unfinished rollout's ranks) is refused.
-RESUME_FREE = frozenset(
-    {"prompts", "output", "resume", "overwrite", "max_steps", "save_every", "keep_checkpoints", "report_to"}
-    | {"log_completions_every", "progress", "threads", "device", "strategy", "batch_size"}
-)
+# train-grpo's settings a resumed run may change beside the shared ones (training.checkpoints.RESUME_FREE): how long
+# it runs, how often it logs samples, the reward model's scoring batch, and the prompt source (their count is checked).
+RESUME_FREE = frozenset({"max_steps", "log_completions_every", "rm_batch_size", "prompts"})
 STAGE = "grpo"
+# The settings that define the loss (GRPOLoss's keyword arguments).
+LOSS_SETTINGS = ("epsilon", "epsilon_high", "beta", "kl", "entropy_coef", "loss_type", "temperature", "backend")
 
 
 class GRPOTrainer:
     """Holds the policy, its frozen reference, the optimizer and the rollout buffer; :meth:`train` runs the loop."""
 
     def __init__(self, cfg: GRPOConfig, scorer: Callable | None = None):
-        cfg.validate()
         self.cfg = cfg
-        set_threads(cfg.threads)
-        self.ctx = setup(cfg.strategy, resolve_device(cfg.device))
-        self.device, self.amp_dtype = self.ctx.device, compute_dtype(cfg.dtype, self.ctx.device)
-        self.output = Path(cfg.output)
-        self._prepare_output()
-        seed_everything(cfg.seed)
+        inputs = {"--policy": cfg.policy, "--reward-model": cfg.reward_model, "--scenes": cfg.scenes}
+        if isinstance(cfg.prompts, str):
+            inputs["--prompts"] = cfg.prompts
+        run = launch(cfg, inputs)
+        self.ctx, self.device, self.amp_dtype, self.output = run.ctx, run.device, run.amp_dtype, run.output
         self.records = self._load_records()
         self._build_policy()
         if scorer is None and cfg.reward_model is not None:
@@ -106,25 +97,14 @@ class GRPOTrainer:
             )
         self.rewards = RewardSources(scorer, cfg.reward_fns, cfg.reward_weights)
         self.loss_fn = GRPOLoss(
-            epsilon=cfg.epsilon,
-            epsilon_high=cfg.epsilon_high,
-            beta=cfg.beta,
-            kl=cfg.kl,
-            entropy_coef=cfg.entropy_coef,
-            loss_type=cfg.loss_type,
+            **{name: getattr(cfg, name) for name in LOSS_SETTINGS},
             max_completion_length=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            backend=cfg.backend,
         )
-        checkpoint = checkpoints.find_checkpoint(cfg.resume, self.output / "checkpoints")
-        if checkpoint is not None:  # weights into the plain policy, before FSDP2 shards it (any number of ranks)
-            load_policy_weights(self.policy, checkpoint)
-        # The policy under the root LossModule (DDP/FSDP2 under torchrun); FSDP2 shards it in place, so the
-        # optimizer is built from its parameters after this.
-        self.engine = self.ctx.wrap(self.policy, self._micro_batch_loss, compute_dtype=self.amp_dtype)
-        self.optimizer = torch.optim.AdamW(self._trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        warmup = warmup_steps(cfg.max_steps, cfg.warmup_ratio, cfg.warmup_steps)
-        self.scheduler = build_scheduler(self.optimizer, cfg.lr_schedule, warmup, cfg.max_steps)
+        built = build_engine(
+            run, cfg, self.policy, self._micro_batch_loss, load_policy_weights, self._trainable, cfg.max_steps
+        )
+        self.engine, self.optimizer, self.scheduler = built.engine, built.optimizer, built.scheduler
+        checkpoint = built.checkpoint
         self.step, self.iteration = 0, 0
         self.stream = PromptStream(self.records, cfg.seed)
         self.rollout: list[MicroBatch] | None = None
@@ -137,16 +117,6 @@ class GRPOTrainer:
         self.completions_log = self.ctx.writer(lambda: JsonlTable(self.output / "completions.jsonl", resumed))
 
     # -- setup ------------------------------------------------------------------------------------------------
-
-    def _prepare_output(self) -> None:
-        cfg = self.cfg
-        if self.ctx.is_main:
-            inputs = {"--policy": cfg.policy, "--reward-model": cfg.reward_model, "--scenes": cfg.scenes}
-            if isinstance(cfg.prompts, str):
-                inputs["--prompts"] = cfg.prompts
-            checkpoints.prepare_output(self.output, resume=cfg.resume, overwrite=cfg.overwrite, inputs=inputs)
-            self.output.mkdir(parents=True, exist_ok=True)
-        self.ctx.barrier()
 
     def _load_records(self) -> list[dict]:
         cfg = self.cfg
@@ -420,10 +390,9 @@ class GRPOTrainer:
         return self.last_checkpoint
 
     def _check_resumable(self, folder: Path, state: dict, same_ranks: bool) -> None:
-        """ValueError when ``folder`` cannot continue this run: another stage, an unfinished rollout of another
-        number of ranks, another ``batch_size × ranks`` or another prompt count; a warning for changed settings."""
-        if state.get("stage") != STAGE:
-            raise ValueError(f"--resume {folder}: not a train-grpo checkpoint")
+        """ValueError when ``folder`` cannot continue this run: an unfinished rollout of another number of ranks,
+        another ``batch_size × ranks``, another prompt count, or a changed setting that makes it another run; a
+        warning for settings that change only the numerics."""
         if state["mid_rollout"] and not same_ranks:
             saved = state["world_size"]
             writer = "one process" if saved == 1 else f"{saved} ranks"
@@ -440,9 +409,9 @@ class GRPOTrainer:
                 f"{folder}: saved with {state['data']['prompts']} prompts, this run has {len(self.records)}; "
                 "resume with the same prompts"
             )
-        saved, current = state["config"], self._config_record()
-        # GRPO's policy: every setting outside RESUME_FREE may change with a warning (none is refused here).
-        changed = checkpoints.check_resume_settings(saved, current, free=RESUME_FREE, numerics=set(saved))
+        changed = checkpoints.check_resume_settings(
+            state["config"], self._config_record(), free=checkpoints.RESUME_FREE | RESUME_FREE
+        )
         if changed:
             warnings.warn(f"resuming {folder} with changed settings: {', '.join(changed)}", stacklevel=4)
 
@@ -451,14 +420,10 @@ class GRPOTrainer:
         position and, written by as many ranks, the RNG states and an unfinished rollout. On another number of
         ranks the RNG states stay at this run's seeded start (sampling does not use them: each completion has its
         own seed)."""
-        state = checkpoints.read_state(folder)
-        rank_tensors, rank_json = checkpoints.load_rank_state(self.ctx, folder, state)
+        state, rank_tensors, rank_json = checkpoints.restore(
+            self.ctx, folder, self.engine, self.optimizer, self.scheduler, STAGE
+        )
         self._check_resumable(folder, state, same_ranks=rank_tensors is not None)
-        optimizer_state = checkpoints.load_tensors(folder / checkpoints.OPTIMIZER_FILE)
-        self.ctx.load_optimizer_state(self.engine, self.optimizer, optimizer_state)
-        self.scheduler.load_state_dict(state["scheduler"])
-        if rank_tensors is not None:
-            restore_rng(rank_tensors["rng"])
         self.step = state["step"]
         self.stream = PromptStream(self.records, self.cfg.seed, state["data"]["epoch"], state["data"]["index"])
         if state["mid_rollout"]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ...training.config import HelpFormatter, add_config_arguments, config_from_args
+from ...training.config import add_config_command, config_from_args
 from .config import RMConfig
 from .evaluate import EvalConfig, evaluate_folder, format_report
 from .trainer import train_reward_model
@@ -29,19 +29,19 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     """Register ``train-rm`` and ``eval-rm``."""
-    train = subparsers.add_parser(
+    add_config_command(
+        subparsers,
         "train-rm",
+        RMConfig,
+        run_train,
         help="train an AAM reward model",
         description="Train a reward model with the Act-Adaptive Margin (or plain Bradley-Terry) loss.",
-        formatter_class=HelpFormatter,
     )
-    add_config_arguments(train, RMConfig)
-    train.set_defaults(func=run_train)
-    evaluate = subparsers.add_parser(
+    add_config_command(
+        subparsers,
         "eval-rm",
+        EvalConfig,
+        run_eval,
         help="pairwise accuracy of a saved reward model",
         description="RewardBench-style pairwise accuracy (ties wrong) beside the length baseline.",
-        formatter_class=HelpFormatter,
     )
-    add_config_arguments(evaluate, EvalConfig)
-    evaluate.set_defaults(func=run_eval)

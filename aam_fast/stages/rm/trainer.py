@@ -47,31 +47,36 @@ from ...modeling import (
     save_reward_model,
 )
 from ...training import checkpoints
-from ...training.distributed import ScoringView, setup
+from ...training.distributed import ScoringView
+from ...training.launch import build_engine, launch
 from ...training.metrics import MetricsWriter
-from ...training.optim import build_scheduler, check_loss, optimizer_step, warmup_steps
+from ...training.optim import check_loss, optimizer_step
 from ...training.runtime import (
     apply_liger,
     autocast,
     capture_rng,
-    compute_dtype,
     log,
-    resolve_device,
-    restore_rng,
-    seed_everything,
-    set_threads,
 )
 from .config import RMConfig
 from .evaluate import evaluate_pairs, format_report
 from .trunk_cache import TrunkCache
 
-# Settings a resumed run may change: where it writes and what it shows, and the ranks (batch x ranks is checked).
-RESUME_FREE = frozenset(
-    {"output", "resume", "overwrite", "save_every", "keep_checkpoints", "eval_every", "progress", "report_to"}
-    | {"device", "threads", "strategy", "liger", "eval_batch_size", "batch_size", "skip_invalid"}
+# train-rm's settings a resumed run may change beside the shared ones (training.checkpoints.RESUME_FREE), and those
+# that change only how the same numbers are computed (allowed with a warning).
+RESUME_FREE = frozenset({"eval_every", "eval_batch_size", "skip_invalid"})
+RESUME_NUMERICS = frozenset({"cache_trunk"})
+# The settings that define the loss (AAMLoss's keyword arguments).
+LOSS_SETTINGS = (
+    "margin",
+    "beta",
+    "gamma",
+    "length_norm",
+    "detach_margin",
+    "margin_clip",
+    "sft_weight",
+    "center_rewards",
+    "backend",
 )
-# Settings that change only how the same numbers are computed: allowed, with a warning.
-RESUME_NUMERICS = frozenset({"dtype", "backend", "packing", "cache_trunk"})
 
 
 def micro_batch_indices(n_pairs: int, batch_size: int, seed: int, index: int) -> tuple[int, list[int]]:
@@ -133,46 +138,24 @@ class RMTrainer:
     :meth:`train` runs the loop."""
 
     def __init__(self, cfg: RMConfig):
-        cfg.validate()
         self.cfg = cfg
         self.started = time.time()
-        set_threads(cfg.threads)
-        self.output = Path(cfg.output)
-        self.ctx = setup(cfg.strategy, resolve_device(cfg.device))
+        run = launch(cfg, inputs={"--model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data})
+        self.ctx, self.device, self.amp_dtype, self.output = run.ctx, run.device, run.amp_dtype, run.output
         if cfg.cache_trunk and self.ctx.distributed and cfg.strategy == "fsdp2":
             raise ValueError("--cache-trunk runs the trunk outside the FSDP2 root; use --strategy ddp with it")
-        if self.ctx.is_main:
-            checkpoints.prepare_output(
-                self.output, resume=cfg.resume, overwrite=cfg.overwrite, inputs={"--model": cfg.model}
-            )
-            self.output.mkdir(parents=True, exist_ok=True)
-        self.ctx.barrier()
-        self.device, self.amp_dtype = self.ctx.device, compute_dtype(cfg.dtype, self.ctx.device)
-        seed_everything(cfg.seed)
         self.model, self.tokenizer = build_model(cfg, self.device)
         self.liger = apply_liger(self.model.lm, self.device, cfg.liger)
         log(f"Liger-Kernel: {self.liger}")
         self.pad_token_id = choose_pad_token_id(self.tokenizer)
         self.reference = ReferenceModel(self.model) if cfg.needs_reference else None
         self._encode_data()
-        self.loss_fn = AAMLoss(
-            margin=cfg.margin,
-            beta=cfg.beta,
-            gamma=cfg.gamma,
-            length_norm=cfg.length_norm,
-            detach_margin=cfg.detach_margin,
-            margin_clip=cfg.margin_clip,
-            sft_weight=cfg.sft_weight,
-            center_rewards=cfg.center_rewards,
-            backend=cfg.backend,
+        self.loss_fn = AAMLoss(**{name: getattr(cfg, name) for name in LOSS_SETTINGS})
+        built = build_engine(
+            run, cfg, self.model, self._micro_batch_loss, load_reward_weights, self._param_groups, self.total_steps
         )
-        checkpoint = checkpoints.find_checkpoint(cfg.resume, self.output / "checkpoints")
-        if checkpoint is not None:  # weights into the plain model, before FSDP2 shards it (any number of ranks)
-            load_reward_weights(self.model, checkpoint)
-        self.engine = self.ctx.wrap(self.model, self._micro_batch_loss, compute_dtype=self.amp_dtype)
-        self.optimizer = self._build_optimizer()
-        warmup = warmup_steps(self.total_steps, cfg.warmup_ratio, cfg.warmup_steps)
-        self.scheduler = build_scheduler(self.optimizer, cfg.lr_schedule, warmup, self.total_steps)
+        self.engine, self.optimizer, self.scheduler = built.engine, built.optimizer, built.scheduler
+        checkpoint = built.checkpoint
         self.step = 0
         self.last_checkpoint = checkpoint
         if checkpoint is not None:
@@ -199,12 +182,12 @@ class RMTrainer:
         self.per_epoch = len(self.train_encoded) // self.global_batch
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.per_epoch / cfg.grad_accum))
 
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW with the score head in its own group (``--score-lr``); built after wrapping (FSDP2 shards)."""
+    def _param_groups(self) -> list[dict]:
+        """The trained parameters, the score head in its own group (``--score-lr``)."""
         cfg, model = self.cfg, self.model
         trainable = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("score.")]
         groups = [{"params": trainable, "lr": cfg.lr}, {"params": [model.score.weight], "lr": cfg.score_lr or cfg.lr}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return [g for g in groups if g["params"]]
 
     def _cache_trunk(self) -> TrunkCache:
         return TrunkCache(
@@ -421,9 +404,7 @@ class RMTrainer:
 
     def _resume(self, folder: Path) -> None:
         """Continue from ``folder`` (its weights are already in the model): optimizer, schedule, step, RNG."""
-        state = checkpoints.read_state(folder)
-        if state.get("stage") != "rm":
-            raise ValueError(f"--resume {folder}: not a train-rm checkpoint")
+        state, _, _ = checkpoints.restore(self.ctx, folder, self.engine, self.optimizer, self.scheduler, "rm")
         if state["global_batch"] != self.global_batch:
             raise ValueError(
                 f"{folder} was written with {state['global_batch']} pairs per micro-batch over all ranks; this run "
@@ -431,7 +412,10 @@ class RMTrainer:
                 "batch-size x ranks the same"
             )
         changed = checkpoints.check_resume_settings(
-            state["config"], dataclasses.asdict(self.cfg), free=RESUME_FREE, numerics=RESUME_NUMERICS
+            state["config"],
+            dataclasses.asdict(self.cfg),
+            free=checkpoints.RESUME_FREE | RESUME_FREE,
+            numerics=checkpoints.RESUME_NUMERICS | RESUME_NUMERICS,
         )
         if changed:
             warnings.warn(f"resuming {folder} with changed settings: {', '.join(changed)}", stacklevel=2)
@@ -439,13 +423,6 @@ class RMTrainer:
             raise ValueError(
                 f"{folder} was written by a run of {state['total_steps']} steps; this one has {self.total_steps}"
             )
-        self.ctx.load_optimizer_state(
-            self.engine, self.optimizer, checkpoints.load_tensors(folder / checkpoints.OPTIMIZER_FILE)
-        )
-        self.scheduler.load_state_dict(state["scheduler"])
-        rank_tensors, _ = checkpoints.load_rank_state(self.ctx, folder, state)
-        if rank_tensors is not None:  # per-rank RNG states carry over only to the same number of ranks
-            restore_rng(rank_tensors["rng"])
         self.step = state["step"]
         log(f"resumed from {folder} at step {self.step}")
 
