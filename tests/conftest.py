@@ -22,6 +22,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_datasets_cache(tmp_path_factory):
+    """The tokenisation cache (under datasets' cache folder) of this test session, never the user's."""
+    import datasets
+
+    datasets.config.HF_DATASETS_CACHE = str(tmp_path_factory.mktemp("datasets-cache"))
+
+
 @pytest.fixture
 def single_thread():
     """One intra-op thread for the test: stories260k's ops are far too small to split across threads, and on a

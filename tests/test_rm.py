@@ -341,3 +341,30 @@ def test_gradient_checkpointing_trains_the_same_weights(paths, tmp_path, extra, 
     a, b = load_file(plain / "model.safetensors"), load_file(checkpointed / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_column_mapping_and_the_tokenisation_cache(paths, tmp_path, monkeypatch, capsys):
+    """TRL-style data under other column names trains through --prompt-key/--chosen-key/--rejected-key; a second
+    run and eval-rm reuse the cached tokenisation; an unused margin column is reported once."""
+    import datasets
+
+    from aam_fast.stages.rm.evaluate import EvalConfig, evaluate_folder
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    pairs = load_preferences(paths["hh"], limit=12).pairs
+    data = tmp_path / "renamed.jsonl"
+    with data.open("w") as handle:
+        for pair in pairs:
+            record = {"question": pair.prompt, "good": pair.chosen, "bad": pair.rejected, "margin": 1.0}
+            handle.write(json.dumps(record) + "\n")
+    keys = dict(prompt_key="question", chosen_key="good", rejected_key="bad")
+    first = train_reward_model(config(paths, tmp_path / "a", data=str(data), max_steps=2, **keys))
+    assert "ignored under margin='pr'" in capsys.readouterr().err
+    cached = sorted((tmp_path / "cache").rglob("*.arrow"))
+    assert cached, "no tokenisation cache written"
+    second = train_reward_model(config(paths, tmp_path / "b", data=str(data), max_steps=2, **keys))
+    assert sorted((tmp_path / "cache").rglob("*.arrow")) == cached  # reused, nothing new written
+    assert first["final_train"]["loss"] == second["final_train"]["loss"]
+    report = evaluate_folder(EvalConfig(model=str(tmp_path / "a"), data=str(data), progress=False, **keys))
+    assert report["num_pairs"] == 12 and report["scored"] == "all pairs"
+    assert sorted((tmp_path / "cache").rglob("*.arrow")) == cached

@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .encoding import EncodedPair, EncodedSequence, PairEncoder, TruncationStats
+from .encoding import FALLBACK_CHAT_TEMPLATE, EncodedPair, EncodedSequence, PairEncoder, TruncationStats
 from .records import DataFormatError, PreferencePair
 
 ENCODING_VERSION = 1  # bump when PairEncoder's output changes, so old caches are not reused
@@ -27,7 +27,9 @@ _FIELDS = ("ids", "prompt_len", "response_tokens", "prompt_cut", "response_cut")
 def tokenizer_fingerprint(tokenizer) -> str:
     """SHA-256 of what decides a tokenizer's ids: its class, its pipeline (vocabulary, merges, normalizer,
     pre-tokenizer, post-processor, added tokens; truncation/padding state left out), chat template and special
-    tokens. A slow tokenizer falls back to ``datasets``' hasher of the whole object."""
+    tokens (a tokenizer without a chat template counts as having the fallback one that encoding uses, so a reward
+    model saved with that template reuses its training run's cache). A slow tokenizer falls back to ``datasets``'
+    hasher of the whole object."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         pipeline = json.loads(backend.to_str())
@@ -41,7 +43,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     parts = [
         type(tokenizer).__name__,
         body,
-        str(getattr(tokenizer, "chat_template", None)),
+        str(getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE),  # the template encoding uses
         json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
         str((tokenizer.bos_token_id, tokenizer.eos_token_id)),
     ]

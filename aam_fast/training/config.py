@@ -209,6 +209,9 @@ class TrainingConfig:
     )
     progress: bool = option(True, help="show progress bars", group="output")
 
+    data_split: str = option("train", help="split of a datasets source or a save_to_disk DatasetDict", group="data")
+    prompt_key: str = option("prompt", help="record field holding the prompt", group="data")
+
     batch_size: int = option(4, help="examples per micro-batch on each rank", minimum=1, group="optimisation")
     grad_accum: int = option(1, help="micro-batches per optimizer step", minimum=1, group="optimisation")
     lr: float = option(1e-5, help="peak learning rate (AdamW)", above=0.0, group="optimisation")

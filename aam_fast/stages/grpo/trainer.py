@@ -121,7 +121,13 @@ class GRPOTrainer:
     def _load_records(self) -> list[dict]:
         cfg = self.cfg
         if isinstance(cfg.prompts, str):
-            records = load_prompts(cfg.prompts, scenes=cfg.scenes, opening_turn=cfg.opening_turn)
+            records = load_prompts(
+                cfg.prompts,
+                scenes=cfg.scenes,
+                opening_turn=cfg.opening_turn,
+                split=cfg.data_split,
+                prompt_key=cfg.prompt_key,
+            )
         else:
             records = list(cfg.prompts)
         if not records:

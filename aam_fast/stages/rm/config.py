@@ -19,7 +19,6 @@ class RMConfig(TrainingConfig):
     eval_data: str | None = option(
         None, help="separate dev file (default: a prompt-hash split of --data)", group="data"
     )
-    data_split: str = option("train", help="split of a datasets source", group="data")
     dev_fraction: float = option(
         0.1,
         help="fraction of prompts held out for dev by a stable hash (0: none)",
@@ -30,6 +29,15 @@ class RMConfig(TrainingConfig):
     subset_field: str | None = option(None, help="record field giving per-subset dev accuracy", group="data")
     skip_invalid: bool = option(False, help="skip and count bad records instead of failing", group="data")
     max_pairs: int | None = option(None, help="read at most this many pairs", minimum=1, group="data")
+    chosen_key: str = option("chosen", help="record field holding the chosen response", group="data")
+    rejected_key: str = option("rejected", help="record field holding the rejected response", group="data")
+    margin_key: str = option("margin", help="record field holding a pair's margin (--margin fixed)", group="data")
+    num_proc: int | None = option(
+        None, help="processes that tokenise (datasets.map; default: this one)", minimum=1, group="data"
+    )
+    tokenize_cache: bool = option(
+        True, help="cache the tokenised pairs by fingerprint (a later run or eval-rm reuses them)", group="data"
+    )
     max_length: int = option(
         512, help="tokens per sequence; longer prompts are cut from the left", minimum=2, group="data"
     )
@@ -72,6 +80,15 @@ class RMConfig(TrainingConfig):
         group="model",
     )
     eval_every: int = option(0, help="steps between dev evaluations (0: only at the end)", minimum=0, group="output")
+
+    def column_keys(self) -> dict[str, str]:
+        """The record fields of a pair, as ``load_preferences`` takes them."""
+        return {
+            "prompt_key": self.prompt_key,
+            "chosen_key": self.chosen_key,
+            "rejected_key": self.rejected_key,
+            "margin_key": self.margin_key,
+        }
 
     def validate(self) -> None:
         super().validate()

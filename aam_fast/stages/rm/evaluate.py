@@ -13,7 +13,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ...data import EncodedPair, PairEncoder, choose_pad_token_id, collate_pairs, load_preferences, split_by_prompt
+from ...data import (
+    EncodedPair,
+    PairEncoder,
+    choose_pad_token_id,
+    collate_pairs,
+    encode_pairs,
+    load_preferences,
+    split_by_prompt,
+)
 from ...modeling import RewardModel, load_reward_model
 from ...training.config import DTYPES, option
 from ...training.runtime import autocast, compute_dtype, resolve_device
@@ -172,7 +180,11 @@ class EvalConfig:
         below=1.0,
         group="eval",
     )
-    data_split: str = option("train", help="split of a datasets source", group="eval")
+    data_split: str = option("train", help="split of a datasets source or a save_to_disk DatasetDict", group="eval")
+    prompt_key: str = option("prompt", help="record field holding the prompt", group="eval")
+    chosen_key: str = option("chosen", help="record field holding the chosen response", group="eval")
+    rejected_key: str = option("rejected", help="record field holding the rejected response", group="eval")
+    tokenize_cache: bool = option(True, help="reuse (and write) the cache of tokenised pairs", group="eval")
     skip_invalid: bool = option(False, help="skip and count bad records instead of failing", group="eval")
     device: str = option("auto", help="cpu, cuda, cuda:N or auto", group="eval")
     dtype: str = option("auto", help="autocast dtype (auto: bfloat16 on CUDA)", choices=DTYPES, group="eval")
@@ -190,7 +202,13 @@ def evaluate_folder(cfg: EvalConfig) -> dict[str, Any]:
     model, tokenizer, metadata = load_reward_model(cfg.model, device=device)
     pad_token_id = choose_pad_token_id(tokenizer)
     loaded = load_preferences(
-        cfg.data, split=cfg.data_split, subset_field=cfg.subset_field, skip_invalid=cfg.skip_invalid
+        cfg.data,
+        split=cfg.data_split,
+        subset_field=cfg.subset_field,
+        skip_invalid=cfg.skip_invalid,
+        prompt_key=cfg.prompt_key,
+        chosen_key=cfg.chosen_key,
+        rejected_key=cfg.rejected_key,
     )
     pairs = loaded.pairs
     scored = "all pairs"
@@ -198,7 +216,7 @@ def evaluate_folder(cfg: EvalConfig) -> dict[str, Any]:
         _, pairs = split_by_prompt(pairs, cfg.dev_fraction)
         scored = f"the prompt-hash dev split (--dev-fraction {cfg.dev_fraction})"
     encoder = PairEncoder(tokenizer, cfg.max_length or metadata.get("max_length"))
-    encoded, stats = encoder.encode_all(pairs)
+    encoded, stats = encode_pairs(pairs, encoder, cache=cfg.tokenize_cache, progress=cfg.progress)
     report = evaluate_pairs(
         model,
         encoded,

@@ -28,7 +28,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ...data import PairEncoder, choose_pad_token_id, collate_pairs, load_preferences, split_by_prompt
+from ...data import (
+    PairEncoder,
+    choose_pad_token_id,
+    collate_pairs,
+    encode_pairs,
+    load_preferences,
+    split_by_prompt,
+)
 from ...losses import AAMLoss
 from ...modeling import (
     ReferenceModel,
@@ -109,19 +116,26 @@ def build_model(cfg: RMConfig, device: torch.device) -> tuple[RewardModel, Any]:
 
 
 def load_pairs(cfg: RMConfig) -> tuple[list, list]:
-    """``(train, dev)`` preference pairs: ``--eval-data``, else a prompt-hash split of ``--data``."""
+    """``(train, dev)`` preference pairs: ``--eval-data``, else a prompt-hash split of ``--data``. Logs what was
+    skipped and a data margin column that the loss does not use."""
+    keys = cfg.column_keys()
     data = load_preferences(
         cfg.data,
         split=cfg.data_split,
         subset_field=cfg.subset_field,
         skip_invalid=cfg.skip_invalid,
         limit=cfg.max_pairs,
+        **keys,
     )
     if data.skipped:
         log(f"skipped {data.skipped} invalid records of {cfg.data}; first: {data.skip_reasons[0]}")
+    note = data.margin_note(cfg.margin)
+    if note:
+        log(note)
     if cfg.eval_data:
-        dev = load_preferences(cfg.eval_data, subset_field=cfg.subset_field, skip_invalid=cfg.skip_invalid).pairs
+        dev = load_preferences(cfg.eval_data, subset_field=cfg.subset_field, skip_invalid=cfg.skip_invalid, **keys)
         train = data.pairs
+        dev = dev.pairs
     elif cfg.dev_fraction > 0:
         train, dev = split_by_prompt(data.pairs, cfg.dev_fraction)
     else:
@@ -129,7 +143,7 @@ def load_pairs(cfg: RMConfig) -> tuple[list, list]:
     if cfg.margin == "fixed":
         missing = [p.origin for p in train if p.margin is None]
         if missing:
-            raise ValueError(f"--margin fixed needs a 'margin' field in every pair; {missing[0]} has none")
+            raise ValueError(f"--margin fixed needs a {cfg.margin_key!r} field in every pair; {missing[0]} has none")
     return train, dev
 
 
@@ -171,8 +185,9 @@ class RMTrainer:
         cfg = self.cfg
         train_pairs, dev_pairs = load_pairs(cfg)
         encoder = PairEncoder(self.tokenizer, cfg.max_length)
-        self.train_encoded, self.stats = encoder.encode_all(train_pairs)
-        self.dev_encoded, _ = encoder.encode_all(dev_pairs)
+        options = {"num_proc": cfg.num_proc, "cache": cfg.tokenize_cache, "progress": cfg.progress and self.ctx.is_main}
+        self.train_encoded, self.stats = encode_pairs(train_pairs, encoder, **options)
+        self.dev_encoded, _ = encode_pairs(dev_pairs, encoder, **options)
         log(f"data: {len(self.train_encoded)} train / {len(self.dev_encoded)} dev pairs; {self.stats.describe()}")
         self.global_batch = cfg.batch_size * self.ctx.world  # pairs per micro-batch over all ranks
         if len(self.train_encoded) < self.global_batch:
