@@ -20,15 +20,23 @@ def reference_logprobs(hidden, weight, targets, bias=None, temperature=1.0, igno
     return torch.where(valid, picked, zero), torch.where(valid, entropy, zero)
 
 
-def naive_logprobs(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100):
-    """The usual materialising implementation in the inputs' own dtype (the baseline for low-precision error)."""
+def naive_logprobs(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100, *, with_entropy=False):
+    """The usual materialising implementation in the inputs' own dtype (the baseline for low-precision error).
+
+    Log-softmax in float32, `H = −Σ p log p`; returns `logp`, or `(logp, entropy)` with `with_entropy`.
+    """
     z = hidden @ weight.t()
     if bias is not None:
         z = z + bias
     z = (z / temperature).float()
     log_p = torch.log_softmax(z, dim=-1)
+    valid = targets != ignore_index
     picked = log_p.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(targets != ignore_index, picked, torch.zeros_like(picked))
+    logp = torch.where(valid, picked, torch.zeros_like(picked))
+    if not with_entropy:
+        return logp
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return logp, torch.where(valid, entropy, torch.zeros_like(entropy))
 
 
 def rel_err(actual, expected, floor: float = 1e-2) -> float:

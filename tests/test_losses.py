@@ -377,3 +377,89 @@ def test_grpo_loss_scaled_upstream_gradient():
     aam_fast.grpo_loss(hidden, w1, targets, advantages, old_logps=old).loss.backward()
     (2.5 * aam_fast.grpo_loss(hidden, w2, targets, advantages, old_logps=old).loss).backward()
     assert torch.allclose(w2.grad, 2.5 * w1.grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("normalizer", [0, 0.0, -3.0, float("inf"), float("nan"), True, "12", torch.tensor([1.0, 2.0])])
+def test_grpo_refuses_a_normalizer_that_is_not_positive_and_finite(normalizer):
+    hidden, weight, targets, advantages, old, _ = grpo_batch(seed=61)
+    with pytest.raises(ValueError, match="normalizer"):
+        aam_fast.grpo_loss(hidden, weight, targets, advantages, old_logps=old, normalizer=normalizer)
+    with pytest.raises(ValueError, match="normalizer"):
+        aam_fast.GRPOLoss()(hidden, weight, targets, advantages, old_logps=old, normalizer=normalizer)
+
+
+def test_grpo_normalizer_is_used_as_given():
+    """A positive normalizer below 1 divides as it is (it used to be raised to 1); a 0-d tensor is accepted."""
+    hidden, weight, targets, advantages, old, _ = grpo_batch(seed=62)
+    plain = aam_fast.grpo_loss(hidden, weight, targets, advantages, old_logps=old, normalizer=1.0).loss
+    half = aam_fast.grpo_loss(hidden, weight, targets, advantages, old_logps=old, normalizer=0.5).loss
+    tensor = aam_fast.grpo_loss(hidden, weight, targets, advantages, old_logps=old, normalizer=torch.tensor(4.0)).loss
+    assert torch.allclose(half, 2 * plain) and torch.allclose(tensor, plain / 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poison", [float("nan"), float("-inf"), float("inf")])
+def test_grpo_values_at_ignored_positions_never_reach_the_loss(backend, poison):
+    """NaN or ±inf in old_logps / ref_logps at ignored positions (and the advantage of a row with no completion
+    token): the loss, its gradients and the stats equal those of the same batch with zeros there."""
+    hidden, weight, targets, advantages, old, ref = grpo_batch(seed=63)
+    targets[3] = -100  # a row with no completion token
+    ignored = targets == -100
+    clean = [torch.where(ignored, 0.0, t) for t in (old, ref)]
+    poisoned = [torch.where(ignored, poison, t) for t in (old, ref)]
+    adv_poisoned = advantages.clone()
+    adv_poisoned[3] = poison
+    results = []
+    for (old_t, ref_t), adv in ((clean, advantages), (poisoned, adv_poisoned)):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        out = aam_fast.grpo_loss(
+            h, w, targets, adv, old_logps=old_t, ref_logps=ref_t, beta=0.1, entropy_coef=0.01, backend=backend
+        )
+        out.loss.backward()
+        results.append((out.loss.detach(), h.grad, w.grad, out.stats))
+    (loss_c, gh_c, gw_c, stats_c), (loss_p, gh_p, gw_p, stats_p) = results
+    assert torch.isfinite(loss_p) and torch.isfinite(gh_p).all() and torch.isfinite(gw_p).all()
+    assert torch.equal(loss_p, loss_c) and torch.equal(gh_p, gh_c) and torch.equal(gw_p, gw_c)
+    for key, value in stats_c.items():
+        assert torch.equal(stats_p[key], value), key
+
+
+@pytest.mark.parametrize("alias,canonical", sorted(aam_fast.losses.LOSS_TYPE_ALIASES.items()))
+def test_trl_loss_type_names_are_aliases(alias, canonical):
+    hidden, weight, targets, advantages, old, _ = grpo_batch(seed=64)
+    kwargs = dict(old_logps=old, max_completion_length=9)
+    via_alias = aam_fast.grpo_loss(hidden, weight, targets, advantages, loss_type=alias, **kwargs).loss
+    direct = aam_fast.grpo_loss(hidden, weight, targets, advantages, loss_type=canonical, **kwargs).loss
+    assert torch.equal(via_alias, direct)
+    assert aam_fast.losses.resolve_loss_type(alias) == canonical
+    with pytest.raises(ValueError, match="loss_type"):
+        aam_fast.GRPOLoss(loss_type="grpo-mean")
+
+
+def test_stage_constants_are_declared_once_in_losses():
+    from aam_fast import losses
+
+    assert losses.MARGINS == ("bt", "fixed", "pr", "ld")
+    assert losses.NAMED_GAMMA == {"pr": 1.0, "ld": 0.0}
+    assert losses.LENGTH_NORMS == ("mean", "sum")
+    assert losses.KL_KINDS == ("k1", "k2", "k3")
+    assert losses.SCALE_REWARDS == ("group", "batch", "none")
+    assert set(losses.LOSS_TYPE_ALIASES.values()) <= set(losses.LOSS_TYPES)
+    assert all(hasattr(losses, name) for name in losses.__all__)
+
+
+def test_aam_refuses_a_list_data_margin_by_name():
+    _, _, _, rewards, _ = pair_batch()
+    with pytest.raises(ValueError, match="data_margin must be a torch.Tensor"):
+        aam_fast.aam_loss(None, None, None, rewards, margin="fixed", data_margin=[0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match=r"data_margin must be \[B\]"):
+        aam_fast.aam_loss(None, None, None, rewards, margin="fixed", data_margin=torch.ones(4))
+    out = aam_fast.aam_loss(None, None, None, rewards, margin="fixed", data_margin=torch.tensor([0.1, 0.2, 0.3]))
+    gap = rewards[:3] - rewards[3:]
+    assert torch.allclose(out.loss, -F.logsigmoid(gap - torch.tensor([0.1, 0.2, 0.3])).mean())
+
+
+def test_aam_refuses_hidden_size_zero_by_name():
+    _, _, targets, rewards, _ = pair_batch()
+    with pytest.raises(ValueError, match="hidden size D"):
+        aam_fast.aam_loss(torch.randn(6, 6, 0), torch.randn(41, 0), targets, rewards, margin="ld")
