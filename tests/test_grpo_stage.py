@@ -316,8 +316,21 @@ def test_reward_sources_none_weights_and_errors():
 
     with pytest.raises(ValueError, match="reward function short must return a list of 2"):
         RewardSources(None, [short], None)(["p", "q"], ["a", "b"], {})
-    with pytest.raises(ValueError, match="reward function wordy returned a non-numeric value"):
+    with pytest.raises(ValueError, match="reward function wordy returned 'high' for row 0"):
         RewardSources(None, [wordy], None)(["p", "q"], ["a", "b"], {})
+    for bad in (float("nan"), float("inf"), "1.5", True):
+
+        def odd(prompts, completions, value=bad, **columns):
+            return [0.5, value]
+
+        with pytest.raises(ValueError, match=r"reward function odd returned .* for row 1: expected a finite float"):
+            RewardSources(None, [odd], None)(["p", "q"], ["a", "b"], {})
+
+    def nan_model(prompts, completions):
+        return torch.tensor([0.0, float("nan")])
+
+    with pytest.raises(ValueError, match="reward model scored row 1 nan"):
+        RewardSources(nan_model, [], None)(["p", "q"], ["a", "b"], {})
 
 
 def test_load_reward_fn_specs(tmp_path):

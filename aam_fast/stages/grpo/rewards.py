@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,6 +54,16 @@ def completions_for_fns(prompts: Sequence, texts: Sequence[str]) -> list:
     ]
 
 
+def _checked_reward(value, name: str, row: int) -> float:
+    """A rule reward as a float: NaN for None ("no reward from this function"); anything but a finite real number
+    is an error naming the function and the row."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"reward function {name} returned {value!r} for row {row}: expected a finite float or None")
+    return float(value)
+
+
 def _completion_text(completion: str | list[dict]) -> str:
     return completion if isinstance(completion, str) else completion[-1]["content"]
 
@@ -82,16 +93,16 @@ class RewardSources:
             scores = torch.as_tensor(self.scorer(prompts, texts), dtype=torch.float32).detach().cpu().reshape(-1)
             if scores.shape[0] != n:
                 raise ValueError(f"reward model returned {scores.shape[0]} scores for {n} completions")
+            bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+            if bad:
+                raise ValueError(f"reward model scored row {bad[0]} {scores[bad[0]].item()}: not a finite reward")
             per_source.append(scores)
         for fn in self.fns:
             name = getattr(fn, "__name__", repr(fn))
             values = fn(prompts=prompts, completions=completions, **columns)
             if not isinstance(values, (list, tuple)) or len(values) != n:
                 raise ValueError(f"reward function {name} must return a list of {n} floats or None, got {values!r}")
-            try:
-                per_source.append(torch.tensor([math.nan if v is None else float(v) for v in values]))
-            except (TypeError, ValueError):
-                raise ValueError(f"reward function {name} returned a non-numeric value: {values!r}") from None
+            per_source.append(torch.tensor([_checked_reward(v, name, row) for row, v in enumerate(values)]))
         table = torch.stack(per_source, dim=1)
         unscored = torch.isnan(table).all(dim=1)
         if bool(unscored.any()):
