@@ -7,11 +7,11 @@ installed torch into `aam_fast.libs/_aam_fast_native.so` beside the package; loa
 (backward) while it is in cache, and hand the tasks to ATen's threads. The library is loaded on first use, so
 `import aam_fast` works where it was never built.
 
-It is opt-in (not picked by "auto"). On the 2-core CPU at N=1024, D=1024, V=151936 (float32, forward+backward,
-shared machine at load 5-7) it took 0.7-0.9x the torch backend's time (its forward is the faster part), but the
-torch backend is the more precise since its float64-across-tile entropy sums and `lse_hi + lse_lo` backward
-(within 1.1x of naive float32 everywhere measured, where native reaches 2.4x on logits of std 16 and 5x on
-`d_bias` at N=2048: it rounds lse and mean_z to float32 and sums the bias gradient serially), and native has no
+It is opt-in (not picked by "auto"). On the 2-core CPU at D=1024, V=151936 (float32, forward+backward, a shared
+machine at load 5-7) it took 0.7-0.9x the torch backend's time at N=1024 and 0.68x at N=2048 (50 s against 74 s),
+but the torch backend is the more precise (float64-across-tile entropy sums, an `lse_hi + lse_lo` backward:
+within 1.1x of naive float32 everywhere measured, where native reaches 2.4x on logits of std 16 and 5x on `d_bias`
+at N=2048, since it rounds lse and mean_z to float32 and sums the bias gradient serially), and native has no
 `local_loss` entry (GRPO's three-product mode) and no gradient filtering.
 """
 
