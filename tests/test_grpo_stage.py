@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 from dataclasses import fields
 
 import pytest
@@ -544,3 +545,58 @@ def test_a_huge_learning_rate_diverges_without_saving_non_finite_weights(stories
     for folder in folders:
         weights = assert_loads_without_unpickling(folder)["model.safetensors"]
         assert all(bool(torch.isfinite(t).all()) for t in weights.values()), folder.name
+
+
+def test_lora_policy_trains_only_its_adapters_against_the_adapters_off_reference(stories, tmp_path):
+    """With --lora-r the reference is the policy with its adapters off (no copy): its KL equals a run whose reference
+    is a separate frozen copy of the initial policy; only the adapters train; the export merges them and a LoRA run
+    resumes exactly (mid-rollout)."""
+    pytest.importorskip("peft", reason="LoRA needs peft")
+    from safetensors.torch import load_file
+
+    from aam_fast.modeling import ADAPTER_FILE, frozen_copy, load_causal_lm
+
+    common = dict(lora_r=4, lora_alpha=8.0, beta=0.1, lr=2e-2, num_iterations=2, grad_accum=2, seed=4)
+    full = train_grpo(
+        small_config(
+            stories, tmp_path, output=str(tmp_path / "full"), max_steps=3, save_every=1, keep_checkpoints=0, **common
+        )
+    )
+    assert full[-1]["kl"] > 0
+    copy = GRPOTrainer(small_config(stories, tmp_path, output=str(tmp_path / "copy"), max_steps=3, **common))
+    assert copy.reference is None and copy.adapter_reference
+    copy.adapter_reference, copy.reference = False, frozen_copy(load_causal_lm(stories))
+    with_copy = copy.train()
+    for a, b in zip(full, with_copy, strict=True):
+        assert a["kl"] == pytest.approx(b["kl"], abs=1e-6) and a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    merged = load_file(tmp_path / "full" / "model.safetensors")
+    assert not any("lora_" in k or "base_layer" in k for k in merged)
+    base = load_causal_lm(stories).state_dict()
+    changed = [k for k in merged if not torch.equal(merged[k], base[k])]
+    assert changed and all(k.endswith("_proj.weight") for k in changed)  # only adapted linear layers moved
+    assert (tmp_path / "full" / ADAPTER_FILE).is_file()
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-1", part / "checkpoints" / "checkpoint-1")
+    resumed = train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=3, resume="auto", **common))
+    assert resumed == full[1:]
+
+
+def test_gradient_checkpointing_gives_the_same_policy(stories, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from transformers.models.llama import modeling_llama
+
+    calls = {"n": 0}
+    forward = modeling_llama.LlamaMLP.forward
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counted)
+    train_grpo(small_config(stories, tmp_path, output=str(tmp_path / "plain"), beta=0.0))
+    plain_calls, calls["n"] = calls["n"], 0
+    train_grpo(small_config(stories, tmp_path, output=str(tmp_path / "gc"), beta=0.0, gradient_checkpointing=True))
+    assert calls["n"] > plain_calls  # the layers ran again in the backward
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "gc" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)

@@ -6,9 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..ops import IGNORE_INDEX  # the label of prompt and padding positions (no loss)
 from .encoding import EncodedPair
-
-IGNORE_INDEX = -100  # the label of prompt and padding positions (no loss)
 
 
 def pad_sequences(

@@ -16,12 +16,19 @@ from .io import (
     save_reward_model,
 )
 from .layers import backbone_of, decoder_layers, disable_dropout, enable_checkpointing, final_norm, train_top_layers
+from .lora import ADAPTER_FILE, adapters_disabled, add_lora, has_lora, merge_lora_state
 from .packing import add_packing, packed_hidden, packed_reward_forward, padded_columns, unpack
-from .reference import ReferenceModel, frozen_copy
+from .reference import AdapterReference, ReferenceModel, frozen_copy
 from .reward_model import RewardModel, RewardOutput, last_token_index
 from .scorer import RewardScorer
 
 __all__ = [
+    "ADAPTER_FILE",
+    "AdapterReference",
+    "adapters_disabled",
+    "add_lora",
+    "has_lora",
+    "merge_lora_state",
     "LM_HEAD_FILE",
     "METADATA_FILE",
     "ReferenceModel",

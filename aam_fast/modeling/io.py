@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..data import FALLBACK_CHAT_TEMPLATE, choose_pad_token_id
+from .lora import ADAPTER_FILE, adapter_state, has_lora, lora_scaling, merge_lora_state
 from .reward_model import RewardModel
 
 METADATA_FILE = "aam_fast.json"
@@ -106,11 +107,12 @@ def from_pretrained(load, name_or_path: str | Path, what: str, **kwargs):
         raise ValueError(f"{what} {name_or_path}: cannot be loaded ({first})") from None
 
 
-def load_causal_lm(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, **kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` with the given dtype (offline paths and hub names alike)."""
+def load_causal_lm(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, what: str = "model", **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` with the given dtype (offline paths and hub names alike); a failure
+    is one ValueError line naming ``what`` (the flag) and the path."""
     from transformers import AutoModelForCausalLM
 
-    return from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, "model", dtype=dtype, **kwargs)
+    return from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, what, dtype=dtype, **kwargs)
 
 
 def load_tokenizer(name_or_path: str | Path, what: str = "model", *, trust_remote_code: bool = False):
@@ -197,7 +199,12 @@ def save_reward_model(model: RewardModel, tokenizer, folder: str | Path, *, meta
         exported = seq_cls(config)
     if not isinstance(getattr(exported, "score", None), nn.Linear):
         raise ValueError(f"{seq_cls.__name__} has no 'score' head; cannot export")
-    state = {f"{exported.base_model_prefix}.{k}": v.detach() for k, v in model.backbone.state_dict().items()}
+    backbone_state = model.backbone.state_dict()
+    adapters = adapter_state(backbone_state)
+    scaling = lora_scaling(model.lm) if adapters else None
+    if adapters:  # the exported weights are the merged ones; the adapters are also written alone
+        backbone_state = merge_lora_state(backbone_state, scaling)
+    state = {f"{exported.base_model_prefix}.{k}": v.detach() for k, v in backbone_state.items()}
     state["score.weight"] = model.score.weight.detach()
     exported.load_state_dict(state, strict=True, assign=True)
     folder.mkdir(parents=True, exist_ok=True)
@@ -209,11 +216,14 @@ def save_reward_model(model: RewardModel, tokenizer, folder: str | Path, *, meta
     if not model.tied:
         head = {k: v.detach().contiguous() for k, v in model.lm_head.state_dict().items()}
         save_file(head, str(folder / LM_HEAD_FILE))
+    if adapters:
+        save_file(adapters, str(folder / ADAPTER_FILE))
     info = {
         "format": 1,
         "causal_lm_architecture": type(lm).__name__,
         "tie_word_embeddings": model.tied,
         "lm_head_file": None if model.tied else LM_HEAD_FILE,
+        "lora": None if not adapters else {"file": ADAPTER_FILE, "scaling": scaling, "merged": True},
         **(metadata or {}),
     }
     (folder / METADATA_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
@@ -222,10 +232,14 @@ def save_reward_model(model: RewardModel, tokenizer, folder: str | Path, *, meta
 
 def load_reward_weights(model: RewardModel, folder: Path) -> None:
     """Load a :func:`save_reward_model` folder's weights into ``model`` in place (parameters keep their identity, so
-    an optimizer built on them stays valid)."""
+    an optimizer built on them stays valid). A model with LoRA adapters keeps its base weights and takes the
+    folder's adapters, score head and LM head."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    if has_lora(model.lm):
+        _load_adapters(model, folder)
+        return
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("model*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
@@ -262,3 +276,19 @@ class RewardModelView:
         self.backbone = _Tensors({k[len(backbone) :]: v for k, v in full.items() if k.startswith(backbone)})
         self.lm_head = _Tensors({k[len(head) :]: v for k, v in full.items() if k.startswith(head)})
         self.score = types.SimpleNamespace(weight=full["score.weight"])
+
+
+def _load_adapters(model: RewardModel, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not (folder / ADAPTER_FILE).is_file():
+        raise ValueError(f"{folder}: no {ADAPTER_FILE}; it was not written by a LoRA run")
+    adapters = load_file(str(folder / ADAPTER_FILE))
+    expected = set(adapter_state(model.backbone.state_dict()))
+    if set(adapters) != expected:
+        raise ValueError(f"{folder}: its adapters do not match this model's (--lora-r, --lora-target-modules, layers)")
+    with torch.no_grad():
+        model.backbone.load_state_dict(adapters, strict=False)
+        model.score.weight.copy_(read_safetensors(folder, ["score.weight"])["score.weight"])
+        if (folder / LM_HEAD_FILE).is_file():
+            model.lm_head.load_state_dict(load_file(str(folder / LM_HEAD_FILE)))

@@ -163,6 +163,6 @@ def packed_reward_forward(model: nn.Module, batch: dict, *, reference: nn.Module
     rewards = model.score(last.to(model.score.weight.dtype)).squeeze(-1).float()
     ref_hidden = None
     if reference is not None:
-        with torch.no_grad():
+        with torch.no_grad(), reference.running():
             ref_hidden = padded_columns(packed_hidden(reference.backbone, batch), batch, 0, length)
     return RewardOutput(rewards, padded_columns(hidden, batch, 0, length), ref_hidden)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 from torch import nn
 
+from .lora import adapters_disabled, has_lora
 from .reward_model import RewardModel
 
 
@@ -48,6 +50,40 @@ class ReferenceModel(nn.Module):
 
     def train(self, mode: bool = True) -> ReferenceModel:
         return super().train(False)  # always in eval mode
+
+    def running(self):
+        """The context its forward runs in (nothing to switch: it holds its own weights)."""
+        return contextlib.nullcontext()
+
+
+class AdapterReference:
+    """The reference of a LoRA reward model: the model itself with its adapters disabled, so no copy of any weight
+    is kept. It has :class:`ReferenceModel`'s interface (``top_only``, ``layers``, ``norm``, ``backbone``, the LM
+    head) over the model's own modules; :meth:`running` switches the adapters off for the reference's forward. The
+    LM head is the model's (under LoRA it does not train)."""
+
+    def __init__(self, model: RewardModel):
+        if not has_lora(model.lm):
+            raise ValueError("AdapterReference needs a model with LoRA adapters")
+        self.model = model
+        self.num_layers = model.trainable_layers
+        self.top_only = self.num_layers is not None
+        if self.top_only:
+            layers = model.decoder_layers
+            self.layers, self.norm = list(layers[len(layers) - self.num_layers :]), model.final_norm
+        self.backbone = model.backbone
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.lm_head_weight.detach()
+
+    @property
+    def lm_head_bias(self) -> torch.Tensor | None:
+        bias = self.model.lm_head_bias
+        return None if bias is None else bias.detach()
+
+    def running(self):
+        return adapters_disabled(self.model.lm)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

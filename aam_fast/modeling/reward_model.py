@@ -190,7 +190,7 @@ class RewardModel(nn.Module):
         rewards = self.score(last.to(self.score.weight.dtype)).squeeze(-1).float()
         ref_hidden = None
         if reference is not None:
-            with torch.no_grad():
+            with torch.no_grad(), reference.running():
                 if capture is not None:
                     ref_hidden = capture.run(reference.layers, reference.norm)
                 else:

@@ -262,6 +262,23 @@ class TrainingConfig:
         "memory for about one more forward",
         group="model",
     )
+    lora_r: int = option(
+        0,
+        help="LoRA rank (0: no adapters, the chosen weights train in full); with LoRA the frozen reference is the "
+        "model with its adapters disabled, no second copy",
+        minimum=0,
+        group="model",
+    )
+    lora_alpha: float = option(
+        16.0, help="LoRA scale numerator: updates are scaled by alpha / r", above=0.0, group="model"
+    )
+    lora_dropout: float = option(0.0, help="dropout on the LoRA branch's input", minimum=0.0, below=1.0, group="model")
+    lora_target_modules: list[str] | None = option(
+        None,
+        help="names of the linear layers that get adapters, e.g. q_proj v_proj (default: every linear layer of the "
+        "decoder layers, attention and MLP; with --trainable-layers K only the top K layers)",
+        group="model",
+    )
     attn_implementation: str | None = option(
         None,
         help="attention kernel of the model (default: transformers' choice, SDPA where available)",

@@ -7,28 +7,36 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from ...data import choose_pad_token_id
-from ...modeling.io import load_causal_lm, quiet_transformers
-from ...modeling.layers import backbone_of, train_top_layers
+from ...modeling.io import load_causal_lm, load_tokenizer, quiet_transformers
+from ...modeling.layers import backbone_of, disable_dropout, enable_checkpointing, train_top_layers
+from ...modeling.lora import ADAPTER_FILE, adapter_state, has_lora, lora_scaling, merge_lora_state
 from ...training.distributed import DistContext
 
 
-def load_policy(path: str, device: torch.device):
-    """``(model, tokenizer)``: float32 master weights in eval mode (dropout off, so rollout, old and new log-probs
-    are one function of the weights), left padding, a pad token (:func:`aam_fast.data.choose_pad_token_id`)."""
-    from transformers import AutoTokenizer
-
-    if not Path(path).is_dir():
-        raise ValueError(f"--policy {path!r}: not a model folder (config.json + weights, as save_pretrained writes)")
-    model = load_causal_lm(path, dtype=torch.float32).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+def load_policy(
+    path: str, device: torch.device, *, load_kwargs: dict | None = None, gradient_checkpointing: bool = False
+):
+    """``(model, tokenizer)``: float32 master weights with dropout off, so rollout, old and new log-probs are one
+    function of the weights (eval mode; training mode with dropout off under ``gradient_checkpointing``, which
+    transformers applies in training mode only), left padding, a pad token
+    (:func:`aam_fast.data.choose_pad_token_id`). ``load_kwargs`` go to ``from_pretrained``."""
+    load_kwargs = load_kwargs or {}
+    model = load_causal_lm(path, dtype=torch.float32, what="--policy", **load_kwargs).to(device)
+    tokenizer = load_tokenizer(path, "--policy", trust_remote_code=load_kwargs.get("trust_remote_code", False))
     tokenizer.padding_side = "left"
     choose_pad_token_id(tokenizer)
     if getattr(model.config, "final_logit_softcapping", None):
         raise ValueError(f"--policy {path!r}: logit soft-capping is not supported by the fused log-prob op")
-    model.eval()
+    disable_dropout(model)
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+        model.train()
+    else:
+        model.eval()
     return model, tokenizer
 
 
@@ -88,6 +96,11 @@ def write_policy(
     full = ctx.full_state_dict(engine)
     if ctx.is_main:
         state = {name.removeprefix("model."): tensor for name, tensor in full.items()}
+        adapters = adapter_state(state)
+        if adapters:  # the merged weights as the policy, the adapters alone beside them
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file(adapters, str(folder / ADAPTER_FILE))
+            state = merge_lora_state(state, lora_scaling(policy))
         for names in tied:
             present = [name for name in names if name in state]
             for name in names:
@@ -105,6 +118,14 @@ def load_policy_weights(policy: nn.Module, folder: Path) -> None:
     a tied head absent from the files takes its embedding's tensor. ValueError when the names do not match."""
     from safetensors.torch import load_file
 
+    if has_lora(policy):  # the base weights stay the initial ones; the adapters come from the checkpoint
+        if not (folder / ADAPTER_FILE).is_file():
+            raise ValueError(f"{folder}: no {ADAPTER_FILE}; it was not written by a LoRA run")
+        adapters = load_file(str(folder / ADAPTER_FILE))
+        if set(adapters) != set(adapter_state(policy.state_dict())):
+            raise ValueError(f"{folder}: its adapters do not match this policy's (--lora-r, --lora-target-modules)")
+        policy.load_state_dict(adapters, strict=False)
+        return
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("model*.safetensors")):
         tensors.update(load_file(str(file)))

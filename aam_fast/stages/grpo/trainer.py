@@ -37,6 +37,8 @@ from tqdm.auto import tqdm
 from ...data import IGNORE_INDEX, load_prompts
 from ...losses import GRPOLoss, default_normalizer, group_advantages
 from ...modeling.heads import head_inputs, lm_head_of
+from ...modeling.layers import backbone_of
+from ...modeling.lora import adapters_disabled, add_lora
 from ...modeling.reference import frozen_copy
 from ...training import checkpoints
 from ...training.launch import build_engine, launch
@@ -138,13 +140,28 @@ class GRPOTrainer:
         """The policy (Liger patches where they apply), its frozen reference (the initial weights, when
         ``beta != 0``), the trainable layers, the EOS ids and the sampling settings."""
         cfg = self.cfg
-        self.policy, self.tokenizer = load_policy(cfg.policy, self.device)
+        self.policy, self.tokenizer = load_policy(
+            cfg.policy, self.device, load_kwargs=cfg.load_kwargs(), gradient_checkpointing=cfg.gradient_checkpointing
+        )
         self.liger = apply_liger(self.policy, self.device, cfg.liger)
         log(f"Liger-Kernel: {self.liger}")
         self.tied = tied_names(self.policy)
-        self.reference = frozen_copy(self.policy) if cfg.beta != 0 else None
+        # With LoRA the reference is the policy with its adapters disabled (no copy), scored while sampling.
+        self.adapter_reference = cfg.beta != 0 and cfg.lora_r > 0
+        self.reference = frozen_copy(self.policy) if cfg.beta != 0 and not cfg.lora_r else None
         if cfg.trainable_layers is not None:
             train_policy_top_layers(self.policy, cfg.trainable_layers)
+        if cfg.lora_r:
+            adapters = add_lora(
+                self.policy,
+                backbone_of(self.policy),
+                r=cfg.lora_r,
+                alpha=cfg.lora_alpha,
+                dropout=cfg.lora_dropout,
+                target_modules=cfg.lora_target_modules,
+                trainable_layers=cfg.trainable_layers,
+            )
+            log(f"LoRA: {adapters:,} adapter parameters (r={cfg.lora_r}, alpha={cfg.lora_alpha})")
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer)
         self.generation_config = generation_config(cfg, self.tokenizer, self.eos_ids)
 
@@ -251,7 +268,8 @@ class GRPOTrainer:
         return plan
 
     def _sample(self, policy, plan: list[list[tuple[int, dict]]]) -> list[tuple[MicroBatch, dict, int]]:
-        """``(MicroBatch, columns, prompts cut)`` per micro-batch of ``plan`` (old log-probs when reused)."""
+        """``(MicroBatch, columns, prompts cut)`` per micro-batch of ``plan`` (old log-probs when reused; with LoRA
+        the reference's, the same full weights with the adapters off)."""
         cfg = self.cfg
         out = []
         for pairs in plan:
@@ -262,6 +280,9 @@ class GRPOTrainer:
             )
             if cfg.num_iterations > 1:
                 batch.old_logps = self._token_logprobs(policy, batch)
+            if self.adapter_reference:
+                with adapters_disabled(policy):
+                    batch.ref_logps = self._token_logprobs(policy, batch)
             out.append((batch, columns, cut))
         return out
 
@@ -281,7 +302,8 @@ class GRPOTrainer:
         ranks."""
         cfg, ctx = self.cfg, self.ctx
         local = sum(float(default_normalizer(b.mask.float(), cfg.loss_type, cfg.max_new_tokens)) for b in batches)
-        normalizer = ctx.all_reduce_sum(torch.tensor([local])).item()
+        # at least 1, as the loss's own count: a step whose every completion is empty contributes no gradient
+        normalizer = max(ctx.all_reduce_sum(torch.tensor([local])).item(), 1.0)
         totals: dict[str, float] = {}
         loss_sum = 0.0
         for i, batch in enumerate(batches):

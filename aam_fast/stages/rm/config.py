@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...losses import MARGINS, NAMED_GAMMA
+from ...losses import LENGTH_NORMS, MARGINS, NAMED_GAMMA
 from ...training.config import TrainingConfig, option
-
-LENGTH_NORMS = ("mean", "sum")
 
 
 @dataclasses.dataclass(kw_only=True)

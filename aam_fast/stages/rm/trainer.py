@@ -38,9 +38,11 @@ from ...data import (
 )
 from ...losses import AAMLoss
 from ...modeling import (
+    AdapterReference,
     ReferenceModel,
     RewardModel,
     RewardModelView,
+    add_lora,
     add_packing,
     disable_dropout,
     enable_checkpointing,
@@ -107,6 +109,17 @@ def build_model(cfg: RMConfig, device: torch.device) -> tuple[RewardModel, Any]:
         lm = load_causal_lm(cfg.model, **cfg.load_kwargs())
         model = RewardModel(lm, trainable_layers=cfg.trainable_layers, train_lm_head=cfg.trains_lm_head)
     disable_dropout(model)
+    if cfg.lora_r:  # after disable_dropout: --lora-dropout applies to the adapters
+        adapters = add_lora(
+            model.lm,
+            model.backbone,
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules,
+            trainable_layers=cfg.trainable_layers,
+        )
+        log(f"LoRA: {adapters:,} adapter parameters (r={cfg.lora_r}, alpha={cfg.lora_alpha}); the LM head is frozen")
     if cfg.gradient_checkpointing:
         enable_checkpointing(model.lm)
     positions = getattr(model.lm.config.get_text_config(), "max_position_embeddings", None)
@@ -162,7 +175,9 @@ class RMTrainer:
         self.liger = apply_liger(self.model.lm, self.device, cfg.liger)
         log(f"Liger-Kernel: {self.liger}")
         self.pad_token_id = choose_pad_token_id(self.tokenizer)
-        self.reference = ReferenceModel(self.model) if cfg.needs_reference else None
+        self.reference = None
+        if cfg.needs_reference:  # with LoRA: the model itself, adapters disabled
+            self.reference = AdapterReference(self.model) if cfg.lora_r else ReferenceModel(self.model)
         self._encode_data()
         self.loss_fn = AAMLoss(**{name: getattr(cfg, name) for name in LOSS_SETTINGS})
         built = build_engine(
