@@ -1,4 +1,5 @@
-"""The GRPO stage end to end on the real tiny Llama in ../shared/models/stories260k (CPU).
+"""The GRPO stage end to end on CPU, on the tiny Llama built by the test session (tests/conftest.py); the CLI run on
+RPBench cards also on the real stories260k model and RPBench-Auto data where the shared folder exists.
 
 Covers: rollouts (EOS stop, truncation flag, log-probs equal to the sampling distribution), exact gradient
 accumulation (normaliser counted over the whole step), a loop that learns a rule reward, exact resume, the reward
@@ -33,7 +34,6 @@ from aam_fast.grpo import (
 STORY_PROMPTS = [
     {"prompt": p} for p in ["Once upon a time", "One day", "Lily was", "The cat", "Tom and", "There was a"]
 ]
-PERIOD_ID = 426  # "." in the stories260k vocabulary
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,11 +46,9 @@ def one_thread():
 
 
 @pytest.fixture
-def stories(shared_dir):
-    path = shared_dir / "models" / "stories260k"
-    if not (path / "config.json").is_file():
-        pytest.skip(f"{path} not found: the GRPO stage tests need the real tiny model")
-    return str(path)
+def policy_dir(tiny_paths):
+    """The session's tiny Llama (a save_pretrained folder with its tokenizer)."""
+    return tiny_paths["model"]
 
 
 def share_of_a(prompts, completions, **columns):
@@ -59,9 +57,9 @@ def share_of_a(prompts, completions, **columns):
     return [t.count("a") / max(len(t), 1) for t in texts]
 
 
-def small_config(stories, tmp_path, **overrides) -> GRPOConfig:
+def small_config(policy_dir, tmp_path, **overrides) -> GRPOConfig:
     settings = dict(
-        policy=stories,
+        policy=policy_dir,
         prompts=STORY_PROMPTS,
         output=str(tmp_path / "run"),
         reward_fns=[share_of_a],
@@ -86,17 +84,17 @@ def rows_of(batch: MicroBatch, rows: slice) -> MicroBatch:
     return MicroBatch(**values)
 
 
-def test_rollout_stops_at_eos_and_flags_truncation(stories):
+def test_rollout_stops_at_eos_and_flags_truncation(policy_dir, tiny_period_id):
     from transformers import GenerationConfig
 
-    policy, tokenizer = load_policy(stories, torch.device("cpu"))
-    cfg = GRPOConfig(policy=stories, reward_fns=[share_of_a], num_generations=8, max_new_tokens=12)
+    policy, tokenizer = load_policy(policy_dir, torch.device("cpu"))
+    cfg = GRPOConfig(policy=policy_dir, reward_fns=[share_of_a], num_generations=8, max_new_tokens=12)
     generation = GenerationConfig(
-        do_sample=True, top_k=0, max_new_tokens=12, eos_token_id=[PERIOD_ID], pad_token_id=tokenizer.pad_token_id
+        do_sample=True, top_k=0, max_new_tokens=12, eos_token_id=[tiny_period_id], pad_token_id=tokenizer.pad_token_id
     )
     torch.manual_seed(0)
     batch, columns, cut = generate_micro_batch(
-        policy, tokenizer, STORY_PROMPTS[:2], cfg, generation, [PERIOD_ID], torch.float32
+        policy, tokenizer, STORY_PROMPTS[:2], cfg, generation, [tiny_period_id], torch.float32
     )
     n, width = batch.targets.shape
     assert n == 16 and width <= 12 and cut == 0
@@ -110,20 +108,22 @@ def test_rollout_stops_at_eos_and_flags_truncation(stories):
         assert torch.equal(batch.attention_mask[i, batch.prompt_len :].bool(), kept)
         ids = completion[i, :length].tolist()
         if batch.truncated[i]:
-            assert length == width == 12 and PERIOD_ID not in ids
+            assert length == width == 12 and tiny_period_id not in ids
         else:
-            assert ids[-1] == PERIOD_ID and PERIOD_ID not in ids[:-1], "stops at the first EOS, which is learned"
+            assert ids[-1] == tiny_period_id and tiny_period_id not in ids[:-1], (
+                "stops at the first EOS, which is learned"
+            )
             assert bool((completion[i, length:] == tokenizer.pad_token_id).all())
             ids = ids[:-1]
         assert batch.completions[i] == tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def test_logprobs_equal_the_sampling_distribution(stories):
+def test_logprobs_equal_the_sampling_distribution(policy_dir):
     """Fused forward-only log-probs of a left-padded batch equal log-softmax of the logits generate sampled from."""
     from transformers import GenerationConfig
 
-    policy, tokenizer = load_policy(stories, torch.device("cpu"))
-    cfg = GRPOConfig(policy=stories, reward_fns=[share_of_a], num_generations=2, max_new_tokens=5, temperature=0.7)
+    policy, tokenizer = load_policy(policy_dir, torch.device("cpu"))
+    cfg = GRPOConfig(policy=policy_dir, reward_fns=[share_of_a], num_generations=2, max_new_tokens=5, temperature=0.7)
     generation = GenerationConfig(
         do_sample=True, top_k=0, temperature=0.7, max_new_tokens=5, eos_token_id=[2], pad_token_id=0
     )
@@ -159,9 +159,9 @@ def test_logprobs_equal_the_sampling_distribution(stories):
 
 
 @pytest.mark.parametrize("loss_type", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_two_micro_batches_accumulate_to_one_batch(stories, tmp_path, loss_type):
+def test_two_micro_batches_accumulate_to_one_batch(policy_dir, tmp_path, loss_type):
     """The normaliser is counted over the whole step, so an uneven split gives the one-batch gradient."""
-    trainer = GRPOTrainer(small_config(stories, tmp_path, loss_type=loss_type, beta=0.1, num_iterations=2))
+    trainer = GRPOTrainer(small_config(policy_dir, tmp_path, loss_type=loss_type, beta=0.1, num_iterations=2))
     [batch], _ = trainer.make_rollout()
     batch.advantages = torch.linspace(-1.5, 1.2, batch.targets.shape[0])
     batch.targets[0, 2:] = -100  # uneven completion lengths, as EOS makes them
@@ -185,14 +185,16 @@ def test_two_micro_batches_accumulate_to_one_batch(stories, tmp_path, loss_type)
     assert max(float(g.abs().max()) for g in grads_one) > 0
 
 
-def test_loop_learns_a_rule_reward(stories, tmp_path):
-    """With a reward for the letter 'a', the mean reward after a dozen steps is clearly above the first steps'."""
+def test_loop_learns_a_rule_reward(policy_dir, tmp_path):
+    """With a reward for the letter 'a', the mean reward after a dozen steps is clearly above the first steps'.
+    (The tiny model starts near 0.09 and, at this lr, ends near 0.5: completions of " a a a".)"""
     cfg = small_config(
-        stories,
+        policy_dir,
         tmp_path,
         num_generations=8,
         max_new_tokens=10,
         max_steps=16,
+        lr=5e-3,
         beta=0.0,
         seed=0,
         log_completions_every=0,
@@ -219,27 +221,27 @@ def test_loop_learns_a_rule_reward(stories, tmp_path):
         assert all(math.isfinite(r[key]) for r in rows), key
 
 
-def test_resume_is_exact(stories, tmp_path):
+def test_resume_is_exact(policy_dir, tmp_path):
     """Stop at step 3 (mid rollout: 2 iterations per rollout), resume to 5: same metrics, completions, weights."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     common = dict(grad_accum=2, num_iterations=2, beta=0.04, save_every=3, seed=3, log_completions_every=2)
-    full = small_config(stories, tmp_path, output=str(tmp_path / "full"), max_steps=5, **common)
+    full = small_config(policy_dir, tmp_path, output=str(tmp_path / "full"), max_steps=5, **common)
     rows_full = train_grpo(full)
     assert [r["step"] for r in rows_full] == [1, 2, 3, 4, 5]
     assert rows_full[0]["kl"] == 0.0 and rows_full[-1]["kl"] > 0
     assert rows_full[1]["clip_ratio/region_mean"] >= 0 and rows_full[0]["reward"] == rows_full[1]["reward"]
 
     part = tmp_path / "part"
-    train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=3, **common))
+    train_grpo(small_config(policy_dir, tmp_path, output=str(part), max_steps=3, **common))
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
-        train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=5, **common))
+        train_grpo(small_config(policy_dir, tmp_path, output=str(part), max_steps=5, **common))
     with pytest.warns(UserWarning, match=r"changed settings: lr \(0.001 -> 0.002\)"):
         GRPOTrainer(
-            small_config(stories, tmp_path, output=str(tmp_path / "x"), resume=str(part), **{**common, "lr": 2e-3})
+            small_config(policy_dir, tmp_path, output=str(tmp_path / "x"), resume=str(part), **{**common, "lr": 2e-3})
         )
-    resumed = train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=5, resume="auto", **common))
+    resumed = train_grpo(small_config(policy_dir, tmp_path, output=str(part), max_steps=5, resume="auto", **common))
     assert resumed == rows_full[3:]
     for name in ("metrics.jsonl", "completions.jsonl"):
         assert (part / name).read_text() == (tmp_path / "full" / name).read_text()
@@ -251,13 +253,13 @@ def test_resume_is_exact(stories, tmp_path):
     assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step-000003.pt", "step-000005.pt"]
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (part / name).is_file()
-    assert AutoModelForCausalLM.from_pretrained(part).config.vocab_size == 512
+    assert AutoModelForCausalLM.from_pretrained(part).config.vocab_size == len(AutoTokenizer.from_pretrained(part))
     table = [json.loads(line) for line in (part / "completions.jsonl").read_text().splitlines()]
     assert {r["step"] for r in table} == {1, 3, 5}
     assert {"prompt", "completion", "reward", "advantage", "rewards/share_of_a", "truncated"} <= set(table[0])
 
 
-def test_reward_model_scores_as_eval_rm(stories, tmp_path):
+def test_reward_model_scores_as_eval_rm(policy_dir, tmp_path):
     """RM + weighted rule reward on conversational prompts: logged rewards equal RewardScorer's scores."""
     from transformers import AutoTokenizer
 
@@ -265,13 +267,13 @@ def test_reward_model_scores_as_eval_rm(stories, tmp_path):
 
     torch.manual_seed(0)
     rm_dir = tmp_path / "rm"
-    save_reward_model(RewardModel(load_causal_lm(stories)), AutoTokenizer.from_pretrained(stories), rm_dir)
+    save_reward_model(RewardModel(load_causal_lm(policy_dir)), AutoTokenizer.from_pretrained(policy_dir), rm_dir)
     chats = [
         {"prompt": [{"role": "system", "content": "You are Tom, a cat."}, {"role": "user", "content": "Hi!"}]},
         {"prompt": [{"role": "system", "content": "You are Lily."}, {"role": "user", "content": "A story?"}]},
     ]
     cfg = small_config(
-        stories, tmp_path, prompts=chats, reward_model=str(rm_dir), reward_weights=[0.5, 2.0], max_steps=1, beta=0.0
+        policy_dir, tmp_path, prompts=chats, reward_model=str(rm_dir), reward_weights=[0.5, 2.0], max_steps=1, beta=0.0
     )
     train_grpo(cfg)
     table = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
@@ -377,22 +379,32 @@ def test_cli_flags_map_to_config():
     cfg.validate()
 
 
-def test_trainable_layers_freeze_the_trunk_and_head(stories, tmp_path):
+def test_trainable_layers_freeze_the_trunk_and_head(policy_dir, tmp_path):
     from safetensors.torch import load_file
+    from transformers import AutoConfig
 
-    rows = train_grpo(small_config(stories, tmp_path, trainable_layers=1, max_steps=1, dtype="bfloat16"))
+    rows = train_grpo(small_config(policy_dir, tmp_path, trainable_layers=1, max_steps=1, dtype="bfloat16"))
     assert math.isfinite(rows[0]["loss"]) and rows[0]["grad_norm"] > 0
-    before = load_file(f"{stories}/model.safetensors")
+    before = load_file(f"{policy_dir}/model.safetensors")
     after = load_file(tmp_path / "run" / "model.safetensors")
     changed = {k for k in after if not torch.equal(before[k], after[k])}
-    assert changed and all(k.startswith(("model.layers.4.", "model.norm.")) for k in changed), sorted(changed)
+    last = f"model.layers.{AutoConfig.from_pretrained(policy_dir).num_hidden_layers - 1}."
+    assert changed and all(k.startswith((last, "model.norm.")) for k in changed), sorted(changed)
 
 
-def test_cli_run_on_rpbench_cards(stories, shared_dir, tmp_path, capsys):
+@pytest.fixture(params=["tiny", "real"])
+def rpbench(request):
+    """Model, cards and scenes: the session's tiny Llama and synthetic cards, then stories260k and the real
+    RPBench-Auto files (skipped without the shared folder)."""
+    paths = request.getfixturevalue(f"{request.param}_paths")
+    return paths["model"], paths["cards"], paths["scenes"]
+
+
+def test_cli_run_on_rpbench_cards(rpbench, tmp_path, capsys):
     """`aam-fast train-grpo` end to end: RPBench cards + scenes, a rule reward from a file, the final folder."""
     from aam_fast.cli import main
 
-    folder = shared_dir / "data" / "rpbench-auto"
+    model, cards, scenes = rpbench
     rules = tmp_path / "rules.py"
     rules.write_text(
         "def brevity(prompts, completions, character, **kw):\n"
@@ -401,8 +413,8 @@ def test_cli_run_on_rpbench_cards(stories, shared_dir, tmp_path, capsys):
     )
     output = tmp_path / "cli"
     argv = [
-        "train-grpo", "--policy", stories, "--prompts", str(folder / "rpbench_character.jsonl"),
-        "--scenes", str(folder / "rpbench_scene.jsonl"), "--reward-fn", f"{rules}:brevity", "--max-steps", "2",
+        "train-grpo", "--policy", model, "--prompts", cards,
+        "--scenes", scenes, "--reward-fn", f"{rules}:brevity", "--max-steps", "2",
         "--num-generations", "3", "--max-new-tokens", "5", "--max-prompt-length", "200", "--lr", "1e-3",
         "--output", str(output), "--no-progress", "--threads", "1",
     ]  # fmt: skip

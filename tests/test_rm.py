@@ -1,5 +1,6 @@
-"""The RM training stage on the real stories260k model and real hh-rlhf pairs: loss goes down, checkpoints load and
-resume exactly, failures stop cleanly, evaluation counts as RewardBench does."""
+"""The RM training stage on the tiny Llama and synthetic hh-rlhf style pairs built by the session (tests/conftest.py),
+and the short training run also on the real stories260k model and hh-rlhf pairs where the shared folder exists: loss
+goes down, checkpoints load and resume exactly, failures stop cleanly, evaluation counts as RewardBench does."""
 
 import json
 import shutil
@@ -63,12 +64,18 @@ def train_rows(output):
     return [r for r in read_metrics(output) if "loss" in r]
 
 
-def test_short_training_lowers_the_loss_and_leaves_loadable_checkpoints(paths, tmp_path):
+@pytest.fixture(params=["tiny", "real"])
+def any_paths(request):
+    """The tiny session model and data, then the real stories260k and hh-rlhf pairs (skipped without them)."""
+    return request.getfixturevalue(f"{request.param}_paths")
+
+
+def test_short_training_lowers_the_loss_and_leaves_loadable_checkpoints(any_paths, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "run"
     summary = train_reward_model(
-        config(paths, out, max_pairs=40, dev_fraction=0.2, max_steps=32, save_every=16, eval_every=16)
+        config(any_paths, out, max_pairs=40, dev_fraction=0.2, max_steps=32, save_every=16, eval_every=16)
     )
     rows = train_rows(out)
     assert [r["step"] for r in rows] == list(range(1, 33))
@@ -96,15 +103,15 @@ def test_short_training_lowers_the_loss_and_leaves_loadable_checkpoints(paths, t
     ],
     ids=["full-accum", "top2-cached"],
 )
-def test_resume_continues_the_identical_loss_curve(paths, tmp_path, overrides):
+def test_resume_continues_the_identical_loss_curve(tiny_paths, tmp_path, overrides):
     settings = {"max_steps": 6, "save_every": 3, "keep_checkpoints": 5, **overrides}
     full = tmp_path / "full"
-    train_reward_model(config(paths, full, **settings))
+    train_reward_model(config(tiny_paths, full, **settings))
     checkpoints = list_checkpoints(full / "checkpoints")
     assert checkpoints, "no checkpoint written"
     resumed = tmp_path / "resumed"
     shutil.copytree(checkpoints[0], resumed / "checkpoints" / checkpoints[0].name)
-    train_reward_model(config(paths, resumed, resume="auto", **settings))
+    train_reward_model(config(tiny_paths, resumed, resume="auto", **settings))
     start = int(checkpoints[0].name.split("-")[1])
     expected = [r for r in train_rows(full) if r["step"] > start]
     assert expected and train_rows(resumed) == expected  # every metric of every later step, exactly
@@ -134,11 +141,11 @@ class _NaNAtCall:
         return forward
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(paths, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_paths, tmp_path, monkeypatch):
     monkeypatch.setattr(rm, "AAMLoss", _NaNAtCall(3))
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"non-finite loss \(nan\) at step 3 .*step-00000002"):
-        train_reward_model(config(paths, out, max_steps=5, save_every=1, keep_checkpoints=5))
+        train_reward_model(config(tiny_paths, out, max_steps=5, save_every=1, keep_checkpoints=5))
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000001", "step-00000002"]
     assert [r["step"] for r in train_rows(out)] == [1, 2]
     from aam_fast.models import load_reward_model
@@ -146,7 +153,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(paths
     load_reward_model(out / "checkpoints" / "step-00000002")
 
 
-def test_a_crash_while_saving_leaves_the_previous_checkpoint(paths, tmp_path, monkeypatch):
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tiny_paths, tmp_path, monkeypatch):
     out = tmp_path / "run"
     real_save = rm.save_reward_model
     calls = {"n": 0}
@@ -161,16 +168,16 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(paths, tmp_path, mo
 
     monkeypatch.setattr(rm, "save_reward_model", crashing_save)
     with pytest.raises(KeyboardInterrupt):
-        train_reward_model(config(paths, out, max_steps=4, save_every=2))
+        train_reward_model(config(tiny_paths, out, max_steps=4, save_every=2))
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000002"]
     monkeypatch.setattr(rm, "save_reward_model", real_save)
-    summary = train_reward_model(config(paths, out, max_steps=4, save_every=2, resume="auto"))
+    summary = train_reward_model(config(tiny_paths, out, max_steps=4, save_every=2, resume="auto"))
     assert summary["steps"] == 4 and [r["step"] for r in train_rows(out)] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("margin", ["bt", "fixed", "ld", "pr"])
-def test_every_margin_trains(paths, tmp_path, margin):
-    pairs = load_preferences(paths["hh"], limit=8).pairs
+def test_every_margin_trains(tiny_paths, tmp_path, margin):
+    pairs = load_preferences(tiny_paths["hh"], limit=8).pairs
     data = tmp_path / "pairs.jsonl"
     with data.open("w") as handle:
         for i, pair in enumerate(pairs):
@@ -178,7 +185,7 @@ def test_every_margin_trains(paths, tmp_path, margin):
             handle.write(json.dumps(record) + "\n")
     extra = {"sft_weight": 0.1} if margin == "pr" else {}
     out = tmp_path / margin
-    train_reward_model(config(paths, out, data=str(data), margin=margin, max_steps=2, **extra))
+    train_reward_model(config(tiny_paths, out, data=str(data), margin=margin, max_steps=2, **extra))
     rows = train_rows(out)
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     if margin == "bt":
@@ -190,13 +197,13 @@ def test_every_margin_trains(paths, tmp_path, margin):
         assert rows[1]["margin/std"] > 0
 
 
-def test_config_errors(paths, tmp_path):
+def test_config_errors(tiny_paths, tmp_path):
     with pytest.raises(ValueError, match="cache_trunk needs trainable_layers"):
-        train_reward_model(config(paths, tmp_path, cache_trunk=True))
+        train_reward_model(config(tiny_paths, tmp_path, cache_trunk=True))
     with pytest.raises(ValueError, match="margin='fixed' needs a 'margin' field.*#0"):
-        train_reward_model(config(paths, tmp_path, margin="fixed"))
+        train_reward_model(config(tiny_paths, tmp_path, margin="fixed"))
     with pytest.raises(ValueError, match="margin must be one of"):
-        train_reward_model(config(paths, tmp_path, margin="huge"))
+        train_reward_model(config(tiny_paths, tmp_path, margin="huge"))
 
 
 def test_micro_batches_cover_each_epoch_once():
