@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def single_thread():
-    """One intra-op thread for the test: stories260k's ops are far too small to split across threads, and on a
+    """One intra-op thread for the test: the tiny models' ops are far too small to split across threads, and on a
     busy CPU doing so costs 10-60x. Modules opt in with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

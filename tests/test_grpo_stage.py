@@ -38,7 +38,7 @@ STORY_PROMPTS = [
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """The 260K-parameter model's ops are tiny: on a shared 2-core CPU, thread hand-offs cost 10× the math."""
+    """The tiny models' ops are tiny: on a shared 2-core CPU, thread hand-offs cost 10× the math."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
