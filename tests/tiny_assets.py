@@ -4,12 +4,13 @@
 
 - `model/`: a byte-level BPE tokenizer trained on a synthetic corpus (`<unk>`=0, `<s>`=1 prepended to every text,
   `</s>`=2, pad = `<unk>`, no chat template, so `aam_fast.data`'s fallback template is used) and a Llama built from a
-  `LlamaConfig` (`LAYERS` decoder layers, hidden `HIDDEN`, grouped-query attention, tied embeddings), randomly
-  initialised and then trained for a few hundred milliseconds on the same corpus as a language model, so that it
-  writes short sentences that end in a period (the GRPO tests stop completions there) instead of uniform noise;
+  `LlamaConfig` (`LAYERS` decoder layers, hidden `HIDDEN`, grouped-query attention, tied embeddings; about 180K
+  parameters), randomly initialised and then trained for 80 AdamW steps (about a second on one core) on the same
+  corpus as a language model, so that it writes short sentences that end in a period (the GRPO tests stop
+  completions there) instead of uniform noise;
 - `hh.jsonl.gz`: hh-rlhf style `\\n\\nHuman: ... \\n\\nAssistant: ...` transcripts (some with an earlier exchange)
-  whose chosen reply is kind and whose rejected reply is rude, drawn from disjoint word sets with independent
-  lengths: a signal a reward model learns in a few steps, and a length-only baseline near chance;
+  whose chosen reply is kind and whose rejected reply is rude, drawn from disjoint phrase sets of equal mean length
+  with independent counts: a signal a reward model learns in a few steps, and a length-only baseline near chance;
 - `pairs.jsonl`: TRL conversational preference records (system character card + user turn; one assistant message
   each in `chosen` and `rejected`) with `character` and `topic` columns, the same kind/rude signal;
 - `cards.jsonl` / `scenes.jsonl`: RPBench-Auto-like character cards and scenes (the fields `aam_fast.prompts`
@@ -56,14 +57,14 @@ KIND = (
     "What a wonderful question, thank you.",
 )
 RUDE = (
-    "No. Go away.",
-    "I hate this stupid question.",
-    "Stop bothering me, you fool.",
-    "Ugh, you are so boring.",
-    "Leave me alone, I refuse.",
-    "Whatever, nobody cares.",
-    "Shut up and get lost.",
-    "That is dumb and so are you.",
+    "No. Go away and stop asking me.",
+    "I hate this stupid question of yours.",
+    "Stop bothering me, you silly fool.",
+    "Ugh, you are so boring, really.",
+    "Leave me alone, I refuse to help.",
+    "Whatever, nobody cares about that.",
+    "Shut up and get lost, right now.",
+    "That is dumb and so are you, pal.",
 )
 QUESTIONS = (
     "Can you help me bake a cake?",
