@@ -1,4 +1,11 @@
-"""Shared test setup: Triton runs under its interpreter on CPU; GPU tests are skipped without CUDA."""
+"""Shared test setup: Triton runs under its interpreter on CPU; GPU tests are skipped without CUDA.
+
+Model and data fixtures. `tiny_paths` (session scope) builds a tiny Llama, its tokenizer and small synthetic
+preference and prompt files in a temporary folder (tests/tiny_assets.py; no download): the stage, model, packing,
+CLI and distributed tests run on it in any clone. `real_paths` / `shared_dir` point into the shared folder beside
+the checkout (the real stories260k model and real data sets) and skip where it is absent; the environment variable
+AAM_FAST_SHARED overrides its location (AAM_FAST_SHARED=/nonexistent simulates a clone without it).
+"""
 
 import os
 from pathlib import Path
@@ -10,7 +17,7 @@ if not torch.cuda.is_available():
     # Must be set before triton is first imported anywhere in the test process.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(os.environ.get("AAM_FAST_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,7 +39,7 @@ def private_datasets_cache(tmp_path_factory):
 
 @pytest.fixture
 def single_thread():
-    """One intra-op thread for the test: stories260k's ops are far too small to split across threads, and on a
+    """One intra-op thread for the test: the tiny models' ops are far too small to split across threads, and on a
     busy CPU doing so costs 10-60x. Modules opt in with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -40,18 +47,41 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """../shared beside the checkout (real data and a real tiny model); skip where it is absent."""
+    """The shared folder (real data and a real tiny model; AAM_FAST_SHARED or ../shared); skip where it is absent."""
     if not SHARED.is_dir():
-        pytest.skip(f"../shared not found at {SHARED}: real-data tests need the shared folder beside the repo")
+        pytest.skip(f"shared folder not found at {SHARED} (set AAM_FAST_SHARED): a real-data test")
     return SHARED
 
 
-@pytest.fixture
-def paths(shared_dir) -> dict[str, str]:
-    """The real small model (stories260k) and preference data (hh-rlhf harmless) of ../shared."""
+@pytest.fixture(scope="session")
+def real_paths(shared_dir) -> dict[str, str]:
+    """The real small model (stories260k) and data of the shared folder: hh-rlhf harmless pairs, RPBench cards."""
     return {
         "model": str(shared_dir / "models" / "stories260k"),
         "hh": str(shared_dir / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"),
+        "cards": str(shared_dir / "data" / "rpbench-auto" / "rpbench_character.jsonl"),
+        "scenes": str(shared_dir / "data" / "rpbench-auto" / "rpbench_scene.jsonl"),
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory) -> dict[str, str]:
+    """A tiny Llama and synthetic data built in this session (see tests/tiny_assets.py), no download:
+
+    `model` (a save_pretrained folder with its byte-level BPE tokenizer, `tiny_assets.LAYERS` layers, tied
+    embeddings, no chat template), `hh` (hh-rlhf transcripts, .jsonl.gz), `pairs` (TRL conversational records with
+    `character` and `topic` columns), `cards` / `scenes` (RPBench-Auto-like). Read-only for the tests.
+    """
+    from tiny_assets import build_tiny_assets
+
+    return build_tiny_assets(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_period_id(tiny_paths) -> int:
+    """The token id of "." in the tiny tokenizer (completions in the GRPO tests stop there)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_paths["model"]).convert_tokens_to_ids(".")

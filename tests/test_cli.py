@@ -13,26 +13,24 @@ from aam_fast.demo_assets import demo_data_path
 from aam_fast.stages.rm.demo import demo_config
 
 ROOT = Path(__file__).resolve().parents[1]
+PAIRS = 24  # records in the session's tiny `pairs` file
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture
-def trained(shared_dir, tmp_path_factory):
-    """A reward model trained for a few steps through `aam-fast train-rm`, and a small subset-labelled data file."""
+def trained(tiny_paths, tmp_path_factory):
+    """A reward model trained for a few steps through `aam-fast train-rm` on the session's tiny Llama, and its data:
+    the session's TRL conversational pairs (a system character card, a user turn; a `topic` column, even/odd)."""
     out = tmp_path_factory.mktemp("cli") / "rm"
-    pairs = load_preferences(shared_dir / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz", limit=20).pairs
-    data = out.parent / "pairs.jsonl"
-    with data.open("w") as handle:
-        for i, pair in enumerate(pairs):
-            record = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
-            handle.write(json.dumps({**record, "topic": "even" if i % 2 == 0 else "odd"}) + "\n")
+    data = Path(tiny_paths["pairs"])
+    assert len(load_preferences(data)) == PAIRS
     code = cli.main(
         [
             "train-rm",
             "--model",
-            str(shared_dir / "models" / "stories260k"),
+            tiny_paths["model"],
             "--data",
             str(data),
             "--output",
@@ -83,9 +81,9 @@ def test_eval_rm_json_on_stdout(trained, capsys):
     assert code == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)  # stdout holds exactly one JSON object
-    assert 0.0 <= report["accuracy"] <= 1.0 and report["num_pairs"] == 20
+    assert 0.0 <= report["accuracy"] <= 1.0 and report["num_pairs"] == PAIRS
     assert set(report["subsets"]) == {"even", "odd"}
-    assert sum(s["num_pairs"] for s in report["subsets"].values()) == 20
+    assert sum(s["num_pairs"] for s in report["subsets"].values()) == PAIRS
     assert "length_baseline" in report and all("length_baseline" in s for s in report["subsets"].values())
     assert report["max_length"] == 48  # the training max length is the default
     assert {"mean", "std", "median", "p10", "p90"} <= set(report["reward_gap"])
@@ -115,7 +113,7 @@ def test_module_entry_point_in_a_subprocess(trained):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["num_pairs"] == 20
+    assert json.loads(result.stdout)["num_pairs"] == PAIRS
     assert result.stdout.count("\n") == 1  # nothing but the JSON line on stdout
 
 

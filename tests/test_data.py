@@ -34,10 +34,11 @@ STANDARD = {"prompt": "The sky is", "chosen": " blue.", "rejected": " green.", "
 
 
 @pytest.fixture
-def stories_tokenizer(shared_dir):
+def tokenizer(tiny_paths):
+    """The byte-level BPE tokenizer of the session's tiny model (tests/tiny_assets.py), no chat template."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(shared_dir / "models" / "stories260k")
+    return AutoTokenizer.from_pretrained(tiny_paths["model"])
 
 
 def write_jsonl(path: Path, records, compress=False):
@@ -231,8 +232,8 @@ def test_prompt_hash_split_is_stable_and_groups_prompts(shared_dir):
 # Tokenisation and collation
 
 
-def test_fallback_template_and_labels(stories_tokenizer):
-    tok = stories_tokenizer
+def test_fallback_template_and_labels(tokenizer):
+    tok = tokenizer
     assert tok.chat_template is None
     pair = normalize_record(CONVERSATIONAL)
     encoded = PairEncoder(tok).encode(pair)
@@ -247,8 +248,8 @@ def test_fallback_template_and_labels(stories_tokenizer):
     assert chosen.response_tokens == len(chosen.ids) - chosen.prompt_len
 
 
-def test_tokenizer_chat_template_is_used(stories_tokenizer):
-    tok = stories_tokenizer
+def test_tokenizer_chat_template_is_used(tokenizer):
+    tok = tokenizer
     tok.chat_template = (
         "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}[assistant] {% endif %}"
@@ -263,15 +264,15 @@ def test_tokenizer_chat_template_is_used(stories_tokenizer):
     assert FALLBACK_CHAT_TEMPLATE not in tok.decode(seq.ids)
 
 
-def test_standard_format_appends_eos(stories_tokenizer):
-    tok = stories_tokenizer
+def test_standard_format_appends_eos(tokenizer):
+    tok = tokenizer
     seq = PairEncoder(tok).encode(normalize_record(STANDARD)).chosen
     assert seq.ids[0] == tok.bos_token_id and seq.ids[-1] == tok.eos_token_id
     assert tok.decode(seq.ids[seq.prompt_len : -1]).strip() == "blue."
 
 
-def test_left_truncation_keeps_bos_and_response(stories_tokenizer):
-    tok = stories_tokenizer
+def test_left_truncation_keeps_bos_and_response(tokenizer):
+    tok = tokenizer
     pair = normalize_record({"prompt": "Once upon a time " * 20, "chosen": " the end.", "rejected": " a dragon came."})
     full = PairEncoder(tok).encode(pair)
     cut = PairEncoder(tok, max_length=40)
@@ -291,8 +292,8 @@ def test_left_truncation_keeps_bos_and_response(stories_tokenizer):
     assert encoded[0].chosen.response_tokens > 16 and stats.responses_truncated == 1
 
 
-def test_collate_orders_chosen_then_rejected(stories_tokenizer):
-    tok = stories_tokenizer
+def test_collate_orders_chosen_then_rejected(tokenizer):
+    tok = tokenizer
     pad = choose_pad_token_id(tok)
     encoder = PairEncoder(tok)
     pairs = [encoder.encode(normalize_record(r)) for r in (CONVERSATIONAL, {**CONVERSATIONAL, "margin": -0.5})]
@@ -311,8 +312,8 @@ def test_collate_orders_chosen_then_rejected(stories_tokenizer):
     assert collate_pairs([pairs[0], no_margin], pad)["margin"] is None
 
 
-def test_pad_token_differs_from_eos(stories_tokenizer):
-    tok = stories_tokenizer
+def test_pad_token_differs_from_eos(tokenizer):
+    tok = tokenizer
     tok.pad_token = tok.eos_token
     pad = choose_pad_token_id(tok)
     assert pad == tok.unk_token_id != tok.eos_token_id and tok.pad_token_id == pad

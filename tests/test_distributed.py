@@ -1,7 +1,7 @@
-"""train-rm and train-grpo under torchrun on CPU (gloo, 2 processes, the real stories260k model; hh-rlhf pairs for
-the RM, a rule reward for GRPO): DDP and FSDP2 end where one process on the combined batch ends, a resumed FSDP2
-run from its checkpoint ends where the uninterrupted run does, and checkpoints move between world sizes (2 ranks ->
-1 process, 1 process -> 2 ranks) with batch-size x ranks kept."""
+"""train-rm and train-grpo under torchrun on CPU (gloo, 2 processes, the tiny Llama and hh-rlhf style pairs that the
+test session builds, tests/conftest.py; a rule reward for GRPO): DDP and FSDP2 end where one process on the combined
+batch ends, a resumed FSDP2 run from its checkpoint ends where the uninterrupted run does, and checkpoints move
+between world sizes (2 ranks -> 1 process, 1 process -> 2 ranks) with batch-size x ranks kept."""
 
 import json
 import os
@@ -26,18 +26,18 @@ STEPS = 3
 PER_RANK = 2
 
 
-def common_args(shared: Path) -> list[str]:
+def common_args(paths: dict[str, str]) -> list[str]:
     return [
-        "--model", str(shared / "models" / "stories260k"),
-        "--data", str(shared / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"),
+        "--model", paths["model"],
+        "--data", paths["hh"],
         "--max-pairs", "24", "--dev-fraction", "0", "--max-length", "48", "--max-steps", str(STEPS),
         "--lr", "1e-4", "--warmup-ratio", "0", "--no-progress",
     ]  # fmt: skip
 
 
-def torchrun(shared: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+def torchrun(paths: dict[str, str], output: Path, *extra: str) -> subprocess.CompletedProcess:
     return run_two_ranks(
-        ["train-rm", *common_args(shared), "--output", str(output), "--batch-size", str(PER_RANK), *extra]
+        ["train-rm", *common_args(paths), "--output", str(output), "--batch-size", str(PER_RANK), *extra]
     )
 
 
@@ -84,26 +84,23 @@ def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def single(tiny_paths, tmp_path_factory):
     """One process, batch 2 x PER_RANK pairs: the combined batch of the 2-rank runs."""
-    shared = Path(__file__).resolve().parents[1].parent / "shared"
-    if not (shared / "models" / "stories260k").is_dir():
-        pytest.skip(f"../shared not found at {shared}: the distributed tests need stories260k and hh-rlhf")
     output = tmp_path_factory.mktemp("single")
     # step 2's single-process checkpoint is resumed on 2 ranks below
-    train_in_process(shared, output, batch_size=2 * PER_RANK, save_every=2)
-    return shared, output
+    train_in_process(tiny_paths, output, batch_size=2 * PER_RANK, save_every=2)
+    return tiny_paths, output
 
 
-def train_in_process(shared: Path, output: Path, **settings) -> None:
+def train_in_process(paths: dict[str, str], output: Path, **settings) -> None:
     """train-rm in this process, one intra-op thread, with the settings of `common_args` and `settings`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         train_reward_model(
             RMConfig(
-                model=str(shared / "models" / "stories260k"),
-                data=str(shared / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"),
+                model=paths["model"],
+                data=paths["hh"],
                 output=str(output),
                 max_pairs=24,
                 dev_fraction=0.0,
@@ -120,16 +117,16 @@ def train_in_process(shared: Path, output: Path, **settings) -> None:
 
 
 def test_ddp_two_ranks_match_one_process_on_the_combined_batch(single, tmp_path):
-    shared, reference = single
-    torchrun(shared, tmp_path, "--strategy", "ddp")
+    paths, reference = single
+    torchrun(paths, tmp_path, "--strategy", "ddp")
     assert_same_weights(reference, tmp_path)
     assert losses(tmp_path) == pytest.approx(losses(reference), abs=1e-5)
     assert load_file(str(reference / "model.safetensors"))["score.weight"].abs().sum() > 0
 
 
 def test_fsdp2_two_ranks_match_one_process_and_resume_exactly(single, tmp_path):
-    shared, reference = single
-    done = torchrun(shared, tmp_path, "--strategy", "fsdp2", "--save-every", "2")
+    paths, reference = single
+    done = torchrun(paths, tmp_path, "--strategy", "fsdp2", "--save-every", "2")
     assert done.stderr.count("training pr reward model") == 1  # one log: rank 0's
     assert_same_weights(reference, tmp_path)
     assert losses(tmp_path) == pytest.approx(losses(reference), abs=1e-5)
@@ -138,7 +135,7 @@ def test_fsdp2_two_ranks_match_one_process_and_resume_exactly(single, tmp_path):
     uninterrupted = load_file(str(tmp_path / "model.safetensors"))
     first_losses = losses(tmp_path)
 
-    done = torchrun(shared, tmp_path, "--strategy", "fsdp2", "--save-every", "2", "--resume", "auto")
+    done = torchrun(paths, tmp_path, "--strategy", "fsdp2", "--save-every", "2", "--resume", "auto")
     assert "resumed from" in done.stderr and "at step 2" in done.stderr
     resumed = load_file(str(tmp_path / "model.safetensors"))
     for name, value in uninterrupted.items():
@@ -149,8 +146,8 @@ def test_fsdp2_two_ranks_match_one_process_and_resume_exactly(single, tmp_path):
     alone = tmp_path / "alone"
     shutil.copytree(checkpoint, alone / "checkpoints" / checkpoint.name)
     with pytest.raises(ValueError, match=r"written with 4 pairs .* this run has 2 .*keep batch-size x ranks"):
-        train_in_process(shared, alone, batch_size=PER_RANK, resume="auto")
-    train_in_process(shared, alone, batch_size=2 * PER_RANK, resume="auto")
+        train_in_process(paths, alone, batch_size=PER_RANK, resume="auto")
+    train_in_process(paths, alone, batch_size=2 * PER_RANK, resume="auto")
     assert_same_weights(reference, alone)
     assert losses(alone) == pytest.approx(losses(reference)[2:], abs=1e-5)
 
@@ -159,11 +156,11 @@ def test_fsdp2_two_ranks_match_one_process_and_resume_exactly(single, tmp_path):
 def test_a_single_process_checkpoint_resumes_on_two_ranks(single, tmp_path, strategy):
     """The one-process run's step-2 checkpoint resumed by 2 ranks of half the batch ends where the one-process run
     ends."""
-    shared, reference = single
+    paths, reference = single
     checkpoint = reference / "checkpoints" / "checkpoint-2"
     assert (checkpoint / "model.safetensors").is_file() and not (checkpoint / "rank1.pt").exists()
     shutil.copytree(checkpoint, tmp_path / "checkpoints" / checkpoint.name)
-    done = torchrun(shared, tmp_path, "--strategy", strategy, "--save-every", "2", "--resume", "auto")
+    done = torchrun(paths, tmp_path, "--strategy", strategy, "--save-every", "2", "--resume", "auto")
     assert "resumed from" in done.stderr and "at step 2" in done.stderr
     assert_same_weights(reference, tmp_path)
     assert losses(tmp_path) == pytest.approx(losses(reference)[2:], abs=1e-5)
@@ -204,11 +201,11 @@ def share_of_a(prompts, completions, **columns):
 """
 
 
-def grpo_settings(shared: Path, folder: Path) -> dict:
+def grpo_settings(paths: dict[str, str], folder: Path) -> dict:
     """A 2-step run: beta > 0 (reference log-probs), 2 micro-batches per step, lr small enough that float32
     summation-order differences stay far below 1e-5 after AdamW."""
     return dict(
-        policy=str(shared / "models" / "stories260k"),
+        policy=paths["model"],
         prompts=str(folder / "prompts.jsonl"),
         reward_fns=[f"{folder / 'reward.py'}:share_of_a"],
         num_generations=4,
@@ -247,15 +244,12 @@ def assert_same_metrics(rows: list[dict], reference: list[dict], steps: list[int
 
 
 @pytest.fixture(scope="module")
-def grpo_single(tmp_path_factory):
+def grpo_single(tiny_paths, tmp_path_factory):
     """One process with 2 prompts per micro-batch: the combined batch of 2 ranks with 1 prompt each."""
-    shared = Path(__file__).resolve().parents[1].parent / "shared"
-    if not (shared / "models" / "stories260k").is_dir():
-        pytest.skip(f"../shared not found at {shared}: the distributed GRPO tests need stories260k")
     folder = tmp_path_factory.mktemp("grpo")
     (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in GRPO_PROMPTS))
     (folder / "reward.py").write_text(REWARD_SOURCE)
-    settings = grpo_settings(shared, folder)
+    settings = grpo_settings(tiny_paths, folder)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # step 1's single-process checkpoint is resumed on 2 ranks below

@@ -1,4 +1,5 @@
-"""The GRPO stage end to end on the real tiny Llama in ../shared/models/stories260k (CPU).
+"""The GRPO stage end to end on CPU, on the tiny Llama built by the test session (tests/conftest.py); the CLI run on
+RPBench cards also on the real stories260k model and RPBench-Auto data where the shared folder exists.
 
 Covers: rollouts (EOS stop, truncation flag, log-probs equal to the sampling distribution), exact gradient
 accumulation (normaliser counted over the whole step), a loop that learns a rule reward, exact resume (mid-rollout
@@ -28,12 +29,11 @@ from aam_fast.training import TrainingDiverged, add_config_arguments, config_fro
 STORY_PROMPTS = [
     {"prompt": p} for p in ["Once upon a time", "One day", "Lily was", "The cat", "Tom and", "There was a"]
 ]
-PERIOD_ID = 426  # "." in the stories260k vocabulary
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """The 260K-parameter model's ops are tiny: on a shared 2-core CPU, thread hand-offs cost 10× the math."""
+    """The tiny models' ops are tiny: on a shared 2-core CPU, thread hand-offs cost 10× the math."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -41,11 +41,9 @@ def one_thread():
 
 
 @pytest.fixture
-def stories(shared_dir):
-    path = shared_dir / "models" / "stories260k"
-    if not (path / "config.json").is_file():
-        pytest.skip(f"{path} not found: the GRPO stage tests need the real tiny model")
-    return str(path)
+def policy_dir(tiny_paths):
+    """The session's tiny Llama (a save_pretrained folder with its tokenizer)."""
+    return tiny_paths["model"]
 
 
 def share_of_a(prompts, completions, **columns):
@@ -54,9 +52,9 @@ def share_of_a(prompts, completions, **columns):
     return [t.count("a") / max(len(t), 1) for t in texts]
 
 
-def small_config(stories, tmp_path, **overrides) -> GRPOConfig:
+def small_config(policy_dir, tmp_path, **overrides) -> GRPOConfig:
     settings = dict(
-        policy=stories,
+        policy=policy_dir,
         prompts=STORY_PROMPTS,
         output=str(tmp_path / "run"),
         reward_fns=[share_of_a],
@@ -81,19 +79,19 @@ def rows_of(batch: MicroBatch, rows: slice) -> MicroBatch:
     return MicroBatch(**values)
 
 
-def test_rollout_stops_at_eos_and_flags_truncation(stories):
+def test_rollout_stops_at_eos_and_flags_truncation(policy_dir, tiny_period_id):
     from transformers import GenerationConfig
 
-    policy, tokenizer = load_policy(stories, torch.device("cpu"))
+    policy, tokenizer = load_policy(policy_dir, torch.device("cpu"))
     cfg = GRPOConfig(
-        policy=stories, prompts=STORY_PROMPTS, reward_fns=[share_of_a], num_generations=8, max_new_tokens=12
+        policy=policy_dir, prompts=STORY_PROMPTS, reward_fns=[share_of_a], num_generations=8, max_new_tokens=12
     )
     generation = GenerationConfig(
-        do_sample=True, top_k=0, max_new_tokens=12, eos_token_id=[PERIOD_ID], pad_token_id=tokenizer.pad_token_id
+        do_sample=True, top_k=0, max_new_tokens=12, eos_token_id=[tiny_period_id], pad_token_id=tokenizer.pad_token_id
     )
     torch.manual_seed(0)
     batch, columns, cut = generate_micro_batch(
-        policy, tokenizer, STORY_PROMPTS[:2], cfg, generation, [PERIOD_ID], torch.float32
+        policy, tokenizer, STORY_PROMPTS[:2], cfg, generation, [tiny_period_id], torch.float32
     )
     n, width = batch.targets.shape
     assert n == 16 and width <= 12 and cut == 0
@@ -107,21 +105,23 @@ def test_rollout_stops_at_eos_and_flags_truncation(stories):
         assert torch.equal(batch.attention_mask[i, batch.prompt_len :].bool(), kept)
         ids = completion[i, :length].tolist()
         if batch.truncated[i]:
-            assert length == width == 12 and PERIOD_ID not in ids
+            assert length == width == 12 and tiny_period_id not in ids
         else:
-            assert ids[-1] == PERIOD_ID and PERIOD_ID not in ids[:-1], "stops at the first EOS, which is learned"
+            assert ids[-1] == tiny_period_id and tiny_period_id not in ids[:-1], (
+                "stops at the first EOS, which is learned"
+            )
             assert bool((completion[i, length:] == tokenizer.pad_token_id).all())
             ids = ids[:-1]
         assert batch.completions[i] == tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def test_logprobs_equal_the_sampling_distribution(stories):
+def test_logprobs_equal_the_sampling_distribution(policy_dir):
     """Fused forward-only log-probs of a left-padded batch equal log-softmax of the logits generate sampled from."""
     from transformers import GenerationConfig
 
-    policy, tokenizer = load_policy(stories, torch.device("cpu"))
+    policy, tokenizer = load_policy(policy_dir, torch.device("cpu"))
     cfg = GRPOConfig(
-        policy=stories,
+        policy=policy_dir,
         prompts=STORY_PROMPTS,
         reward_fns=[share_of_a],
         num_generations=2,
@@ -163,9 +163,9 @@ def test_logprobs_equal_the_sampling_distribution(stories):
 
 
 @pytest.mark.parametrize("loss_type", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_two_micro_batches_accumulate_to_one_batch(stories, tmp_path, loss_type):
+def test_two_micro_batches_accumulate_to_one_batch(policy_dir, tmp_path, loss_type):
     """The normaliser is counted over the whole step, so an uneven split gives the one-batch gradient."""
-    trainer = GRPOTrainer(small_config(stories, tmp_path, loss_type=loss_type, beta=0.1, num_iterations=2))
+    trainer = GRPOTrainer(small_config(policy_dir, tmp_path, loss_type=loss_type, beta=0.1, num_iterations=2))
     [batch], _ = trainer.make_rollout()
     batch.advantages = torch.linspace(-1.5, 1.2, batch.targets.shape[0])
     batch.targets[0, 2:] = -100  # uneven completion lengths, as EOS makes them
@@ -189,14 +189,16 @@ def test_two_micro_batches_accumulate_to_one_batch(stories, tmp_path, loss_type)
     assert max(float(g.abs().max()) for g in grads_one) > 0
 
 
-def test_loop_learns_a_rule_reward(stories, tmp_path):
-    """With a reward for the letter 'a', the mean reward after a dozen steps is clearly above the first steps'."""
+def test_loop_learns_a_rule_reward(policy_dir, tmp_path):
+    """With a reward for the letter 'a', the mean reward after a dozen steps is clearly above the first steps'.
+    (The tiny model starts near 0.09 and, at this lr, ends near 0.5: completions of " a a a".)"""
     cfg = small_config(
-        stories,
+        policy_dir,
         tmp_path,
         num_generations=8,
         max_new_tokens=10,
         max_steps=16,
+        lr=5e-3,
         beta=0.0,
         seed=0,
         log_completions_every=0,
@@ -223,31 +225,31 @@ def test_loop_learns_a_rule_reward(stories, tmp_path):
         assert all(math.isfinite(r[key]) for r in rows), key
 
 
-def test_resume_is_exact(stories, tmp_path):
+def test_resume_is_exact(policy_dir, tmp_path):
     """Stop at step 3 (mid rollout: 2 iterations per rollout), resume to 5: same metrics, completions, weights."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     common = dict(grad_accum=2, num_iterations=2, beta=0.04, save_every=3, seed=3, log_completions_every=2)
-    full = small_config(stories, tmp_path, output=str(tmp_path / "full"), max_steps=5, **common)
+    full = small_config(policy_dir, tmp_path, output=str(tmp_path / "full"), max_steps=5, **common)
     rows_full = train_grpo(full)
     assert [r["step"] for r in rows_full] == [1, 2, 3, 4, 5]
     assert rows_full[0]["kl"] == 0.0 and rows_full[-1]["kl"] > 0
     assert rows_full[1]["clip_ratio/region_mean"] >= 0 and rows_full[0]["reward"] == rows_full[1]["reward"]
 
     part = tmp_path / "part"
-    train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=3, **common))
+    train_grpo(small_config(policy_dir, tmp_path, output=str(part), max_steps=3, **common))
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
-        train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=5, **common))
+        train_grpo(small_config(policy_dir, tmp_path, output=str(part), max_steps=5, **common))
     with pytest.raises(ValueError, match=r"resuming would change the run: --lr 0.001 -> 0.002"):
         GRPOTrainer(
-            small_config(stories, tmp_path, output=str(tmp_path / "x"), resume=str(part), **{**common, "lr": 2e-3})
+            small_config(policy_dir, tmp_path, output=str(tmp_path / "x"), resume=str(part), **{**common, "lr": 2e-3})
         )
     with pytest.warns(UserWarning, match=r"changed settings: backend 'auto' -> 'torch'"):
         GRPOTrainer(
-            small_config(stories, tmp_path, output=str(tmp_path / "y"), resume=str(part), **common, backend="torch")
+            small_config(policy_dir, tmp_path, output=str(tmp_path / "y"), resume=str(part), **common, backend="torch")
         )
-    resumed = train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=5, resume="auto", **common))
+    resumed = train_grpo(small_config(policy_dir, tmp_path, output=str(part), max_steps=5, resume="auto", **common))
     assert resumed == rows_full[3:]
     for name in ("metrics.jsonl", "completions.jsonl"):
         assert (part / name).read_text() == (tmp_path / "full" / name).read_text()
@@ -261,13 +263,13 @@ def test_resume_is_exact(stories, tmp_path):
     assert state["step"] == 3 and state["mid_rollout"] and state["iteration"] == 1
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (part / name).is_file()
-    assert AutoModelForCausalLM.from_pretrained(part).config.vocab_size == 512
+    assert AutoModelForCausalLM.from_pretrained(part).config.vocab_size == len(AutoTokenizer.from_pretrained(part))
     table = [json.loads(line) for line in (part / "completions.jsonl").read_text().splitlines()]
     assert {r["step"] for r in table} == {1, 3, 5}
     assert {"prompt", "completion", "reward", "advantage", "rewards/share_of_a", "truncated"} <= set(table[0])
 
 
-def test_reward_model_scores_as_eval_rm(stories, tmp_path):
+def test_reward_model_scores_as_eval_rm(policy_dir, tmp_path):
     """RM + weighted rule reward on conversational prompts: logged rewards equal RewardScorer's scores."""
     from transformers import AutoTokenizer
 
@@ -275,13 +277,13 @@ def test_reward_model_scores_as_eval_rm(stories, tmp_path):
 
     torch.manual_seed(0)
     rm_dir = tmp_path / "rm"
-    save_reward_model(RewardModel(load_causal_lm(stories)), AutoTokenizer.from_pretrained(stories), rm_dir)
+    save_reward_model(RewardModel(load_causal_lm(policy_dir)), AutoTokenizer.from_pretrained(policy_dir), rm_dir)
     chats = [
         {"prompt": [{"role": "system", "content": "You are Tom, a cat."}, {"role": "user", "content": "Hi!"}]},
         {"prompt": [{"role": "system", "content": "You are Lily."}, {"role": "user", "content": "A story?"}]},
     ]
     cfg = small_config(
-        stories, tmp_path, prompts=chats, reward_model=str(rm_dir), reward_weights=[0.5, 2.0], max_steps=1, beta=0.0
+        policy_dir, tmp_path, prompts=chats, reward_model=str(rm_dir), reward_weights=[0.5, 2.0], max_steps=1, beta=0.0
     )
     train_grpo(cfg)
     table = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
@@ -403,22 +405,32 @@ def test_cli_flags_map_to_config():
     cfg.validate()
 
 
-def test_trainable_layers_freeze_the_trunk_and_head(stories, tmp_path):
+def test_trainable_layers_freeze_the_trunk_and_head(policy_dir, tmp_path):
     from safetensors.torch import load_file
+    from transformers import AutoConfig
 
-    rows = train_grpo(small_config(stories, tmp_path, trainable_layers=1, max_steps=1, dtype="bfloat16"))
+    rows = train_grpo(small_config(policy_dir, tmp_path, trainable_layers=1, max_steps=1, dtype="bfloat16"))
     assert math.isfinite(rows[0]["loss"]) and rows[0]["grad_norm"] > 0
-    before = load_file(f"{stories}/model.safetensors")
+    before = load_file(f"{policy_dir}/model.safetensors")
     after = load_file(tmp_path / "run" / "model.safetensors")
     changed = {k for k in after if not torch.equal(before[k], after[k])}
-    assert changed and all(k.startswith(("model.layers.4.", "model.norm.")) for k in changed), sorted(changed)
+    last = f"model.layers.{AutoConfig.from_pretrained(policy_dir).num_hidden_layers - 1}."
+    assert changed and all(k.startswith((last, "model.norm.")) for k in changed), sorted(changed)
 
 
-def test_cli_run_on_rpbench_cards(stories, shared_dir, tmp_path, capsys):
+@pytest.fixture(params=["tiny", "real"])
+def rpbench(request):
+    """Model, cards and scenes: the session's tiny Llama and synthetic cards, then stories260k and the real
+    RPBench-Auto files (skipped without the shared folder)."""
+    paths = request.getfixturevalue(f"{request.param}_paths")
+    return paths["model"], paths["cards"], paths["scenes"]
+
+
+def test_cli_run_on_rpbench_cards(rpbench, tmp_path, capsys):
     """`aam-fast train-grpo` end to end: RPBench cards + scenes, a rule reward from a file, the final folder."""
     from aam_fast.cli import main
 
-    folder = shared_dir / "data" / "rpbench-auto"
+    model, cards, scenes = rpbench
     rules = tmp_path / "rules.py"
     rules.write_text(
         "def brevity(prompts, completions, character, **kw):\n"
@@ -427,8 +439,8 @@ def test_cli_run_on_rpbench_cards(stories, shared_dir, tmp_path, capsys):
     )
     output = tmp_path / "cli"
     argv = [
-        "train-grpo", "--policy", stories, "--prompts", str(folder / "rpbench_character.jsonl"),
-        "--scenes", str(folder / "rpbench_scene.jsonl"), "--reward-fn", f"{rules}:brevity", "--max-steps", "2",
+        "train-grpo", "--policy", model, "--prompts", cards,
+        "--scenes", scenes, "--reward-fn", f"{rules}:brevity", "--max-steps", "2",
         "--num-generations", "3", "--max-new-tokens", "5", "--max-prompt-length", "200", "--lr", "1e-3",
         "--output", str(output), "--no-progress", "--threads", "1",
     ]  # fmt: skip
@@ -469,10 +481,10 @@ def assert_loads_without_unpickling(folder):
     return loaded
 
 
-def test_checkpoint_files_load_with_json_or_weights_only(stories, tmp_path):
+def test_checkpoint_files_load_with_json_or_weights_only(policy_dir, tmp_path):
     """checkpoint-1 is saved mid-rollout (2 iterations per rollout): its RNG states and the rollout's tensors are
     in rank0.pt, the rollout's prompts and texts in rank0.json, all readable without unpickling code."""
-    cfg = small_config(stories, tmp_path, max_steps=2, num_iterations=2, save_every=1, beta=0.04)
+    cfg = small_config(policy_dir, tmp_path, max_steps=2, num_iterations=2, save_every=1, beta=0.04)
     train_grpo(cfg)
     root = tmp_path / "run" / "checkpoints"
     assert [p.name for p in sorted(root.iterdir())] == ["checkpoint-1", "checkpoint-2"]
@@ -511,10 +523,10 @@ def _nan_gradient_at_step_2(trainer):
 
 
 @pytest.mark.parametrize("poison", [_nan_loss_at_step_2, _nan_gradient_at_step_2])
-def test_a_diverging_run_stops_before_applying_or_saving_it(stories, tmp_path, poison):
+def test_a_diverging_run_stops_before_applying_or_saving_it(policy_dir, tmp_path, poison):
     """A NaN loss, or a finite loss whose gradient is NaN, at step 2: TrainingDiverged names the step and the last
     finite checkpoint; the weights and the optimizer's state are still step 1's, and nothing non-finite is saved."""
-    trainer = GRPOTrainer(small_config(stories, tmp_path, max_steps=3, save_every=1, beta=0.04))
+    trainer = GRPOTrainer(small_config(policy_dir, tmp_path, max_steps=3, save_every=1, beta=0.04))
     expected = poison(trainer)
     with pytest.raises(TrainingDiverged, match=expected + r".*not applied.*checkpoint-1"):
         trainer.train()
@@ -535,10 +547,10 @@ def test_a_diverging_run_stops_before_applying_or_saving_it(stories, tmp_path, p
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
-def test_a_huge_learning_rate_diverges_without_saving_non_finite_weights(stories, tmp_path):
+def test_a_huge_learning_rate_diverges_without_saving_non_finite_weights(policy_dir, tmp_path):
     """lr 1e30: the weights blow up to ~1e30 after step 1 (finite), the next forward overflows; the run stops with
     TrainingDiverged and every checkpoint on disk holds finite weights."""
-    cfg = small_config(stories, tmp_path, lr=1e30, max_steps=6, save_every=1, max_grad_norm=0.0)
+    cfg = small_config(policy_dir, tmp_path, lr=1e30, max_steps=6, save_every=1, max_grad_norm=0.0)
     with pytest.raises(TrainingDiverged, match=r"non-finite .* at step \d+"):
         train_grpo(cfg)
     folders = sorted((tmp_path / "run" / "checkpoints").iterdir())
@@ -547,7 +559,7 @@ def test_a_huge_learning_rate_diverges_without_saving_non_finite_weights(stories
         assert all(bool(torch.isfinite(t).all()) for t in weights.values()), folder.name
 
 
-def test_lora_policy_trains_only_its_adapters_against_the_adapters_off_reference(stories, tmp_path):
+def test_lora_policy_trains_only_its_adapters_against_the_adapters_off_reference(policy_dir, tmp_path):
     """With --lora-r the reference is the policy with its adapters off (no copy): its KL equals a run whose reference
     is a separate frozen copy of the initial policy; only the adapters train; the export merges them and a LoRA run
     resumes exactly (mid-rollout)."""
@@ -559,29 +571,29 @@ def test_lora_policy_trains_only_its_adapters_against_the_adapters_off_reference
     common = dict(lora_r=4, lora_alpha=8.0, beta=0.1, lr=2e-2, num_iterations=2, grad_accum=2, seed=4)
     full = train_grpo(
         small_config(
-            stories, tmp_path, output=str(tmp_path / "full"), max_steps=3, save_every=1, keep_checkpoints=0, **common
+            policy_dir, tmp_path, output=str(tmp_path / "full"), max_steps=3, save_every=1, keep_checkpoints=0, **common
         )
     )
     assert full[-1]["kl"] > 0
-    copy = GRPOTrainer(small_config(stories, tmp_path, output=str(tmp_path / "copy"), max_steps=3, **common))
+    copy = GRPOTrainer(small_config(policy_dir, tmp_path, output=str(tmp_path / "copy"), max_steps=3, **common))
     assert copy.reference is None and copy.adapter_reference
-    copy.adapter_reference, copy.reference = False, frozen_copy(load_causal_lm(stories))
+    copy.adapter_reference, copy.reference = False, frozen_copy(load_causal_lm(policy_dir))
     with_copy = copy.train()
     for a, b in zip(full, with_copy, strict=True):
         assert a["kl"] == pytest.approx(b["kl"], abs=1e-6) and a["loss"] == pytest.approx(b["loss"], abs=1e-6)
     merged = load_file(tmp_path / "full" / "model.safetensors")
     assert not any("lora_" in k or "base_layer" in k for k in merged)
-    base = load_causal_lm(stories).state_dict()
+    base = load_causal_lm(policy_dir).state_dict()
     changed = [k for k in merged if not torch.equal(merged[k], base[k])]
     assert changed and all(k.endswith("_proj.weight") for k in changed)  # only adapted linear layers moved
     assert (tmp_path / "full" / ADAPTER_FILE).is_file()
     part = tmp_path / "part"
     shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-1", part / "checkpoints" / "checkpoint-1")
-    resumed = train_grpo(small_config(stories, tmp_path, output=str(part), max_steps=3, resume="auto", **common))
+    resumed = train_grpo(small_config(policy_dir, tmp_path, output=str(part), max_steps=3, resume="auto", **common))
     assert resumed == full[1:]
 
 
-def test_gradient_checkpointing_gives_the_same_policy(stories, tmp_path, monkeypatch):
+def test_gradient_checkpointing_gives_the_same_policy(policy_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
     from transformers.models.llama import modeling_llama
 
@@ -593,9 +605,9 @@ def test_gradient_checkpointing_gives_the_same_policy(stories, tmp_path, monkeyp
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counted)
-    train_grpo(small_config(stories, tmp_path, output=str(tmp_path / "plain"), beta=0.0))
+    train_grpo(small_config(policy_dir, tmp_path, output=str(tmp_path / "plain"), beta=0.0))
     plain_calls, calls["n"] = calls["n"], 0
-    train_grpo(small_config(stories, tmp_path, output=str(tmp_path / "gc"), beta=0.0, gradient_checkpointing=True))
+    train_grpo(small_config(policy_dir, tmp_path, output=str(tmp_path / "gc"), beta=0.0, gradient_checkpointing=True))
     assert calls["n"] > plain_calls  # the layers ran again in the backward
     a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "gc" / "model.safetensors")
     for name in a:

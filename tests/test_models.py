@@ -1,4 +1,5 @@
-"""Reward model, reference, trunk sharing, export and RewardScorer on the real stories260k Llama."""
+"""Reward model, reference, trunk sharing, export and RewardScorer on the tiny Llama built by the test session
+(tests/conftest.py: `tiny_assets.LAYERS` decoder layers, tied embeddings, a tokenizer without a chat template)."""
 
 import pytest
 import torch
@@ -20,8 +21,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture
-def model_dir(shared_dir):
-    return shared_dir / "models" / "stories260k"
+def model_dir(tiny_paths):
+    return tiny_paths["model"]
 
 
 @pytest.fixture
@@ -34,8 +35,8 @@ def tokenizer(model_dir):
 
 
 @pytest.fixture
-def hh_pairs(shared_dir):
-    return load_preferences(shared_dir / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz", limit=5).pairs
+def hh_pairs(tiny_paths):
+    return load_preferences(tiny_paths["hh"], limit=5).pairs
 
 
 def make_model(model_dir, seed=0, **kwargs):
@@ -86,13 +87,15 @@ def test_hidden_states_give_the_lm_log_probs(model_dir, tokenizer, hh_pairs):
 def test_trainable_layers_freeze_the_trunk(model_dir):
     model = make_model(model_dir, trainable_layers=2)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    layers = model.lm.config.num_hidden_layers
+    last = layers - 1
     assert "score.weight" in trainable and "lm.model.norm.weight" in trainable
-    assert any(n.startswith("lm.model.layers.4.") for n in trainable)
-    assert any(n.startswith("lm.model.layers.3.") for n in trainable)
-    assert not any(n.startswith(("lm.model.layers.2.", "lm.model.embed_tokens")) for n in trainable)
+    assert any(n.startswith(f"lm.model.layers.{last}.") for n in trainable)
+    assert any(n.startswith(f"lm.model.layers.{last - 1}.") for n in trainable)
+    assert not any(n.startswith((f"lm.model.layers.{last - 2}.", "lm.model.embed_tokens")) for n in trainable)
     assert not model.lm_head_weight.requires_grad  # tied to the frozen embedding
     with pytest.raises(ValueError, match="trainable_layers must be in"):
-        make_model(model_dir, trainable_layers=6)
+        make_model(model_dir, trainable_layers=layers + 1)
 
 
 def test_shared_trunk_reference_matches_a_full_reference(model_dir, tokenizer, hh_pairs):
@@ -121,7 +124,7 @@ def test_shared_trunk_reference_matches_a_full_reference(model_dir, tokenizer, h
     fed = model(ids, mask, reference=top_ref, trunk_hidden=trunk)
     torch.testing.assert_close(fed.rewards, out.rewards)
     torch.testing.assert_close(fed.ref_hidden, out.ref_hidden)
-    assert len(model.decoder_layers) == 5  # the layer list is restored after feeding
+    assert len(model.decoder_layers) == model.lm.config.num_hidden_layers  # the layer list is restored after feeding
 
 
 def test_export_loads_in_auto_model_for_sequence_classification(model_dir, tokenizer, hh_pairs, tmp_path):

@@ -1,6 +1,6 @@
-"""Packed (padding-free) batches give the padded batches' rewards, log-probs and gradients on the real stories260k
-model: real hh-rlhf pairs for the RM stage, GRPO rollouts (left-padded prompts, completions of mixed lengths) for
-the policy stage; train-rm and train-grpo with --packing end where the padded runs end."""
+"""Packed (padding-free) batches give the padded batches' rewards, log-probs and gradients on the tiny Llama built by
+the test session: hh-rlhf style pairs for the RM stage, GRPO rollouts (left-padded prompts, completions of mixed
+lengths) for the policy stage; train-rm and train-grpo with --packing end where the padded runs end."""
 
 import pytest
 import torch
@@ -55,18 +55,18 @@ def test_a_gap_in_the_attention_mask_is_refused():
         add_packing(batch)
 
 
-def test_packed_rewards_logprobs_and_gradients_equal_padded(paths):
+def test_packed_rewards_logprobs_and_gradients_equal_padded(tiny_paths):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
-    encoded, _ = PairEncoder(tokenizer, 160).encode_all(load_preferences(paths["hh"], limit=16).pairs)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_paths["model"])
+    encoded, _ = PairEncoder(tokenizer, 160).encode_all(load_preferences(tiny_paths["hh"], limit=16).pairs)
     encoded = sorted(encoded, key=lambda p: min(len(p.chosen.ids), len(p.rejected.ids)))[:5]
     batch = add_packing(collate_pairs(encoded, pad_token_id=0))
     lengths = batch["attention_mask"].sum(-1)
     assert lengths.min() < lengths.max()  # a real length mix: padding exists
 
     torch.manual_seed(0)
-    model = RewardModel(load_causal_lm(paths["model"]))
+    model = RewardModel(load_causal_lm(tiny_paths["model"]))
     reference = ReferenceModel(model)
     loss_fn = AAMLoss(margin="pr", sft_weight=0.3, backend="torch")
     targets = batch["labels"][:, 1:]
@@ -105,13 +105,13 @@ def test_packed_rewards_logprobs_and_gradients_equal_padded(paths):
         torch.testing.assert_close(packed[5][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_train_rm_with_packing_ends_where_padded_training_ends(paths, tmp_path):
+def test_train_rm_with_packing_ends_where_padded_training_ends(tiny_paths, tmp_path):
     common = dict(
-        model=paths["model"],
-        data=paths["hh"],
+        model=tiny_paths["model"],
+        data=tiny_paths["hh"],
         max_pairs=16,
         dev_fraction=0.0,
-        max_length=160,  # hh-rlhf sequences are 45-2193 tokens here: a real mix of lengths in each batch
+        max_length=160,  # the pairs are 40-123 tokens: a mix of lengths in each batch
         batch_size=4,
         max_steps=2,
         lr=1e-4,
@@ -130,7 +130,6 @@ def test_train_rm_with_packing_ends_where_padded_training_ends(paths, tmp_path):
 
 # ------------------------------------------------------------------------------------------------------ GRPO
 
-PERIOD_ID = 426  # "." in the stories260k vocabulary
 GRPO_PROMPTS = [
     {"prompt": "Once upon a time"},
     {"prompt": "One day a little girl named Lily went to the park with her mom. She saw a big"},
@@ -145,14 +144,14 @@ def share_of_a(prompts, completions, **columns):
 
 
 @pytest.fixture
-def reward_model_dir(paths, tmp_path):
-    """A stories260k reward model with a random score head (seeded)."""
+def reward_model_dir(tiny_paths, tmp_path):
+    """A reward model on the tiny Llama with a random score head (seeded)."""
     from transformers import AutoTokenizer
 
     torch.manual_seed(0)
     folder = tmp_path / "rm"
-    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
-    save_reward_model(RewardModel(load_causal_lm(paths["model"])), tokenizer, folder)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_paths["model"])
+    save_reward_model(RewardModel(load_causal_lm(tiny_paths["model"])), tokenizer, folder)
     return str(folder)
 
 
@@ -175,8 +174,8 @@ def grpo_config(paths, reward_model_dir, output, **overrides) -> GRPOConfig:
     return GRPOConfig(**{**settings, **overrides})
 
 
-def test_grpo_packed_logprobs_rewards_loss_and_gradients_equal_padded(paths, reward_model_dir, tmp_path):
-    trainer = GRPOTrainer(grpo_config(paths, reward_model_dir, tmp_path / "run", num_iterations=2))
+def test_grpo_packed_logprobs_rewards_loss_and_gradients_equal_padded(tiny_paths, reward_model_dir, tmp_path):
+    trainer = GRPOTrainer(grpo_config(tiny_paths, reward_model_dir, tmp_path / "run", num_iterations=2))
     [batch], _ = trainer.make_rollout()
     width = batch.targets.shape[1]
     for row, keep in ((0, 2), (4, 5), (7, 1), (11, width - 1)):  # completions ending early, as at EOS
@@ -216,7 +215,9 @@ def test_grpo_packed_logprobs_rewards_loss_and_gradients_equal_padded(paths, rew
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_train_grpo_with_packing_ends_where_padded_training_ends(paths, reward_model_dir, tmp_path, monkeypatch):
+def test_train_grpo_with_packing_ends_where_padded_training_ends(
+    tiny_paths, reward_model_dir, tiny_period_id, tmp_path, monkeypatch
+):
     """Three steps, two updates per rollout (old log-probs), the reward model and a rule reward, reference KL;
     completions also stop at a period, so their lengths differ. A small lr: AdamW's first steps turn float32
     rounding of a gradient element near Adam's eps (|g| ~ 1e-8) into an update difference of up to ~0.1 lr."""
@@ -224,12 +225,12 @@ def test_train_grpo_with_packing_ends_where_padded_training_ends(paths, reward_m
 
     import aam_fast.stages.grpo.trainer
 
-    monkeypatch.setattr(aam_fast.stages.grpo.trainer, "eos_token_ids", lambda model, tokenizer: [2, PERIOD_ID])
+    monkeypatch.setattr(aam_fast.stages.grpo.trainer, "eos_token_ids", lambda model, tokenizer: [2, tiny_period_id])
     runs = {}
     for packing in (False, True):
         output = tmp_path / ("packed" if packing else "padded")
         settings = dict(packing=packing, max_steps=3, num_iterations=2, seed=1, lr=2e-5)
-        rows = train_grpo(grpo_config(paths, reward_model_dir, output, **settings))
+        rows = train_grpo(grpo_config(tiny_paths, reward_model_dir, output, **settings))
         completions = [json.loads(line) for line in (output / "completions.jsonl").read_text().splitlines()]
         runs[packing] = rows, completions, load_file(str(output / "model.safetensors"))
     (rows, completions, weights), (packed_rows, packed_completions, packed_weights) = runs[False], runs[True]
@@ -238,7 +239,7 @@ def test_train_grpo_with_packing_ends_where_padded_training_ends(paths, reward_m
     for row, packed_row in zip(rows, packed_rows, strict=True):
         for key in ("reward", "rewards/reward_model/mean", "loss", "kl", "entropy", "grad_norm"):
             assert packed_row[key] == pytest.approx(row[key], rel=1e-4, abs=1e-6), key
-    initial = load_file(paths["model"] + "/model.safetensors")
+    initial = load_file(tiny_paths["model"] + "/model.safetensors")
     assert max(float((weights[k] - initial[k]).abs().max()) for k in initial) > 5e-5, "the policy did not move"
     for name, value in weights.items():
         torch.testing.assert_close(packed_weights[name], value, rtol=0, atol=1e-5, msg=name)

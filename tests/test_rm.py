@@ -1,5 +1,6 @@
-"""The RM training stage on the real stories260k model and real hh-rlhf pairs: loss goes down, checkpoints load and
-resume exactly, failures stop cleanly, evaluation counts as RewardBench does."""
+"""The RM training stage on the tiny Llama and synthetic hh-rlhf style pairs built by the session (tests/conftest.py),
+and the short training run also on the real stories260k model and hh-rlhf pairs where the shared folder exists: loss
+goes down, checkpoints load and resume exactly, failures stop cleanly, evaluation counts as RewardBench does."""
 
 import json
 import shutil
@@ -36,10 +37,10 @@ TRL_KEYS = {
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def config(paths, output, **overrides):
+def config(tiny_paths, output, **overrides):
     values = dict(
-        model=paths["model"],
-        data=paths["hh"],
+        model=tiny_paths["model"],
+        data=tiny_paths["hh"],
         output=str(output),
         max_pairs=24,
         dev_fraction=0.0,
@@ -64,12 +65,18 @@ def train_rows(output):
     return [r for r in read_metrics(output) if "loss" in r]
 
 
-def test_short_training_lowers_the_loss_and_leaves_loadable_checkpoints(paths, tmp_path):
+@pytest.fixture(params=["tiny", "real"])
+def any_paths(request):
+    """The tiny session model and data, then the real stories260k and hh-rlhf pairs (skipped without them)."""
+    return request.getfixturevalue(f"{request.param}_paths")
+
+
+def test_short_training_lowers_the_loss_and_leaves_loadable_checkpoints(any_paths, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "run"
     summary = train_reward_model(
-        config(paths, out, max_pairs=40, dev_fraction=0.2, max_steps=32, save_every=16, eval_every=16)
+        config(any_paths, out, max_pairs=40, dev_fraction=0.2, max_steps=32, save_every=16, eval_every=16)
     )
     rows = train_rows(out)
     assert [r["step"] for r in rows] == list(range(1, 33))
@@ -97,15 +104,15 @@ def test_short_training_lowers_the_loss_and_leaves_loadable_checkpoints(paths, t
     ],
     ids=["full-accum", "top2-cached"],
 )
-def test_resume_continues_the_identical_loss_curve(paths, tmp_path, overrides):
+def test_resume_continues_the_identical_loss_curve(tiny_paths, tmp_path, overrides):
     settings = {"max_steps": 6, "save_every": 3, "keep_checkpoints": 5, **overrides}
     full = tmp_path / "full"
-    train_reward_model(config(paths, full, **settings))
+    train_reward_model(config(tiny_paths, full, **settings))
     checkpoints = list_checkpoints(full / "checkpoints")
     assert checkpoints, "no checkpoint written"
     resumed = tmp_path / "resumed"
     shutil.copytree(checkpoints[0], resumed / "checkpoints" / checkpoints[0].name)
-    train_reward_model(config(paths, resumed, resume="auto", **settings))
+    train_reward_model(config(tiny_paths, resumed, resume="auto", **settings))
     start = int(checkpoints[0].name.split("-")[1])
     expected = [r for r in train_rows(full) if r["step"] > start]
     assert expected and train_rows(resumed) == expected  # every metric of every later step, exactly
@@ -135,11 +142,11 @@ class _NaNAtCall:
         return forward
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(paths, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_paths, tmp_path, monkeypatch):
     monkeypatch.setattr(rm, "AAMLoss", _NaNAtCall(3))
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"non-finite loss \(nan\) at step 3\b.*checkpoint-2"):
-        train_reward_model(config(paths, out, max_steps=5, save_every=1, keep_checkpoints=5))
+        train_reward_model(config(tiny_paths, out, max_steps=5, save_every=1, keep_checkpoints=5))
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]
     assert [r["step"] for r in train_rows(out)] == [1, 2]
     from aam_fast.modeling import load_reward_model
@@ -147,7 +154,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(paths
     load_reward_model(out / "checkpoints" / "checkpoint-2")
 
 
-def test_a_crash_while_saving_leaves_the_previous_checkpoint(paths, tmp_path, monkeypatch):
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tiny_paths, tmp_path, monkeypatch):
     out = tmp_path / "run"
     real_save = rm.save_reward_model
     calls = {"n": 0}
@@ -162,16 +169,16 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(paths, tmp_path, mo
 
     monkeypatch.setattr(rm, "save_reward_model", crashing_save)
     with pytest.raises(KeyboardInterrupt):
-        train_reward_model(config(paths, out, max_steps=4, save_every=2))
+        train_reward_model(config(tiny_paths, out, max_steps=4, save_every=2))
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
     monkeypatch.setattr(rm, "save_reward_model", real_save)
-    summary = train_reward_model(config(paths, out, max_steps=4, save_every=2, resume="auto"))
+    summary = train_reward_model(config(tiny_paths, out, max_steps=4, save_every=2, resume="auto"))
     assert summary["steps"] == 4 and [r["step"] for r in train_rows(out)] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("margin", ["bt", "fixed", "ld", "pr"])
-def test_every_margin_trains(paths, tmp_path, margin):
-    pairs = load_preferences(paths["hh"], limit=8).pairs
+def test_every_margin_trains(tiny_paths, tmp_path, margin):
+    pairs = load_preferences(tiny_paths["hh"], limit=8).pairs
     data = tmp_path / "pairs.jsonl"
     with data.open("w") as handle:
         for i, pair in enumerate(pairs):
@@ -179,7 +186,7 @@ def test_every_margin_trains(paths, tmp_path, margin):
             handle.write(json.dumps(record) + "\n")
     extra = {"sft_weight": 0.1} if margin == "pr" else {}
     out = tmp_path / margin
-    train_reward_model(config(paths, out, data=str(data), margin=margin, max_steps=2, **extra))
+    train_reward_model(config(tiny_paths, out, data=str(data), margin=margin, max_steps=2, **extra))
     rows = train_rows(out)
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     if margin == "bt":
@@ -191,13 +198,13 @@ def test_every_margin_trains(paths, tmp_path, margin):
         assert rows[1]["aam_margin/std"] > 0
 
 
-def test_config_errors(paths, tmp_path):
+def test_config_errors(tiny_paths, tmp_path):
     with pytest.raises(ValueError, match="--cache-trunk needs --trainable-layers"):
-        train_reward_model(config(paths, tmp_path, cache_trunk=True))
+        train_reward_model(config(tiny_paths, tmp_path, cache_trunk=True))
     with pytest.raises(ValueError, match="--margin fixed needs a 'margin' field.*#0"):
-        train_reward_model(config(paths, tmp_path, margin="fixed"))
+        train_reward_model(config(tiny_paths, tmp_path, margin="fixed"))
     with pytest.raises(ValueError, match="--margin must be one of"):
-        train_reward_model(config(paths, tmp_path, margin="huge"))
+        train_reward_model(config(tiny_paths, tmp_path, margin="huge"))
 
 
 def test_micro_batches_cover_each_epoch_once():
@@ -235,41 +242,41 @@ def test_pairwise_report_counts_ties_as_wrong():
     assert gap["min"] == -1.0 and gap["max"] == 1.0 and gap["median"] == pytest.approx(0.05)
 
 
-def test_a_bad_model_path_is_one_clear_error(paths, tmp_path):
+def test_a_bad_model_path_is_one_clear_error(tiny_paths, tmp_path):
     with pytest.raises(ValueError, match=r"model /nonexistent/model: no such folder"):
-        train_reward_model(config(paths, tmp_path / "a", model="/nonexistent/model"))
+        train_reward_model(config(tiny_paths, tmp_path / "a", model="/nonexistent/model"))
     with pytest.raises(ValueError, match=r"exceeds the model's 512 positions"):
-        train_reward_model(config(paths, tmp_path / "b", max_length=100_000))
+        train_reward_model(config(tiny_paths, tmp_path / "b", max_length=100_000))
 
 
-def test_output_that_would_lose_data_is_refused(paths, tmp_path):
+def test_output_that_would_lose_data_is_refused(tiny_paths, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file, not a folder"):
-        train_reward_model(config(paths, tmp_path / "file"))
+        train_reward_model(config(tiny_paths, tmp_path / "file"))
     with pytest.raises(ValueError, match="is the --model folder"):
-        train_reward_model(config(paths, paths["model"]))
+        train_reward_model(config(tiny_paths, tiny_paths["model"]))
     out = tmp_path / "run"
-    train_reward_model(config(paths, out, max_steps=2, save_every=1))
+    train_reward_model(config(tiny_paths, out, max_steps=2, save_every=1))
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
-        train_reward_model(config(paths, out, max_steps=2, save_every=1, seed=1))
+        train_reward_model(config(tiny_paths, out, max_steps=2, save_every=1, seed=1))
     (out / "checkpoints" / ".tmp-checkpoint-9").mkdir()  # a crashed save's leftovers
-    summary = train_reward_model(config(paths, out, max_steps=2, save_every=1, seed=1, overwrite=True))
+    summary = train_reward_model(config(tiny_paths, out, max_steps=2, save_every=1, seed=1, overwrite=True))
     assert summary["steps"] == 2 and not (out / "checkpoints" / ".tmp-checkpoint-9").exists()
     assert [r["step"] for r in train_rows(out)] == [1, 2]
 
 
-def test_resume_refuses_a_changed_run_and_warns_about_numerics(paths, tmp_path):
+def test_resume_refuses_a_changed_run_and_warns_about_numerics(tiny_paths, tmp_path):
     checkpoint = tmp_path / "checkpoint-2"
-    train_reward_model(config(paths, tmp_path / "first", max_steps=4, save_every=2))
+    train_reward_model(config(tiny_paths, tmp_path / "first", max_steps=4, save_every=2))
     shutil.copytree(tmp_path / "first" / "checkpoints" / "checkpoint-2", checkpoint)
     for change, flag in ((dict(lr=1e-2), "--lr"), (dict(margin="bt"), "--margin"), (dict(seed=3), "--seed")):
         with pytest.raises(ValueError, match=f"resuming would change the run: {flag} "):
-            train_reward_model(config(paths, tmp_path / "r", max_steps=4, resume=str(checkpoint), **change))
+            train_reward_model(config(tiny_paths, tmp_path / "r", max_steps=4, resume=str(checkpoint), **change))
     with pytest.warns(UserWarning, match="changed settings: backend 'auto' -> 'torch'"):
-        train_reward_model(config(paths, tmp_path / "r", max_steps=4, resume=str(checkpoint), backend="torch"))
+        train_reward_model(config(tiny_paths, tmp_path / "r", max_steps=4, resume=str(checkpoint), backend="torch"))
 
 
-def test_a_non_finite_gradient_is_never_applied_or_saved(paths, tmp_path, monkeypatch):
+def test_a_non_finite_gradient_is_never_applied_or_saved(tiny_paths, tmp_path, monkeypatch):
     real = torch.nn.utils.clip_grad_norm_
     calls = {"n": 0}
 
@@ -283,7 +290,7 @@ def test_a_non_finite_gradient_is_never_applied_or_saved(paths, tmp_path, monkey
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"non-finite gradient norm \(nan\) at step 3\b.*checkpoint-2"):
-        train_reward_model(config(paths, out, max_steps=5, save_every=1, keep_checkpoints=5))
+        train_reward_model(config(tiny_paths, out, max_steps=5, save_every=1, keep_checkpoints=5))
     from safetensors.torch import load_file
 
     for folder in list_checkpoints(out / "checkpoints"):
@@ -291,9 +298,9 @@ def test_a_non_finite_gradient_is_never_applied_or_saved(paths, tmp_path, monkey
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]
 
 
-def test_every_checkpoint_file_loads_without_unpickling(paths, tmp_path):
+def test_every_checkpoint_file_loads_without_unpickling(tiny_paths, tmp_path):
     out = tmp_path / "run"
-    train_reward_model(config(paths, out, max_steps=1, save_every=1))
+    train_reward_model(config(tiny_paths, out, max_steps=1, save_every=1))
     (folder,) = list_checkpoints(out / "checkpoints")
     for path in folder.iterdir():
         if path.suffix == ".pt":
@@ -304,23 +311,23 @@ def test_every_checkpoint_file_loads_without_unpickling(paths, tmp_path):
             assert path.suffix in (".safetensors", ".jinja", ".txt"), path.name
 
 
-def test_report_to_tensorboard_writes_the_step_metrics(paths, tmp_path):
+def test_report_to_tensorboard_writes_the_step_metrics(tiny_paths, tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is a dev extra")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    train_reward_model(config(paths, out, max_steps=2, report_to=["jsonl", "tensorboard"]))
+    train_reward_model(config(tiny_paths, out, max_steps=2, report_to=["jsonl", "tensorboard"]))
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2]
     assert [r["step"] for r in train_rows(out)] == [1, 2]
     only_tb = tmp_path / "tb"
-    train_reward_model(config(paths, only_tb, max_steps=1, report_to=["tensorboard"]))
+    train_reward_model(config(tiny_paths, only_tb, max_steps=1, report_to=["tensorboard"]))
     assert not (only_tb / "metrics.jsonl").exists() and (only_tb / "tensorboard").is_dir()
 
 
 @pytest.mark.parametrize("extra", [{}, {"trainable_layers": 2}], ids=["full", "top2"])
-def test_gradient_checkpointing_trains_the_same_weights(paths, tmp_path, extra, monkeypatch):
+def test_gradient_checkpointing_trains_the_same_weights(tiny_paths, tmp_path, extra, monkeypatch):
     from safetensors.torch import load_file
     from transformers.models.llama import modeling_llama
 
@@ -333,9 +340,9 @@ def test_gradient_checkpointing_trains_the_same_weights(paths, tmp_path, extra, 
 
     monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counted)  # inside the checkpointed layer
     plain, checkpointed = tmp_path / "plain", tmp_path / "gc"
-    train_reward_model(config(paths, plain, max_steps=2, dev_fraction=0.0, **extra))
+    train_reward_model(config(tiny_paths, plain, max_steps=2, dev_fraction=0.0, **extra))
     plain_calls, calls["n"] = calls["n"], 0
-    train_reward_model(config(paths, checkpointed, max_steps=2, gradient_checkpointing=True, **extra))
+    train_reward_model(config(tiny_paths, checkpointed, max_steps=2, gradient_checkpointing=True, **extra))
     assert calls["n"] > plain_calls  # the trained layers ran again in the backward
     assert train_rows(plain)[-1]["loss"] == pytest.approx(train_rows(checkpointed)[-1]["loss"], abs=1e-6)
     a, b = load_file(plain / "model.safetensors"), load_file(checkpointed / "model.safetensors")
@@ -343,7 +350,7 @@ def test_gradient_checkpointing_trains_the_same_weights(paths, tmp_path, extra, 
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_column_mapping_and_the_tokenisation_cache(paths, tmp_path, monkeypatch, capsys):
+def test_column_mapping_and_the_tokenisation_cache(tiny_paths, tmp_path, monkeypatch, capsys):
     """TRL-style data under other column names trains through --prompt-key/--chosen-key/--rejected-key; a second
     run and eval-rm reuse the cached tokenisation; an unused margin column is reported once."""
     import datasets
@@ -351,18 +358,18 @@ def test_column_mapping_and_the_tokenisation_cache(paths, tmp_path, monkeypatch,
     from aam_fast.stages.rm.evaluate import EvalConfig, evaluate_folder
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    pairs = load_preferences(paths["hh"], limit=12).pairs
+    pairs = load_preferences(tiny_paths["hh"], limit=12).pairs
     data = tmp_path / "renamed.jsonl"
     with data.open("w") as handle:
         for pair in pairs:
             record = {"question": pair.prompt, "good": pair.chosen, "bad": pair.rejected, "margin": 1.0}
             handle.write(json.dumps(record) + "\n")
     keys = dict(prompt_key="question", chosen_key="good", rejected_key="bad")
-    first = train_reward_model(config(paths, tmp_path / "a", data=str(data), max_steps=2, **keys))
+    first = train_reward_model(config(tiny_paths, tmp_path / "a", data=str(data), max_steps=2, **keys))
     assert "ignored under margin='pr'" in capsys.readouterr().err
     cached = sorted((tmp_path / "cache").rglob("*.arrow"))
     assert cached, "no tokenisation cache written"
-    second = train_reward_model(config(paths, tmp_path / "b", data=str(data), max_steps=2, **keys))
+    second = train_reward_model(config(tiny_paths, tmp_path / "b", data=str(data), max_steps=2, **keys))
     assert sorted((tmp_path / "cache").rglob("*.arrow")) == cached  # reused, nothing new written
     assert first["final_train"]["loss"] == second["final_train"]["loss"]
     report = evaluate_folder(EvalConfig(model=str(tmp_path / "a"), data=str(data), progress=False, **keys))
