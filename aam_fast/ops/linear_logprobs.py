@@ -65,9 +65,12 @@ def logprob_forward(hidden2d, weight, bias, targets1d, params: LogprobParams):
     rows = valid_rows(targets1d, params.ignore_index)
     h = hidden2d if rows is None else hidden2d.index_select(0, rows)
     y = targets1d if rows is None else targets1d.index_select(0, rows)
-    lse, target_logit, mean_z = params.backend.forward(
-        h, weight, bias, y, inv_temperature=params.inv_temperature, with_entropy=params.with_entropy
-    )
+    if params.backend.name == "triton":  # the (hidden, weight, bias, targets, params) contract
+        lse, target_logit, mean_z = params.backend.forward(h, weight, bias, y, params)
+    else:
+        lse, target_logit, mean_z = params.backend.forward(
+            h, weight, bias, y, inv_temperature=params.inv_temperature, with_entropy=params.with_entropy
+        )
     # a backend may keep lse in float64 so that z_y − lse cancels exactly for near-certain tokens
     logp_rows = (target_logit.to(lse.dtype) - lse).float()
     entropy_rows = (lse - mean_z.to(lse.dtype)).float() if params.with_entropy else None
@@ -88,7 +91,25 @@ def logprob_backward(hidden2d, weight, bias, targets1d, saved, grad_logp, grad_e
         grad_entropy = None if grad_entropy is None else grad_entropy.index_select(0, rows)
     else:
         hidden_rows = hidden2d
-    d_hidden_rows, d_weight, d_bias = params.backend.backward(
+    if params.backend.name == "triton":  # the (..., params, needs) contract
+        d_hidden_rows, d_weight, d_bias = params.backend.backward(
+            hidden_rows, weight, bias, targets1d, lse, mean_z, grad_logp, grad_entropy, params, tuple(needs)
+        )
+    else:
+        d_hidden_rows, d_weight, d_bias = _legacy_backward(
+            params, hidden_rows, weight, bias, targets1d, lse, mean_z, grad_logp, grad_entropy, needs
+        )
+    d_hidden = d_hidden_rows
+    if d_hidden_rows is not None and rows is not None:
+        d_hidden = d_hidden_rows.new_zeros(hidden2d.shape).index_copy_(0, rows, d_hidden_rows)
+    d_weight = None if d_weight is None else d_weight.to(weight.dtype)
+    d_bias = None if d_bias is None else d_bias.to(bias.dtype)
+    return d_hidden, d_weight, d_bias
+
+
+def _legacy_backward(params, hidden_rows, weight, bias, targets1d, lse, mean_z, grad_logp, grad_entropy, needs):
+    """The keyword-argument backward contract of the torch and native backends."""
+    return params.backend.backward(
         hidden_rows,
         weight,
         bias,
@@ -103,12 +124,6 @@ def logprob_backward(hidden2d, weight, bias, targets1d, saved, grad_logp, grad_e
         needs_bias_grad=needs[2],
         grad_filter_eps=params.grad_filter_eps,
     )
-    d_hidden = d_hidden_rows
-    if d_hidden_rows is not None and rows is not None:
-        d_hidden = d_hidden_rows.new_zeros(hidden2d.shape).index_copy_(0, rows, d_hidden_rows)
-    d_weight = None if d_weight is None else d_weight.to(weight.dtype)
-    d_bias = None if d_bias is None else d_bias.to(bias.dtype)
-    return d_hidden, d_weight, d_bias
 
 
 class LinearLogprobsFunction(torch.autograd.Function):

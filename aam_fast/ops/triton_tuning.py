@@ -32,6 +32,7 @@ class TileConfig:
     block_d: int
     num_warps: int
     num_stages: int
+    group_n: int = 8  # token blocks that run side by side over each vocab block (L2 reuse of the weight tiles)
 
 
 def running_in_interpreter() -> bool:
@@ -58,7 +59,23 @@ _CANDIDATES = {
     ("forward", "ieee"): [(64, 128, 16, 8, 3), (64, 64, 16, 8, 3)],
     ("backward", "ieee"): [(64, 64, 16, 8, 2), (32, 64, 16, 4, 2)],
 }
-_INTERPRETER_CONFIG = TileConfig(block_n=16, block_v=32, block_d=16, num_warps=4, num_stages=1)
+_INTERPRETER_CONFIG = TileConfig(block_n=16, block_v=32, block_d=16, num_warps=4, num_stages=1, group_n=2)
+
+
+# Per-SM limits of Hopper (sm_90): 64K 32-bit registers, 228 KiB of shared memory (1 KiB reserved per block).
+SM90_REGISTERS = 65536
+SM90_SHARED_PER_SM = 233472
+
+
+def programs_per_sm(config: TileConfig, element_size: int) -> int:
+    """How many programs of ``config`` one Hopper SM holds at once, from an estimate of their registers (the
+    float32 accumulator's share per thread plus ~64 for addresses and loop state, the measured sm_90 figure within
+    a few registers for the candidates) and shared memory (the pipelined operand tiles)."""
+    threads = 32 * config.num_warps
+    registers = min(255, config.block_n * config.block_v // threads + 64)
+    registers = -(-registers // 8) * 8  # allocated per thread in units of 8
+    shared = config.num_stages * (config.block_n + config.block_v) * config.block_d * element_size + 1024
+    return max(1, min(SM90_REGISTERS // (registers * threads), SM90_SHARED_PER_SM // shared))
 
 
 def shared_memory_bytes(device: torch.device) -> int:
