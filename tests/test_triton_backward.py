@@ -9,7 +9,7 @@ from reference import reference_logprobs, rel_err
 
 import aam_fast
 from aam_fast.ops import triton_backward, triton_forward
-from aam_fast.ops.triton_tuning import TileConfig, programs_per_sm
+from aam_fast.ops.triton_tuning import TileConfig
 
 
 def inputs(n, dim, vocab, *, seed, dtype=torch.float32, ignore_every=0):
@@ -122,19 +122,22 @@ def test_bad_chunk_budget_is_refused_by_name(monkeypatch):
 
 def test_chunk_rows_are_whole_token_blocks_within_the_budget(monkeypatch):
     monkeypatch.setenv(triton_backward.CHUNK_ENV, "1024")
-    rows = triton_backward.chunk_rows(8192, 128256, 2, 128)
-    assert rows == 4096 and rows * 128256 * 2 <= 1024 * 2**20
+    rows = triton_backward.chunk_rows(8192, 128256, 2, 128, weight_grad_bytes=4 * 128256 * 4096)
+    assert rows == 4096 and rows * 128256 * 2 <= 1024 * 2**20, "a set budget is a hard bound"
     assert triton_backward.chunk_rows(300, 128256, 2, 128) == 300
     monkeypatch.setenv(triton_backward.CHUNK_ENV, "1")
     assert triton_backward.chunk_rows(8192, 128256, 2, 128) == 128  # never below one token block
+    monkeypatch.delenv(triton_backward.CHUNK_ENV)
+    assert triton_backward.chunk_rows(8192, 128256, 2, 128) == 4096  # default 1024 MB
+    # with a weight gradient, the default grows to the float32 [V, D] accumulator: the main shape is one chunk
+    assert triton_backward.chunk_rows(8192, 128256, 2, 128, weight_grad_bytes=4 * 128256 * 4096) == 8192
 
 
 def test_vocab_split_fills_whole_waves_at_the_main_shape():
-    """N = 8192, V = 128256 with 128 x 128 tiles on 132 SMs x 2: the grid is within 3% of the work's lower bound
-    (token blocks x vocab tiles / slots), and a wave is one group of 8 token blocks."""
+    """N = 8192, V = 128256 with 128 x 128 tiles on 132 SMs (one program each): the grid is within 3% of the work's
+    lower bound (token blocks x vocab tiles / slots), and a wave is one group of 8 token blocks."""
     config = TileConfig(128, 128, 64, 8, 3, group_n=8)
-    slots = 132 * programs_per_sm(config, 2)
-    assert slots == 264
+    slots = 132 * config.programs_per_sm
     splits, per_split = triton_forward.vocab_split(8192, 128256, config, slots)
     token_blocks, vocab_tiles = 64, 1002
     tiles = per_split // 128

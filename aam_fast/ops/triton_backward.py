@@ -6,7 +6,8 @@ With ``z = (h W^T + b) * s`` (``s = inv_temperature``), ``p = exp(z - lse)``, up
     dL/dz = g * (onehot(y) - p) + e * p * (mean_z - z)
 
 (the entropy term from ``dH/dz_v = -p_v (z_v - mean_z)``). The tokens are processed in chunks of ``C`` rows, the
-largest whose ``[C, V]`` logits-gradient buffer fits ``AAM_FAST_TRITON_CHUNK_MB`` (default 1024 MB). Per chunk:
+largest whose ``[C, V]`` logits-gradient buffer fits ``AAM_FAST_TRITON_CHUNK_MB`` (default: 1024 MB or the size of a
+float32 ``[V, D]``, whichever is larger; see ``chunk_rows``). Per chunk:
 
 1. ``_dz_kernel`` recomputes every ``(token block, vocab block)`` logits tile (one product), applies the saved
    logsumexp and writes ``dZ = s * dL/dz`` in the input dtype into the buffer, plus float32 column sums per token
@@ -21,10 +22,10 @@ logits. float16 operands: ``dZ`` is stored divided by a power-of-two bound of it
 and the products multiply it back in their float32 epilogue (``alpha``).
 
 With gradient filtering (``grad_filter_eps > 0``) the kernel also flags each ``(token block, vocab block)`` tile
-that holds a probability ``>= eps``, a target, or a NaN; the vocab blocks unflagged over the whole chunk are
-dropped from both products (their ``dZ`` entries are each below ``eps * (|g| + |e| (H + 1)) * s``). On GPU tiles
-(a chunk of thousands of tokens x 128 columns) only a vocabulary that no token of the chunk finds likely is
-skipped: the rare-token tail of a trained model's head, never a random head's (see the README).
+that holds a probability ``>= eps`` or a NaN; the vocab blocks unflagged over the whole chunk and holding none of
+its targets are dropped from both products (their ``dZ`` entries are each below ``eps * (|g| + |e| (H + 1)) * s``).
+On GPU tiles (a chunk of thousands of tokens x 128 columns) only a vocabulary that no token of the chunk finds
+likely is skipped: a rare-token tail, never any block of a head without one (see the README).
 """
 
 from __future__ import annotations
@@ -144,21 +145,95 @@ def _dz_kernel(
     if COMPUTE_DB:
         tl.store(bias_part_ptr + pid_n.to(tl.int64) * vocab + cols64, tl.sum(dz, axis=0), mask=col_mask)
     if FILTER:
-        # keep: p >= eps, the target, or NaN (p != p), which must reach the gradients
-        need = (p >= filter_eps) | (p != p)
-        if HAS_GRAD_LOGP:
-            need = need | is_target
-        need = need & tile_mask
-        flag = tl.max(tl.max(need.to(tl.int32), axis=1), axis=0)
+        # keep where p >= eps or p is NaN (which must reach the gradients): not (p < eps). Masked lanes hold p = 0;
+        # the blocks holding a target are kept by the caller.
+        flag = tl.max(tl.max(tl.where(p < filter_eps, 0, 1), axis=1), axis=0)
         tl.store(keep_ptr + pid_n * num_pid_v + pid_v, flag.to(tl.int8))
 
 
-def chunk_rows(n_rows: int, vocab: int, element_size: int, granule: int) -> int:
-    """Rows per chunk: the most whose ``[rows, V]`` dZ buffer fits ``AAM_FAST_TRITON_CHUNK_MB``, a multiple of
-    ``granule`` (the kernel's token block) and at least one granule; ``n_rows`` when everything fits."""
+def dz_launch(
+    hidden,
+    weight,
+    bias,
+    targets,
+    lse,
+    mean_z,
+    grad_logp,
+    grad_entropy,
+    dz,
+    inv_temperature: float,
+    dz_scale: float,
+    filter_eps: float,
+    compute_db: bool,
+    config: TileConfig,
+):
+    """``(grid, args, kwargs)`` of one ``_dz_kernel`` launch over a chunk (all tensors already sliced to it; the
+    per-row vectors contiguous float32, ``mean_z`` / ``grad_logp`` / ``grad_entropy`` None when absent). Allocates
+    the bias column-sum partials (``args[9]``) and the filter flags (``args[10]``). ``bench.sm90_resources``
+    compiles this very call on meta tensors."""
+    rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    num_pid_n = triton.cdiv(rows, config.block_n)
+    num_pid_v = triton.cdiv(vocab, config.block_v)
+    filtering = filter_eps > 0.0
+    bias_part = torch.empty(num_pid_n, vocab, dtype=torch.float32, device=device) if compute_db else lse
+    keep = torch.empty(num_pid_n, num_pid_v, dtype=torch.int8, device=device) if filtering else lse
+    has_bias = bias is not None
+    args = (
+        hidden,
+        weight,
+        bias if has_bias else lse,
+        targets,
+        lse,
+        mean_z if mean_z is not None else lse,
+        grad_logp if grad_logp is not None else lse,
+        grad_entropy if grad_entropy is not None else lse,
+        dz,
+        bias_part,
+        keep,
+        rows,
+        vocab,
+        dim,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        bias.stride(0) if has_bias else 0,
+        dz.stride(0),
+        float(inv_temperature),
+        float(dz_scale),
+        float(filter_eps),
+    )
+    kwargs = dict(
+        HAS_BIAS=has_bias,
+        HAS_GRAD_LOGP=grad_logp is not None,
+        WITH_ENTROPY=grad_entropy is not None,
+        COMPUTE_DB=compute_db,
+        FILTER=filtering,
+        GROUP_N=config.group_n,
+        BLOCK_N=config.block_n,
+        BLOCK_V=config.block_v,
+        BLOCK_D=config.block_d,
+        DOT_PRECISION=dot_precision(hidden.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return (num_pid_n * num_pid_v,), args, kwargs
+
+
+def chunk_rows(n_rows: int, vocab: int, element_size: int, granule: int, weight_grad_bytes: int = 0) -> int:
+    """Rows per chunk: the most whose ``[rows, V]`` dZ buffer fits the budget, a multiple of ``granule`` (the
+    kernel's token block) and at least one granule; ``n_rows`` when everything fits.
+
+    The budget is ``AAM_FAST_TRITON_CHUNK_MB`` when set, else the larger of 1024 MB and ``weight_grad_bytes`` (the
+    float32 ``[V, D]`` weight gradient that a chunked 16-bit backward accumulates into): a dZ buffer that size
+    adds no more to the peak than that accumulator and its cast do, and one chunk writes d_weight directly in the
+    input dtype (at N=8192, D=4096, V=128256 in bfloat16: one chunk, 2.1 GB of dZ).
+    """
     raw = os.environ.get(CHUNK_ENV, "")
     try:
-        budget_mb = float(raw) if raw else DEFAULT_CHUNK_MB
+        budget_mb = float(raw) if raw else max(DEFAULT_CHUNK_MB, weight_grad_bytes / 2**20)
     except ValueError:
         budget_mb = float("nan")
     if not (budget_mb > 0 and math.isfinite(budget_mb)):
@@ -233,7 +308,9 @@ def triton_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_
         dz_scale = _fp16_dz_scale(grad_logp, grad_entropy, vocab, inv_temperature)
 
     configs = choose_tile_configs(n_rows, hidden.dtype, device, backward=True)
-    rows_per_chunk = chunk_rows(n_rows, vocab, hidden.element_size(), max(c.block_n for c in configs))
+    weight_grad_bytes = 4 * vocab * dim if needs_weight and hidden.element_size() < 4 else 0
+    granule = max(c.block_n for c in configs)
+    rows_per_chunk = chunk_rows(n_rows, vocab, hidden.element_size(), granule, weight_grad_bytes)
     single_chunk = rows_per_chunk >= n_rows
     padded_vocab = triton.cdiv(vocab, 8) * 8  # 16-byte aligned rows for cuBLAS
     dz_buf = torch.empty(rows_per_chunk, padded_vocab, dtype=hidden.dtype, device=device)
@@ -248,6 +325,7 @@ def triton_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_
     stats = {"blocks": 0, "skipped": 0}
     flags = (has_bias, grad_logp is not None, grad_entropy is not None, compute_db, filtering)
 
+    per_row = (mean_z, grad_logp, grad_entropy)
     for r0 in range(0, n_rows, rows_per_chunk):
         r1 = min(n_rows, r0 + rows_per_chunk)
         rows = r1 - r0
@@ -255,49 +333,13 @@ def triton_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_
         dz = dz_buf[:rows, :vocab]
         extras = {}
 
-        def launch(config: TileConfig, h=h, dz=dz, r0=r0, r1=r1, rows=rows, extras=extras) -> None:
-            num_pid_n = triton.cdiv(rows, config.block_n)
-            num_pid_v = triton.cdiv(vocab, config.block_v)
-            bias_part = torch.empty(num_pid_n, vocab, dtype=torch.float32, device=device) if compute_db else lse
-            keep = torch.empty(num_pid_n, num_pid_v, dtype=torch.int8, device=device) if filtering else lse
-            extras.update(bias_part=bias_part, keep=keep, block_v=config.block_v)
-            _dz_kernel[(num_pid_n * num_pid_v,)](
-                h,
-                weight,
-                bias if has_bias else lse,
-                targets[r0:r1],
-                lse[r0:r1],
-                mean_z[r0:r1] if mean_z is not None else lse,
-                grad_logp[r0:r1] if grad_logp is not None else lse,
-                grad_entropy[r0:r1] if grad_entropy is not None else lse,
-                dz,
-                bias_part,
-                keep,
-                rows,
-                vocab,
-                dim,
-                h.stride(0),
-                h.stride(1),
-                weight.stride(0),
-                weight.stride(1),
-                bias.stride(0) if has_bias else 0,
-                dz.stride(0),
-                inv_temperature,
-                1.0 / dz_scale,
-                eps,
-                HAS_BIAS=has_bias,
-                HAS_GRAD_LOGP=grad_logp is not None,
-                WITH_ENTROPY=grad_entropy is not None,
-                COMPUTE_DB=compute_db,
-                FILTER=filtering,
-                GROUP_N=config.group_n,
-                BLOCK_N=config.block_n,
-                BLOCK_V=config.block_v,
-                BLOCK_D=config.block_d,
-                DOT_PRECISION=dot_precision(hidden.dtype),
-                num_warps=config.num_warps,
-                num_stages=config.num_stages,
+        def launch(config: TileConfig, r0=r0, r1=r1, dz=dz, extras=extras) -> None:
+            vectors = (targets[r0:r1], lse[r0:r1]) + tuple(None if t is None else t[r0:r1] for t in per_row)
+            grid, args, kwargs = dz_launch(
+                hidden[r0:r1], weight, bias, *vectors, dz, inv_temperature, 1.0 / dz_scale, eps, compute_db, config
             )
+            extras.update(bias_part=args[9], keep=args[10], block_v=config.block_v)
+            _dz_kernel[grid](*args, **kwargs)
 
         with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
             key = tuning_key("dz", device, hidden.dtype, rows, dim, vocab, *flags)
@@ -309,6 +351,8 @@ def triton_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_
         if filtering:
             block_v = extras["block_v"]
             kept_blocks = extras["keep"].amax(dim=0).bool()
+            if grad_logp is not None:  # the target's entry g·(1 − p) is never small
+                kept_blocks[targets[r0:r1] // block_v] = True
             stats["blocks"] += kept_blocks.numel()
             skipped = kept_blocks.numel() - int(kept_blocks.sum())
             stats["skipped"] += skipped

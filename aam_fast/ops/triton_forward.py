@@ -26,7 +26,6 @@ from .triton_tuning import (
     autotune_enabled,
     choose_tile_configs,
     dot_precision,
-    programs_per_sm,
     running_in_interpreter,
     tuned_launch,
     tuning_key,
@@ -36,8 +35,14 @@ from .triton_tuning import (
 NEG_LARGE: tl.constexpr = tl.constexpr(-1.0e30)
 
 
+H100_SMS = 132  # what ``multiprocessor_count`` assumes for meta tensors (the offline sm_90 check)
+
+
 def multiprocessor_count(device: torch.device) -> int:
-    """Number of SMs of ``device``; a small stand-in off CUDA so the interpreter exercises several splits."""
+    """Number of SMs of ``device``; an H100/H200's for meta tensors; a small stand-in on CPU so the interpreter
+    exercises several splits."""
+    if device.type == "meta":
+        return H100_SMS
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2
@@ -254,6 +259,51 @@ def _launch_target_logit(hidden, weight, bias, targets, inv_temperature: float) 
     return out
 
 
+def lse_partials_launch(hidden, weight, bias, inv_temperature: float, with_entropy: bool, config: TileConfig):
+    """``(grid, args, kwargs)`` of the ``_lse_partials_kernel`` launch for these inputs and ``config``; it allocates
+    the ``[splits, N]`` partials (``args[3:6]``). ``bench.sm90_resources`` compiles the very same call on meta
+    tensors, so the sm_90 check sees the launch's real specialisation (divisibility by 16, unit strides)."""
+    n_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    slots = multiprocessor_count(hidden.device) * config.programs_per_sm
+    splits, vocab_per_split = vocab_split(n_rows, vocab, config, slots)
+    part_max = torch.empty(splits, n_rows, dtype=torch.float32, device=hidden.device)
+    part_sumexp = torch.empty_like(part_max)
+    part_pz = torch.empty_like(part_max) if with_entropy else part_max
+    has_bias = bias is not None
+    args = (
+        hidden,
+        weight,
+        bias if has_bias else hidden,
+        part_max,
+        part_sumexp,
+        part_pz,
+        n_rows,
+        vocab,
+        dim,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        bias.stride(0) if has_bias else 0,
+        float(inv_temperature),
+        vocab_per_split,
+        splits,
+    )
+    kwargs = dict(
+        HAS_BIAS=has_bias,
+        WITH_ENTROPY=with_entropy,
+        GROUP_N=config.group_n,
+        BLOCK_N=config.block_n,
+        BLOCK_V=config.block_v,
+        BLOCK_D=config.block_d,
+        DOT_PRECISION=dot_precision(hidden.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return (triton.cdiv(n_rows, config.block_n) * splits,), args, kwargs
+
+
 def triton_forward(hidden, weight, bias, targets, params):
     """Fused forward. hidden [N, D] and weight [V, D] (same dtype, any strides), bias [V] or None, targets [N]
     int64 in [0, V), ``params`` a ``LogprobParams`` (``inv_temperature``, ``with_entropy`` are read).
@@ -272,40 +322,9 @@ def triton_forward(hidden, weight, bias, targets, params):
     has_bias = bias is not None
 
     def launch(config: TileConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        slots = multiprocessor_count(device) * programs_per_sm(config, hidden.element_size())
-        splits, vocab_per_split = vocab_split(n_rows, vocab, config, slots)
-        part_max = torch.empty(splits, n_rows, dtype=torch.float32, device=device)
-        part_sumexp = torch.empty_like(part_max)
-        part_pz = torch.empty_like(part_max) if with_entropy else part_max
-        _lse_partials_kernel[(triton.cdiv(n_rows, config.block_n) * splits,)](
-            hidden,
-            weight,
-            bias if has_bias else hidden,
-            part_max,
-            part_sumexp,
-            part_pz,
-            n_rows,
-            vocab,
-            dim,
-            hidden.stride(0),
-            hidden.stride(1),
-            weight.stride(0),
-            weight.stride(1),
-            bias.stride(0) if has_bias else 0,
-            float(inv_temperature),
-            vocab_per_split,
-            splits,
-            HAS_BIAS=has_bias,
-            WITH_ENTROPY=with_entropy,
-            GROUP_N=config.group_n,
-            BLOCK_N=config.block_n,
-            BLOCK_V=config.block_v,
-            BLOCK_D=config.block_d,
-            DOT_PRECISION=dot_precision(hidden.dtype),
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-        )
-        return part_max, part_sumexp, part_pz
+        grid, args, kwargs = lse_partials_launch(hidden, weight, bias, inv_temperature, with_entropy, config)
+        _lse_partials_kernel[grid](*args, **kwargs)
+        return args[3], args[4], args[5]
 
     configs = choose_tile_configs(n_rows, hidden.dtype, device, backward=False)
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
