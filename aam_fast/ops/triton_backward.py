@@ -257,17 +257,30 @@ def _fp16_dz_scale(grad_logp, grad_entropy, vocab: int, inv_temperature: float) 
     return 2.0 ** math.ceil(math.log2(value))
 
 
+_FLOAT32_OUT_PRODUCTS = {"cuda": True}  # False once this torch refused `addmm(..., out_dtype=float32)`
+
+
 def _mm_into(out, a, b, alpha: float, accumulate: bool) -> None:
     """``out = alpha * a @ b`` (``accumulate``: ``out += ...``). A float32 ``out`` with 16-bit ``a``, ``b`` is
-    accumulated by cuBLAS in its float32 epilogue (``out_dtype``) where torch offers that, else via float32 copies
-    (CPU)."""
+    accumulated by cuBLAS in its float32 epilogue (``addmm(..., out_dtype=float32)``); a torch without that rounds
+    each chunk's product to the input dtype before adding it. On CPU, float32 copies of the operands."""
     beta = 1.0 if accumulate else 0.0
     if out.dtype == a.dtype:
         torch.addmm(out, a, b, beta=beta, alpha=alpha, out=out)
-    elif out.is_cuda:
-        torch.addmm(out, a, b, beta=beta, alpha=alpha, out_dtype=out.dtype, out=out)
-    else:
+    elif not out.is_cuda:
         torch.addmm(out, a.to(out.dtype), b.to(out.dtype), beta=beta, alpha=alpha, out=out)
+    else:
+        if _FLOAT32_OUT_PRODUCTS["cuda"]:
+            try:
+                torch.addmm(out, a, b, beta=beta, alpha=alpha, out_dtype=out.dtype, out=out)
+                return
+            except (TypeError, RuntimeError, NotImplementedError):
+                _FLOAT32_OUT_PRODUCTS["cuda"] = False
+        product = torch.mm(a, b)
+        if accumulate:
+            out.add_(product, alpha=alpha)
+        else:
+            torch.mul(product, alpha, out=out)
 
 
 def triton_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_entropy, params, needs):
