@@ -1,12 +1,21 @@
-"""Compile aam_fast's Triton kernels for Hopper (sm_90) on any machine, no GPU needed, and report what each
-config costs: registers per thread, stack bytes (register spills), shared memory.
+"""Compile aam_fast's Triton kernels for Hopper (sm_90) on any machine, no GPU needed, exactly as Triton's JIT
+specialises them at a given shape, and report what each config costs: registers per thread, stack bytes (register
+spills), shared memory, pipeline stages, and whether the PTX uses cp.async / TMA and wgmma.
 
-    python -m bench.sm90_resources            # every candidate config on an H100, every operand type
-    python -m bench.sm90_resources --check    # the same; exit 1 if one spills or exceeds shared memory
+    python -m bench.sm90_resources                 # every candidate config at the aligned, ragged, odd-d shapes
+    python -m bench.sm90_resources --check         # the same; exit 1 if one spills or exceeds shared memory
+    python -m bench.sm90_resources --dtypes bf16   # only some operand types (bf16, fp16, fp32, tf32)
 
-Triton compiles to a cubin offline with its bundled ptxas; `cuobjdump -res-usage` reads the resources back. The
-tests use `kernel_resources` to hold every config the launchers can pick (and every autotuning candidate) to
-no spills and the H100's shared memory. Run it without TRITON_INTERPRET (the interpreter replaces `triton.jit`).
+The launchers build their arguments in `lse_partials_launch` / `dz_launch`; this script calls those same builders
+on meta tensors (no memory) of the main shape, then runs Triton's own JIT binder on the result, so the compiled
+variant carries what the runtime's would: pointers and integers divisible by 16 marked so (vectorised loads,
+cp.async pipelining), unit strides folded in as constants. "aligned" is N=8192, D=4096, V=128256 (every size a
+multiple of 16); "ragged" is N=8191, V=128257 with D=4096 (what a batch with ignored tokens gives: the sizes are
+bounds, the strides stay aligned); "odd-d" is D=4093 too, where Triton compiles the unspecialised variant (no
+hidden size of a real model is odd). `--check` also holds each candidate's programs-per-SM figure (which sizes
+the forward's waves) to what its registers and shared memory allow.
+Triton compiles to a cubin with its bundled ptxas; `cuobjdump -res-usage` reads the resources back. Run it without
+TRITON_INTERPRET (the interpreter replaces `triton.jit`).
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ from pathlib import Path
 import torch
 
 H100_SHARED_MEMORY = 232448  # opt-in bytes per block on sm_90 (227 KiB)
-TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
+SHAPES = {"aligned": (8192, 4096, 128256), "ragged": (8191, 4096, 128257), "odd-d": (8191, 4093, 128257)}
+HELD_SHAPES = ("aligned", "ragged")  # `--check` holds these; odd-d (no real model has an odd D) is reported only
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,9 @@ class Resources:
     registers: int
     stack: int  # bytes of local stack per thread: > 0 means spilled registers
     shared: int  # bytes of shared memory per block
+    stages: int  # the num_stages the kernel was compiled with
+    async_copy: bool  # cp.async or TMA (cp.async.bulk) loads in the PTX: the software pipeline is there
+    wgmma: bool  # Hopper's asynchronous warpgroup MMA
 
 
 def _tool(name: str) -> Path:
@@ -41,26 +55,25 @@ def _tool(name: str) -> Path:
     return path
 
 
-def _signature(fn, pointer_types: dict[str, str], constexprs: dict) -> dict[str, str]:
-    """Triton type of every argument: pointers as given, constexprs, floats for the scalars named so, else i32."""
-    floats = {"inv_temperature", "filter_eps"}
-    return {
-        name: pointer_types.get(name) or ("constexpr" if name in constexprs else "fp32" if name in floats else "i32")
-        for name in fn.arg_names
-    }
-
-
-def kernel_resources(fn, pointer_types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int) -> Resources:
-    """Compile `fn` (a `triton.jit` function) for sm_90 with these constexprs and read its resource usage."""
+def jit_compile_sm90(fn, args: tuple, kwargs: dict):
+    """Compile `fn[grid](*args, **kwargs)` for sm_90 the way Triton's JIT does on a device: its own binder
+    specialises the arguments (divisibility by 16, integers equal to 1 as constants), then `triton.compile`."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    signature = _signature(fn, pointer_types, constexprs)
-    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
-    )
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def launch_resources(fn, args: tuple, kwargs: dict) -> Resources:
+    """Resources of the sm_90 cubin that the launch `fn[grid](*args, **kwargs)` would compile to."""
+    kernel = jit_compile_sm90(fn, args, kwargs)
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "kernel.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -71,103 +84,125 @@ def kernel_resources(fn, pointer_types: dict[str, str], constexprs: dict, num_wa
     if found is None:
         raise RuntimeError(f"cuobjdump printed no resource line for {fn.__name__}:\n{report}")
     registers, stack, static_shared = (int(x) for x in found.groups())
-    # Triton's shared memory is dynamic (metadata.shared); the cubin's SHARED is the static part.
-    return Resources(registers, stack, max(static_shared, int(kernel.metadata.shared)))
-
-
-def backward_pointer_types(dtype: torch.dtype) -> dict[str, str]:
-    element = "*" + TRITON_TYPE[dtype]
-    types = {name: "*fp32" for name in ("lse_ptr", "mean_z_ptr", "grad_logp_ptr", "grad_entropy_ptr")}
-    types |= {name: "*fp32" for name in ("d_hidden_ptr", "d_weight_ptr", "d_bias_ptr")}
-    return types | {"hidden_ptr": element, "weight_ptr": element, "bias_ptr": element, "targets_ptr": "*i64"}
-
-
-def forward_pointer_types(dtype: torch.dtype) -> dict[str, str]:
-    element = "*" + TRITON_TYPE[dtype]
-    parts = {name: "*fp32" for name in ("part_max_ptr", "part_sumexp_ptr", "part_pz_ptr")}
-    return parts | {"hidden_ptr": element, "weight_ptr": element, "bias_ptr": element}
-
-
-def tile_constexprs(config, dtype: torch.dtype) -> dict:
-    from aam_fast.ops.triton_tuning import dot_precision
-
-    return {
-        "BLOCK_N": config.block_n,
-        "BLOCK_V": config.block_v,
-        "BLOCK_D": config.block_d,
-        "DOT_PRECISION": dot_precision(dtype),
-    }
-
-
-def forward_resources(config, dtype: torch.dtype, *, with_entropy: bool = False, has_bias: bool = False):
-    from aam_fast.ops.triton_forward import _lse_partials_kernel
-
-    constexprs = {"HAS_BIAS": has_bias, "WITH_ENTROPY": with_entropy} | tile_constexprs(config, dtype)
-    return kernel_resources(
-        _lse_partials_kernel, forward_pointer_types(dtype), constexprs, config.num_warps, config.num_stages
+    ptx = kernel.asm["ptx"]
+    return Resources(
+        registers,
+        stack,
+        max(static_shared, int(kernel.metadata.shared)),  # Triton's shared memory is dynamic (metadata.shared)
+        int(kwargs.get("num_stages", 3)),
+        "cp.async" in ptx,
+        "wgmma" in ptx,
     )
 
 
-def backward_resources(
-    config,
-    dtype: torch.dtype,
-    *,
-    with_entropy: bool = False,
-    has_bias: bool = False,
-    grad_filter: bool = False,
-    compute_dh: bool = True,
-    compute_dw: bool = True,
-):
-    from aam_fast.ops.triton_backward import _backward_kernel
-
-    constexprs = {
-        "HAS_BIAS": has_bias,
-        "HAS_GRAD_LOGP": True,
-        "WITH_ENTROPY": with_entropy,
-        "COMPUTE_DH": compute_dh,
-        "COMPUTE_DW": compute_dw,
-        "COMPUTE_DB": has_bias,
-        "SCALE_DZ": dtype == torch.float16,
-        "FILTER": grad_filter,
-    } | tile_constexprs(config, dtype)
-    return kernel_resources(
-        _backward_kernel, backward_pointer_types(dtype), constexprs, config.num_warps, config.num_stages
-    )
+def meta_inputs(shape: tuple[int, int, int], dtype: torch.dtype, has_bias: bool):
+    """Meta tensors (shapes and strides, no memory) of one call: hidden [N, D], weight [V, D], bias, targets."""
+    n, d, v = shape
+    meta = torch.device("meta")
+    hidden = torch.empty(n, d, dtype=dtype, device=meta)
+    weight = torch.empty(v, d, dtype=dtype, device=meta)
+    bias = torch.empty(v, dtype=dtype, device=meta) if has_bias else None
+    return hidden, weight, bias, torch.empty(n, dtype=torch.long, device=meta)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if a config spills or overflows shared memory")
-    args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces triton.jit and cannot compile")
-    from aam_fast.ops.triton_tuning import candidate_configs
+def forward_resources(config, dtype, shape, *, with_entropy=False, has_bias=False) -> Resources:
+    from aam_fast.ops.triton_forward import _lse_partials_kernel, lse_partials_launch
 
-    failures = []
-    print("kernel    operands  variant          config (n, v, d, warps, stages)   regs  stack  shared")
-    for dtype, tf32 in ((torch.bfloat16, False), (torch.float16, False), (torch.float32, False), (torch.float32, True)):
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        operands = "tf32" if tf32 else TRITON_TYPE[dtype]
-        for backward in (False, True):
-            for config in candidate_configs(dtype, backward=backward, shared_memory=H100_SHARED_MEMORY):
-                for variant, flags in variants(backward):
-                    res = (backward_resources if backward else forward_resources)(config, dtype, **flags)
-                    shape = (config.block_n, config.block_v, config.block_d, config.num_warps, config.num_stages)
-                    print(
-                        f"{'backward' if backward else 'forward':9} {operands:9} {variant:16} "
-                        f"{str(shape):33} {res.registers:5} {res.stack:6} {res.shared:7}",
-                        flush=True,
-                    )
-                    if res.stack > 0 or res.shared > H100_SHARED_MEMORY:
-                        failures.append(f"{'backward' if backward else 'forward'} {operands} {variant} {shape}")
-    if args.check and failures:
-        raise SystemExit("spills or too much shared memory: " + "; ".join(failures))
+    hidden, weight, bias, _ = meta_inputs(shape, dtype, has_bias)
+    _, args, kwargs = lse_partials_launch(hidden, weight, bias, 1.0, with_entropy, config)
+    return launch_resources(_lse_partials_kernel, args, kwargs)
+
+
+def backward_resources(config, dtype, shape, *, with_entropy=False, has_bias=False, grad_filter=False) -> Resources:
+    """The dZ kernel of the first token chunk at `shape` (the chunk the default AAM_FAST_TRITON_CHUNK_MB gives)."""
+    import triton
+
+    from aam_fast.ops.triton_backward import _dz_kernel, chunk_rows, dz_launch
+
+    hidden, weight, bias, targets = meta_inputs(shape, dtype, has_bias)
+    n, _, v = shape
+    rows = chunk_rows(n, v, hidden.element_size(), config.block_n, 4 * v * shape[1])
+    vec = torch.empty(n, dtype=torch.float32, device="meta")
+    dz = torch.empty(rows, triton.cdiv(v, 8) * 8, dtype=dtype, device="meta")[:, :v]
+    _, args, kwargs = dz_launch(
+        hidden[:rows], weight, bias, targets[:rows], vec[:rows], vec[:rows] if with_entropy else None, vec[:rows],
+        vec[:rows] if with_entropy else None, dz, 1.0, 1.0, 2.0**-12 if grad_filter else 0.0, has_bias, config,
+    )  # fmt: skip
+    return launch_resources(_dz_kernel, args, kwargs)
 
 
 def variants(backward: bool) -> list[tuple[str, dict]]:
     """The flag combinations worth compiling: plain, the heaviest (entropy, bias) and, backward, the filter."""
     found = [("plain", {}), ("entropy+bias", {"with_entropy": True, "has_bias": True})]
     return found + ([("filter", {"grad_filter": True})] if backward else [])
+
+
+def rows(dtype_names, shape_names):
+    """Yield `(kernel, operands, shape name, variant, config, Resources)` for every candidate config."""
+    from aam_fast.ops.triton_tuning import candidate_configs
+
+    for name in dtype_names:
+        dtype = DTYPES[name]
+        torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+        for backward in (False, True):
+            measure = backward_resources if backward else forward_resources
+            for config in candidate_configs(dtype, backward=backward, shared_memory=H100_SHARED_MEMORY):
+                for shape_name in shape_names:
+                    for variant, flags in variants(backward):
+                        res = measure(config, dtype, SHAPES[shape_name], **flags)
+                        yield "dz" if backward else "forward", name, shape_name, variant, config, res
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if a config spills or overflows shared memory")
+    parser.add_argument("--dtypes", default="bf16,fp16,fp32,tf32", help="comma-separated: bf16, fp16, fp32, tf32")
+    parser.add_argument("--shapes", default="aligned,ragged,odd-d", help="comma-separated: aligned, ragged, odd-d")
+    parser.add_argument("--variants", default="all", choices=("all", "plain"), help="flag combinations to compile")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces triton.jit and cannot compile")
+    import triton
+
+    dtype_names = [x for x in args.dtypes.split(",") if x]
+    shape_names = [x for x in args.shapes.split(",") if x]
+    for name in dtype_names + shape_names:
+        if name not in DTYPES and name not in SHAPES:
+            raise SystemExit(f"unknown --dtypes/--shapes entry {name!r}")
+    if args.variants == "plain":
+        global variants
+        full = variants
+        variants = lambda backward: full(backward)[:1]  # noqa: E731
+
+    print(f"triton {triton.__version__}, sm_90, {H100_SHARED_MEMORY} B shared memory per block")
+    print("kernel   operands shape      variant       config (n, v, d, warps, stages, group, per SM)  regs stack "
+          "shared async wgmma")  # fmt: skip
+    failures = []
+    for kernel, operands, shape_name, variant, config, res in rows(dtype_names, shape_names):
+        shape = (config.block_n, config.block_v, config.block_d, config.num_warps, config.num_stages, config.group_n,
+                 config.programs_per_sm)  # fmt: skip
+        print(
+            f"{kernel:8} {operands:8} {shape_name:10} {variant:13} {str(shape):47} {res.registers:4} {res.stack:5} "
+            f"{res.shared:6} {'yes' if res.async_copy else 'no':5} {'yes' if res.wgmma else 'no'}",
+            flush=True,
+        )
+        if shape_name in HELD_SHAPES and (res.stack > 0 or res.shared > H100_SHARED_MEMORY):
+            failures.append(f"{kernel} {operands} {shape_name} {variant} {shape}: spills or too much shared memory")
+        if shape_name in HELD_SHAPES and not fits_programs_per_sm(res, config):
+            failures.append(f"{kernel} {operands} {shape_name} {variant} {shape}: {config.programs_per_sm} per SM")
+    if args.check and failures:
+        raise SystemExit("failed: " + "; ".join(failures))
+
+
+def fits_programs_per_sm(res: Resources, config) -> bool:
+    """Whether `config.programs_per_sm` programs of these resources fit one sm_90 SM (registers are allocated per
+    warp in units of 256, i.e. per thread in units of 8)."""
+    from aam_fast.ops.triton_tuning import SM90_REGISTERS, SM90_SHARED_PER_SM
+
+    per_thread = -(-res.registers // 8) * 8
+    threads = 32 * config.num_warps
+    count = config.programs_per_sm
+    return count * per_thread * threads <= SM90_REGISTERS and count * (res.shared + 1024) <= SM90_SHARED_PER_SM
 
 
 if __name__ == "__main__":

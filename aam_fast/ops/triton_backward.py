@@ -1,21 +1,37 @@
-"""Triton backward of the fused linear log-prob op: recompute each logits tile, never store [N, V].
+"""Triton backward of the fused linear log-prob op: a fused logits-gradient kernel, then two cuBLAS products.
 
-With ``z = (h W^T + b) * inv_temperature``, ``p = exp(z - lse)``, upstream ``g = dL/d logp`` (``logp = z[y] - lse``)
-and ``e = dL/dH`` (``H = lse - mean_z``):
+With ``z = (h W^T + b) * s`` (``s = inv_temperature``), ``p = exp(z - lse)``, upstream ``g = dL/d logp``
+(``logp = z[y] - lse``) and ``e = dL/dH`` (``H = lse - mean_z``):
 
     dL/dz = g * (onehot(y) - p) + e * p * (mean_z - z)
 
-(the entropy term from ``dH/dz_v = -p_v (z_v - mean_z)``). Each program owns one (token block x vocab block) tile:
-it recomputes ``z``, forms ``dz = inv_temperature * dL/dz`` in float32, then walks D in chunks adding
-``dz @ W_tile`` into ``d_hidden`` rows and ``dz^T @ h_tile`` into ``d_weight`` rows with float32 atomics;
-``d_bias`` gets the column sums of ``dz``. With gradient filtering on, a tile whose probabilities are all below
-``filter_eps`` and which holds no target is skipped after its recompute (its ``dz`` entries are each at most
-``filter_eps`` times the row's upstream gradients): on a peaked softmax most tiles are, and their two products and
-atomics are saved.
+(the entropy term from ``dH/dz_v = -p_v (z_v - mean_z)``). The tokens are processed in chunks of ``C`` rows, the
+largest whose ``[C, V]`` logits-gradient buffer fits ``AAM_FAST_TRITON_CHUNK_MB`` (default: 1024 MB or the size of a
+float32 ``[V, D]``, whichever is larger; see ``chunk_rows``). Per chunk:
+
+1. ``_dz_kernel`` recomputes every ``(token block, vocab block)`` logits tile (one product), applies the saved
+   logsumexp and writes ``dZ = s * dL/dz`` in the input dtype into the buffer, plus float32 column sums per token
+   block for ``d_bias``. Its 1-D grid runs ``GROUP_N`` token blocks side by side over each vocab block, so a weight
+   tile is read from HBM once per group and the group's hidden rows stay in L2.
+2. ``d_hidden[chunk] = dZ W`` and ``d_weight (+)= dZ^T h[chunk]`` as two cuBLAS products (float32 accumulation of
+   ``d_weight`` across chunks; a single chunk writes it in the input dtype directly).
+
+Nothing is reduced with atomics, so two runs give bit-equal gradients. NaN or infinity anywhere in a row's logits
+propagates into that row's gradients and, through ``dZ^T h``, into ``d_weight``, exactly as with materialised
+logits. float16 operands: ``dZ`` is stored divided by a power-of-two bound of its magnitude (so it cannot overflow)
+and the products multiply it back in their float32 epilogue (``alpha``).
+
+With gradient filtering (``grad_filter_eps > 0``) the kernel also flags each ``(token block, vocab block)`` tile
+that holds a probability ``>= eps`` or a NaN; the vocab blocks unflagged over the whole chunk and holding none of
+its targets are dropped from both products (their ``dZ`` entries are each below ``eps * (|g| + |e| (H + 1)) * s``).
+On GPU tiles (a chunk of thousands of tokens x 128 columns) only a vocabulary that no token of the chunk finds
+likely is skipped: a rare-token tail, never any block of a head without one (see the README).
 """
 
 from __future__ import annotations
 
+import math
+import os
 from contextlib import nullcontext
 
 import torch
@@ -23,11 +39,25 @@ import triton
 import triton.language as tl
 
 from .triton_forward import logits_tile
-from .triton_tuning import TileConfig, autotune_enabled, choose_tile_configs, dot_precision, tuned_launch, tuning_key
+from .triton_tuning import (
+    TileConfig,
+    autotune_enabled,
+    choose_tile_configs,
+    dot_precision,
+    tuned_launch,
+    tuning_key,
+)
+
+CHUNK_ENV = "AAM_FAST_TRITON_CHUNK_MB"
+DEFAULT_CHUNK_MB = 1024.0
+
+# What the last filtered backward skipped: vocab blocks over all chunks, and how many there were (diagnostics for
+# the tests and the benchmarks; not part of the op's contract).
+last_filter_stats = {"blocks": 0, "skipped": 0}
 
 
 @triton.jit
-def _backward_kernel(
+def _dz_kernel(
     hidden_ptr,
     weight_ptr,
     bias_ptr,
@@ -36,9 +66,9 @@ def _backward_kernel(
     mean_z_ptr,
     grad_logp_ptr,
     grad_entropy_ptr,
-    d_hidden_ptr,
-    d_weight_ptr,
-    d_bias_ptr,
+    dz_ptr,
+    bias_part_ptr,
+    keep_ptr,
     n_rows,
     vocab,
     dim,
@@ -47,29 +77,35 @@ def _backward_kernel(
     stride_wv,
     stride_wd,
     stride_b,
-    stride_t,
-    stride_lse,
-    stride_mz,
-    stride_gl,
-    stride_ge,
+    stride_dz,
     inv_temperature,
+    dz_scale,
     filter_eps,
     HAS_BIAS: tl.constexpr,
     HAS_GRAD_LOGP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
-    COMPUTE_DH: tl.constexpr,
-    COMPUTE_DW: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
-    SCALE_DZ: tl.constexpr,
     FILTER: tl.constexpr,
+    GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One (token block, vocab block) tile: recompute z, form dz, atomically add its products into the grads."""
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    """One (token block, vocab block) tile of a chunk: recompute z, write dz * dz_scale in dz's dtype; column sums
+    of dz (float32) into ``bias_part[token block]``; with FILTER, whether the tile has anything to keep.
+
+    Per-row vectors (lse, mean_z, g, e, targets) are contiguous; the grid is 1-D, grouped by GROUP_N token blocks.
+    """
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(n_rows, BLOCK_N)
+    num_pid_v = tl.cdiv(vocab, BLOCK_V)
+    in_group = GROUP_N * num_pid_v
+    first_n = (pid // in_group) * GROUP_N
+    rows_in_group = tl.minimum(num_pid_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % in_group) % rows_in_group
+    pid_v = (pid % in_group) // rows_in_group
+
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < n_rows
@@ -77,88 +113,45 @@ def _backward_kernel(
     tile_mask = row_mask[:, None] & col_mask[None, :]
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
 
-    # Recompute the logits tile.
     acc = logits_tile(
         hidden_ptr, weight_ptr, bias_ptr, rows64, row_mask, cols64, col_mask, dim,
         stride_hn, stride_hd, stride_wv, stride_wd, stride_b,
         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
     )  # fmt: skip
     z = acc * inv_temperature
-
-    lse = tl.load(lse_ptr + rows64 * stride_lse, mask=row_mask, other=0.0)
-    # z <= lse holds exactly; the clamp keeps padded rows (lse read as 0) from overflowing exp.
-    p = tl.where(tile_mask, tl.exp(tl.minimum(z - lse[:, None], 0.0)), 0.0)
-
-    if HAS_GRAD_LOGP:
-        target = tl.load(targets_ptr + rows64 * stride_t, mask=row_mask, other=-1)
-        is_target = cols64[None, :] == target[:, None]
-    if FILTER:
-        kept = tl.max(tl.max(p, axis=1), axis=0) >= filter_eps
-        if HAS_GRAD_LOGP:
-            kept = kept | (tl.max(tl.max(tl.where(is_target & tile_mask, 1, 0), axis=1), axis=0) > 0)
-        if not kept:
-            return
+    lse = tl.load(lse_ptr + rows64, mask=row_mask, other=0.0)
+    # No clamp: a NaN logit (or lse) must give a NaN p, as a materialised softmax does. Masked lanes may overflow
+    # exp; `where` discards them.
+    p = tl.where(tile_mask, tl.exp(z - lse[:, None]), 0.0)
 
     dz = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     if HAS_GRAD_LOGP:
-        g = tl.load(grad_logp_ptr + rows64 * stride_gl, mask=row_mask, other=0.0)
+        target = tl.load(targets_ptr + rows64, mask=row_mask, other=-1)
+        is_target = cols64[None, :] == target[:, None]
+        g = tl.load(grad_logp_ptr + rows64, mask=row_mask, other=0.0)
         dz += g[:, None] * (tl.where(is_target, 1.0, 0.0) - p)
     if WITH_ENTROPY:
-        e = tl.load(grad_entropy_ptr + rows64 * stride_ge, mask=row_mask, other=0.0)
-        mean_z = tl.load(mean_z_ptr + rows64 * stride_mz, mask=row_mask, other=0.0)
+        e = tl.load(grad_entropy_ptr + rows64, mask=row_mask, other=0.0)
+        mean_z = tl.load(mean_z_ptr + rows64, mask=row_mask, other=0.0)
         dz += e[:, None] * p * (mean_z[:, None] - z)
     dz = tl.where(tile_mask, dz * inv_temperature, 0.0)
 
+    tl.store(
+        dz_ptr + rows64[:, None] * stride_dz + cols64[None, :],
+        (dz * dz_scale).to(dz_ptr.dtype.element_ty),
+        mask=tile_mask,
+    )
     if COMPUTE_DB:
-        tl.atomic_add(d_bias_ptr + cols64, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
-
-    if COMPUTE_DH or COMPUTE_DW:
-        if SCALE_DZ:
-            # float16 operands: divide the tile by its largest |dz| so the cast neither flushes small gradients to
-            # zero nor overflows large ones; the float32 products are scaled back.
-            tile_scale = tl.max(tl.max(tl.abs(dz), axis=1), axis=0)
-            tile_scale = tl.where(tile_scale > 0.0, tile_scale, 1.0)
-            dz_mm = (dz / tile_scale).to(hidden_ptr.dtype.element_ty)
-        else:
-            tile_scale = 1.0
-            dz_mm = dz.to(hidden_ptr.dtype.element_ty)
-        num_d_chunks = tl.cdiv(dim, BLOCK_D)
-        for chunk in range(0, num_d_chunks):
-            # Programs running side by side share a vocab block; rotating their D order by token block spreads
-            # their d_weight atomics over different addresses.
-            d64 = (((chunk + pid_n) % num_d_chunks) * BLOCK_D + offs_d).to(tl.int64)
-            d_mask = d64 < dim
-            if COMPUTE_DH:
-                w = tl.load(
-                    weight_ptr + cols64[:, None] * stride_wv + d64[None, :] * stride_wd,
-                    mask=col_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                )
-                d_h = tl.dot(dz_mm, w, input_precision=DOT_PRECISION) * tile_scale
-                tl.atomic_add(
-                    d_hidden_ptr + rows64[:, None] * dim + d64[None, :],
-                    d_h,
-                    mask=row_mask[:, None] & d_mask[None, :],
-                    sem="relaxed",
-                )
-            if COMPUTE_DW:
-                h = tl.load(
-                    hidden_ptr + rows64[:, None] * stride_hn + d64[None, :] * stride_hd,
-                    mask=row_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                )
-                d_w = tl.dot(tl.trans(dz_mm), h, input_precision=DOT_PRECISION) * tile_scale
-                tl.atomic_add(
-                    d_weight_ptr + cols64[:, None] * dim + d64[None, :],
-                    d_w,
-                    mask=col_mask[:, None] & d_mask[None, :],
-                    sem="relaxed",
-                )
+        tl.store(bias_part_ptr + pid_n.to(tl.int64) * vocab + cols64, tl.sum(dz, axis=0), mask=col_mask)
+    if FILTER:
+        # keep where p >= eps or p is NaN (which must reach the gradients): not (p < eps). Masked lanes hold p = 0;
+        # the blocks holding a target are kept by the caller.
+        flag = tl.max(tl.max(tl.where(p < filter_eps, 0, 1), axis=1), axis=0)
+        tl.store(keep_ptr + pid_n * num_pid_v + pid_v, flag.to(tl.int8))
 
 
-def triton_backward(
+def dz_launch(
     hidden,
     weight,
     bias,
@@ -167,93 +160,233 @@ def triton_backward(
     mean_z,
     grad_logp,
     grad_entropy,
-    params,
-    needs,
+    dz,
+    inv_temperature: float,
+    dz_scale: float,
+    filter_eps: float,
+    compute_db: bool,
+    config: TileConfig,
 ):
-    """Fused backward. Inputs as in ``triton_forward`` plus its saved ``lse`` and ``mean_z`` [N] float32 and the
-    upstream ``grad_logp`` (dL/d logp) and ``grad_entropy`` (dL/dH) [N] float32, any strides (expanded gradients with
-    stride 0 are fine); either gradient may be None, meaning zero.
+    """``(grid, args, kwargs)`` of one ``_dz_kernel`` launch over a chunk (all tensors already sliced to it; the
+    per-row vectors contiguous float32, ``mean_z`` / ``grad_logp`` / ``grad_entropy`` None when absent). Allocates
+    the bias column-sum partials (``args[9]``) and the filter flags (``args[10]``). ``bench.sm90_resources``
+    compiles this very call on meta tensors."""
+    rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    num_pid_n = triton.cdiv(rows, config.block_n)
+    num_pid_v = triton.cdiv(vocab, config.block_v)
+    filtering = filter_eps > 0.0
+    bias_part = torch.empty(num_pid_n, vocab, dtype=torch.float32, device=device) if compute_db else lse
+    keep = torch.empty(num_pid_n, num_pid_v, dtype=torch.int8, device=device) if filtering else lse
+    has_bias = bias is not None
+    args = (
+        hidden,
+        weight,
+        bias if has_bias else lse,
+        targets,
+        lse,
+        mean_z if mean_z is not None else lse,
+        grad_logp if grad_logp is not None else lse,
+        grad_entropy if grad_entropy is not None else lse,
+        dz,
+        bias_part,
+        keep,
+        rows,
+        vocab,
+        dim,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        bias.stride(0) if has_bias else 0,
+        dz.stride(0),
+        float(inv_temperature),
+        float(dz_scale),
+        float(filter_eps),
+    )
+    kwargs = dict(
+        HAS_BIAS=has_bias,
+        HAS_GRAD_LOGP=grad_logp is not None,
+        WITH_ENTROPY=grad_entropy is not None,
+        COMPUTE_DB=compute_db,
+        FILTER=filtering,
+        GROUP_N=config.group_n,
+        BLOCK_N=config.block_n,
+        BLOCK_V=config.block_v,
+        BLOCK_D=config.block_d,
+        DOT_PRECISION=dot_precision(hidden.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return (num_pid_n * num_pid_v,), args, kwargs
 
-    Returns ``(d_hidden [N, D] in hidden.dtype, d_weight [V, D] float32, d_bias [V] float32)``, each None when not
-    needed (``d_bias`` also when ``bias`` is None): ``d_hidden = inv_temperature * dz @ W``,
-    ``d_weight = inv_temperature * dz^T @ hidden``, ``d_bias = inv_temperature * dz.sum(0)`` with
-    ``dz = grad_logp * (onehot(y) - p) + grad_entropy * p * (mean_z - z)``. With ``grad_filter_eps > 0`` the tiles
-    whose ``p`` are all below it and that hold no target are skipped.
+
+def chunk_rows(n_rows: int, vocab: int, element_size: int, granule: int, weight_grad_bytes: int = 0) -> int:
+    """Rows per chunk: the most whose ``[rows, V]`` dZ buffer fits the budget, a multiple of ``granule`` (the
+    kernel's token block) and at least one granule; ``n_rows`` when everything fits.
+
+    The budget is ``AAM_FAST_TRITON_CHUNK_MB`` when set, else the larger of 1024 MB and ``weight_grad_bytes`` (the
+    float32 ``[V, D]`` weight gradient that a chunked 16-bit backward accumulates into): a dZ buffer that size
+    adds no more to the peak than that accumulator and its cast do, and one chunk writes d_weight directly in the
+    input dtype (at N=8192, D=4096, V=128256 in bfloat16: one chunk, 2.1 GB of dZ).
     """
-    inv_temperature, grad_filter_eps = params.inv_temperature, params.grad_filter_eps
-    needs_hidden_grad, needs_weight_grad, needs_bias_grad = needs
+    raw = os.environ.get(CHUNK_ENV, "")
+    try:
+        budget_mb = float(raw) if raw else max(DEFAULT_CHUNK_MB, weight_grad_bytes / 2**20)
+    except ValueError:
+        budget_mb = float("nan")
+    if not (budget_mb > 0 and math.isfinite(budget_mb)):
+        raise ValueError(f"{CHUNK_ENV} must be a positive number of megabytes, got {raw!r}")
+    rows = int(budget_mb * 2**20) // (vocab * element_size)
+    rows = max(granule, rows // granule * granule)
+    return min(rows, n_rows)
+
+
+def _fp16_dz_scale(grad_logp, grad_entropy, vocab: int, inv_temperature: float) -> float:
+    """A power of two ``2^k >= max_t (|g_t| + |e_t| (log V + 1)) * s``, a bound on ``|dZ|`` (``|p - onehot| <= 1``,
+    ``|p (mean_z - z)| <= H + 1/e <= log V + 1``); float16 dZ is stored divided by it. One host sync per backward."""
+    bound = torch.zeros((), dtype=torch.float32, device=(grad_logp if grad_logp is not None else grad_entropy).device)
+    if grad_logp is not None:
+        bound = bound + grad_logp.abs().amax()
+    if grad_entropy is not None:
+        bound = bound + grad_entropy.abs().amax() * (math.log(vocab) + 1.0)
+    value = float(bound) * inv_temperature
+    if not math.isfinite(value) or value <= 0.0:
+        return 1.0  # NaN/inf upstream propagates anyway; all-zero upstream writes zeros
+    return 2.0 ** math.ceil(math.log2(value))
+
+
+_FLOAT32_OUT_PRODUCTS = {"cuda": True}  # False once this torch refused `addmm(..., out_dtype=float32)`
+
+
+def _mm_into(out, a, b, alpha: float, accumulate: bool) -> None:
+    """``out = alpha * a @ b`` (``accumulate``: ``out += ...``). A float32 ``out`` with 16-bit ``a``, ``b`` is
+    accumulated by cuBLAS in its float32 epilogue (``addmm(..., out_dtype=float32)``); a torch without that rounds
+    each chunk's product to the input dtype before adding it. On CPU, float32 copies of the operands."""
+    beta = 1.0 if accumulate else 0.0
+    if out.dtype == a.dtype:
+        torch.addmm(out, a, b, beta=beta, alpha=alpha, out=out)
+    elif not out.is_cuda:
+        torch.addmm(out, a.to(out.dtype), b.to(out.dtype), beta=beta, alpha=alpha, out=out)
+    else:
+        if _FLOAT32_OUT_PRODUCTS["cuda"]:
+            try:
+                torch.addmm(out, a, b, beta=beta, alpha=alpha, out_dtype=out.dtype, out=out)
+                return
+            except (TypeError, RuntimeError, NotImplementedError):
+                _FLOAT32_OUT_PRODUCTS["cuda"] = False
+        product = torch.mm(a, b)
+        if accumulate:
+            out.add_(product, alpha=alpha)
+        else:
+            torch.mul(product, alpha, out=out)
+
+
+def triton_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_entropy, params, needs):
+    """Fused backward. hidden ``[N, D]``, weight ``[V, D]`` (same dtype, unit inner stride), bias ``[V]`` or None,
+    targets ``[N]`` in ``[0, V)``, the forward's ``lse`` and ``mean_z`` ``[N]``, upstream ``grad_logp`` (dL/d logp) and
+    ``grad_entropy`` (dL/dH) ``[N]`` (either may be None, meaning zero), ``params`` a ``LogprobParams``
+    (``inv_temperature``, ``grad_filter_eps``), ``needs`` three bools (hidden, weight, bias gradients wanted).
+
+    Returns ``(d_hidden [N, D] in hidden.dtype, d_weight [V, D], d_bias [V] float32)``, each None when not needed
+    (``d_bias`` also when ``bias`` is None); ``d_weight`` is float32, or the weight's dtype when one chunk holds all
+    rows. ``d_hidden = dZ W``, ``d_weight = dZ^T hidden``, ``d_bias = dZ.sum(0)``, ``dZ = s * dL/dz`` (module doc).
+    """
     if grad_entropy is not None and mean_z is None:
         raise ValueError("triton_backward: grad_entropy was given but mean_z is None (forward ran without entropy)")
+    needs_hidden, needs_weight, needs_bias = needs
+    inv_temperature = float(params.inv_temperature)
+    eps = float(params.grad_filter_eps or 0.0)
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    compute_db = needs_bias_grad and bias is not None
-    d_hidden = torch.zeros(n_rows, dim, dtype=torch.float32, device=device) if needs_hidden_grad else None
-    d_weight = torch.zeros(vocab, dim, dtype=torch.float32, device=device) if needs_weight_grad else None
-    d_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if compute_db else None
-
+    compute_db = needs_bias and bias is not None
     has_upstream = grad_logp is not None or grad_entropy is not None
-    if n_rows > 0 and has_upstream and (needs_hidden_grad or needs_weight_grad or compute_db):
-        has_bias = bias is not None
-        dummy = lse  # stands in for absent tensors; never read or written when its flag is off
+    if n_rows == 0 or not has_upstream or not (needs_hidden or needs_weight or compute_db):
+        zeros = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        return (
+            zeros(n_rows, dim, dtype=hidden.dtype) if needs_hidden else None,
+            zeros(vocab, dim) if needs_weight else None,
+            zeros(vocab) if compute_db else None,
+        )
 
-        def launch(config: TileConfig) -> None:
-            grid = (triton.cdiv(n_rows, config.block_n), triton.cdiv(vocab, config.block_v))
-            _backward_kernel[grid](
-                hidden,
-                weight,
-                bias if has_bias else dummy,
-                targets,
-                lse,
-                mean_z if grad_entropy is not None else dummy,
-                grad_logp if grad_logp is not None else dummy,
-                grad_entropy if grad_entropy is not None else dummy,
-                d_hidden if d_hidden is not None else dummy,
-                d_weight if d_weight is not None else dummy,
-                d_bias if d_bias is not None else dummy,
-                n_rows,
-                vocab,
-                dim,
-                hidden.stride(0),
-                hidden.stride(1),
-                weight.stride(0),
-                weight.stride(1),
-                bias.stride(0) if has_bias else 0,
-                targets.stride(0),
-                lse.stride(0),
-                mean_z.stride(0) if grad_entropy is not None else 0,
-                grad_logp.stride(0) if grad_logp is not None else 0,
-                grad_entropy.stride(0) if grad_entropy is not None else 0,
-                float(inv_temperature),
-                float(grad_filter_eps),
-                HAS_BIAS=has_bias,
-                HAS_GRAD_LOGP=grad_logp is not None,
-                WITH_ENTROPY=grad_entropy is not None,
-                COMPUTE_DH=needs_hidden_grad,
-                COMPUTE_DW=needs_weight_grad,
-                COMPUTE_DB=compute_db,
-                SCALE_DZ=hidden.dtype == torch.float16,
-                FILTER=grad_filter_eps > 0.0,
-                BLOCK_N=config.block_n,
-                BLOCK_V=config.block_v,
-                BLOCK_D=config.block_d,
-                DOT_PRECISION=dot_precision(hidden.dtype),
-                num_warps=config.num_warps,
-                num_stages=config.num_stages,
+    lse = lse.float().contiguous()  # a backend may keep lse in float64
+    targets = targets.contiguous()
+    grad_logp = None if grad_logp is None else grad_logp.float().contiguous()
+    grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
+    mean_z = None if grad_entropy is None else mean_z.float().contiguous()
+    dz_scale = 1.0
+    if hidden.dtype == torch.float16:
+        dz_scale = _fp16_dz_scale(grad_logp, grad_entropy, vocab, inv_temperature)
+
+    configs = choose_tile_configs(n_rows, hidden.dtype, device, backward=True)
+    weight_grad_bytes = 4 * vocab * dim if needs_weight and hidden.element_size() < 4 else 0
+    granule = max(c.block_n for c in configs)
+    rows_per_chunk = chunk_rows(n_rows, vocab, hidden.element_size(), granule, weight_grad_bytes)
+    single_chunk = rows_per_chunk >= n_rows
+    padded_vocab = triton.cdiv(vocab, 8) * 8  # 16-byte aligned rows for cuBLAS
+    dz_buf = torch.empty(rows_per_chunk, padded_vocab, dtype=hidden.dtype, device=device)
+
+    d_hidden = torch.empty(n_rows, dim, dtype=hidden.dtype, device=device) if needs_hidden else None
+    d_weight = None
+    if needs_weight:
+        d_weight = torch.zeros(vocab, dim, dtype=hidden.dtype if single_chunk else torch.float32, device=device)
+    d_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if compute_db else None
+    has_bias = bias is not None
+    filtering = eps > 0.0
+    stats = {"blocks": 0, "skipped": 0}
+    flags = (has_bias, grad_logp is not None, grad_entropy is not None, compute_db, filtering)
+
+    per_row = (mean_z, grad_logp, grad_entropy)
+    for r0 in range(0, n_rows, rows_per_chunk):
+        r1 = min(n_rows, r0 + rows_per_chunk)
+        rows = r1 - r0
+        h = hidden[r0:r1]
+        dz = dz_buf[:rows, :vocab]
+        extras = {}
+
+        def launch(config: TileConfig, r0=r0, r1=r1, dz=dz, extras=extras) -> None:
+            vectors = (targets[r0:r1], lse[r0:r1]) + tuple(None if t is None else t[r0:r1] for t in per_row)
+            grid, args, kwargs = dz_launch(
+                hidden[r0:r1], weight, bias, *vectors, dz, inv_temperature, 1.0 / dz_scale, eps, compute_db, config
             )
+            extras.update(bias_part=args[9], keep=args[10], block_v=config.block_v)
+            _dz_kernel[grid](*args, **kwargs)
 
-        def reset() -> None:  # the timed runs of the autotuner accumulate into the outputs
-            for grad in (d_hidden, d_weight, d_bias):
-                if grad is not None:
-                    grad.zero_()
-
-        configs = choose_tile_configs(n_rows, hidden.dtype, device, backward=True)
-        flags = (has_bias, grad_logp is not None, grad_entropy is not None, needs_hidden_grad, needs_weight_grad,
-                 compute_db, grad_filter_eps > 0.0)  # fmt: skip
         with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-            key = tuning_key("backward", device, hidden.dtype, n_rows, dim, vocab, *flags)
-            tuned_launch(key, configs, launch, tune=autotune_enabled(device), reset=reset)
+            key = tuning_key("dz", device, hidden.dtype, rows, dim, vocab, *flags)
+            tuned_launch(key, configs, launch, tune=autotune_enabled(device))  # dz is overwritten: no reset
 
-    if d_hidden is not None and d_hidden.dtype != hidden.dtype:
-        d_hidden = d_hidden.to(hidden.dtype)
+        if compute_db:
+            d_bias += extras["bias_part"].sum(dim=0)
+        w_used, dz_used, cols = weight, dz, None
+        if filtering:
+            block_v = extras["block_v"]
+            kept_blocks = extras["keep"].amax(dim=0).bool()
+            if grad_logp is not None:  # the target's entry g·(1 − p) is never small
+                kept_blocks[targets[r0:r1] // block_v] = True
+            stats["blocks"] += kept_blocks.numel()
+            skipped = kept_blocks.numel() - int(kept_blocks.sum())
+            stats["skipped"] += skipped
+            if skipped:
+                starts = kept_blocks.nonzero().view(-1) * block_v
+                cols = (starts[:, None] + torch.arange(block_v, device=device)).view(-1)
+                cols = cols[cols < vocab]
+                dz_used = dz.index_select(1, cols)
+                w_used = weight.index_select(0, cols) if needs_hidden else None
+        if needs_hidden:
+            if cols is not None and cols.numel() == 0:
+                d_hidden[r0:r1].zero_()
+            else:
+                _mm_into(d_hidden[r0:r1], dz_used, w_used, dz_scale, accumulate=False)
+        if needs_weight and (cols is None or cols.numel()):
+            if cols is None:
+                _mm_into(d_weight, dz_used.t(), h, dz_scale, accumulate=r0 > 0)
+            else:
+                part = torch.zeros(cols.numel(), dim, dtype=d_weight.dtype, device=device)
+                _mm_into(part, dz_used.t(), h, dz_scale, accumulate=False)
+                d_weight[cols] += part
+    if filtering:
+        last_filter_stats.update(stats)
     return d_hidden, d_weight, d_bias

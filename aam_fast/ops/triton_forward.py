@@ -4,10 +4,13 @@ With ``z = (hidden @ weight.T + bias) * inv_temperature`` (never materialised) t
 ``lse = logsumexp_v z``, ``target_logit = z[y]`` and ``mean_z = sum_v softmax(z)_v z_v`` (the entropy is
 ``lse - mean_z``).
 
-The vocabulary is split across programs (grid = token blocks x vocab splits, about two programs per SM); each
-program runs an online logsumexp over its vocab tiles and writes a float32 partial (max, sum exp, sum p*z) per row,
-and a cheap torch epilogue combines the ``[splits, N]`` partials. The target logit is an indexed dot product
-``h . W[y] (+ b[y])`` in a second small kernel. The tile helpers here are shared with ``triton_backward``.
+The vocabulary is split across programs: each program owns one token block and one vocab split, runs an online
+logsumexp over the split's vocab tiles and writes a float32 partial (max, sum exp, sum p*z) per row; a cheap torch
+epilogue combines the ``[splits, N]`` partials. The grid is 1-D and grouped: ``GROUP_N`` token blocks run side by
+side over every split, so the programs resident at once share a few token blocks' hidden rows (in L2) and each
+weight tile is fetched from HBM once per group. The number of splits is chosen so that the programs fill whole
+waves of the device (``vocab_split``). The target logit is an indexed dot product ``h . W[y] (+ b[y])`` in a second
+small kernel. The tile helpers here are shared with ``triton_backward``.
 """
 
 from __future__ import annotations
@@ -32,8 +35,14 @@ from .triton_tuning import (
 NEG_LARGE: tl.constexpr = tl.constexpr(-1.0e30)
 
 
+H100_SMS = 132  # what ``multiprocessor_count`` assumes for meta tensors (the offline sm_90 check)
+
+
 def multiprocessor_count(device: torch.device) -> int:
-    """Number of SMs of ``device``; a small stand-in off CUDA so the interpreter exercises several splits."""
+    """Number of SMs of ``device``; an H100/H200's for meta tensors; a small stand-in on CPU so the interpreter
+    exercises several splits."""
+    if device.type == "meta":
+        return H100_SMS
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2
@@ -104,16 +113,26 @@ def _lse_partials_kernel(
     stride_b,
     inv_temperature,
     vocab_per_split,
+    num_splits,
     HAS_BIAS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One (token block, vocab split): online max, sum exp(z - max) and sum exp(z - max) * z over its tiles."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    """One (token block, vocab split): online max, sum exp(z - max) and sum exp(z - max) * z over its tiles.
+
+    1-D grid of ``token blocks x num_splits`` programs in groups of GROUP_N token blocks, token block fastest.
+    """
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(n_rows, BLOCK_N)
+    in_group = GROUP_N * num_splits
+    first_n = (pid // in_group) * GROUP_N
+    rows_in_group = tl.minimum(num_pid_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % in_group) % rows_in_group
+    pid_s = (pid % in_group) // rows_in_group
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     rows64 = rows.to(tl.int64)
@@ -189,14 +208,27 @@ def _target_logit_kernel(
     tl.store(out_ptr + rows64, logit * inv_temperature, mask=row_mask)
 
 
-def vocab_split(n_rows: int, vocab: int, config: TileConfig, device: torch.device) -> tuple[int, int]:
-    """(number of vocab splits, vocab columns per split): about two programs per SM, every split non-empty."""
+def vocab_split(n_rows: int, vocab: int, config: TileConfig, slots: int) -> tuple[int, int]:
+    """(number of vocab splits, vocab columns per split) for ``slots`` programs resident at once.
+
+    Every program does ``cdiv(vocab tiles, splits)`` tiles and the grid runs in ``cdiv(token blocks * splits, slots)``
+    waves, so the time is about their product; the pick minimises it (the tail wave counts whole) over split counts
+    from the one that lets a single group of ``group_n`` token blocks fill a wave (L2 reuse) up to four times that,
+    preferring fewer splits on ties. Every split is non-empty.
+    """
     token_blocks = triton.cdiv(n_rows, config.block_n)
     vocab_tiles = triton.cdiv(vocab, config.block_v)
-    target_programs = 2 * multiprocessor_count(device)
-    splits = max(1, min(vocab_tiles, triton.cdiv(target_programs, token_blocks)))
-    tiles_per_split = triton.cdiv(vocab_tiles, splits)
-    return triton.cdiv(vocab_tiles, tiles_per_split), tiles_per_split * config.block_v
+    low = min(vocab_tiles, triton.cdiv(slots, min(token_blocks, config.group_n)))
+    high = min(vocab_tiles, 4 * low)
+    best = None
+    for splits in range(low, high + 1):
+        tiles_per_split = triton.cdiv(vocab_tiles, splits)
+        used = triton.cdiv(vocab_tiles, tiles_per_split)  # no empty split
+        cost = triton.cdiv(token_blocks * used, slots) * tiles_per_split
+        if best is None or cost < best[0]:
+            best = (cost, used, tiles_per_split)
+    _, splits, tiles_per_split = best
+    return splits, tiles_per_split * config.block_v
 
 
 def _launch_target_logit(hidden, weight, bias, targets, inv_temperature: float) -> torch.Tensor:
@@ -227,15 +259,60 @@ def _launch_target_logit(hidden, weight, bias, targets, inv_temperature: float) 
     return out
 
 
+def lse_partials_launch(hidden, weight, bias, inv_temperature: float, with_entropy: bool, config: TileConfig):
+    """``(grid, args, kwargs)`` of the ``_lse_partials_kernel`` launch for these inputs and ``config``; it allocates
+    the ``[splits, N]`` partials (``args[3:6]``). ``bench.sm90_resources`` compiles the very same call on meta
+    tensors, so the sm_90 check sees the launch's real specialisation (divisibility by 16, unit strides)."""
+    n_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    slots = multiprocessor_count(hidden.device) * config.programs_per_sm
+    splits, vocab_per_split = vocab_split(n_rows, vocab, config, slots)
+    part_max = torch.empty(splits, n_rows, dtype=torch.float32, device=hidden.device)
+    part_sumexp = torch.empty_like(part_max)
+    part_pz = torch.empty_like(part_max) if with_entropy else part_max
+    has_bias = bias is not None
+    args = (
+        hidden,
+        weight,
+        bias if has_bias else hidden,
+        part_max,
+        part_sumexp,
+        part_pz,
+        n_rows,
+        vocab,
+        dim,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        bias.stride(0) if has_bias else 0,
+        float(inv_temperature),
+        vocab_per_split,
+        splits,
+    )
+    kwargs = dict(
+        HAS_BIAS=has_bias,
+        WITH_ENTROPY=with_entropy,
+        GROUP_N=config.group_n,
+        BLOCK_N=config.block_n,
+        BLOCK_V=config.block_v,
+        BLOCK_D=config.block_d,
+        DOT_PRECISION=dot_precision(hidden.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return (triton.cdiv(n_rows, config.block_n) * splits,), args, kwargs
+
+
 def triton_forward(hidden, weight, bias, targets, params):
     """Fused forward. hidden [N, D] and weight [V, D] (same dtype, any strides), bias [V] or None, targets [N]
-    int64 in [0, V).
+    int64 in [0, V), ``params`` a ``LogprobParams`` (``inv_temperature``, ``with_entropy`` are read).
 
     Returns float32 [N] tensors ``(lse, target_logit, mean_z)``: ``lse = logsumexp_v z``, ``target_logit = z[y]``,
     ``mean_z = sum_v softmax(z)_v z_v`` (None unless ``with_entropy``), where
     ``z = (hidden @ weight.T + bias) * inv_temperature`` is never materialised.
     """
-    inv_temperature, with_entropy = params.inv_temperature, params.with_entropy
+    inv_temperature, with_entropy = float(params.inv_temperature), bool(params.with_entropy)
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
@@ -245,37 +322,9 @@ def triton_forward(hidden, weight, bias, targets, params):
     has_bias = bias is not None
 
     def launch(config: TileConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        splits, vocab_per_split = vocab_split(n_rows, vocab, config, device)
-        part_max = torch.empty(splits, n_rows, dtype=torch.float32, device=device)
-        part_sumexp = torch.empty_like(part_max)
-        part_pz = torch.empty_like(part_max) if with_entropy else part_max
-        _lse_partials_kernel[(triton.cdiv(n_rows, config.block_n), splits)](
-            hidden,
-            weight,
-            bias if has_bias else hidden,
-            part_max,
-            part_sumexp,
-            part_pz,
-            n_rows,
-            vocab,
-            dim,
-            hidden.stride(0),
-            hidden.stride(1),
-            weight.stride(0),
-            weight.stride(1),
-            bias.stride(0) if has_bias else 0,
-            float(inv_temperature),
-            vocab_per_split,
-            HAS_BIAS=has_bias,
-            WITH_ENTROPY=with_entropy,
-            BLOCK_N=config.block_n,
-            BLOCK_V=config.block_v,
-            BLOCK_D=config.block_d,
-            DOT_PRECISION=dot_precision(hidden.dtype),
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-        )
-        return part_max, part_sumexp, part_pz
+        grid, args, kwargs = lse_partials_launch(hidden, weight, bias, inv_temperature, with_entropy, config)
+        _lse_partials_kernel[grid](*args, **kwargs)
+        return args[3], args[4], args[5]
 
     configs = choose_tile_configs(n_rows, hidden.dtype, device, backward=False)
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():

@@ -32,6 +32,8 @@ class TileConfig:
     block_d: int
     num_warps: int
     num_stages: int
+    group_n: int = 8  # token blocks that run side by side over each vocab block (L2 reuse of the weight tiles)
+    programs_per_sm: int = 1  # resident at once on one sm_90 SM (registers, shared memory); sizes the waves
 
 
 def running_in_interpreter() -> bool:
@@ -46,19 +48,29 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-# (block_n, block_v, block_d, num_warps, num_stages) per kernel and operand class; the first is the default.
-# 16-bit operands and TF32 run on the tensor cores; IEEE float32 dots run on the CUDA cores. A D chunk of 64
-# (32 for float32) spilled registers in every tile shape tried: the operand tiles' 64-bit addresses cost more
-# registers than the products.
+# (block_n, block_v, block_d, num_warps, num_stages[, programs per SM]) per kernel ("backward" is the dZ kernel)
+# and operand class; the first is the default. 16-bit operands and TF32 run on the tensor cores (wgmma), IEEE
+# float32 dots on the CUDA cores. Chosen with `python -m bench.sm90_resources`, which compiles each launch as the
+# JIT specialises it at aligned shapes (Triton 3.9 and 3.6; table in bench/README.md): no candidate spills in any
+# flag combination, and the programs-per-SM figure (default 1) is what the registers and shared memory allow
+# (the check holds it). 128 x 256 tiles spill with entropy and bias, and so does the dZ kernel's 64 x 256 x 64 under
+# Triton 3.6 (ragged shapes); 128 x 128 x 64 in 3 stages is Triton's usual Hopper GEMM shape.
 _CANDIDATES = {
-    ("forward", "16-bit"): [(128, 128, 32, 8, 3), (64, 256, 32, 8, 3), (64, 128, 32, 4, 3)],
-    ("backward", "16-bit"): [(64, 128, 32, 8, 3), (128, 64, 32, 8, 3)],
-    ("forward", "tf32"): [(64, 256, 16, 8, 3), (64, 128, 16, 8, 3)],
-    ("backward", "tf32"): [(64, 128, 32, 8, 3), (128, 64, 16, 8, 3)],
-    ("forward", "ieee"): [(64, 128, 16, 8, 3), (64, 64, 16, 8, 3)],
-    ("backward", "ieee"): [(64, 64, 16, 8, 2), (32, 64, 16, 4, 2)],
+    ("forward", "16-bit"): [(128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 256, 64, 8, 3), (128, 128, 64, 8, 4)],
+    ("backward", "16-bit"): [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 3)],
+    ("forward", "tf32"): [(128, 128, 32, 8, 3), (64, 128, 32, 8, 3), (64, 256, 16, 8, 3)],
+    ("backward", "tf32"): [(128, 128, 32, 8, 3), (64, 128, 32, 8, 3)],
+    ("forward", "ieee"): [(64, 64, 32, 8, 3, 2)],  # (64, 128, 32) spills in 3.9, (64, 64, 16) in 3.6
+    ("backward", "ieee"): [(64, 128, 32, 8, 3), (64, 64, 32, 8, 3, 2)],
 }
-_INTERPRETER_CONFIG = TileConfig(block_n=16, block_v=32, block_d=16, num_warps=4, num_stages=1)
+_INTERPRETER_CONFIG = TileConfig(
+    block_n=16, block_v=32, block_d=16, num_warps=4, num_stages=1, group_n=2, programs_per_sm=4
+)
+
+
+# Per-SM limits of Hopper (sm_90): 64K 32-bit registers, 228 KiB of shared memory.
+SM90_REGISTERS = 65536
+SM90_SHARED_PER_SM = 233472
 
 
 def shared_memory_bytes(device: torch.device) -> int:
@@ -72,13 +84,13 @@ def shared_memory_bytes(device: torch.device) -> int:
 
 def _fit(config: TileConfig, n_rows: int, element_size: int, shared_memory: int, backward: bool) -> TileConfig:
     """Shrink the token block for small N, then the pipeline depth and the D chunk while a shared-memory estimate
-    (pipelined operand tiles; the backward also keeps the dz tile and its transpose) exceeds the device's."""
+    (the pipelined operand tiles, which both kernels hold; the measured sm_90 figure) exceeds the device's."""
+    del backward  # the dZ kernel stores its tile straight from registers: the same estimate as the forward's
     block_n = min(config.block_n, max(16, triton.next_power_of_2(max(n_rows, 1))))
     block_d, stages = config.block_d, config.num_stages
-    dz_tiles = 2 * block_n * config.block_v * element_size if backward else 0
 
     def estimate(stages: int, chunk: int) -> int:
-        return stages * (block_n + config.block_v) * chunk * element_size + dz_tiles
+        return stages * (block_n + config.block_v) * chunk * element_size
 
     while estimate(stages, block_d) > shared_memory and stages > 2:
         stages -= 1
@@ -99,6 +111,7 @@ def candidate_configs(
     element_size = torch.empty(0, dtype=dtype).element_size()
     configs = []
     for shape in _CANDIDATES[("backward" if backward else "forward", operands)]:
+        shape = shape[:5] + (8,) + shape[5:]  # group_n
         fitted = _fit(TileConfig(*shape), n_rows, element_size, shared_memory, backward)
         if fitted not in configs:
             configs.append(fitted)
