@@ -137,69 +137,30 @@ def aam_loss(
     reward_chosen, reward_rejected = _pair_rewards(rewards)
     pairs = reward_chosen.shape[0]
     reward_gap = reward_chosen - reward_rejected
-    needs_logps = margin in ("pr", "ld") or sft_weight != 0
-    logps = ref_seq = sft = None
-    token_logps = None
-    if needs_logps:
-        if hidden is None or weight is None or targets is None:
-            raise ValueError(f"margin={margin!r} with sft_weight={sft_weight} needs hidden, weight and targets")
-        if targets.dim() < 1 or targets.shape[0] != 2 * pairs:
-            raise ValueError(
-                f"targets must have 2B={2 * pairs} rows (chosen then rejected), got shape {tuple(targets.shape)}"
-            )
+    token_logps = logps = ref_seq = sft = None
+    if margin in ("pr", "ld") or sft_weight != 0:
         trained_through = sft_weight != 0 or (margin in ("pr", "ld") and not detach_margin)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trained_through):
-            token_logps = linear_logprobs(
-                hidden,
-                weight,
-                targets,
-                bias=bias,
-                temperature=temperature,
-                ignore_index=ignore_index,
-                backend=backend,
-                grad_filter_eps=grad_filter_eps,
-            )
+        token_logps = _policy_token_logps(
+            hidden, weight, targets, bias, pairs, trained_through, temperature, ignore_index, backend, grad_filter_eps
+        )
         logps = sequence_logprobs(token_logps, targets, ignore_index=ignore_index, length_norm=length_norm)
 
     if margin == "bt":
         pair_margin = reward_gap.new_zeros(pairs)
     elif margin == "fixed":
-        if data_margin is None:
-            raise ValueError("margin='fixed' needs data_margin [B] (the data's margin column)")
-        if not isinstance(data_margin, torch.Tensor):
-            raise ValueError(
-                f"data_margin must be a torch.Tensor [B] (e.g. torch.tensor(margins)), got {type(data_margin).__name__}"
-            )
-        pair_margin = data_margin.to(reward_gap.device).float().reshape(-1)
-        if pair_margin.shape[0] != pairs:
-            raise ValueError(f"data_margin must be [B]=[{pairs}], got shape {tuple(data_margin.shape)}")
+        pair_margin = _data_margin(data_margin, pairs, reward_gap.device)
     else:
         gamma_value = NAMED_GAMMA[margin] if gamma is None else float(gamma)
-        policy_term = logps[:pairs] - logps[pairs:]
+        reference = (ref_logps, ref_hidden, ref_weight, ref_bias)
         if gamma_value != 0:
-            ref_seq = _reference_logps(
-                ref_logps,
-                ref_hidden,
-                ref_weight,
-                ref_bias,
-                targets,
-                pairs,
-                temperature,
-                ignore_index,
-                length_norm,
-                backend,
-            )
-            policy_term = policy_term - gamma_value * (ref_seq[:pairs] - ref_seq[pairs:])
-        pair_margin = float(beta) * policy_term
-        if detach_margin:
-            pair_margin = pair_margin.detach()
+            ref_seq = _reference_logps(*reference, targets, pairs, temperature, ignore_index, length_norm, backend)
+        pair_margin = _adaptive_margin(logps, ref_seq, pairs, beta, gamma_value, detach_margin)
     if margin_clip is not None:
         pair_margin = pair_margin.clamp(-float(margin_clip), float(margin_clip))
 
     loss = -F.logsigmoid(reward_gap - pair_margin).mean()
     if sft_weight != 0:
-        chosen_mean = sequence_logprobs(token_logps[:pairs], targets[:pairs], ignore_index=ignore_index)
-        sft = -chosen_mean.mean()
+        sft = -sequence_logprobs(token_logps[:pairs], targets[:pairs], ignore_index=ignore_index).mean()
         loss = loss + float(sft_weight) * sft
     if center_rewards != 0:
         loss = loss + float(center_rewards) * (reward_chosen + reward_rejected).pow(2).mean()
@@ -212,6 +173,53 @@ def aam_loss(
         ref_logps=ref_seq,
         sft_loss=None if sft is None else sft.detach(),
     )
+
+
+def _adaptive_margin(logps, ref_seq, pairs: int, beta: float, gamma: float, detach: bool) -> torch.Tensor:
+    """``m = β·[(L_θ(c) − L_θ(r)) − γ·(L_ref(c) − L_ref(r))]`` per pair (``ref_seq`` None when ``γ = 0``)."""
+    policy_term = logps[:pairs] - logps[pairs:]
+    if ref_seq is not None:
+        policy_term = policy_term - gamma * (ref_seq[:pairs] - ref_seq[pairs:])
+    pair_margin = float(beta) * policy_term
+    return pair_margin.detach() if detach else pair_margin
+
+
+def _policy_token_logps(
+    hidden, weight, targets, bias, pairs, trained_through, temperature, ignore_index, backend, grad_filter_eps
+):
+    """The model's token log-probs ``[2B, T]``, differentiable only when the loss trains through them (otherwise
+    forward-only: nothing saved for backward)."""
+    if hidden is None or weight is None or targets is None:
+        raise ValueError("a pr/ld margin or an SFT term needs hidden, weight and targets")
+    if targets.dim() < 1 or targets.shape[0] != 2 * pairs:
+        raise ValueError(
+            f"targets must have 2B={2 * pairs} rows (chosen then rejected), got shape {tuple(targets.shape)}"
+        )
+    with torch.set_grad_enabled(torch.is_grad_enabled() and trained_through):
+        return linear_logprobs(
+            hidden,
+            weight,
+            targets,
+            bias=bias,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            backend=backend,
+            grad_filter_eps=grad_filter_eps,
+        )
+
+
+def _data_margin(data_margin, pairs: int, device) -> torch.Tensor:
+    """The data's margins as float32 ``[B]`` (``margin="fixed"``)."""
+    if data_margin is None:
+        raise ValueError("margin='fixed' needs data_margin [B] (the data's margin column)")
+    if not isinstance(data_margin, torch.Tensor):
+        raise ValueError(
+            f"data_margin must be a torch.Tensor [B] (e.g. torch.tensor(margins)), got {type(data_margin).__name__}"
+        )
+    pair_margin = data_margin.to(device).float().reshape(-1)
+    if pair_margin.shape[0] != pairs:
+        raise ValueError(f"data_margin must be [B]=[{pairs}], got shape {tuple(data_margin.shape)}")
+    return pair_margin
 
 
 def _reference_logps(
@@ -413,17 +421,7 @@ def grpo_loss(
     """
     _check_grpo_args(epsilon, epsilon_high, kl, loss_type)
     loss_type = resolve_loss_type(loss_type)
-    if targets.dim() != 2:
-        raise ValueError(f"targets must be [B, T], got shape {tuple(targets.shape)}")
-    batch = targets.shape[0]
-    advantages = advantages.reshape(-1).float()
-    if advantages.shape[0] != batch:
-        raise ValueError(f"advantages must be [B]=[{batch}], got shape {tuple(advantages.shape)}")
-    for name, tensor in (("old_logps", old_logps), ("ref_logps", ref_logps)):
-        if tensor is not None and tuple(tensor.shape) != tuple(targets.shape):
-            raise ValueError(f"{name} must be shaped like targets {tuple(targets.shape)}, got {tuple(tensor.shape)}")
-    if beta != 0 and ref_logps is None:
-        raise ValueError("beta != 0 needs ref_logps (the reference model's token log-probs)")
+    advantages = _check_grpo_tensors(targets, advantages, old_logps, ref_logps, beta)
     eps_high = epsilon if epsilon_high is None else epsilon_high
     valid = targets != ignore_index
     mask = valid.float()
@@ -465,6 +463,22 @@ def grpo_loss(
     )
     stats = _grpo_stats(logps, entropy, valid, advantages, old_logps, ref_logps, epsilon, eps_high, kl)
     return GRPOOutput(loss=loss, logps=logps, entropy=entropy, stats=stats)
+
+
+def _check_grpo_tensors(targets, advantages, old_logps, ref_logps, beta) -> torch.Tensor:
+    """ValueError naming the tensor whose shape does not fit; returns the float32 advantages ``[B]``."""
+    if targets.dim() != 2:
+        raise ValueError(f"targets must be [B, T], got shape {tuple(targets.shape)}")
+    batch = targets.shape[0]
+    advantages = advantages.reshape(-1).float()
+    if advantages.shape[0] != batch:
+        raise ValueError(f"advantages must be [B]=[{batch}], got shape {tuple(advantages.shape)}")
+    for name, tensor in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if tensor is not None and tuple(tensor.shape) != tuple(targets.shape):
+            raise ValueError(f"{name} must be shaped like targets {tuple(targets.shape)}, got {tuple(tensor.shape)}")
+    if beta != 0 and ref_logps is None:
+        raise ValueError("beta != 0 needs ref_logps (the reference model's token log-probs)")
+    return advantages
 
 
 @torch.no_grad()

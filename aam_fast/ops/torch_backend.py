@@ -141,46 +141,13 @@ def torch_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_e
         for v0 in range(0, vocab, width):
             v1 = min(vocab, v0 + width)
             z, w32 = _logits_tile(h32, weight, bias, v0, v1, inv_temperature, logits_buf[: r1 - r0])
+            tile = (v0, v1, y_rows, hi_rows, lo_rows, g_rows)
             if e is None:
-                in_tile = (y_rows >= v0) & (y_rows < v1)
-                column = (y_rows - v0).clamp(0, v1 - v0 - 1)[:, None]
-                at_column = z.gather(1, column).view(-1)
-                target_z = torch.where(in_tile, at_column, target_z)
-                p = z.sub_(hi_rows).sub_(lo_rows).exp_()
-                p.scatter_(1, column, torch.where(in_tile, 0.0, p.gather(1, column).view(-1))[:, None])
-                if grad_filter_eps > 0.0:
-                    p = filtered(p, p >= grad_filter_eps)
-                if mixed_rows is not None:
-                    mixed_rows.addmm_(p, w32)
-                if d_weight is not None:
-                    d_weight[v0:v1].addmm_(p.t(), scaled_h, alpha=-1.0)
-                if d_bias is not None:  # p is spent: scale it in place and sum pairwise (a float32 mv sums serially)
-                    dense = p.layout == torch.strided
-                    d_bias[v0:v1].sub_(p.mul_(g_rows[:, None]).sum(dim=0) if dense else torch.mv(p.t(), g_rows))
-                continue
-            dz = grad_buf[: r1 - r0, : v1 - v0]
-            torch.sub(z, hi_rows, out=dz).sub_(lo_rows)  # log p
-            torch.add(dz, entropy[r0:r1, None], out=z)  # log p + H
-            dz.exp_()  # p
-            keep = dz >= grad_filter_eps if grad_filter_eps > 0.0 else None
-            # z <- −e (log p + H) − g, then dz = p · z, plus g at the target column
-            z.mul_(-e[r0:r1, None]).sub_(g_rows[:, None])
-            dz.mul_(z)
-            in_tile = (y_rows >= v0) & (y_rows < v1)
-            if bool(in_tile.any()):
-                hit = in_tile.nonzero().view(-1)
-                dz.index_put_((hit, y_rows[hit] - v0), g_rows[hit], accumulate=True)
-                if keep is not None:
-                    keep[hit, y_rows[hit] - v0] = True
-            if keep is not None:
-                dz = filtered(dz, keep)
-            if mixed_rows is not None:
-                mixed_rows.addmm_(dz, w32)
-            if d_weight is not None:
-                d_weight[v0:v1].addmm_(dz.t(), h32)
-            if d_bias is not None:
-                dense = dz.layout == torch.strided
-                d_bias[v0:v1].add_(dz.sum(dim=0) if dense else torch.mv(dz.t(), torch.ones_like(g_rows)))
+                target_z = _logp_tile(z, w32, tile, scaled_h, target_z, grad_filter_eps, mixed_rows, d_weight, d_bias)
+            else:
+                dz = grad_buf[: r1 - r0, : v1 - v0]
+                entropy_rows = (e[r0:r1, None], entropy[r0:r1, None])
+                _entropy_tile(z, dz, w32, tile, entropy_rows, h32, grad_filter_eps, mixed_rows, d_weight, d_bias)
         if e is None:
             # the target column, row by row: q = 1 − p_y without cancellation
             q = (-torch.expm1(target_z.double() - lse64[r0:r1])).float()
@@ -194,6 +161,56 @@ def torch_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_e
         elif mixed_rows is not None:
             d_hidden[r0:r1] = mixed_rows
     return _cast_hidden_grad(d_hidden, hidden), d_weight, d_bias
+
+
+def _logp_tile(z, w32, tile, scaled_h, target_z, grad_filter_eps, mixed_rows, d_weight, d_bias):
+    """One vocabulary tile of the log-prob-only backward: ``P'`` (the tile's probabilities, the target's zeroed)
+    into ``Σ P'W`` (``mixed_rows``), ``dW −= P'ᵀ(g ⊙ h)`` and ``db −= P'ᵀg``; returns ``target_z`` with the rows
+    whose target lies in the tile filled in. ``z`` is consumed."""
+    v0, v1, y_rows, hi_rows, lo_rows, g_rows = tile
+    in_tile = (y_rows >= v0) & (y_rows < v1)
+    column = (y_rows - v0).clamp(0, v1 - v0 - 1)[:, None]
+    target_z = torch.where(in_tile, z.gather(1, column).view(-1), target_z)
+    p = z.sub_(hi_rows).sub_(lo_rows).exp_()
+    p.scatter_(1, column, torch.where(in_tile, 0.0, p.gather(1, column).view(-1))[:, None])
+    if grad_filter_eps > 0.0:
+        p = filtered(p, p >= grad_filter_eps)
+    if mixed_rows is not None:
+        mixed_rows.addmm_(p, w32)
+    if d_weight is not None:
+        d_weight[v0:v1].addmm_(p.t(), scaled_h, alpha=-1.0)
+    if d_bias is not None:  # p is spent: scale it in place and sum pairwise (a float32 mv sums serially)
+        dense = p.layout == torch.strided
+        d_bias[v0:v1].sub_(p.mul_(g_rows[:, None]).sum(dim=0) if dense else torch.mv(p.t(), g_rows))
+    return target_z
+
+
+def _entropy_tile(z, dz, w32, tile, entropy_rows, h32, grad_filter_eps, mixed_rows, d_weight, d_bias):
+    """One vocabulary tile of the backward with entropy gradients: ``dz = p·(−e (log p + H) − g) + g·onehot(y)``
+    (``dz`` a buffer, ``z`` consumed), then ``Σ dz W``, ``dW += dzᵀ h``, ``db += Σ_rows dz``."""
+    v0, v1, y_rows, hi_rows, lo_rows, g_rows = tile
+    e_rows, h_rows = entropy_rows
+    torch.sub(z, hi_rows, out=dz).sub_(lo_rows)  # log p
+    torch.add(dz, h_rows, out=z)  # log p + H
+    dz.exp_()  # p
+    keep = dz >= grad_filter_eps if grad_filter_eps > 0.0 else None
+    z.mul_(-e_rows).sub_(g_rows[:, None])  # z <- −e (log p + H) − g, then dz = p · z, plus g at the target column
+    dz.mul_(z)
+    in_tile = (y_rows >= v0) & (y_rows < v1)
+    if bool(in_tile.any()):
+        hit = in_tile.nonzero().view(-1)
+        dz.index_put_((hit, y_rows[hit] - v0), g_rows[hit], accumulate=True)
+        if keep is not None:
+            keep[hit, y_rows[hit] - v0] = True
+    if keep is not None:
+        dz = filtered(dz, keep)
+    if mixed_rows is not None:
+        mixed_rows.addmm_(dz, w32)
+    if d_weight is not None:
+        d_weight[v0:v1].addmm_(dz.t(), h32)
+    if d_bias is not None:
+        dense = dz.layout == torch.strided
+        d_bias[v0:v1].add_(dz.sum(dim=0) if dense else torch.mv(dz.t(), torch.ones_like(g_rows)))
 
 
 def _cast_hidden_grad(d_hidden, hidden):

@@ -283,6 +283,59 @@ def _mm_into(out, a, b, alpha: float, accumulate: bool) -> None:
             torch.mul(product, alpha, out=out)
 
 
+def _row_vectors(targets, lse, mean_z, grad_logp, grad_entropy):
+    """The per-row vectors as the kernel reads them: contiguous, float32 (a backend may keep ``lse`` in float64),
+    ``mean_z`` only when entropy gradients flow."""
+    contiguous32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    mean_z = None if grad_entropy is None else mean_z
+    return (
+        targets.contiguous(),
+        contiguous32(lse),
+        contiguous32(mean_z),
+        contiguous32(grad_logp),
+        contiguous32(grad_entropy),
+    )
+
+
+def _kept_columns(keep, block_v: int, targets, vocab: int, stats: dict) -> torch.Tensor | None:
+    """The vocabulary columns of a chunk's kept blocks (a block is skipped when no row of the chunk finds it likely
+    and none targets it: ``targets`` given when the log-prob gradient is, whose target entry ``g·(1 − p)`` is never
+    small), or None when every block is kept. Counts blocks and skipped blocks into ``stats``."""
+    kept_blocks = keep.amax(dim=0).bool()
+    if targets is not None:
+        kept_blocks[targets // block_v] = True
+    skipped = kept_blocks.numel() - int(kept_blocks.sum())
+    stats["blocks"] += kept_blocks.numel()
+    stats["skipped"] += skipped
+    if not skipped:
+        return None
+    starts = kept_blocks.nonzero().view(-1) * block_v
+    cols = (starts[:, None] + torch.arange(block_v, device=keep.device)).view(-1)
+    return cols[cols < vocab]
+
+
+def _chunk_products(dz, h, weight, cols, dz_scale: float, d_hidden_rows, d_weight, accumulate: bool) -> None:
+    """The chunk's two cuBLAS products: ``d_hidden_rows = dZ W`` and ``d_weight (+)= dZᵀ h`` (each skipped when
+    None), over the kept columns ``cols`` only when given."""
+    dz_used, w_used = dz, weight
+    if cols is not None:
+        dz_used = dz.index_select(1, cols)
+        w_used = weight.index_select(0, cols) if d_hidden_rows is not None else None
+    if d_hidden_rows is not None:
+        if cols is not None and cols.numel() == 0:
+            d_hidden_rows.zero_()
+        else:
+            _mm_into(d_hidden_rows, dz_used, w_used, dz_scale, accumulate=False)
+    if d_weight is None or (cols is not None and cols.numel() == 0):
+        return
+    if cols is None:
+        _mm_into(d_weight, dz_used.t(), h, dz_scale, accumulate=accumulate)
+    else:
+        part = torch.zeros(cols.numel(), d_weight.shape[1], dtype=d_weight.dtype, device=d_weight.device)
+        _mm_into(part, dz_used.t(), h, dz_scale, accumulate=False)
+        d_weight[cols] += part
+
+
 def triton_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_entropy, params, needs):
     """Fused backward. hidden ``[N, D]``, weight ``[V, D]`` (same dtype, unit inner stride), bias ``[V]`` or None,
     targets ``[N]`` in ``[0, V)``, the forward's ``lse`` and ``mean_z`` ``[N]``, upstream ``grad_logp`` (dL/d logp) and
@@ -311,14 +364,8 @@ def triton_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_
             zeros(vocab) if compute_db else None,
         )
 
-    lse = lse.float().contiguous()  # a backend may keep lse in float64
-    targets = targets.contiguous()
-    grad_logp = None if grad_logp is None else grad_logp.float().contiguous()
-    grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
-    mean_z = None if grad_entropy is None else mean_z.float().contiguous()
-    dz_scale = 1.0
-    if hidden.dtype == torch.float16:
-        dz_scale = _fp16_dz_scale(grad_logp, grad_entropy, vocab, inv_temperature)
+    targets, lse, mean_z, grad_logp, grad_entropy = _row_vectors(targets, lse, mean_z, grad_logp, grad_entropy)
+    dz_scale = _fp16_dz_scale(grad_logp, grad_entropy, vocab, inv_temperature) if hidden.dtype == torch.float16 else 1.0
 
     configs = choose_tile_configs(n_rows, hidden.dtype, device, backward=True)
     weight_grad_bytes = 4 * vocab * dim if needs_weight and hidden.element_size() < 4 else 0
@@ -360,33 +407,12 @@ def triton_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_
 
         if compute_db:
             d_bias += extras["bias_part"].sum(dim=0)
-        w_used, dz_used, cols = weight, dz, None
+        cols = None
         if filtering:
-            block_v = extras["block_v"]
-            kept_blocks = extras["keep"].amax(dim=0).bool()
-            if grad_logp is not None:  # the target's entry g·(1 − p) is never small
-                kept_blocks[targets[r0:r1] // block_v] = True
-            stats["blocks"] += kept_blocks.numel()
-            skipped = kept_blocks.numel() - int(kept_blocks.sum())
-            stats["skipped"] += skipped
-            if skipped:
-                starts = kept_blocks.nonzero().view(-1) * block_v
-                cols = (starts[:, None] + torch.arange(block_v, device=device)).view(-1)
-                cols = cols[cols < vocab]
-                dz_used = dz.index_select(1, cols)
-                w_used = weight.index_select(0, cols) if needs_hidden else None
-        if needs_hidden:
-            if cols is not None and cols.numel() == 0:
-                d_hidden[r0:r1].zero_()
-            else:
-                _mm_into(d_hidden[r0:r1], dz_used, w_used, dz_scale, accumulate=False)
-        if needs_weight and (cols is None or cols.numel()):
-            if cols is None:
-                _mm_into(d_weight, dz_used.t(), h, dz_scale, accumulate=r0 > 0)
-            else:
-                part = torch.zeros(cols.numel(), dim, dtype=d_weight.dtype, device=device)
-                _mm_into(part, dz_used.t(), h, dz_scale, accumulate=False)
-                d_weight[cols] += part
+            chunk_targets = targets[r0:r1] if grad_logp is not None else None
+            cols = _kept_columns(extras["keep"], extras["block_v"], chunk_targets, vocab, stats)
+        d_hidden_rows = None if d_hidden is None else d_hidden[r0:r1]
+        _chunk_products(dz, h, weight, cols, dz_scale, d_hidden_rows, d_weight, accumulate=r0 > 0)
     if filtering:
         last_filter_stats.update(stats)
     return d_hidden, d_weight, d_bias
