@@ -56,7 +56,7 @@ def run_case(backend, dtype, lead, dim, vocab, *, bias, temperature, entropy):
     """Forward and every gradient against float64, within the fixed tolerance or 2x naive's own error in `dtype`.
 
     (float32 near-certain tokens cancel `z_y − lse` and `1 − p_y` in any implementation: naive float32 bounds how
-    well a float32 kernel can do there; float16/bfloat16 allow naive's error plus 1e-3, as DESIGN.md §5.)
+    well a float32 kernel can do there; float16/bfloat16 allow naive's error plus 1e-3, as docs/design.md §2.8.)
     """
     hidden, weight, b, targets = make_inputs(lead, dim, vocab, dtype, bias=bias)
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight) + ((b,) if bias else ())]
