@@ -190,3 +190,24 @@ def test_a_flag_out_of_range_is_one_line_exit_2(flag, value, message, tmp_path, 
 def test_eval_rm_batch_size_out_of_range(tmp_path, capsys):
     assert cli.main(["eval-rm", "--model", "m", "--data", "d", "--batch-size", "0"]) == 2
     assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_bad_paths_and_devices_are_one_line_errors(tiny_paths, tmp_path, capsys):
+    """Each of these used to end in a traceback (or a misleading hub error); now one line naming what is wrong."""
+    model = tiny_paths["model"]
+    cases = [
+        (["train-rm", "--model", model, "--data", tiny_paths["hh"], "--output", str(tmp_path / "a"), "--device",
+          "cuda"], "--device cuda: CUDA is not available"),
+        (["train-rm", "--model", str(tmp_path / "missing"), "--data", tiny_paths["hh"], "--output",
+          str(tmp_path / "b")], "no such folder"),
+        (["eval-rm", "--model", model, "--data", tiny_paths["hh"]], "not a reward model"),
+        (["train-grpo", "--policy", str(tmp_path / "missing"), "--prompts", tiny_paths["cards"], "--reward-fn",
+          "math:sqrt", "--output", str(tmp_path / "c")], "--policy"),
+        (["train-grpo", "--policy", model, "--prompts", tiny_paths["cards"], "--reward-model",
+          str(tmp_path / "no-rm"), "--output", str(tmp_path / "d")], "no such folder"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
