@@ -122,3 +122,23 @@ def apply_liger(model: torch.nn.Module, device: torch.device, enabled: bool) -> 
     except Exception as exc:  # an architecture Liger does not know: keep the plain model
         return f"not applied: {exc}"
     return "applied (rope, rms_norm, swiglu)"
+
+
+def add_configured_lora(cfg, model: torch.nn.Module, backbone: torch.nn.Module) -> int:
+    """LoRA adapters as ``cfg`` asks (``--lora-r`` > 0, else nothing): injected into ``model`` (into the top
+    ``--trainable-layers`` only when set), logged; returns the adapter parameter count (0 without LoRA)."""
+    if not cfg.lora_r:
+        return 0
+    from ..modeling.lora import add_lora
+
+    count = add_lora(
+        model,
+        backbone,
+        r=cfg.lora_r,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules,
+        trainable_layers=cfg.trainable_layers,
+    )
+    log(f"LoRA: {count:,} adapter parameters (r={cfg.lora_r}, alpha={cfg.lora_alpha}); the base and LM head are frozen")
+    return count

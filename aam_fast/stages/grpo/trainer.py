@@ -38,7 +38,7 @@ from ...data import IGNORE_INDEX, load_prompts
 from ...losses import GRPOLoss, default_normalizer, group_advantages
 from ...modeling.heads import head_inputs, lm_head_of
 from ...modeling.layers import backbone_of
-from ...modeling.lora import adapters_disabled, add_lora
+from ...modeling.lora import adapters_disabled
 from ...modeling.reference import frozen_copy
 from ...training import checkpoints
 from ...training.launch import build_engine, launch
@@ -46,6 +46,7 @@ from ...training.metrics import JsonlTable, MetricsWriter
 from ...training.optim import check_loss, optimizer_step
 from ...training.runtime import (
     TrainingDiverged,
+    add_configured_lora,
     apply_liger,
     autocast,
     capture_rng,
@@ -151,17 +152,7 @@ class GRPOTrainer:
         self.reference = frozen_copy(self.policy) if cfg.beta != 0 and not cfg.lora_r else None
         if cfg.trainable_layers is not None:
             train_policy_top_layers(self.policy, cfg.trainable_layers)
-        if cfg.lora_r:
-            adapters = add_lora(
-                self.policy,
-                backbone_of(self.policy),
-                r=cfg.lora_r,
-                alpha=cfg.lora_alpha,
-                dropout=cfg.lora_dropout,
-                target_modules=cfg.lora_target_modules,
-                trainable_layers=cfg.trainable_layers,
-            )
-            log(f"LoRA: {adapters:,} adapter parameters (r={cfg.lora_r}, alpha={cfg.lora_alpha})")
+        add_configured_lora(cfg, self.policy, backbone_of(self.policy))
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer)
         self.generation_config = generation_config(cfg, self.tokenizer, self.eos_ids)
 

@@ -42,7 +42,6 @@ from ...modeling import (
     ReferenceModel,
     RewardModel,
     RewardModelView,
-    add_lora,
     add_packing,
     disable_dropout,
     enable_checkpointing,
@@ -61,6 +60,7 @@ from ...training.launch import build_engine, launch
 from ...training.metrics import MetricsWriter
 from ...training.optim import check_loss, optimizer_step
 from ...training.runtime import (
+    add_configured_lora,
     apply_liger,
     autocast,
     capture_rng,
@@ -109,17 +109,7 @@ def build_model(cfg: RMConfig, device: torch.device) -> tuple[RewardModel, Any]:
         lm = load_causal_lm(cfg.model, **cfg.load_kwargs())
         model = RewardModel(lm, trainable_layers=cfg.trainable_layers, train_lm_head=cfg.trains_lm_head)
     disable_dropout(model)
-    if cfg.lora_r:  # after disable_dropout: --lora-dropout applies to the adapters
-        adapters = add_lora(
-            model.lm,
-            model.backbone,
-            r=cfg.lora_r,
-            alpha=cfg.lora_alpha,
-            dropout=cfg.lora_dropout,
-            target_modules=cfg.lora_target_modules,
-            trainable_layers=cfg.trainable_layers,
-        )
-        log(f"LoRA: {adapters:,} adapter parameters (r={cfg.lora_r}, alpha={cfg.lora_alpha}); the LM head is frozen")
+    add_configured_lora(cfg, model.lm, model.backbone)  # after disable_dropout: --lora-dropout applies
     if cfg.gradient_checkpointing:
         enable_checkpointing(model.lm)
     positions = getattr(model.lm.config.get_text_config(), "max_position_embeddings", None)
