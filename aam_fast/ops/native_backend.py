@@ -93,10 +93,12 @@ def _tiling() -> tuple[int, int, int]:
 
 
 def native_forward(hidden, weight, bias, targets, params: LogprobParams):
-    """Return `(lse [N] float64, target_logit [N] float32, mean_z [N] float32 or None)`, as `torch_forward`.
+    """Return `(lse [N] float64, target_logit [N] float32, mean_z [N] float64 or None)`, as `torch_forward`.
 
-    `lse = max + log Σ exp(z − max)` with the sums in float64 across tiles (float32 within a tile), the target
-    logit read from the tile the logsumexp sees, `mean_z = Σ_v softmax(z)_v z_v`.
+    With `m` the running max, `S = Σ_v exp(z_v − m)` and `A = Σ_v exp(z_v − m)(z_v − m)` (every term ≤ 0: nothing
+    cancels) are float32 within a tile and float64 across tiles; `lse = m + log S`, `mean_z = m + A/S`, so the
+    entropy `lse − mean_z = log S − A/S` is as exact as the sums. The target logit is read from the tile the
+    logsumexp sees.
     """
     load_native()
     with torch.no_grad():
@@ -111,8 +113,11 @@ def native_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_
     each None where `needs` = (hidden, weight, bias) is off. Gradient filtering is not implemented here
     (`grad_filter_eps` must be 0; the backend says so with `grad_filter=False`).
 
-    Each tile's `∂/∂z = s·[g (onehot − p) + e p (mean_z − z)]` (`s = 1/τ`) is formed in place, the target column
-    as `g·q + e p_y (mean_z − z_y)` with `q = 1 − p_y = −expm1(z_y − lse)` in float64 (exact when `p_y ≈ 1`).
+    Each tile's `∂/∂z = s·[g (onehot − p) − e p (log p + H)]` (`s = 1/τ`, `H = lse − mean_z` formed in float64)
+    is formed in place with `log p = (z − lse_hi) − lse_lo`, the float64 `lse` split into float32 `lse_hi + lse_lo`
+    (so `p` carries the rounding of `z − lse`, not of `lse`); the target column as `g·q − e p_y (log p_y + H)` with
+    `q = 1 − p_y = −expm1(z_y − lse)` in float64 (exact when `p_y ≈ 1`). `d_bias` is summed over the rows in
+    float64 and rounded once.
     """
     if params.grad_filter_eps > 0.0:
         raise ValueError("grad_filter_eps is not implemented by backend='native'; use backend='torch' or 'triton'")
