@@ -69,6 +69,19 @@ def test_contended_weight_tiles_match_torch_backend(native, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_forward_keeps_lse_and_mean_z_in_float64(native):
+    """The entropy `lse − mean_z` is formed in float64 by the caller: neither may come back rounded to float32."""
+    gen = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(5, 8, generator=gen) * 4.0, torch.randn(300, 8, generator=gen)
+    targets = torch.randint(0, 300, (5,), generator=gen)
+    lse, target_logit, mean_z = torch.ops.aam_fast.linear_logprobs_forward(hidden, weight, None, targets, 1.0, True)
+    assert lse.dtype == mean_z.dtype == torch.float64 and target_logit.dtype == torch.float32
+    z = hidden.double() @ weight.double().t()
+    p = z.softmax(-1)
+    torch.testing.assert_close(lse, z.logsumexp(-1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse - mean_z, -(p * p.log()).sum(-1), rtol=1e-5, atol=1e-6)
+
+
 def test_no_rows_left_gives_zeros_even_with_an_empty_vocabulary(native):
     hidden = torch.randn(2, 3, 8, requires_grad=True)
     for weight in (torch.randn(11, 8, requires_grad=True), torch.randn(0, 8, requires_grad=True)):

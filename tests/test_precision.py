@@ -21,7 +21,7 @@ CASES = {
     "peaked": dict(n=24, dim=32, vocab=32768, scale=16.0, temperature=1.0, entropy=True),
     "many-rows": dict(n=2048, dim=32, vocab=2048, scale=2.0, temperature=1.0, entropy=False),
 }
-VARIANTS = ["torch", "torch-tiled", "torch-local", "native"]
+VARIANTS = ["torch", "torch-tiled", "torch-local", "native", "native-tiled"]
 
 
 def make_case(n, dim, vocab, scale, seed):
@@ -67,7 +67,7 @@ def variant_fn(variant, targets, temperature, grad_logp, grad_entropy):
             return logp, entropy, loss
 
         return local
-    backend = "torch" if variant.startswith("torch") else variant
+    backend = variant.split("-")[0]
 
     def op(hidden, weight, bias):
         out = aam_fast.linear_logprobs(
@@ -80,25 +80,17 @@ def variant_fn(variant, targets, temperature, grad_logp, grad_entropy):
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_within_twice_naive_float32_error(variant, case, monkeypatch, request):
-    if variant == "native" and not native_backend.native_available():
+def test_within_twice_naive_float32_error(variant, case, monkeypatch):
+    if variant.startswith("native") and not native_backend.native_available():
         pytest.skip(f"native library not built: {native_backend.BUILD_HINT}")
-    if variant == "native" and case == "peaked":
-        pytest.skip(
-            "kernels/cpu/backward.cpp forms p = exp(z − lse) and the entropy term with lse and mean_z rounded to "
-            "float32: 1.2-2.4x naive on logits of std 16 (torch_backward's lse_hi/lse_lo split is the fix)"
-        )
-    if variant == "native" and case == "many-rows":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="kernels/cpu/backward.cpp sums d_bias over the rows serially in float32 (5x naive at N=2048)",
-            )
-        )
     if variant == "torch-tiled":  # 256-row chunks, vocabulary tiles of ~1-11k columns: the cross-tile sums
         monkeypatch.setattr(torch_backend, "_MAX_ROWS", 256)
         monkeypatch.setattr(torch_backend, "_MIN_TILE", 64)
         monkeypatch.setattr(torch_backend, "_TILE_BUDGET_BYTES", 2 * 4 * 256 * 1024)
+    if variant == "native-tiled":  # ragged 10-row blocks and 1000-column tiles, three vocabulary chunks merged
+        monkeypatch.setattr(native_backend, "BLOCK_ROWS", 10)
+        monkeypatch.setattr(native_backend, "TILE_WIDTH", 1000)
+        monkeypatch.setattr(native_backend, "VOCAB_CHUNKS", 3)
     if variant == "torch-local":  # a few row chunks
         rows = 16 if CASES[case]["n"] < 256 else 256
         monkeypatch.setattr(torch_chunked, "_CHUNK_BUDGET_BYTES", 2 * 4 * CASES[case]["vocab"] * rows)

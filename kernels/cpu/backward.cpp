@@ -2,7 +2,7 @@
 // cache, and apply it with two matrix products: d_hidden[block] += dZ W[tile] (the block is the task's own) and
 // d_weight[tile] += dZ^T H[block] (under the tile's lock). Blocks start their vocabulary sweep at spread-out
 // tiles, so concurrent tasks rarely want the same lock; d_weight is written, not zero-filled, by a tile's first
-// product. No per-thread copy of d_weight exists.
+// product. No per-thread copy of d_weight exists; d_bias is summed in float64 under the same lock, rounded once.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
@@ -56,10 +56,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
 
   at::Tensor d_hidden32 = needs_hidden_grad ? at::empty({n, dim}, f32) : at::Tensor();
   at::Tensor d_weight = needs_weight_grad ? at::empty({vocab, dim}, f32) : at::empty({0}, f32);
-  at::Tensor d_bias = needs_bias_grad ? at::zeros({vocab}, f32) : at::empty({0}, f32);
+  at::Tensor d_bias64 = needs_bias_grad ? at::zeros({vocab}, f32.dtype(at::kDouble)) : at::Tensor();
   auto finish = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
     at::Tensor dh = needs_hidden_grad ? d_hidden32.to(hidden.scalar_type()) : at::empty({0}, hidden.options());
-    return {dh, d_weight, d_bias};
+    return {dh, d_weight, needs_bias_grad ? d_bias64.to(at::kFloat) : at::empty({0}, f32)};
   };
   if (n == 0 || !(needs_hidden_grad || needs_weight_grad || needs_bias_grad)) {
     if (needs_hidden_grad) d_hidden32.zero_();
@@ -75,12 +75,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
   const at::Tensor g_buf = grad_logp_in.detach().to(at::kFloat).mul(inv_temperature).contiguous();
   const at::Tensor e_buf = entropy ? grad_entropy_in->detach().to(at::kFloat).mul(inv_temperature).contiguous()
                                  : at::Tensor();
-  const at::Tensor mz_buf = entropy ? mean_z_in->detach().to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor lse_buf = lse_in.detach().to(at::kDouble).contiguous();
+  const double* lse64 = lse_buf.data_ptr<double>();
+  // Per row: the float64 lse as float32 hi + lo (log p = (z - hi) - lo keeps z - lse's rounding only), and the
+  // entropy H = lse - mean_z formed in float64 before its one rounding to float32.
+  std::vector<float> lse_hi(static_cast<size_t>(n)), lse_lo(static_cast<size_t>(n));
+  std::vector<double> entropy64(entropy ? static_cast<size_t>(n) : 0);
+  std::vector<float> entropy32(entropy ? static_cast<size_t>(n) : 0);
+  {
+    const at::Tensor mz_buf = entropy ? mean_z_in->detach().to(at::kDouble).contiguous() : at::Tensor();
+    const double* mz = entropy ? mz_buf.data_ptr<double>() : nullptr;
+    for (int64_t t = 0; t < n; ++t) {
+      const size_t i = static_cast<size_t>(t);
+      lse_hi[i] = static_cast<float>(lse64[t]);
+      lse_lo[i] = static_cast<float>(lse64[t] - static_cast<double>(lse_hi[i]));
+      if (entropy) {
+        entropy64[i] = lse64[t] - mz[t];
+        entropy32[i] = static_cast<float>(entropy64[i]);
+      }
+    }
+  }
   const float* g = g_buf.data_ptr<float>();
   const float* e = entropy ? e_buf.data_ptr<float>() : nullptr;
-  const float* mz = entropy ? mz_buf.data_ptr<float>() : nullptr;
-  const double* lse64 = lse_buf.data_ptr<double>();
   const int64_t* y = targets.data_ptr<int64_t>();
 
   const TilePlan plan = make_plan(n, vocab, dim, block_rows, tile_width, vocab_chunks);
@@ -120,13 +136,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
         const float z_y = !has_target ? 0.0f
                           : tile_bias != nullptr ? (row[col] + tile_bias[col]) * scale
                                                  : row[col] * scale;
-        const float e_row = entropy ? e[t] : 0.0f, mz_row = entropy ? mz[t] : 0.0f;
-        logit_grad_row(row, cols, tile_bias, scale, static_cast<float>(lse64[t]), g[t], entropy, e_row, mz_row);
+        const size_t i = static_cast<size_t>(t);
+        const float e_row = entropy ? e[t] : 0.0f, h_row = entropy ? entropy32[i] : 0.0f;
+        logit_grad_row(row, cols, tile_bias, scale, lse_hi[i], lse_lo[i], g[t], entropy, e_row, h_row);
         if (has_target) {
-          // dz_y = g (1 - p_y) + e p_y (mean_z - z_y), with 1 - p_y = -expm1(z_y - lse) exact when p_y ~ 1
+          // dz_y = g (1 - p_y) - e p_y (log p_y + H), with 1 - p_y = -expm1(z_y - lse) exact when p_y ~ 1
           const double log_p = static_cast<double>(z_y) - lse64[t];
           double dz = -static_cast<double>(g[t]) * std::expm1(log_p);
-          if (entropy) dz += static_cast<double>(e_row) * std::exp(log_p) * (static_cast<double>(mz_row) - z_y);
+          if (entropy) dz -= static_cast<double>(e_row) * std::exp(log_p) * (log_p + entropy64[i]);
           row[col] = static_cast<float>(dz);
         }
       }
@@ -150,10 +167,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
           }
         }
         if (needs_bias_grad) {
-          float* db = d_bias.data_ptr<float>() + v0;
+          // float64 running sums: N rows add up with no float32 rounding per row (a serial float32 sum
+          // grows its error with N; naive autograd's column sum is pairwise)
+          double* db = d_bias64.data_ptr<double>() + v0;
           for (int64_t r = 0; r < nr; ++r) {
             const float* row = zp + r * cols;
-            for (int64_t j = 0; j < cols; ++j) db[j] += row[j];
+            for (int64_t j = 0; j < cols; ++j) db[j] += static_cast<double>(row[j]);
           }
         }
       }

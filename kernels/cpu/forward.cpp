@@ -15,25 +15,34 @@
 namespace aam_fast::cpu {
 namespace {
 
-// One row's running logsumexp: max m, sum_v exp(z_v - m) and sum_v exp(z_v - m) z_v in float64 across tiles.
+// One row's running logsumexp: max m, S = sum_v exp(z_v - m) and A = sum_v exp(z_v - m) (z_v - m) (every term <= 0)
+// in float64 across tiles (float32 within a tile). mean_z = m + A / S, so the entropy lse - mean_z = log S - A / S
+// is as exact as the sums.
 struct RowStats {
   float max = -std::numeric_limits<float>::infinity();
   double sum = 0.0;
-  double sum_z = 0.0;
+  double shift = 0.0;
 };
+
+// Re-base (S, A) from max `from` onto max `to` >= from: A's old terms (z - from) become (z - from) + (from - to).
+void rebase(double& sum, double& shift, float from, float to) {
+  if (sum == 0.0) return;  // nothing folded yet (from = -inf): keep 0, not -inf * 0
+  const double delta = static_cast<double>(from) - static_cast<double>(to);
+  const double rescale = std::exp(delta);
+  shift = (shift + delta * sum) * rescale;
+  sum *= rescale;
+}
 
 void fold_tile_row(RowStats& st, float* z, int64_t cols, const float* bias, float scale, bool with_entropy) {
   const float tile_max = bias_scale_max(z, cols, bias, scale);
   if (tile_max > st.max) {
-    const double rescale = std::exp(static_cast<double>(st.max) - static_cast<double>(tile_max));
-    st.sum *= rescale;
-    st.sum_z *= rescale;
+    rebase(st.sum, st.shift, st.max, tile_max);
     st.max = tile_max;
   }
-  float sum, sum_z;
-  exp_sums(z, cols, st.max, with_entropy, sum, sum_z);
+  float sum, shift;
+  exp_sums(z, cols, st.max, with_entropy, sum, shift);
   st.sum += sum;
-  st.sum_z += sum_z;
+  st.shift += shift;
 }
 
 }  // namespace
@@ -51,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_forward(
 
   at::Tensor lse = at::empty({n}, f32.dtype(at::kDouble));
   at::Tensor target_logit = at::empty({n}, f32);
-  at::Tensor mean_z = at::empty({with_entropy ? n : 0}, f32);
+  at::Tensor mean_z = at::empty({with_entropy ? n : 0}, f32.dtype(at::kDouble));
   if (n == 0) return {lse, target_logit, mean_z};
 
   at::Tensor bias32;
@@ -92,21 +101,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_forward(
   });
 
   double* lse_out = lse.data_ptr<double>();
-  float* mean_z_out = with_entropy ? mean_z.data_ptr<float>() : nullptr;
+  double* mean_z_out = with_entropy ? mean_z.data_ptr<double>() : nullptr;
   at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       float top = -std::numeric_limits<float>::infinity();
       for (int64_t c = 0; c < plan.chunks; ++c) top = std::max(top, stats[c * n + t].max);
-      double sum = 0.0, sum_z = 0.0;
+      double sum = 0.0, shift = 0.0;
       for (int64_t c = 0; c < plan.chunks; ++c) {
-        const RowStats& st = stats[c * n + t];
-        if (st.sum == 0.0) continue;
-        const double rescale = std::exp(static_cast<double>(st.max) - static_cast<double>(top));
-        sum += st.sum * rescale;
-        sum_z += st.sum_z * rescale;
+        RowStats st = stats[c * n + t];
+        rebase(st.sum, st.shift, st.max, top);
+        sum += st.sum;
+        shift += st.shift;
       }
       lse_out[t] = static_cast<double>(top) + std::log(sum);
-      if (mean_z_out != nullptr) mean_z_out[t] = static_cast<float>(sum_z / sum);
+      if (mean_z_out != nullptr) mean_z_out[t] = static_cast<double>(top) + shift / sum;
     }
   });
   return {lse, target_logit, mean_z};

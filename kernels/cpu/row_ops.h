@@ -90,56 +90,61 @@ inline float bias_scale_max(float* z, int64_t n, const float* bias, float scale)
   return best;
 }
 
-// sum_j exp(z_j - m), and sum_j exp(z_j - m) z_j when `with_z` (else 0).
-inline void exp_sums(const float* z, int64_t n, float m, bool with_z, float& sum, float& sum_z) {
+// sum_j exp(z_j - m), and sum_j exp(z_j - m) (z_j - m) when `with_shift` (else 0). With m >= every z_j each
+// term of the second sum is <= 0, so nothing cancels (a sum of exp(z_j - m) z_j mixes signs and loses |z|/H).
+inline void exp_sums(const float* z, int64_t n, float m, bool with_shift, float& sum, float& shift) {
   int64_t j = 0;
   sum = 0.0f;
-  sum_z = 0.0f;
+  shift = 0.0f;
 #if AAM_FAST_AVX2
   const __m256 vm = _mm256_set1_ps(m);
   __m256 s0 = _mm256_setzero_ps(), s1 = s0, t0 = s0, t1 = s0;
   for (; j + 16 <= n; j += 16) {
-    __m256 a = _mm256_loadu_ps(z + j), b = _mm256_loadu_ps(z + j + 8);
-    __m256 ea = exp8(_mm256_sub_ps(a, vm)), eb = exp8(_mm256_sub_ps(b, vm));
+    __m256 a = _mm256_sub_ps(_mm256_loadu_ps(z + j), vm), b = _mm256_sub_ps(_mm256_loadu_ps(z + j + 8), vm);
+    __m256 ea = exp8(a), eb = exp8(b);
     s0 = _mm256_add_ps(s0, ea);
     s1 = _mm256_add_ps(s1, eb);
-    if (with_z) {
+    if (with_shift) {
       t0 = _mm256_fmadd_ps(ea, a, t0);
       t1 = _mm256_fmadd_ps(eb, b, t1);
     }
   }
   sum = hsum8(_mm256_add_ps(s0, s1));
-  sum_z = hsum8(_mm256_add_ps(t0, t1));
+  shift = hsum8(_mm256_add_ps(t0, t1));
 #endif
   for (; j < n; ++j) {
-    float e = std::exp(z[j] - m);
+    const float d = z[j] - m;
+    const float e = std::exp(d);
     sum += e;
-    if (with_z) sum_z += e * z[j];
+    if (with_shift) shift += e * d;
   }
 }
 
-// The logits' gradient of one row, in place: z <- (z + bias) * scale, p = exp(z - lse), then
-// dz = -g p (log-prob only) or dz = p (e (mean_z - z) - g) (with the entropy's upstream gradient e). The target
-// column's `+ g` is left to the caller, which forms it without cancellation.
-inline void logit_grad_row(float* z, int64_t n, const float* bias, float scale, float lse, float g, bool entropy,
-                           float e, float mean_z) {
+// The logits' gradient of one row, in place: z <- (z + bias) * scale, log p = (z - lse_hi) - lse_lo (the float64
+// lse split into float32 hi + lo parts, so log p carries the rounding of z - lse, not of lse), p = exp(log p), then
+// dz = -g p (log-prob only) or dz = p (-e (log p + H) - g) = p (e (mean_z - z) - g) with the entropy H and its
+// upstream gradient e. The target column's `+ g` is left to the caller, which forms it without cancellation.
+inline void logit_grad_row(float* z, int64_t n, const float* bias, float scale, float lse_hi, float lse_lo, float g,
+                           bool entropy, float e, float entropy_value) {
   int64_t j = 0;
 #if AAM_FAST_AVX2
-  const __m256 s = _mm256_set1_ps(scale), vl = _mm256_set1_ps(lse), vg = _mm256_set1_ps(g);
-  const __m256 ve = _mm256_set1_ps(e), vmz = _mm256_set1_ps(mean_z), neg_g = _mm256_set1_ps(-g);
+  const __m256 s = _mm256_set1_ps(scale), vhi = _mm256_set1_ps(lse_hi), vlo = _mm256_set1_ps(lse_lo);
+  const __m256 ve = _mm256_set1_ps(e), vh = _mm256_set1_ps(entropy_value), neg_g = _mm256_set1_ps(-g);
   for (; j + 8 <= n; j += 8) {
     __m256 a = _mm256_loadu_ps(z + j);
     if (bias != nullptr) a = _mm256_add_ps(a, _mm256_loadu_ps(bias + j));
     a = _mm256_mul_ps(a, s);
-    __m256 p = exp8(_mm256_sub_ps(a, vl));
-    __m256 coef = entropy ? _mm256_sub_ps(_mm256_mul_ps(ve, _mm256_sub_ps(vmz, a)), vg) : neg_g;
+    const __m256 log_p = _mm256_sub_ps(_mm256_sub_ps(a, vhi), vlo);
+    const __m256 p = exp8(log_p);
+    const __m256 coef = entropy ? _mm256_fnmadd_ps(ve, _mm256_add_ps(log_p, vh), neg_g) : neg_g;
     _mm256_storeu_ps(z + j, _mm256_mul_ps(p, coef));
   }
 #endif
   for (; j < n; ++j) {
-    float v = bias != nullptr ? (z[j] + bias[j]) * scale : z[j] * scale;
-    float p = std::exp(v - lse);
-    z[j] = entropy ? p * (e * (mean_z - v) - g) : -g * p;
+    const float v = bias != nullptr ? (z[j] + bias[j]) * scale : z[j] * scale;
+    const float log_p = (v - lse_hi) - lse_lo;
+    const float p = std::exp(log_p);
+    z[j] = entropy ? p * (-e * (log_p + entropy_value) - g) : -g * p;
   }
 }
 
