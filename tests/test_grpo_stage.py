@@ -217,12 +217,15 @@ def test_loop_learns_a_rule_reward(policy_dir, tmp_path):
         "completions/mean_length",
         "completions/clipped_ratio",
         "frac_reward_zero_std",
+        "num_tokens",
         "loss",
         "grad_norm",
         "learning_rate",
         "rewards/share_of_a/mean",
     ):
         assert all(math.isfinite(r[key]) for r in rows), key
+    tokens = [r["num_tokens"] for r in rows]
+    assert tokens[0] > 0 and all(b > a for a, b in zip(tokens, tokens[1:], strict=False))  # cumulative, TRL's
 
 
 def test_resume_is_exact(policy_dir, tmp_path):

@@ -25,6 +25,7 @@ TRL_KEYS = {
     "min_reward",
     "mean_reward",
     "max_reward",
+    "num_tokens",
     "rewards/chosen",
     "rewards/rejected",
     "grad_norm",

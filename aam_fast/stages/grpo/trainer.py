@@ -108,7 +108,7 @@ class GRPOTrainer:
         )
         self.engine, self.optimizer, self.scheduler = built.engine, built.optimizer, built.scheduler
         checkpoint = built.checkpoint
-        self.step, self.iteration = 0, 0
+        self.step, self.iteration, self.num_tokens = 0, 0, 0  # num_tokens: prompt + completion tokens, every rank
         self.stream = PromptStream(self.records, cfg.seed)
         self.rollout: list[MicroBatch] | None = None
         self.rollout_metrics: dict[str, float | None] = {}
@@ -181,6 +181,7 @@ class GRPOTrainer:
                 self.iteration += 1
                 self.step += 1
                 row = {"step": self.step, "epoch": self.stream.epoch, **self.rollout_metrics, **metrics}
+                row["num_tokens"] = self.num_tokens
                 rows.append(row)
                 self.metrics_log.write(row)
                 bar.update(1)
@@ -196,6 +197,8 @@ class GRPOTrainer:
     def _new_rollout(self) -> None:
         self.rollout, self.rollout_metrics = self.make_rollout()
         self.iteration = 0
+        local = sum(float(batch.attention_mask.sum()) for batch in self.rollout)
+        self.num_tokens += int(self.ctx.all_reduce_sum(torch.tensor([local])).item())
         every = self.cfg.log_completions_every
         if every and self.step % every == 0:
             rows = []
@@ -391,6 +394,7 @@ class GRPOTrainer:
             "mid_rollout": mid_rollout,
             "iteration": self.iteration,
             "global_batch": cfg.batch_size * self.ctx.world,
+            "num_tokens": self.num_tokens,
         }
         self.last_checkpoint = checkpoints.save_checkpoint(
             self.ctx,
@@ -443,7 +447,7 @@ class GRPOTrainer:
             self.ctx, folder, self.engine, self.optimizer, self.scheduler, STAGE
         )
         self._check_resumable(folder, state, same_ranks=rank_tensors is not None)
-        self.step = state["step"]
+        self.step, self.num_tokens = state["step"], state.get("num_tokens", 0)
         self.stream = PromptStream(self.records, self.cfg.seed, state["data"]["epoch"], state["data"]["index"])
         if state["mid_rollout"]:
             if rank_json is None or "rollout" not in rank_tensors:

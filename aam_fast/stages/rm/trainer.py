@@ -175,7 +175,7 @@ class RMTrainer:
         )
         self.engine, self.optimizer, self.scheduler = built.engine, built.optimizer, built.scheduler
         checkpoint = built.checkpoint
-        self.step = 0
+        self.step, self.num_tokens = 0, 0  # num_tokens: attended tokens trained on so far, every rank (TRL's)
         self.last_checkpoint = checkpoint
         if checkpoint is not None:
             self._resume(checkpoint)
@@ -263,10 +263,11 @@ class RMTrainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics, reduced over every rank."""
         cfg, ctx = self.cfg, self.ctx
-        loss_sum, gaps, margins, chosen, rejected = 0.0, [], [], [], []
+        loss_sum, gaps, margins, chosen, rejected, tokens = 0.0, [], [], [], [], 0
         self.optimizer.zero_grad(set_to_none=True)
         for micro in range(cfg.grad_accum):
             batch = self._micro_batch(self.step * cfg.grad_accum + micro)
+            tokens += int(batch["attention_mask"].sum())
             with ctx.no_sync(self.engine, micro == cfg.grad_accum - 1):
                 result, rewards = self.engine(batch)
                 check_loss(result.loss.item(), self.step + 1, self.last_checkpoint)
@@ -282,6 +283,7 @@ class RMTrainer:
             ctx, self.optimizer, self.scheduler, params, cfg.max_grad_norm, self.step + 1, self.last_checkpoint
         )
         self.step += 1
+        self.num_tokens += int(ctx.all_reduce_sum(torch.tensor([float(tokens)])).item())
         # Metrics over every rank, reduced by counts (sums and example counts, never means of means).
         gap = torch.cat(gaps).float()
         rewards_all = torch.cat(chosen + rejected).float()
@@ -302,6 +304,7 @@ class RMTrainer:
             "max_reward": reward_max,
             "grad_norm": grad_norm,
             "learning_rate": learning_rate,
+            "num_tokens": self.num_tokens,
         }
 
     def _micro_batch(self, index: int) -> dict[str, Any]:
@@ -406,6 +409,7 @@ class RMTrainer:
             "epoch": record["epoch"],
             "loss": record["loss"],
             "global_batch": self.global_batch,
+            "num_tokens": self.num_tokens,
             "scheduler": self.scheduler.state_dict(),
             "config": dataclasses.asdict(self.cfg),
         }
@@ -443,7 +447,7 @@ class RMTrainer:
             raise ValueError(
                 f"{folder} was written by a run of {state['total_steps']} steps; this one has {self.total_steps}"
             )
-        self.step = state["step"]
+        self.step, self.num_tokens = state["step"], state.get("num_tokens", 0)
         log(f"resumed from {folder} at step {self.step}")
 
     def export(self, final_report: dict[str, Any] | None) -> None:
