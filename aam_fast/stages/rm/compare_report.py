@@ -139,7 +139,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# aam-fast compare",
         "",
-        f"{report['train_pairs']} training pairs, top {report['trainable_layers']} layers trained; accuracies in %, "
+        f"{report['train_pairs']} training pairs, top {report['trainable_layers']} decoder layer(s) trained; accuracies in %, "
         f"95% intervals from {report['bootstrap']} paired-bootstrap resamples of the pairs; McNemar exact two-sided "
         f"p against {baseline}.",
         "",
