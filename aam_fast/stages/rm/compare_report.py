@@ -139,9 +139,9 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# aam-fast compare",
         "",
-        f"{report['train_pairs']} training pairs, top {report['trainable_layers']} decoder layer(s) trained; accuracies in %, "
-        f"95% intervals from {report['bootstrap']} paired-bootstrap resamples of the pairs; McNemar exact two-sided "
-        f"p against {baseline}.",
+        f"{report['train_pairs']} training pairs, top {report['trainable_layers']} decoder layer(s) trained; "
+        f"accuracies in %, 95% intervals from {report['bootstrap']} paired-bootstrap resamples of the pairs; "
+        f"McNemar exact two-sided p against {baseline}.",
         "",
         "## AAM margin m during training (every training pair of every step)",
         "",
