@@ -3,6 +3,7 @@ on the session's tiny model: the trunk runs once per sequence whatever the numbe
 plain train-rm run of the same settings, the report has its fields, the saved models load and score as eval-rm does."""
 
 import argparse
+import importlib.util
 import json
 import math
 
@@ -116,15 +117,34 @@ def test_variants_and_setting_errors(tmp_path):
     assert names == ["bt", "pr-beta0.5", "pr-beta2"]
     swept = expand_variants(CompareConfig(margins=["ld"], gammas=[0.0, 1.0], **base))
     assert [(v.name, v.gamma) for v in swept] == [("ld-gamma0", 0.0), ("ld-gamma1", 1.0)]
+    assert [v.effective_gamma for v in expand_variants(CompareConfig(margins=["bt", "pr", "ld"], **base))] == [
+        None,
+        1.0,
+        0.0,
+    ]
     for change, message in [
         ({"trainable_layers": None}, "--trainable-layers is required"),
         ({"margins": ["bt", "bt"]}, "twice"),
         ({"margins": ["bt"], "betas": [1.0]}, "--betas sweeps pr or ld"),
         ({"margins": ["huge"]}, "--margins must be one of"),
         ({"bootstrap": 10}, "--bootstrap must be >= 100"),
+        ({"margins": ["pr"], "betas": [-1.0]}, "--betas must be >= 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             run_compare(CompareConfig(**{**base, **change}))
+
+
+def test_every_compare_flag_shows_its_meaning_and_default():
+    parser = cli.build_parser()._subparsers._group_actions[0].choices["compare"]
+    formatter = parser.formatter_class("compare")
+    flags = {option for action in parser._actions for option in action.option_strings}
+    assert {"--margins", "--betas", "--gammas", "--eval-data", "--bootstrap", "--trunk-memory-gb", "--json"} <= flags
+    assert not {"--margin", "--cache-trunk", "--packing", "--resume"} & flags  # fixed by compare
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.help, f"compare {action.option_strings} has no help"
+        if action.dest != "help" and not action.required:
+            assert "(default" in formatter._get_help_string(action), f"compare {action.option_strings}: no default"
 
 
 # -- end to end on the tiny model --------------------------------------------------------------------------------
@@ -191,6 +211,7 @@ def test_compare_end_to_end(tiny_paths, compare_data, tmp_path, monkeypatch, cap
     assert sum(sub["num_pairs"] for sub in section["subsets"].values()) == 12
     assert (out / "compare.md").read_text().count("| bt |") >= 3
     assert json.loads((out / "compare.json").read_text())["variants"] == report["variants"]
+    assert (report["files"]["png"] is None) == (importlib.util.find_spec("matplotlib") is None)
 
     # each variant is a plain train-rm run of the same settings (same start, data order and seed)
     for margin in ("bt", "pr"):

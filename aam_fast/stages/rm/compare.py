@@ -80,7 +80,8 @@ class VariantTrainer(RMTrainer):
             record[prefix + "length_baseline"] = report["length_baseline"]
             record[prefix + "num_pairs"] = report["num_pairs"]
             self.writer.write(record)
-            log(f"{self.cfg.margin} step {self.step}: {eval_set.name} accuracy {report['accuracy']:.4f}")
+            variant = Path(self.cfg.output).name
+            log(f"{variant} step {self.step}: {eval_set.name} accuracy {report['accuracy']:.4f}")
             first = first or report
         return first
 

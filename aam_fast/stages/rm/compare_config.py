@@ -17,6 +17,11 @@ class CompareConfig(RMConfig):
     """Every setting of a ``compare`` run. train-rm's flags keep their meaning; ``--margin`` is replaced by
     ``--margins`` (and the sweeps), and the trunk is always cached (``--trainable-layers`` is required)."""
 
+    output: str = option(
+        help="the comparison's folder: OUTPUT/<variant>/ (each as train-rm writes it), compare.json, compare.md and "
+        "compare.png",
+        group="output",
+    )
     eval_data: list[str] | None = option(
         None, help="held-out preference files, each one eval set (default: a prompt-hash split of --data)", group="data"
     )
@@ -27,7 +32,10 @@ class CompareConfig(RMConfig):
         group="compare",
     )
     betas: list[float] | None = option(
-        None, help="sweep the AAM margin's scale: one pr/ld variant per value (default: --beta)", group="compare"
+        None,
+        help="sweep the AAM margin's scale: one pr/ld variant per value (default: --beta)",
+        minimum=0.0,
+        group="compare",
     )
     gammas: list[float] | None = option(
         None,
@@ -78,8 +86,6 @@ class CompareConfig(RMConfig):
                 raise ValueError(f"{flag} sweeps pr or ld; --margins lists neither")
             if values is not None and len(set(values)) != len(values):
                 raise ValueError(f"{flag} lists a value twice")
-        if self.betas is not None and any(b < 0 for b in self.betas):
-            raise ValueError("--betas must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,13 @@ class Variant:
     margin: str
     beta: float
     gamma: float | None
+
+    @property
+    def effective_gamma(self) -> float | None:
+        """The reference weight the loss uses (the margin's named default unless set), None for bt and fixed."""
+        if self.margin not in NAMED_GAMMA:
+            return None
+        return NAMED_GAMMA[self.margin] if self.gamma is None else self.gamma
 
 
 def expand_variants(cfg: CompareConfig) -> list[Variant]:

@@ -67,7 +67,7 @@ def build_report(cfg, shared, results: list[dict[str, Any]], cost: dict[str, flo
         variants[variant.name] = {
             "margin": variant.margin,
             "beta": variant.beta,
-            "gamma": variant.gamma,
+            "gamma": variant.effective_gamma,
             "output": summary["output"],
             "steps": summary["steps"],
             "seconds": summary["seconds"],
@@ -122,7 +122,7 @@ def _margin_table(report: dict[str, Any]) -> list[str]:
         m = v["aam_margin"]
         corr = "n/a" if m["corr_with_gap"] is None else f"{m['corr_with_gap']:.3f}"
         loss = "n/a" if v["final_loss"] is None else f"{v['final_loss']:.4f}"
-        gamma = "default" if v["gamma"] is None else f"{v['gamma']:g}"
+        gamma = "" if v["gamma"] is None else f"{v['gamma']:g}"
         cells = [name, f"{v['beta']:g}", gamma, str(v["steps"]), loss, f"{m['mean']:.4f}", f"{m['abs_mean']:.4f}"]
         cells += [f"{m['abs_std']:.4f}", f"{m['abs_p90']:.4f}", corr]
         lines.append("| " + " | ".join(cells) + " |")
