@@ -248,8 +248,29 @@ def test_a_trunk_over_the_budget_is_refused(tiny_paths, compare_data, tmp_path):
         trunk_memory_gb=1e-6,
         **SETTINGS,
     )
-    with pytest.raises(ValueError, match="--trunk-memory-gb"):
+    with pytest.raises(ValueError, match="--trunk-memory-gb 1e-06: the cached trunk would take .* --trunk-dir"):
         run_compare(cfg)
+
+
+def test_a_trunk_kept_on_disk_trains_and_scores_the_same(tiny_paths, compare_data, tmp_path):
+    """--trunk-dir: the trunk in a memory-mapped file (unlinked, nothing left behind) gives the same run."""
+    reports = {}
+    for where in ("memory", "disk"):
+        cfg = CompareConfig(
+            model=tiny_paths["model"],
+            data=compare_data["train"],
+            eval_data=compare_data["evals"][:1],
+            margins=["bt", "pr"],
+            output=str(tmp_path / where),
+            trunk_memory_gb=1e-6 if where == "disk" else 8.0,
+            trunk_dir=str(tmp_path / "spill") if where == "disk" else None,
+            bootstrap=100,
+            **SETTINGS,
+        )
+        reports[where] = run_compare(cfg)
+        assert loss_curve(tmp_path / where / "pr") == loss_curve(tmp_path / "memory" / "pr")
+    assert list((tmp_path / "spill").iterdir()) == []
+    assert reports["disk"]["eval_sets"] == reports["memory"]["eval_sets"]
 
 
 def test_the_demo_shows_bt_beside_aam_pr(tiny_paths, tmp_path, monkeypatch, capsys):

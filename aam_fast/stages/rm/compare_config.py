@@ -48,10 +48,16 @@ class CompareConfig(RMConfig):
     )
     trunk_memory_gb: float = option(
         8.0,
-        help="refuse to start when the cached trunk would exceed this: it holds every sequence's trunk output, "
-        "(tokens of all train and eval sequences) x hidden size x 4 bytes (2 under bfloat16), e.g. SmolLM2-135M "
-        "(hidden 576), 1,000 pairs of 300 tokens: 1.4 GB",
+        help="refuse to start when the cached trunk would exceed this in memory (without --trunk-dir): it holds "
+        "every sequence's trunk output, (tokens of all train and eval sequences) x hidden size x 4 bytes (2 under "
+        "bfloat16), e.g. SmolLM2-135M (hidden 576), 1,000 pairs of 300 tokens: 1.4 GB",
         above=0.0,
+        group="compare",
+    )
+    trunk_dir: str | None = option(
+        None,
+        help="keep the cached trunk in memory-mapped files in this folder instead of memory (for trunks over "
+        "--trunk-memory-gb; the files are unlinked at once, the OS pages them in as batches need them)",
         group="compare",
     )
     json: bool = option(False, help="print the report as one JSON object on stdout", group="output")

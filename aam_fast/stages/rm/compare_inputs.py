@@ -5,6 +5,7 @@ sequences when a variant needs them); and the scoring of a trained model from th
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,15 +76,24 @@ def trunk_bytes(pair_sets: Sequence[Sequence[EncodedPair]], hidden_size: int, it
 
 
 def check_trunk_budget(cfg: CompareConfig, pair_sets, model: RewardModel, amp_dtype: torch.dtype | None) -> int:
-    """The cached trunk's size in bytes; ValueError naming ``--trunk-memory-gb`` when it exceeds the budget."""
+    """The cached trunk's size in bytes; ValueError naming ``--trunk-memory-gb`` when it exceeds the budget in memory,
+    or naming ``--trunk-dir`` when that folder's disk lacks the space."""
     hidden = model.lm.config.get_text_config().hidden_size
     itemsize = (amp_dtype or next(model.parameters()).dtype).itemsize
     size = trunk_bytes(pair_sets, hidden, itemsize)
-    if size > cfg.trunk_memory_gb * 1e9:
+    what = (
+        f"{size / 1e9:.2f} GB ({sum(len(s) for s in pair_sets)} pairs x their tokens x hidden {hidden} x {itemsize} B)"
+    )
+    if cfg.trunk_dir is not None:
+        folder = Path(cfg.trunk_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if size > free:
+            raise ValueError(f"--trunk-dir {folder}: the cached trunk needs {what}, the disk has {free / 1e9:.2f} GB")
+    elif size > cfg.trunk_memory_gb * 1e9:
         raise ValueError(
-            f"--trunk-memory-gb {cfg.trunk_memory_gb}: the cached trunk would take {size / 1e9:.2f} GB "
-            f"({sum(len(s) for s in pair_sets)} pairs x their tokens x hidden {hidden} x {itemsize} bytes); raise the "
-            "budget, or lower --max-pairs / --max-length"
+            f"--trunk-memory-gb {cfg.trunk_memory_gb}: the cached trunk would take {what}; raise the budget, keep it "
+            "on disk with --trunk-dir, or lower --max-pairs / --max-length"
         )
     return size
 
@@ -110,7 +120,8 @@ def prepare_inputs(cfg: CompareConfig, first: RMConfig, needs_reference: bool) -
     log(
         f"data: {len(train)} train pairs; eval sets "
         + (", ".join(f"{name} {len(pairs)}" for name, pairs in encoded_sets) or "none")
-        + f"; {stats.describe()}; cached trunk {size / 1e6:.1f} MB"
+        + f"; {stats.describe()}; cached trunk {size / 1e6:.1f} MB "
+        + ("in memory" if cfg.trunk_dir is None else f"in files under {cfg.trunk_dir}")
     )
     reference = None
     if needs_reference:
