@@ -252,8 +252,19 @@ def test_a_trunk_over_the_budget_is_refused(tiny_paths, compare_data, tmp_path):
         run_compare(cfg)
 
 
-def test_a_trunk_kept_on_disk_trains_and_scores_the_same(tiny_paths, compare_data, tmp_path):
-    """--trunk-dir: the trunk in a memory-mapped file (unlinked, nothing left behind) gives the same run."""
+def test_a_trunk_kept_on_disk_trains_and_scores_the_same(tiny_paths, compare_data, tmp_path, monkeypatch):
+    """--trunk-dir: the trunk in memory-mapped files (one per cache, unlinked: nothing left behind) gives the same
+    run."""
+    from aam_fast.stages.rm import trunk_cache
+
+    files = []
+    file_tensor = trunk_cache._file_tensor
+
+    def counted(folder, rows, width, dtype):
+        files.append((folder, rows, width))
+        return file_tensor(folder, rows, width, dtype)
+
+    monkeypatch.setattr(trunk_cache, "_file_tensor", counted)
     reports = {}
     for where in ("memory", "disk"):
         cfg = CompareConfig(
@@ -269,6 +280,9 @@ def test_a_trunk_kept_on_disk_trains_and_scores_the_same(tiny_paths, compare_dat
         )
         reports[where] = run_compare(cfg)
         assert loss_curve(tmp_path / where / "pr") == loss_curve(tmp_path / "memory" / "pr")
+    # the disk run kept both caches (training pairs, the eval set) in files there; the memory run none
+    assert [folder for folder, _, _ in files] == [tmp_path / "spill"] * 2
+    assert all(rows > 0 and width == 64 for _, rows, width in files)
     assert list((tmp_path / "spill").iterdir()) == []
     assert reports["disk"]["eval_sets"] == reports["memory"]["eval_sets"]
 

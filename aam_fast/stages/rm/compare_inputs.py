@@ -65,6 +65,8 @@ def _load_eval_pairs(cfg: CompareConfig, dev_pairs: list) -> list[tuple[str, lis
         loaded = load_preferences(path, subset_field=cfg.subset_field, skip_invalid=cfg.skip_invalid, **keys)
         if loaded.skipped:
             log(f"skipped {loaded.skipped} invalid records of {path}; first: {loaded.skip_reasons[0]}")
+        if not loaded.pairs:
+            raise ValueError(f"--eval-data {path}: no preference pairs to evaluate")
         sets.append((name, loaded.pairs))
     return sets
 
@@ -126,7 +128,13 @@ def prepare_inputs(cfg: CompareConfig, first: RMConfig, needs_reference: bool) -
     reference = None
     if needs_reference:
         reference = AdapterReference(model) if cfg.lora_r else ReferenceModel(model)
-    caching = dict(batch_size=cfg.eval_batch_size, device=device, autocast_dtype=amp_dtype, progress=cfg.progress)
+    caching = dict(
+        batch_size=cfg.eval_batch_size,
+        device=device,
+        autocast_dtype=amp_dtype,
+        progress=cfg.progress,
+        spill_dir=cfg.trunk_dir,
+    )
     train_cache = TrunkCache(model, train, pad_token_id, reference=reference, backend=cfg.backend, **caching)
     eval_sets = [
         EvalSet(name, pairs, TrunkCache(model, pairs, pad_token_id, **caching)) for name, pairs in encoded_sets
