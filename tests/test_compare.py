@@ -307,3 +307,13 @@ def test_the_demo_shows_bt_beside_aam_pr(tiny_paths, tmp_path, monkeypatch, caps
     assert (published / "config.json").is_file() and (
         tmp_path / demo.DEMO_COMPARE_NAME / "bt" / "config.json"
     ).is_file()
+
+
+def test_variants_must_start_from_the_same_weights():
+    from aam_fast.stages.rm.compare import _check_same_start
+
+    first = {"score.weight": torch.ones(1, 4), "layer.w": torch.zeros(2)}
+    _check_same_start("pr", {k: v.clone() for k, v in first.items()}, first)
+    _check_same_start("pr", {**first, "lm.lm_head.weight": torch.ones(3)}, first)  # trains more: shared ones checked
+    with pytest.raises(RuntimeError, match="variant pr does not start"):
+        _check_same_start("pr", {**first, "score.weight": torch.full((1, 4), 2.0)}, first)

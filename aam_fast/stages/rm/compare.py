@@ -91,10 +91,12 @@ class VariantTrainer(RMTrainer):
 
 
 def _check_same_start(name: str, state: dict[str, torch.Tensor], first: dict[str, torch.Tensor] | None) -> None:
-    """RuntimeError unless ``state`` equals the first variant's initial weights exactly."""
+    """RuntimeError unless every weight ``state`` shares with the first variant's initial weights is equal (a variant
+    may train more, e.g. the LM head under ``--no-detach-margin`` for pr and ld only)."""
     if first is None:
         return
-    if state.keys() != first.keys() or any(not torch.equal(state[k], first[k]) for k in state):
+    common = state.keys() & first.keys()
+    if not common or any(not torch.equal(state[k], first[k]) for k in common):
         raise RuntimeError(f"variant {name} does not start from the first variant's initial weights")
 
 
