@@ -6,6 +6,9 @@ import argparse
 import json
 
 from ...training.config import add_config_command, config_from_args
+from .compare import run_compare
+from .compare_config import CompareConfig
+from .compare_report import format_markdown
 from .config import RMConfig
 from .evaluate import EvalConfig, evaluate_folder, format_report
 from .trainer import train_reward_model
@@ -27,8 +30,17 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_compare_command(args: argparse.Namespace) -> int:
+    report = run_compare(config_from_args(CompareConfig, args))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_markdown(report))
+    return 0
+
+
 def add_parser(subparsers) -> None:
-    """Register ``train-rm`` and ``eval-rm``."""
+    """Register ``train-rm``, ``eval-rm`` and ``compare``."""
     add_config_command(
         subparsers,
         "train-rm",
@@ -44,4 +56,16 @@ def add_parser(subparsers) -> None:
         run_eval,
         help="pairwise accuracy of a saved reward model",
         description="RewardBench-style pairwise accuracy (ties wrong) beside the length baseline.",
+    )
+    add_config_command(
+        subparsers,
+        "compare",
+        CompareConfig,
+        run_compare_command,
+        help="train bt, pr, ld (and beta/gamma sweeps) on one cached trunk and compare held-out accuracy",
+        description="Train reward-model variants side by side (same initial weights, data order and seed; the frozen "
+        "trunk below --trainable-layers computed once for every training and eval sequence) and report each eval "
+        "set's accuracy with bootstrap 95%% intervals, the paired difference against bt with its paired-bootstrap "
+        "interval and an exact McNemar p-value, and each variant's AAM margin size. Writes OUTPUT/<variant>/ (as "
+        "train-rm), OUTPUT/compare.json, compare.md and (with matplotlib) compare.png.",
     )

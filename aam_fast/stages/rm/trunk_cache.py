@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -20,7 +23,9 @@ class TrunkCache:
 
     With a ``reference`` the reference's response log-prob (sum and token count) of each sequence is cached too:
     it depends only on the frozen trunk and the frozen reference top, so training steps need no reference forward.
-    Memory: ``2 · pairs · tokens · D`` values, so this is for small data sets such as the demo's.
+    Memory: ``2 · pairs · tokens · D`` values, so this is for small data sets such as the demo's; with ``spill_dir``
+    they live instead in one memory-mapped file there (unlinked at once, so nothing is left behind), which the OS
+    pages in and out, and :meth:`batch` moves each batch to ``device``.
     """
 
     def __init__(
@@ -35,9 +40,13 @@ class TrunkCache:
         progress: bool,
         reference: ReferenceModel | None = None,
         backend: str = "auto",
+        spill_dir: str | Path | None = None,
     ):
         count = len(pairs)
+        self.device = device
         self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        store, offset = None, 0
+        total_tokens = sum(len(p.chosen.ids) + len(p.rejected.ids) for p in pairs)
         self.ref_sums: dict[int, tuple[float, float]] = {}
         self.ref_counts: dict[int, tuple[int, int]] = {}
         # Chunks of similar length pad little; the order is fixed, so every run caches the same values.
@@ -56,9 +65,19 @@ class TrunkCache:
             attention_mask = batch["attention_mask"].to(device)
             with autocast(device, autocast_dtype):
                 hidden = model.trunk_output(input_ids, attention_mask)
+            if spill_dir is not None and store is None:
+                store = _file_tensor(Path(spill_dir), total_tokens, hidden.shape[-1], hidden.dtype)
             for row, index in enumerate(chunk):
                 chosen_len, rejected_len = len(pairs[index].chosen.ids), len(pairs[index].rejected.ids)
-                self.rows[index] = (hidden[row, :chosen_len].clone(), hidden[n + row, :rejected_len].clone())
+                chosen, rejected = hidden[row, :chosen_len], hidden[n + row, :rejected_len]
+                if store is None:
+                    self.rows[index] = (chosen.clone(), rejected.clone())
+                    continue
+                end = offset + chosen_len + rejected_len
+                store[offset : offset + chosen_len] = chosen
+                store[offset + chosen_len : end] = rejected
+                self.rows[index] = (store[offset : offset + chosen_len], store[offset + chosen_len : end])
+                offset = end
             if reference is not None:
                 with torch.no_grad():
                     with autocast(device, autocast_dtype):
@@ -77,7 +96,7 @@ class TrunkCache:
     def batch(self, indices: Sequence[int], length: int) -> torch.Tensor:
         """``[2B, length, D]`` trunk outputs of pairs ``indices`` in ``[chosen; rejected]`` order, zero-padded."""
         sample = self.rows[indices[0]][0]
-        out = sample.new_zeros(2 * len(indices), length, sample.shape[-1])
+        out = torch.zeros(2 * len(indices), length, sample.shape[-1], dtype=sample.dtype, device=self.device)
         for row, index in enumerate(indices):
             chosen, rejected = self.rows[index]
             out[row, : chosen.shape[0]] = chosen
@@ -94,3 +113,16 @@ class TrunkCache:
                 total, count = self.ref_sums[index][side], self.ref_counts[index][side]
                 values.append(total / max(count, 1) if length_norm == "mean" else total)
         return torch.tensor(values, dtype=torch.float32)
+
+
+def _file_tensor(folder: Path, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed ``[rows, width]`` tensor backed by a new file in ``folder`` (memory-mapped, shared), the file
+    unlinked at once: the mapping stays valid and the space is freed when the tensor is."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=folder, prefix="trunk-", suffix=".bin")
+    os.close(handle)
+    try:
+        flat = torch.from_file(name, shared=True, size=max(rows * width, 1), dtype=dtype)
+    finally:
+        os.remove(name)
+    return flat[: rows * width].view(rows, width)

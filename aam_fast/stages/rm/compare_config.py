@@ -1,0 +1,145 @@
+"""``aam-fast compare``'s settings: train-rm's (:class:`RMConfig`, the same flags where they apply) plus the
+variants to train, the eval sets and the statistics; and the variants it expands to."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...losses import MARGINS, NAMED_GAMMA
+from ...training.config import TrainingConfig, option
+from .config import RMConfig
+
+
+@dataclasses.dataclass(kw_only=True)
+class CompareConfig(RMConfig):
+    """Every setting of a ``compare`` run. train-rm's flags keep their meaning; ``--margin`` is replaced by
+    ``--margins`` (and the sweeps), and the trunk is always cached (``--trainable-layers`` is required)."""
+
+    output: str = option(
+        help="the comparison's folder: OUTPUT/<variant>/ (each as train-rm writes it), compare.json, compare.md and "
+        "compare.png",
+        group="output",
+    )
+    eval_data: list[str] | None = option(
+        None, help="held-out preference files, each one eval set (default: a prompt-hash split of --data)", group="data"
+    )
+    margins: list[str] = option(
+        help="the margins to train side by side; bt (when listed) is the baseline of the paired tests",
+        choices=MARGINS,
+        factory=lambda: ["bt", "pr", "ld"],
+        group="compare",
+    )
+    betas: list[float] | None = option(
+        None,
+        help="sweep the AAM margin's scale: one pr/ld variant per value (default: --beta)",
+        minimum=0.0,
+        group="compare",
+    )
+    gammas: list[float] | None = option(
+        None,
+        help="sweep the reference weight: one pr/ld variant per value (pr and ld differ only in their default "
+        "gamma, so a sweep usually lists one of them)",
+        group="compare",
+    )
+    bootstrap: int = option(
+        2000, help="paired-bootstrap resamples of the pairs for the 95%% intervals", minimum=100, group="compare"
+    )
+    trunk_memory_gb: float = option(
+        8.0,
+        help="refuse to start when the cached trunk would exceed this in memory (without --trunk-dir): it holds "
+        "every sequence's trunk output, (tokens of all train and eval sequences) x hidden size x 4 bytes (2 under "
+        "bfloat16), e.g. SmolLM2-135M (hidden 576), 1,000 pairs of 300 tokens: 1.4 GB",
+        above=0.0,
+        group="compare",
+    )
+    trunk_dir: str | None = option(
+        None,
+        help="keep the cached trunk in memory-mapped files in this folder instead of memory (for trunks over "
+        "--trunk-memory-gb; the files are unlinked at once, the OS pages them in as batches need them)",
+        group="compare",
+    )
+    json: bool = option(False, help="print the report as one JSON object on stdout", group="output")
+
+    trainable_layers: int | None = option(
+        None,
+        help="required: train only the top K decoder layers, the final norm and the score head of every variant; "
+        "the trunk below them runs once per sequence",
+        minimum=1,
+        group="model",
+    )
+
+    # train-rm settings compare fixes: one margin per variant, the cached trunk, no packing, no resume, one process.
+    margin: str = "bt"
+    strategy: str = "ddp"
+    cache_trunk: bool = True
+    packing: bool = False
+    resume: str | None = None
+    eval_every: int = 0
+
+    def validate(self) -> None:
+        TrainingConfig.validate(self)
+        if self.trainable_layers is None:
+            raise ValueError("--trainable-layers is required: compare trains the top layers on one cached trunk")
+        if not self.margins:
+            raise ValueError("--margins needs at least one margin")
+        if len(set(self.margins)) != len(self.margins):
+            raise ValueError(f"--margins lists a margin twice: {' '.join(self.margins)}")
+        aam = [m for m in self.margins if m in NAMED_GAMMA]
+        for flag, values in (("--betas", self.betas), ("--gammas", self.gammas)):
+            if values is not None and not aam:
+                raise ValueError(f"{flag} sweeps pr or ld; --margins lists neither")
+            if values is not None and len(set(values)) != len(values):
+                raise ValueError(f"{flag} lists a value twice")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One trained model of a comparison: its margin, scale and reference weight, and its folder name."""
+
+    name: str
+    margin: str
+    beta: float
+    gamma: float | None
+
+    @property
+    def effective_gamma(self) -> float | None:
+        """The reference weight the loss uses (the margin's named default unless set), None for bt and fixed."""
+        if self.margin not in NAMED_GAMMA:
+            return None
+        return NAMED_GAMMA[self.margin] if self.gamma is None else self.gamma
+
+
+def expand_variants(cfg: CompareConfig) -> list[Variant]:
+    """One variant per listed margin, and per (beta, gamma) of the sweeps for pr and ld, in the order listed. Names
+    are the margin, with ``-beta<b>`` / ``-gamma<g>`` when that setting is swept."""
+    variants = []
+    for margin in cfg.margins:
+        if margin not in NAMED_GAMMA:
+            variants.append(Variant(margin, margin, cfg.beta, None))
+            continue
+        for beta in cfg.betas or [cfg.beta]:
+            for gamma in cfg.gammas or [cfg.gamma]:
+                name = margin + (f"-beta{beta:g}" if cfg.betas else "") + (f"-gamma{gamma:g}" if cfg.gammas else "")
+                variants.append(Variant(name, margin, beta, gamma))
+    return variants
+
+
+def variant_config(cfg: CompareConfig, variant: Variant) -> RMConfig:
+    """The train-rm settings of ``variant``: every shared setting of ``cfg``, its margin, beta and gamma, the cached
+    trunk, and ``OUTPUT/<variant>`` as its output folder."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RMConfig)}
+    values.update(
+        margin=variant.margin,
+        beta=variant.beta,
+        gamma=variant.gamma,
+        output=str(Path(cfg.output) / variant.name),
+        eval_data=None,
+        dev_fraction=0.0 if cfg.eval_data else cfg.dev_fraction,
+        cache_trunk=True,
+        packing=False,
+        resume=None,
+        eval_every=0,
+    )
+    return RMConfig(**values)
