@@ -615,3 +615,12 @@ def test_gradient_checkpointing_gives_the_same_policy(policy_dir, tmp_path, monk
     a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "gc" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_trl_loss_type_names_run_as_their_aggregation(policy_dir, tmp_path):
+    """--loss-type dr_grpo is seq-mean-token-sum-norm: the same losses, step for step."""
+    ours = train_grpo(
+        small_config(policy_dir, tmp_path, output=str(tmp_path / "a"), loss_type="seq-mean-token-sum-norm")
+    )
+    trl = train_grpo(small_config(policy_dir, tmp_path, output=str(tmp_path / "b"), loss_type="dr_grpo"))
+    assert [r["loss"] for r in ours] == [r["loss"] for r in trl]

@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Callable
 
 from ...data import DEFAULT_OPENING_TURN
-from ...losses import KL_KINDS, LOSS_TYPES, SCALE_REWARDS
+from ...losses import KL_KINDS, LOSS_TYPE_ALIASES, LOSS_TYPES, SCALE_REWARDS
 from ...training.config import LR_SCHEDULES, TrainingConfig, option
 
 RewardFn = Callable[..., list]
@@ -65,7 +65,12 @@ class GRPOConfig(TrainingConfig):
     kl: str = option("k3", help="KL estimator", choices=KL_KINDS, group="loss")
     epsilon: float = option(0.2, help="lower clip range of the importance ratio", minimum=0.0, group="loss")
     epsilon_high: float | None = option(None, help="upper clip range (default: --epsilon)", minimum=0.0, group="loss")
-    loss_type: str = option("token-mean", help="how token losses are aggregated", choices=LOSS_TYPES, group="loss")
+    loss_type: str = option(
+        "token-mean",
+        help="how token losses are aggregated (TRL's names grpo, bnpo, dapo, dr_grpo are aliases)",
+        choices=(*LOSS_TYPES, *LOSS_TYPE_ALIASES),
+        group="loss",
+    )
     scale_rewards: str = option(
         "group",
         help="advantage scaling: per-group std, batch std, or none (Dr. GRPO)",
