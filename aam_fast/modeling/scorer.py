@@ -19,7 +19,8 @@ class RewardScorer:
     completion becomes an assistant message, rendered by the saved chat template). Sequences are truncated as in
     training (``max_length`` defaults to the one the model was trained with) and scored in batches of
     ``batch_size``, right-padded (``packing``: each batch as one padding-free row, :mod:`aam_fast.modeling.packing`).
-    Returns float32 rewards ``[n]`` on CPU.
+    Returns float32 rewards ``[n]`` on CPU. ``load_kwargs`` (``attn_implementation``, ``trust_remote_code``) go to
+    ``from_pretrained``.
     """
 
     def __init__(
@@ -30,11 +31,14 @@ class RewardScorer:
         max_length: int | None = None,
         batch_size: int = 8,
         packing: bool = False,
+        **load_kwargs,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.packing = packing
-        self.model, self.tokenizer, self.metadata = load_reward_model(model_dir, dtype=dtype, device=device)
+        self.model, self.tokenizer, self.metadata = load_reward_model(
+            model_dir, dtype=dtype, device=device, **load_kwargs
+        )
         self.model.eval()
         self.device = torch.device(device)
         self.batch_size = batch_size

@@ -97,6 +97,7 @@ class GRPOTrainer:
                 max_length=cfg.rm_max_length,
                 batch_size=cfg.rm_batch_size,
                 packing=cfg.packing,
+                **cfg.load_kwargs(),
             )
         self.rewards = RewardSources(scorer, cfg.reward_fns, cfg.reward_weights)
         self.loss_fn = GRPOLoss(
