@@ -1,8 +1,9 @@
 """End to end: a whole reward-model run of `aam-fast train-rm` against TRL's `RewardTrainer`, same model, data and
 settings, each case in its own process (real tokens per second of the training steps, peak RSS, dev accuracy).
 
-Cases: ``trl-bt`` (TRL's RewardTrainer, Bradley-Terry), ``aam-bt``, ``aam-bt-packing``, ``aam-pr`` and ``aam-ld``
-(`train-rm --margin ...`; PR keeps a frozen reference, LD needs none). The pairs are hh-rlhf transcripts as TRL's
+Cases: ``trl-bt`` (TRL's RewardTrainer, Bradley-Terry), ``aam-bt``, ``aam-bt-packing``, ``aam-bt-packing-gc`` (with
+gradient checkpointing), ``aam-pr`` and ``aam-ld`` (`train-rm --margin ...`; PR keeps a frozen reference, LD needs
+none). The pairs are hh-rlhf transcripts as TRL's
 conversational records, kept only where both responses fit ``--max-length`` tokens through the model's chat template
 (TRL drops longer pairs, train-rm cuts their prompts: the filter gives both the same pairs). Both full-fine-tune in
 float32 with the same learning rate, batch size, steps, warmup and thread count; dev accuracy is `eval-rm` on the
@@ -26,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CASES = ("trl-bt", "aam-bt", "aam-bt-packing", "aam-pr", "aam-ld")
+CASES = ("trl-bt", "aam-bt", "aam-bt-packing", "aam-bt-packing-gc", "aam-pr", "aam-ld")
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 DEV_FRACTION = 0.2
 
@@ -77,6 +78,8 @@ def run_trl(args, data: Path, output: Path) -> dict:
         seed=args.seed,
         use_cpu=True,
         dataloader_num_workers=0,
+        bf16=False,  # TRL's defaults are bf16 autocast and gradient checkpointing: float32 without, as train-rm runs
+        gradient_checkpointing=False,
     )
     trainer = RewardTrainer(model=args.model, args=config, train_dataset=train)
     started = time.perf_counter()
@@ -87,7 +90,7 @@ def run_trl(args, data: Path, output: Path) -> dict:
     return {"seconds": seconds, "tokens": trainer._total_train_tokens, "peak": peak}
 
 
-def run_aam(args, data: Path, output: Path, margin: str, packing: bool) -> dict:
+def run_aam(args, data: Path, output: Path, margin: str, packing: bool, checkpointing: bool) -> dict:
     from aam_fast.stages.rm.config import RMConfig
     from aam_fast.stages.rm.trainer import RMTrainer
 
@@ -97,6 +100,7 @@ def run_aam(args, data: Path, output: Path, margin: str, packing: bool) -> dict:
         output=str(output),
         margin=margin,
         packing=packing,
+        gradient_checkpointing=checkpointing,
         dev_fraction=0.0,
         max_length=args.max_length,
         batch_size=args.batch_size,
@@ -132,7 +136,7 @@ def child(args) -> dict:
         result = run_trl(args, data, output)
     else:
         _, margin, *rest = args.case.split("-")
-        result = run_aam(args, data, output, margin, packing=rest == ["packing"])
+        result = run_aam(args, data, output, margin, packing="packing" in rest, checkpointing="gc" in rest)
     from aam_fast.stages.rm.evaluate import EvalConfig, evaluate_folder
 
     report = evaluate_folder(EvalConfig(model=str(output), data=args.dev, progress=False))
