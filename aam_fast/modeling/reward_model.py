@@ -128,6 +128,10 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def trunk_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The frozen trunk's output ``[B, T, D]`` (the input of the first trainable layer), the top not run."""
+        return self._run_trunk(input_ids, attention_mask).hidden
+
+    def _run_trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LayerInputCapture:
+        """The frozen trunk alone: what the first trainable layer would be called with."""
         capture = LayerInputCapture(stop=True)
         handle = self.first_trainable_layer.register_forward_pre_hook(capture, with_kwargs=True)
         try:
@@ -136,7 +140,19 @@ class RewardModel(nn.Module):
             pass
         finally:
             handle.remove()
-        return capture.hidden
+        return capture
+
+    @torch.no_grad()
+    def reference_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, reference: ReferenceModel
+    ) -> torch.Tensor:
+        """The reference's final hidden states ``[B, T, D]`` alone (no reward; under ``trainable_layers`` the shared
+        frozen trunk, then the reference's own top layers)."""
+        with reference.running():
+            if reference.top_only:
+                return self._run_trunk(input_ids, attention_mask).run(reference.layers, reference.norm)
+            out = reference.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return out.last_hidden_state
 
     @contextlib.contextmanager
     def _top_layers_fed(self, trunk_hidden: torch.Tensor):

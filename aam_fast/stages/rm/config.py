@@ -77,6 +77,12 @@ class RMConfig(TrainingConfig):
         "(memory: 2 x pairs x tokens x hidden size)",
         group="model",
     )
+    precompute_ref_logps: bool = option(
+        True,
+        help="PR: compute the frozen reference's response log-probs once, in one no-grad pass over the pairs the run "
+        "visits, and free the reference (off: a reference forward in every step)",
+        group="model",
+    )
     eval_every: int = option(0, help="steps between dev evaluations (0: only at the end)", minimum=0, group="output")
 
     def column_keys(self) -> dict[str, str]:
@@ -94,8 +100,13 @@ class RMConfig(TrainingConfig):
             raise ValueError("--gamma applies to --margin pr or ld")
         if self.cache_trunk and self.trainable_layers is None:
             raise ValueError("--cache-trunk needs --trainable-layers (there is no frozen trunk to cache otherwise)")
-        if self.packing and (self.cache_trunk or (self.needs_reference and self.trainable_layers is not None)):
-            raise ValueError("--packing does not combine with --cache-trunk or a top-layers-only PR reference")
+        top_only_reference = self.needs_reference and self.trainable_layers is not None
+        top_only_reference = top_only_reference and not self.precompute_ref_logps
+        if self.packing and (self.cache_trunk or top_only_reference):
+            raise ValueError(
+                "--packing does not combine with --cache-trunk or, under --no-precompute-ref-logps, a top-layers-only "
+                "PR reference"
+            )
 
     @property
     def effective_gamma(self) -> float:

@@ -68,12 +68,13 @@ from ...training.runtime import (
 )
 from .config import RMConfig
 from .evaluate import evaluate_pairs, format_report
+from .reference_logps import ReferenceLogps, precompute_reference_logps
 from .trunk_cache import TrunkCache
 
 # train-rm's settings a resumed run may change beside the shared ones (training.checkpoints.RESUME_FREE), and those
 # that change only how the same numbers are computed (allowed with a warning).
 RESUME_FREE = frozenset({"eval_every", "eval_batch_size", "skip_invalid"})
-RESUME_NUMERICS = frozenset({"cache_trunk"})
+RESUME_NUMERICS = frozenset({"cache_trunk", "precompute_ref_logps"})
 # The settings that define the loss (AAMLoss's keyword arguments).
 LOSS_SETTINGS = (
     "margin",
@@ -96,6 +97,15 @@ def micro_batch_indices(n_pairs: int, batch_size: int, seed: int, index: int) ->
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n_pairs, generator=generator)
     return epoch, order[position * batch_size : (position + 1) * batch_size].tolist()
+
+
+def pairs_visited(n_pairs: int, batch_size: int, seed: int, micro_batches: int) -> list[int]:
+    """The indices of the pairs that global micro-batches ``0 .. micro_batches - 1`` visit, ascending."""
+    per_epoch = n_pairs // batch_size
+    if micro_batches >= per_epoch:  # a whole epoch: every pair but the epoch's dropped tail, so take them all
+        return list(range(n_pairs))
+    generator = torch.Generator().manual_seed(seed * 1_000_003)
+    return sorted(torch.randperm(n_pairs, generator=generator)[: micro_batches * batch_size].tolist())
 
 
 def build_model(cfg: RMConfig, device: torch.device) -> tuple[RewardModel, Any]:
@@ -169,6 +179,10 @@ class RMTrainer:
         if cfg.needs_reference:  # with LoRA: the model itself, adapters disabled
             self.reference = AdapterReference(self.model) if cfg.lora_r else ReferenceModel(self.model)
         self._encode_data()
+        self.reference_logps: ReferenceLogps | None = None
+        if self.reference is not None and cfg.precompute_ref_logps and not cfg.cache_trunk:
+            self.reference_logps = self._precompute_reference_logps()
+            self.reference = None  # the steps read the precomputed values; a reference copy is freed here
         self.loss_fn = AAMLoss(**{name: getattr(cfg, name) for name in LOSS_SETTINGS})
         built = build_engine(
             run, cfg, self.model, self._micro_batch_loss, load_reward_weights, self._param_groups, self.total_steps
@@ -182,6 +196,8 @@ class RMTrainer:
         resume_step = self.step if checkpoint is not None else None
         self.writer = self.ctx.writer(lambda: MetricsWriter(self.output, cfg.report_to, resume_step))
         self.trunk_cache = self._cache_trunk() if cfg.cache_trunk else None
+        if self.trunk_cache is not None:
+            self.reference_logps = self.trunk_cache.reference_logps
         self.evals: list[dict[str, Any]] = []
 
     # -- setup ------------------------------------------------------------------------------------------------
@@ -208,6 +224,27 @@ class RMTrainer:
         trainable = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("score.")]
         groups = [{"params": trainable, "lr": cfg.lr}, {"params": [model.score.weight], "lr": cfg.score_lr or cfg.lr}]
         return [g for g in groups if g["params"]]
+
+    def _precompute_reference_logps(self) -> ReferenceLogps:
+        """The reference's response log-probs of every pair this run visits (from step 0, so a resumed run
+        computes the same values), before the engine wraps the model."""
+        cfg = self.cfg
+        visited = pairs_visited(len(self.train_encoded), self.global_batch, cfg.seed, self.total_steps * cfg.grad_accum)
+        store = precompute_reference_logps(
+            self.model,
+            self.reference,
+            self.train_encoded,
+            visited,
+            self.pad_token_id,
+            ctx=self.ctx,
+            batch_size=cfg.eval_batch_size,
+            device=self.device,
+            autocast_dtype=self.amp_dtype,
+            backend=cfg.backend,
+            progress=cfg.progress and self.ctx.is_main,
+        )
+        log(f"reference log-probs of {len(visited)} pairs precomputed in {store.seconds:.1f} s; the reference is freed")
+        return store
 
     def _cache_trunk(self) -> TrunkCache:
         return TrunkCache(
@@ -319,15 +356,15 @@ class RMTrainer:
         batch["trunk"] = batch["ref_logps"] = None
         if self.trunk_cache is not None:
             batch["trunk"] = self.trunk_cache.batch(ids, batch["input_ids"].shape[1])
-            ref_logps = self.trunk_cache.ref_logps(ids, self.cfg.length_norm)
-            batch["ref_logps"] = None if ref_logps is None else ref_logps.to(self.device)
+        if self.reference_logps is not None:
+            batch["ref_logps"] = self.reference_logps.batch(ids, self.cfg.length_norm).to(self.device)
         return batch
 
     def _micro_batch_loss(self, model: RewardModel, batch: dict[str, Any]):
         """``(AAMOutput, rewards [2B])`` of one micro-batch: the root module's forward under DDP/FSDP2, so the fused
         op sees the full LM-head weight."""
         cfg, reference = self.cfg, self.reference
-        step_reference = None if self.trunk_cache is not None else reference
+        step_reference = None if self.reference_logps is not None else reference
         with autocast(self.device, self.amp_dtype):
             if cfg.packing:
                 out = packed_reward_forward(model, batch, reference=step_reference)

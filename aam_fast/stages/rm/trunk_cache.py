@@ -11,18 +11,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ...data import IGNORE_INDEX, EncodedPair, collate_pairs
-from ...modeling import ReferenceModel, RewardModel, head_inputs
-from ...ops import linear_logprobs
+from ...data import EncodedPair, collate_pairs
+from ...modeling import ReferenceModel, RewardModel
 from ...training.runtime import autocast
+from .reference_logps import ReferenceLogps, length_sorted_chunks, response_logps
 
 
 class TrunkCache:
     """The frozen trunk's output for every training sequence, computed once (in fixed chunks of the data order, so
     a resumed run caches exactly the same values) and reused every epoch: later steps run only the top layers.
 
-    With a ``reference`` the reference's response log-prob (sum and token count) of each sequence is cached too:
-    it depends only on the frozen trunk and the frozen reference top, so training steps need no reference forward.
+    With a ``reference`` the reference's response log-probs are cached too (:attr:`reference_logps`): they depend
+    only on the frozen trunk and the frozen reference top, so training steps need no reference forward.
     Memory: ``2 · pairs · tokens · D`` values, so this is for small data sets such as the demo's; with ``spill_dir``
     they live instead in one memory-mapped file there (unlinked at once, so nothing is left behind), which the OS
     pages in and out, and :meth:`batch` moves each batch to ``device``.
@@ -47,18 +47,15 @@ class TrunkCache:
         self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         store, offset = None, 0
         total_tokens = sum(len(p.chosen.ids) + len(p.rejected.ids) for p in pairs)
-        self.ref_sums: dict[int, tuple[float, float]] = {}
-        self.ref_counts: dict[int, tuple[int, int]] = {}
+        self.reference_logps = None if reference is None else ReferenceLogps(count)
         # Chunks of similar length pad little; the order is fixed, so every run caches the same values.
-        order = sorted(range(count), key=lambda i: (max(len(pairs[i].chosen.ids), len(pairs[i].rejected.ids)), i))
-        for start in tqdm(
-            range(0, count, batch_size),
+        for chunk in tqdm(
+            length_sorted_chunks(pairs, range(count), batch_size),
             desc="caching frozen trunk",
             disable=not progress,
             file=sys.stderr,
             leave=False,
         ):
-            chunk = order[start : start + batch_size]
             n = len(chunk)
             batch = collate_pairs([pairs[i] for i in chunk], pad_token_id)
             input_ids = batch["input_ids"].to(device)
@@ -82,16 +79,9 @@ class TrunkCache:
                 with torch.no_grad():
                     with autocast(device, autocast_dtype):
                         out = model(input_ids, attention_mask, reference=reference, trunk_hidden=hidden)
-                    ref_hidden, ref_weight, ref_bias = head_inputs(
-                        out.ref_hidden[:, :-1], reference.lm_head_weight, reference.lm_head_bias, autocast_dtype
-                    )
-                    targets = batch["labels"][:, 1:].to(device)
-                    token_logps = linear_logprobs(ref_hidden, ref_weight, targets, bias=ref_bias, backend=backend)
-                sums = token_logps.sum(-1).cpu()
-                counts = (targets != IGNORE_INDEX).sum(-1).cpu()
-                for row, index in enumerate(chunk):
-                    self.ref_sums[index] = (sums[row].item(), sums[n + row].item())
-                    self.ref_counts[index] = (int(counts[row]), int(counts[n + row]))
+                self.reference_logps.store(
+                    chunk, *response_logps(reference, out.ref_hidden, batch["labels"], autocast_dtype, backend)
+                )
 
     def batch(self, indices: Sequence[int], length: int) -> torch.Tensor:
         """``[2B, length, D]`` trunk outputs of pairs ``indices`` in ``[chosen; rejected]`` order, zero-padded."""
@@ -102,17 +92,6 @@ class TrunkCache:
             out[row, : chosen.shape[0]] = chosen
             out[len(indices) + row, : rejected.shape[0]] = rejected
         return out
-
-    def ref_logps(self, indices: Sequence[int], length_norm: str) -> torch.Tensor | None:
-        """The reference's sequence log-probs ``[2B]`` (``"mean"`` or ``"sum"``) of pairs ``indices``, or None."""
-        if not self.ref_sums:
-            return None
-        values = []
-        for side in (0, 1):
-            for index in indices:
-                total, count = self.ref_sums[index][side], self.ref_counts[index][side]
-                values.append(total / max(count, 1) if length_norm == "mean" else total)
-        return torch.tensor(values, dtype=torch.float32)
 
 
 def _file_tensor(folder: Path, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
