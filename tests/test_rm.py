@@ -3,6 +3,7 @@ and the short training run also on the real stories260k model and hh-rlhf pairs 
 goes down, checkpoints load and resume exactly, failures stop cleanly, evaluation counts as RewardBench does."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -87,6 +88,7 @@ def test_short_training_lowers_the_loss_and_leaves_loadable_checkpoints(any_path
     assert sum(r["accuracy"] for r in rows[-6:]) / 6 > 0.6
     evals = [r for r in read_metrics(out) if "eval_accuracy" in r]
     assert [r["step"] for r in evals] == [16, 32]
+    assert all(r["eval_loss"] > 0 and math.isfinite(r["eval_loss"]) for r in evals)
     assert summary["eval"]["num_pairs"] == summary["dev_pairs"] > 0
     assert 0 <= summary["eval"]["accuracy"] <= 1 and "length_baseline" in summary["eval"]
     assert json.loads((out / "summary.json").read_text())["steps"] == 32
@@ -241,6 +243,9 @@ def test_pairwise_report_counts_ties_as_wrong():
     assert report["subsets"]["b"]["accuracy"] == 0.5 and report["subsets"]["b"]["length_baseline"] == 0.5
     gap = report["reward_gap"]
     assert gap["min"] == -1.0 and gap["max"] == 1.0 and gap["median"] == pytest.approx(0.05)
+    # the Bradley-Terry loss log(1 + e^-gap) of gaps 1, 0, 0.1, -1
+    expected = sum(math.log1p(math.exp(-g)) for g in (1.0, 0.0, 0.1, -1.0)) / 4
+    assert report["bt_loss"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_a_bad_model_path_is_one_clear_error(tiny_paths, tmp_path):

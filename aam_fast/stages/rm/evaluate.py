@@ -85,8 +85,8 @@ def score_pairs(
 def pairwise_report(
     reward_chosen: torch.Tensor, reward_rejected: torch.Tensor, pairs: Sequence[EncodedPair]
 ) -> dict[str, Any]:
-    """Strict accuracy, length baseline, reward-gap distribution, overall and per subset (counts kept so sections
-    can be weighted by examples)."""
+    """Strict accuracy, length baseline, reward-gap distribution and the Bradley-Terry loss ``mean −log σ(r_c −
+    r_r)`` (no margin), overall and per subset (counts kept so sections can be weighted by examples)."""
     gap = reward_chosen - reward_rejected
     correct = gap > 0
     longer = torch.tensor([p.chosen.response_tokens > p.rejected.response_tokens for p in pairs])
@@ -95,6 +95,7 @@ def pairwise_report(
         "length_baseline": longer.float().mean().item(),
         "num_pairs": len(pairs),
         "ties": int((gap == 0).sum()),
+        "bt_loss": torch.nn.functional.softplus(-gap.double()).mean().item(),
         "reward_gap": _distribution(gap),
         "rewards": {"chosen_mean": reward_chosen.mean().item(), "rejected_mean": reward_rejected.mean().item()},
     }

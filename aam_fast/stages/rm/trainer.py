@@ -411,6 +411,7 @@ class RMTrainer:
         )
         record = {
             "step": self.step,
+            "eval_loss": report["bt_loss"],
             "eval_accuracy": report["accuracy"],
             "eval_length_baseline": report["length_baseline"],
             "eval_margin": report["reward_gap"]["mean"],
