@@ -315,7 +315,8 @@ class AAMLoss(nn.Module):
 
 @dataclass
 class GRPOOutput:
-    """Result of `grpo_loss`: the loss, detached token log-probs, and sums to reduce by counts across ranks."""
+    """Result of `grpo_loss`: the loss, detached token log-probs, and `stats`: sums to reduce by counts across ranks
+    and two per-sequence extremes to reduce by min/max (`_grpo_stats`)."""
 
     loss: torch.Tensor
     logps: torch.Tensor
@@ -483,7 +484,10 @@ def _check_grpo_tensors(targets, advantages, old_logps, ref_logps, beta) -> torc
 
 @torch.no_grad()
 def _grpo_stats(logps, entropy, valid, advantages, old_logps, ref_logps, epsilon, eps_high, kl):
-    """Sums over completion tokens (reduce across micro-batches and ranks by adding, then divide by `tokens`).
+    """Sums over completion tokens (reduce across micro-batches and ranks by adding, then divide by `tokens`), and
+    two per-sequence extremes (reduce by min and max): `clip_low_seq_min`, the smallest fraction of a sequence's
+    tokens that are low-clipped, and `clip_high_seq_max`, the largest high-clipped fraction, over the sequences with
+    a completion token (+inf and −inf when there is none), as TRL's `clip_ratio/low_min` and `high_max`.
 
     Ignored positions are selected away before any arithmetic, as in the loss."""
     old = logps if old_logps is None else torch.where(valid, old_logps.float(), logps)
@@ -491,11 +495,17 @@ def _grpo_stats(logps, entropy, valid, advantages, old_logps, ref_logps, epsilon
     adv = torch.where(valid, advantages[:, None], 0.0)
     low = (ratio < 1.0 - epsilon) & (adv < 0) & valid
     high = (ratio > 1.0 + eps_high) & (adv > 0) & valid
+    lengths = valid.sum(-1)
+    present = lengths > 0
+    low_fraction = (low.sum(-1).float() / lengths.clamp_min(1))[present]
+    high_fraction = (high.sum(-1).float() / lengths.clamp_min(1))[present]
     stats = {
         "tokens": valid.sum().float(),
         "clip_low_sum": low.sum().float(),
         "clip_high_sum": high.sum().float(),
         "clip_region_sum": (low | high).sum().float(),
+        "clip_low_seq_min": low_fraction.min() if low_fraction.numel() else logps.new_tensor(math.inf),
+        "clip_high_seq_max": high_fraction.max() if high_fraction.numel() else logps.new_tensor(-math.inf),
     }
     if ref_logps is not None:
         ref = torch.where(valid, ref_logps.float(), logps)

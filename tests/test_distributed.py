@@ -325,7 +325,11 @@ def test_grpo_fsdp2_two_ranks_match_one_process_and_resume_exactly(grpo_single, 
     resumed = load_file(str(tmp_path / "model.safetensors"))
     for name, value in uninterrupted.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
-    assert metric_rows(tmp_path) == first_rows
+    untimed = [
+        [{k: v for k, v in r.items() if not k.startswith("timing/")} for r in rows]
+        for rows in (metric_rows(tmp_path), first_rows)
+    ]
+    assert untimed[0] == untimed[1]  # the wall seconds (timing/*) differ from run to run
 
     # onto one process (full weights and optimizer state): the same end within float32 summation-order differences
     alone = tmp_path / "alone"

@@ -79,6 +79,11 @@ def rows_of(batch: MicroBatch, rows: slice) -> MicroBatch:
     return MicroBatch(**values)
 
 
+def untimed(rows) -> list[dict]:
+    """Metric rows without their ``timing/*`` wall seconds."""
+    return [{k: v for k, v in row.items() if not k.startswith("timing/")} for row in rows]
+
+
 def test_rollout_stops_at_eos_and_flags_truncation(policy_dir, tiny_period_id):
     from transformers import GenerationConfig
 
@@ -253,9 +258,13 @@ def test_resume_is_exact(policy_dir, tmp_path):
             small_config(policy_dir, tmp_path, output=str(tmp_path / "y"), resume=str(part), **common, backend="torch")
         )
     resumed = train_grpo(small_config(policy_dir, tmp_path, output=str(part), max_steps=5, resume="auto", **common))
-    assert resumed == rows_full[3:]
-    for name in ("metrics.jsonl", "completions.jsonl"):
-        assert (part / name).read_text() == (tmp_path / "full" / name).read_text()
+    assert untimed(resumed) == untimed(rows_full[3:])  # the wall seconds differ from run to run
+    metrics = [
+        untimed(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+        for run in (part, tmp_path / "full")
+    ]
+    assert metrics[0] == metrics[1]
+    assert (part / "completions.jsonl").read_text() == (tmp_path / "full" / "completions.jsonl").read_text()
     weights_full = load_file(tmp_path / "full" / "model.safetensors")
     weights_part = load_file(part / "model.safetensors")
     assert weights_full.keys() == weights_part.keys()
@@ -593,7 +602,7 @@ def test_lora_policy_trains_only_its_adapters_against_the_adapters_off_reference
     part = tmp_path / "part"
     shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-1", part / "checkpoints" / "checkpoint-1")
     resumed = train_grpo(small_config(policy_dir, tmp_path, output=str(part), max_steps=3, resume="auto", **common))
-    assert resumed == full[1:]
+    assert untimed(resumed) == untimed(full[1:])
 
 
 def test_gradient_checkpointing_gives_the_same_policy(policy_dir, tmp_path, monkeypatch):
@@ -624,3 +633,111 @@ def test_trl_loss_type_names_run_as_their_aggregation(policy_dir, tmp_path):
     )
     trl = train_grpo(small_config(policy_dir, tmp_path, output=str(tmp_path / "b"), loss_type="dr_grpo"))
     assert [r["loss"] for r in ours] == [r["loss"] for r in trl]
+
+
+@pytest.mark.parametrize("alias", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_cli_accepts_trl_loss_type_names(alias):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, GRPOConfig)
+    cfg = config_from_args(GRPOConfig, parser.parse_args(["--policy", "P", "--prompts", "F", "--loss-type", alias]))
+    assert cfg.loss_type == alias
+    cfg.reward_fns = ["m:f"]
+    cfg.validate()
+
+
+def test_terminated_lengths_are_over_the_completions_that_ended_with_eos(policy_dir, tmp_path, tiny_period_id):
+    """As TRL logs them: mean/min/max length of the EOS-ended completions (EOS counted); 0.0 when none ended."""
+    from aam_fast.stages.grpo.stats import terminated_length_metrics
+
+    trainer = GRPOTrainer(small_config(policy_dir, tmp_path, max_new_tokens=12, num_generations=8, seed=1))
+    trainer.eos_ids = [tiny_period_id]  # "." ends a completion: a mix of stopped and truncated ones
+    trainer.generation_config.eos_token_id = [tiny_period_id]
+    [batch], metrics = trainer.make_rollout()
+    lengths, truncated = batch.mask.sum(dim=1).tolist(), batch.truncated.tolist()
+    ended = [n for n, cut in zip(lengths, truncated, strict=True) if not cut]
+    assert 0 < len(ended) < len(lengths), "the seed should give both stopped and truncated completions"
+    assert metrics["completions/mean_terminated_length"] == pytest.approx(sum(ended) / len(ended))
+    assert metrics["completions/min_terminated_length"] == min(ended)
+    assert metrics["completions/max_terminated_length"] == max(ended)
+    assert metrics["completions/max_length"] == 12 and max(ended) < 12  # the truncated ones are left out
+    none_ended = terminated_length_metrics(torch.tensor([12, 12]), torch.tensor([True, True]))
+    assert none_ended == {f"completions/{s}_terminated_length": 0.0 for s in ("mean", "min", "max")}
+
+
+def test_clip_extremes_are_per_sequence_fractions_over_the_step(policy_dir, tmp_path):
+    """clip_ratio/low_min (high_max): the smallest (largest) fraction of a sequence's tokens clipped low (high),
+    over every sequence of the step: TRL's nanmin (nanmax) of per-sequence masked means; two micro-batches give the
+    one-batch value."""
+    from aam_fast.stages.grpo.stats import step_metrics
+
+    trainer = GRPOTrainer(small_config(policy_dir, tmp_path, num_iterations=2, beta=0.0, max_new_tokens=8))
+    [batch], _ = trainer.make_rollout()
+    batch.targets[0, 2:] = -100  # uneven lengths: per-sequence fractions differ from the token mean
+    batch.attention_mask[0, batch.prompt_len + 2 :] = 0
+    mask = batch.mask
+    logps = token_logprobs(trainer.policy, batch, 1.0)
+    noise = torch.randn(logps.shape, generator=torch.Generator().manual_seed(0)) * 0.4
+    noise[:, 0], noise[:, 1] = 0.5, -0.5  # every sequence has a token below 0.8 and one above 1.2
+    batch.old_logps = torch.where(mask, logps + noise, 0.0)  # ratio exp(-noise): some tokens outside [0.8, 1.2]
+    ratio = torch.exp(-noise)
+    for sign in (-1.0, 1.0):
+        batch.advantages = sign * torch.linspace(0.5, 1.5, mask.shape[0])
+        trainer.policy.zero_grad(set_to_none=True)
+        _, one = trainer.accumulate_gradients([batch])
+        _, two = trainer.accumulate_gradients([rows_of(batch, slice(0, 3)), rows_of(batch, slice(3, None))])
+        low = ((ratio < 0.8) & mask & (sign < 0)).float()
+        high = ((ratio > 1.2) & mask & (sign > 0)).float()
+        per_sequence_low = low.sum(1) / mask.sum(1)
+        per_sequence_high = high.sum(1) / mask.sum(1)
+        metrics = step_metrics(0.0, 0.0, 0.0, two)
+        assert metrics["clip_ratio/low_min"] == pytest.approx(float(per_sequence_low.min()))
+        assert metrics["clip_ratio/high_max"] == pytest.approx(float(per_sequence_high.max()))
+        assert metrics["clip_ratio/low_mean"] == pytest.approx(float(low.sum() / mask.sum()))
+        assert (
+            one["clip_low_seq_min"] == two["clip_low_seq_min"] and one["clip_high_seq_max"] == two["clip_high_seq_max"]
+        )
+        if sign < 0:
+            assert (
+                0 < metrics["clip_ratio/low_min"] <= metrics["clip_ratio/low_mean"]
+                and metrics["clip_ratio/high_max"] == 0
+            )
+        else:
+            assert (
+                metrics["clip_ratio/high_max"] >= metrics["clip_ratio/high_mean"] > 0
+                and metrics["clip_ratio/low_min"] == 0
+            )
+    nothing = step_metrics(0.0, 0.0, 0.0, {"tokens": 0.0, "clip_low_seq_min": math.inf, "clip_high_seq_max": -math.inf})
+    assert nothing["clip_ratio/low_min"] is None and nothing["clip_ratio/high_max"] is None
+
+
+def test_num_tokens_counts_prompt_and_completion_tokens_sampled(policy_dir, tmp_path):
+    """num_tokens as TRL's: the running sum over rollouts of every completion's prompt tokens plus its tokens."""
+    from aam_fast.stages.grpo.rollout import PromptStream, encode_prompt
+
+    cfg = small_config(policy_dir, tmp_path, max_steps=2, log_completions_every=0)
+    trainer = GRPOTrainer(cfg)
+    rows = trainer.train()
+    sampled = PromptStream(trainer.records, cfg.seed).take(cfg.max_steps * cfg.batch_size)
+    prompt_tokens = [len(encode_prompt(trainer.tokenizer, r["prompt"], cfg.max_prompt_length)[0]) for r in sampled]
+    assert 0 < rows[0]["num_tokens"] < rows[1]["num_tokens"]
+    completion_tokens = [r["completions/mean_length"] * cfg.batch_size * cfg.num_generations for r in rows]
+    expected = cfg.num_generations * sum(prompt_tokens) + sum(completion_tokens)
+    assert rows[-1]["num_tokens"] == pytest.approx(expected)
+
+
+def test_steps_log_their_wall_time_per_phase(policy_dir, tmp_path):
+    """timing/generation, scoring, logprobs (old and reference) and update: seconds of this step; a step that reuses
+    its rollout spent none on the first three."""
+    rows = train_grpo(small_config(policy_dir, tmp_path, num_iterations=2, beta=0.04, log_completions_every=0))
+    fresh, reused = rows
+    for phase in ("generation", "scoring", "logprobs", "update"):
+        assert fresh[f"timing/{phase}"] > 0, phase
+    assert reused["timing/update"] > 0
+    assert reused["timing/generation"] == reused["timing/scoring"] == reused["timing/logprobs"] == 0.0
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["timing/update"] for row in logged] == [fresh["timing/update"], reused["timing/update"]]
+    from aam_fast.stages.grpo.stats import PhaseTimer
+
+    with pytest.raises(ValueError, match="phase must be one of"):
+        with PhaseTimer(torch.device("cpu"))("loss"):
+            pass

@@ -17,8 +17,9 @@ what one process with the combined batch samples; advantages and metrics cover e
 once per rollout for generation.
 
 ``--output DIR`` ends holding the final policy as a ``save_pretrained`` folder (tokenizer included),
-``metrics.jsonl`` (TRL's metric names), ``completions.jsonl`` (sampled completions with their rewards and advantages
-every ``log_completions_every`` steps) and ``checkpoints/checkpoint-<step>/`` (the shared format of
+``metrics.jsonl`` (TRL's metric names, and each step's wall seconds per phase as ``timing/*``: :mod:`.stats`),
+``completions.jsonl`` (sampled completions with their rewards and advantages every ``log_completions_every`` steps)
+and ``checkpoints/checkpoint-<step>/`` (the shared format of
 :mod:`aam_fast.training.checkpoints`: the policy, optimizer, scheduler, RNG states, data position and an unfinished
 rollout; exact resume, on another number of ranks too when ``batch_size × ranks`` is unchanged).
 """
@@ -65,7 +66,7 @@ from .policy import (
 from .rewards import RewardSources, completions_for_fns
 from .rollout import MicroBatch, PromptStream, completion_hidden, generate_micro_batch, token_logprobs
 from .sampling import completion_seed
-from .stats import completion_rows, rollout_metrics, step_metrics
+from .stats import PhaseTimer, completion_rows, merge_stats, rollout_metrics, step_metrics
 
 # train-grpo's settings a resumed run may change beside the shared ones (training.checkpoints.RESUME_FREE): how long
 # it runs, how often it logs samples, the reward model's scoring batch, and the prompt source (their count is checked).
@@ -100,6 +101,7 @@ class GRPOTrainer:
                 **cfg.load_kwargs(),
             )
         self.rewards = RewardSources(scorer, cfg.reward_fns, cfg.reward_weights)
+        self.timer = PhaseTimer(self.device)  # this step's seconds per phase (stats.TIMING_PHASES)
         self.loss_fn = GRPOLoss(
             **{name: getattr(cfg, name) for name in LOSS_SETTINGS},
             max_completion_length=cfg.max_new_tokens,
@@ -176,6 +178,7 @@ class GRPOTrainer:
         try:
             while self.step < cfg.max_steps:
                 started = time.perf_counter()
+                self.timer.reset()
                 if self.rollout is None or self.iteration >= cfg.num_iterations:
                     self._new_rollout()
                 metrics = self.update(self.rollout)
@@ -183,6 +186,7 @@ class GRPOTrainer:
                 self.step += 1
                 row = {"step": self.step, "epoch": self.stream.epoch, **self.rollout_metrics, **metrics}
                 row["num_tokens"] = self.num_tokens
+                row.update(self.timer.metrics())
                 rows.append(row)
                 self.metrics_log.write(row)
                 bar.update(1)
@@ -225,7 +229,8 @@ class GRPOTrainer:
         for batch, columns, _ in sampled:
             completion_ids = [t[t != IGNORE_INDEX].tolist() for t in batch.targets]
             completions = completions_for_fns(batch.prompts, batch.completions)
-            total, table = self.rewards(batch.prompts, completions, {**columns, "completion_ids": completion_ids})
+            with self.timer("scoring"):
+                total, table = self.rewards(batch.prompts, completions, {**columns, "completion_ids": completion_ids})
             totals.append(total)
             tables.append(table)
         rewards = torch.cat(totals)
@@ -240,7 +245,8 @@ class GRPOTrainer:
             batch.reward_table = table
             offset += n
             if self.reference is not None:
-                batch.ref_logps = self._token_logprobs(self.reference, batch)
+                with self.timer("logprobs"):
+                    batch.ref_logps = self._token_logprobs(self.reference, batch)
         metrics = rollout_metrics(
             every_rank,
             ctx.all_gather_rows(torch.cat(tables)),
@@ -270,14 +276,16 @@ class GRPOTrainer:
         for pairs in plan:
             seeds = [completion_seed(cfg.seed, self.step, p, g) for p, _ in pairs for g in range(cfg.num_generations)]
             records = [record for _, record in pairs]
-            batch, columns, cut = generate_micro_batch(
-                policy, self.tokenizer, records, cfg, self.generation_config, self.eos_ids, self.amp_dtype, seeds
-            )
-            if cfg.num_iterations > 1:
-                batch.old_logps = self._token_logprobs(policy, batch)
-            if self.adapter_reference:
-                with adapters_disabled(policy):
-                    batch.ref_logps = self._token_logprobs(policy, batch)
+            with self.timer("generation"):
+                batch, columns, cut = generate_micro_batch(
+                    policy, self.tokenizer, records, cfg, self.generation_config, self.eos_ids, self.amp_dtype, seeds
+                )
+            with self.timer("logprobs"):
+                if cfg.num_iterations > 1:
+                    batch.old_logps = self._token_logprobs(policy, batch)
+                if self.adapter_reference:
+                    with adapters_disabled(policy):
+                        batch.ref_logps = self._token_logprobs(policy, batch)
             out.append((batch, columns, cut))
         return out
 
@@ -288,13 +296,13 @@ class GRPOTrainer:
     # -- optimisation -----------------------------------------------------------------------------------------
 
     def accumulate_gradients(self, batches: list[MicroBatch]) -> tuple[float, dict[str, float]]:
-        """Backward over every micro-batch of one step; ``(loss, summed stats)``.
+        """Backward over every micro-batch of one step; ``(loss, stats)`` (:func:`.stats.merge_stats`).
 
         The normaliser (tokens, sequences, or sequences × max_new_tokens) is counted over all micro-batches of
         every rank before the loop, so the accumulated gradient equals the gradient of the whole step's batch in
         one piece. Under torchrun each rank's loss is its share of that one loss; DDP/FSDP2 average gradients over
-        ranks, so the backward runs on ``ranks × loss`` (the sum of the shares). Loss and stats are summed over
-        ranks."""
+        ranks, so the backward runs on ``ranks × loss`` (the sum of the shares). Loss and stats are reduced over
+        ranks (sums added, ``*_min``/``*_max`` extremes by min/max)."""
         cfg, ctx = self.cfg, self.ctx
         local = sum(float(default_normalizer(b.mask.float(), cfg.loss_type, cfg.max_new_tokens)) for b in batches)
         # at least 1, as the loss's own count: a step whose every completion is empty contributes no gradient
@@ -306,12 +314,16 @@ class GRPOTrainer:
                 out = self.engine({"micro_batch": batch, "normalizer": normalizer})
                 (out.loss * ctx.world).backward()
             loss_sum += float(out.loss.detach())
-            for key, value in out.stats.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
+            merge_stats(totals, out.stats)
         if ctx.distributed:
-            keys = sorted(totals)
+            keys = sorted(k for k in totals if not k.endswith(("_min", "_max")))
             summed = ctx.all_reduce_sum(torch.tensor([loss_sum] + [totals[k] for k in keys])).tolist()
-            loss_sum, totals = summed[0], dict(zip(keys, summed[1:], strict=True))
+            loss_sum = summed[0]
+            extremes = {k: v for k, v in totals.items() if k.endswith(("_min", "_max"))}
+            totals = dict(zip(keys, summed[1:], strict=True))
+            for key, value in sorted(extremes.items()):  # the same order on every rank: these are collectives
+                low, high = ctx.min_max(torch.tensor([value]))
+                totals[key] = low if key.endswith("_min") else high
         return loss_sum, totals
 
     def _micro_batch_loss(self, policy, inputs: dict):
@@ -337,18 +349,19 @@ class GRPOTrainer:
     def update(self, batches: list[MicroBatch]) -> dict[str, float]:
         """One optimizer step (gradient accumulation, the checked clipped AdamW step, schedule); its metrics. A
         non-finite loss or gradient norm raises TrainingDiverged before the weights or the optimizer change."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, totals = self.accumulate_gradients(batches)
-        check_loss(loss, self.step + 1, self.last_checkpoint)
-        grad_norm, learning_rate = optimizer_step(
-            self.ctx,
-            self.optimizer,
-            self.scheduler,
-            self._trainable(),
-            self.cfg.max_grad_norm,
-            self.step + 1,
-            self.last_checkpoint,
-        )
+        with self.timer("update"):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, totals = self.accumulate_gradients(batches)
+            check_loss(loss, self.step + 1, self.last_checkpoint)
+            grad_norm, learning_rate = optimizer_step(
+                self.ctx,
+                self.optimizer,
+                self.scheduler,
+                self._trainable(),
+                self.cfg.max_grad_norm,
+                self.step + 1,
+                self.last_checkpoint,
+            )
         return step_metrics(loss, grad_norm, learning_rate, totals)
 
     # -- checkpoints and export -------------------------------------------------------------------------------
