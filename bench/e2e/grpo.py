@@ -4,7 +4,8 @@ update; peak RSS).
 
 Cases: ``trl-grpo`` (TRL 1.16's GRPOTrainer, plain transformers ``generate``, no vLLM) and ``aam-grpo``
 (:class:`aam_fast.stages.grpo.GRPOTrainer`, what ``aam-fast train-grpo`` runs). Both full-fine-tune the policy in
-float32 on the CPU with the same thread count, ``--prompts-per-step`` prompts a step (one micro-batch, no gradient
+float32 on the CPU (or ``--device cuda --dtype bfloat16``: autocast over float32 weights in both) with the same
+thread count, ``--prompts-per-step`` prompts a step (one micro-batch, no gradient
 accumulation), 4 completions per prompt of at most 64 new tokens (temperature 1, no top-p/top-k), one optimizer step
 per rollout (``num_iterations`` 1, so neither computes old log-probs), KL coefficient 0.04 to a frozen reference
 (TRL's default is 0, which loads no reference; both set it), TRL's default loss type ``dapo`` (token-mean over the
@@ -102,8 +103,15 @@ def digest(prompts: list) -> str:
     return hashlib.sha1(json.dumps(prompts, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def _peak_memory() -> dict[str, float]:
+    """The process's peak RSS and, on CUDA, the peak of memory allocated on the device (GiB)."""
+    import torch
+
+    peak = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        peak["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return peak
 
 
 def run_trl(args, prompts: Path) -> dict:
@@ -135,7 +143,7 @@ def run_trl(args, prompts: Path) -> dict:
         max_steps=args.steps,
         shuffle_dataset=False,
         disable_dropout=True,
-        bf16=False,  # TRL's defaults are bf16 and gradient checkpointing: float32 without, as train-grpo runs
+        bf16=args.dtype == "bfloat16",  # TRL's defaults are bf16 and gradient checkpointing: as train-grpo runs
         gradient_checkpointing=False,
         logging_steps=1,
         save_strategy="no",
@@ -143,7 +151,7 @@ def run_trl(args, prompts: Path) -> dict:
         disable_tqdm=True,
         log_completions=False,
         seed=args.seed,
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         dataloader_num_workers=0,
     )
     reward = AutoModelForSequenceClassification.from_pretrained(args.reward_model, dtype=torch.float32)
@@ -167,7 +175,7 @@ def run_trl(args, prompts: Path) -> dict:
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    peak = _peak_rss_gib()
+    peak = _peak_memory()
     logs = [row for row in trainer.state.log_history if "reward" in row]
     return {
         "seconds": seconds,
@@ -291,8 +299,8 @@ def run_aam(args, prompts: Path) -> dict:
         weight_decay=0.0,
         max_grad_norm=1.0,
         max_steps=args.steps,
-        dtype="float32",
-        device="cpu",
+        dtype=args.dtype,
+        device=args.device,
         threads=args.threads,
         seed=args.seed,
         progress=False,
@@ -309,7 +317,7 @@ def run_aam(args, prompts: Path) -> dict:
         return batches, metrics
 
     def marked_save():  # the loop has ended: read the clock and the high-water mark before saving
-        ended.update(time=time.perf_counter(), peak=_peak_rss_gib())
+        ended.update(time=time.perf_counter(), peak=_peak_memory())
         save_final()
 
     trainer.make_rollout, trainer.save_final = recorded_rollout, marked_save
@@ -342,7 +350,7 @@ def child(args) -> dict:
         "seconds_per_step": round(result["seconds"] / steps, 2),
         "phases": phases,
         "other": round(result["seconds"] - sum(result["phases"].values()), 2),
-        "peak_rss_gib": round(result["peak"], 2),
+        **result["peak"],
         "threads": torch.get_num_threads(),  # after the loop: what the trainer left it at
         "completion_tokens": round(result["completion_tokens"]),
         "reward_first": round(result["rewards"][0], 4),
@@ -367,6 +375,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="autocast dtype in both")
     parser.add_argument("--json", default=None)
     parser.add_argument("--case", choices=CASES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -391,7 +401,7 @@ def main() -> None:
             command += ["--data", str(trl if case == "trl-grpo" else ours)]
             for name in ("steps", "prompts_per_step", "num_generations", "max_new_tokens", "temperature", "beta"):
                 command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-            for name in ("lr", "seed", "threads"):
+            for name in ("lr", "seed", "threads", "device", "dtype"):
                 command += [f"--{name}", str(getattr(args, name))]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
