@@ -27,7 +27,8 @@ LABELS = {
     "dev_accuracy": "dev accuracy",
     "dev_pairs": "dev pairs",
     "trl_eval_accuracy": "TRL eval accuracy",
-    "first_loss": "step-1 loss",
+    "first_loss": "first loss",
+    "last_loss": "last loss",
 }
 HEADER_KEYS = ("device", "date", "note")
 # Settings that say where the run's files went, not how it ran.
