@@ -78,7 +78,7 @@ def _format(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+        return f"{value:.6g}" if abs(value) < 1e5 else f"{value:,.0f}"
     return str(value).replace("|", "\\|")
 
 

@@ -16,9 +16,10 @@ TRL's own draw differs, and after a few steps at 1e-5 the dev accuracy still mos
 the ``--dev-pairs`` pairs that follow the training pairs, for TRL's saved model too; the TRL cases also report TRL's
 own ``trainer.evaluate()`` accuracy on them (``trl_eval_accuracy``). Tokens/s counts the attended tokens each trainer
 reports (`num_tokens`) over the wall time of its training steps (from the first step's start); ``setup_seconds`` is
-everything before that once the libraries are imported (data loading and tokenisation, model load, trainer
-construction); peak RSS is the process's high-water mark when the steps end (setup and training; the save and the
-evaluations after it are left out).
+everything before that from the case process's start (library imports, data loading and tokenisation, model load,
+trainer construction; the TRL cases' initial score head and batch order are drawn by the parent, outside it);
+peak RSS is the process's high-water mark when the steps end (setup and training; the save and the evaluations
+after it are left out).
 
 ``python -m bench.e2e.reward_model --model DIR [--pairs 256 --steps 32 --max-length 512] --json out.json
 [--markdown out.md]``; DIR is SmolLM2-135M-Instruct as `make demo` converts it
@@ -36,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+STARTED = time.perf_counter()  # a case's setup is timed from here (its process's start) to its first step
 CASES = ("trl-bt", "trl-pr", "aam-bt", "aam-bt-packing", "aam-bt-packing-gc", "aam-pr", "aam-ld")
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 DEV_FRACTION = 0.2
@@ -97,7 +99,8 @@ def train_order(pairs: int, batch_size: int, seed: int, steps: int) -> list[int]
 
 
 def initial_score(args):
-    """The score head train-rm starts from with ``--seed`` (seeded as train-rm seeds, then its model is built)."""
+    """The score head train-rm starts from with ``--seed`` (seeded as train-rm seeds, then its model is built).
+    Drawn in the parent process: the TRL cases' setup does not pay for this extra model load."""
     import torch
 
     from aam_fast.stages.rm.trainer import build_model
@@ -110,7 +113,7 @@ def initial_score(args):
 
 def run_trl(args, data: Path, dev: Path, output: Path, margin: str) -> dict:
     """TRL's RewardTrainer (``bt``) or the trl_pr baseline (``pr``) on train-rm's batches from train-rm's initial
-    score head; times the setup and the steps."""
+    score head (``--trl-init``: ``{"score", "order"}`` from the parent); times the setup and the steps."""
     import datasets
     import torch
     from transformers import TrainerCallback
@@ -130,10 +133,10 @@ def run_trl(args, data: Path, dev: Path, output: Path, margin: str) -> dict:
         """Batches in train-rm's order (TRL's shuffling sampler replaced)."""
 
         def _get_train_sampler(self, train_dataset=None):
-            return train_order(len(self.train_dataset), self.args.per_device_train_batch_size, args.seed, args.steps)
+            return order
 
-    score = initial_score(args)  # the harness's own load, before the setup is timed (freed once drawn)
-    started = time.perf_counter()
+    init = torch.load(args.trl_init)
+    score, order = init["score"], init["order"]
     train = datasets.load_dataset("json", data_files=str(data), split="train")
     evaluation = datasets.load_dataset("json", data_files=str(dev), split="train")
     if margin == "pr":
@@ -176,7 +179,7 @@ def run_trl(args, data: Path, dev: Path, output: Path, margin: str) -> dict:
     metrics = trainer.evaluate(eval_dataset=evaluation)
     losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
     return {
-        "setup": first.started - started,
+        "setup": first.started - STARTED,
         "seconds": ended - first.started,
         "tokens": trainer._total_train_tokens,
         "peak": peak,
@@ -189,7 +192,6 @@ def run_trl(args, data: Path, dev: Path, output: Path, margin: str) -> dict:
 def run_aam(args, data: Path, output: Path, margin: str, packing: bool, checkpointing: bool) -> dict:
     from aam_fast.stages.rm.trainer import RMTrainer
 
-    started = time.perf_counter()
     trainer = RMTrainer(rm_config(args, data, output, margin, packing, checkpointing))
     trainer.model.train()
     first = time.perf_counter()
@@ -201,7 +203,7 @@ def run_aam(args, data: Path, output: Path, margin: str, packing: bool, checkpoi
     trainer.export(None)
     trainer.ctx.close()
     return {
-        "setup": first - started,
+        "setup": first - STARTED,
         "seconds": ended - first,
         "tokens": trainer.num_tokens,
         "peak": peak,
@@ -263,6 +265,7 @@ def main() -> None:
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dev", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--output", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--trl-init", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         print(json.dumps(child(args)))
@@ -275,9 +278,16 @@ def main() -> None:
         train, dev = Path(tmp) / "train.jsonl", Path(tmp) / "dev.jsonl"
         train.write_text("".join(lines[: args.pairs]))
         dev.write_text("".join(lines[args.pairs :]))
+        trl_init = Path(tmp) / "trl-init.pt"
+        if any(case.startswith("trl") for case in args.cases):
+            import torch
+
+            order = train_order(len(lines[: args.pairs]), args.batch_size, args.seed, args.steps)
+            torch.save({"score": initial_score(args), "order": order}, trl_init)
         for case in args.cases:
             command = [sys.executable, "-m", "bench.e2e.reward_model", "--case", case, "--model", args.model]
             command += ["--data", str(train), "--dev", str(dev), "--output", str(Path(tmp) / case)]
+            command += ["--trl-init", str(trl_init)]
             for name in ("steps", "batch_size", "max_length", "lr", "seed", "threads"):
                 command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
             done = subprocess.run(command, capture_output=True, text=True)
