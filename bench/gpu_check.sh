@@ -13,6 +13,12 @@
 #   run(command="BENCH_PARTS=1 BENCH_BUDGET_S=240 bash bench/gpu_check.sh", carry=[".whl"], timeout_s=300)
 # Locally on any CUDA machine: OUT=/tmp/gpu-out bash bench/gpu_check.sh
 #
+# The end-to-end cases against TRL (bench/e2e: train-rm beside RewardTrainer, train-grpo beside GRPOTrainer, bf16
+# autocast, a Qwen2-0.5B-shaped model built from a config with random weights, bench/e2e/synthetic.py) are a second
+# call of their own, as they need TRL's wheels too (bench/README.md) and their own files in $OUT (bench.log,
+# e2e-rm.json, e2e-grpo.json):
+#   run(command="BENCH_MODE=e2e bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#
 # Not `set -e`: a failing step must not stop the later ones. Each step's exit status is logged, and the
 # script's own status is non-zero if any step failed.
 set -uo pipefail
@@ -26,6 +32,9 @@ BUDGET_S=${BENCH_BUDGET_S:-450}   # whole script (a step may overrun its limit b
 BENCH_SET=${BENCH_SET:-gpu}       # `BENCH_SET=smoke` tries the script's flow on any machine
 BENCH_PARTS=${BENCH_PARTS:-3}     # 1: only the must-show shape; 2: and the next priority; 3: everything
 CHECK_SHAPE=${CHECK_SHAPE:-8192,4096,128256}
+BENCH_MODE=${BENCH_MODE:-kernels}   # kernels: checks and microbenchmarks; e2e: the end-to-end cases against TRL
+E2E_SHAPE=${E2E_SHAPE:-qwen2-0.5b}  # bench/e2e/synthetic.py's shapes (`tiny` tries the flow on any machine)
+E2E_DEVICE=${E2E_DEVICE:-cuda}
 LOG=$OUT/bench.log
 START=$SECONDS
 FAILED=0
@@ -78,6 +87,22 @@ print("aam_fast", aam_fast.__version__, aam_fast.__file__)
 export -f describe_environment
 export PY
 step environment 60 "$LOG" bash -c describe_environment
+
+# E2E mode: whole training runs of both stages beside TRL's trainers on one built model, then stop.
+if [[ $BENCH_MODE == e2e ]]; then
+    ASSETS=/tmp/e2e-assets
+    step e2e-assets 120 "$LOG" "$PY" -m bench.e2e.synthetic --out "$ASSETS" --shape "$E2E_SHAPE"
+    dtype=bfloat16
+    [[ $E2E_DEVICE == cpu ]] && dtype=float32
+    common=(--device "$E2E_DEVICE" --dtype "$dtype" --source "$ASSETS/pairs.jsonl")
+    step e2e-rm "$(( ($(remaining) - 20) * 2 / 3 ))" "$LOG" "$PY" -m bench.e2e.reward_model --model "$ASSETS/model" \
+        "${common[@]}" --steps 16 --json "$OUT/e2e-rm.json"
+    step e2e-grpo "$(( $(remaining) - 20 ))" "$LOG" "$PY" -m bench.e2e.grpo --policy "$ASSETS/model" "${common[@]}" \
+        --max-prompt-tokens 512 --json "$OUT/e2e-grpo.json"
+    [[ -s $OUT/e2e-rm.json && -s $OUT/e2e-grpo.json ]] || FAILED=1
+    log "done in $((SECONDS - START))s; files: $(ls "$OUT" | tr '\n' ' ')"
+    exit $FAILED
+fi
 
 # 3. Every provider's values and gradients at the main shape against float32, before any timing.
 step provider-check 120 "$LOG" "$PY" -m bench.check_providers --shape "$CHECK_SHAPE" --out "$OUT/providers.json"

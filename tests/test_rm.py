@@ -29,6 +29,7 @@ TRL_KEYS = {
     "num_tokens",
     "rewards/chosen",
     "rewards/rejected",
+    "rewards/margins",
     "grad_norm",
     "learning_rate",
     "epoch",
@@ -83,6 +84,9 @@ def test_short_training_lowers_the_loss_and_leaves_loadable_checkpoints(any_path
     rows = train_rows(out)
     assert [r["step"] for r in rows] == list(range(1, 33))
     assert TRL_KEYS <= set(rows[0])
+    for row in rows:  # TRL's meanings: the reward gap under both of its names
+        gap = row["rewards/chosen"] - row["rewards/rejected"]
+        assert row["margin"] == row["rewards/margins"] == pytest.approx(gap, rel=1e-5, abs=1e-6)
     first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-6:]) / 6
     assert last < first - 0.05, (first, last)
     assert sum(r["accuracy"] for r in rows[-6:]) / 6 > 0.6

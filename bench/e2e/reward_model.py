@@ -4,10 +4,13 @@ settings, each case in its own process (real tokens per second of the training s
 Cases: ``trl-bt`` (TRL's RewardTrainer, Bradley-Terry), ``trl-pr`` (the AAM-PR reward model a TRL user would write
 without this project: a RewardTrainer subclass whose margin comes from materialised logits of the model and of a
 frozen copy, bench.e2e.trl_pr), ``aam-bt``, ``aam-bt-packing``, ``aam-bt-packing-gc`` (with gradient checkpointing),
-``aam-pr`` and ``aam-ld`` (`train-rm --margin ...`; PR keeps a frozen reference, LD needs none). The pairs are
+``aam-pr`` (its reference's log-probs precomputed before the first step, the default), ``aam-pr-perstep``
+(``--no-precompute-ref-logps``: the frozen reference's forward in every step), ``aam-pr-packing-gc`` and ``aam-ld``
+(`train-rm --margin ...`; LD needs no reference). The pairs are
 hh-rlhf transcripts as TRL's conversational records, kept only where both responses fit ``--max-length`` tokens
 through the model's chat template (TRL drops longer pairs, train-rm cuts their prompts: the filter gives both the
-same pairs). Both full-fine-tune in float32 with the same learning rate, batch size, steps, warmup and thread count,
+same pairs). Both full-fine-tune in float32 on the CPU (or ``--device cuda --dtype bfloat16``: autocast over float32
+weights in both) with the same learning rate, batch size, steps, warmup and thread count,
 on identical batches from the same initial model: the TRL cases take train-rm's batch order (its seeded
 permutation, not TRL's sampler) and train-rm's initial score head (the same seeded draw of a random ``Linear(D, 1)``;
 TRL's own draw differs, and after a few steps at 1e-5 the dev accuracy still mostly reflects that draw: 0.48 against
@@ -38,7 +41,17 @@ import time
 from pathlib import Path
 
 STARTED = time.perf_counter()  # a case's setup is timed from here (its process's start) to its first step
-CASES = ("trl-bt", "trl-pr", "aam-bt", "aam-bt-packing", "aam-bt-packing-gc", "aam-pr", "aam-ld")
+CASES = (
+    "trl-bt",
+    "trl-pr",
+    "aam-bt",
+    "aam-bt-packing",
+    "aam-bt-packing-gc",
+    "aam-pr",
+    "aam-pr-perstep",
+    "aam-pr-packing-gc",
+    "aam-ld",
+)
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 DEV_FRACTION = 0.2
 
@@ -68,7 +81,15 @@ def _turns(response) -> list[dict]:
     return response if isinstance(response, list) else [{"role": "assistant", "content": response}]
 
 
-def rm_config(args, data: Path, output: Path, margin: str, packing: bool = False, checkpointing: bool = False):
+def rm_config(
+    args,
+    data: Path,
+    output: Path,
+    margin: str,
+    packing: bool = False,
+    checkpointing: bool = False,
+    precompute: bool = True,
+):
     """train-rm's settings of a case (also what the TRL cases take their initial score head from)."""
     from aam_fast.stages.rm.config import RMConfig
 
@@ -79,6 +100,7 @@ def rm_config(args, data: Path, output: Path, margin: str, packing: bool = False
         margin=margin,
         packing=packing,
         gradient_checkpointing=checkpointing,
+        precompute_ref_logps=precompute,
         dev_fraction=0.0,
         max_length=args.max_length,
         batch_size=args.batch_size,
@@ -88,6 +110,8 @@ def rm_config(args, data: Path, output: Path, margin: str, packing: bool = False
         seed=args.seed,
         progress=False,
         threads=args.threads,
+        device=args.device,
+        dtype=args.dtype,
     )
 
 
@@ -159,9 +183,9 @@ def run_trl(args, data: Path, dev: Path, output: Path, margin: str) -> dict:
         report_to=[],
         disable_tqdm=True,
         seed=args.seed,
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         dataloader_num_workers=0,
-        bf16=False,  # TRL's defaults are bf16 autocast and gradient checkpointing: float32 without, as train-rm runs
+        bf16=args.dtype == "bfloat16",  # TRL's defaults are bf16 autocast and gradient checkpointing: as train-rm runs
         gradient_checkpointing=False,
     )
     first = FirstStep()
@@ -174,7 +198,7 @@ def run_trl(args, data: Path, dev: Path, output: Path, margin: str) -> dict:
             trainer.ref_model.score.weight.copy_(score)
     trainer.train()
     ended = time.perf_counter()
-    peak = _peak_rss_gib()  # the training's high-water mark, before saving and evaluating
+    peak = _peak_memory()  # the training's high-water mark, before saving and evaluating
     trainer.save_model(str(output))
     metrics = trainer.evaluate(eval_dataset=evaluation)
     losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
@@ -189,17 +213,20 @@ def run_trl(args, data: Path, dev: Path, output: Path, margin: str) -> dict:
     }
 
 
-def run_aam(args, data: Path, output: Path, margin: str, packing: bool, checkpointing: bool) -> dict:
+def run_aam(args, data: Path, output: Path, margin: str, options: list[str]) -> dict:
+    """train-rm's trainer with ``options`` from the case name: packing, gc (gradient checkpointing), perstep (the
+    reference forward in every step instead of its log-probs precomputed)."""
     from aam_fast.stages.rm.trainer import RMTrainer
 
-    trainer = RMTrainer(rm_config(args, data, output, margin, packing, checkpointing))
+    packing, checkpointing, precompute = "packing" in options, "gc" in options, "perstep" not in options
+    trainer = RMTrainer(rm_config(args, data, output, margin, packing, checkpointing, precompute))
     trainer.model.train()
     first = time.perf_counter()
     losses = []
     while trainer.step < trainer.total_steps:  # the training steps alone, as TRL's train() times them
         losses.append(trainer.train_step()["loss"])
     ended = time.perf_counter()
-    peak = _peak_rss_gib()  # the training's high-water mark, before saving and evaluating
+    peak = _peak_memory()  # the training's high-water mark, before saving and evaluating
     trainer.export(None)
     trainer.ctx.close()
     return {
@@ -212,8 +239,15 @@ def run_aam(args, data: Path, output: Path, margin: str, packing: bool, checkpoi
     }
 
 
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def _peak_memory() -> dict[str, float]:
+    """The process's peak RSS and, on CUDA, the peak of memory allocated on the device (GiB)."""
+    import torch
+
+    peak = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        peak["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return peak
 
 
 def child(args) -> dict:
@@ -225,17 +259,17 @@ def child(args) -> dict:
     if trainer == "trl":
         result = run_trl(args, data, dev, output, margin)
     else:
-        result = run_aam(args, data, output, margin, packing="packing" in rest, checkpointing="gc" in rest)
+        result = run_aam(args, data, output, margin, rest)
     from aam_fast.stages.rm.evaluate import EvalConfig, evaluate_folder
 
-    report = evaluate_folder(EvalConfig(model=str(output), data=str(dev), progress=False))
+    report = evaluate_folder(EvalConfig(model=str(output), data=str(dev), progress=False, device=args.device))
     summary = {
         "case": args.case,
         "setup_seconds": round(result["setup"], 1),
         "seconds": round(result["seconds"], 1),
         "tokens": int(result["tokens"]),
         "tokens_per_s": round(result["tokens"] / result["seconds"], 1),
-        "peak_rss_gib": round(result["peak"], 2),
+        **result["peak"],
         "first_loss": round(result["first_loss"], 6),
         "last_loss": round(result["last_loss"], 6),
         "dev_accuracy": report["accuracy"],
@@ -259,6 +293,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="autocast dtype in both")
     parser.add_argument("--json", default=None, help="write the settings and per-case results here")
     parser.add_argument("--markdown", default=None, help="write the report (bench.e2e.report) here")
     parser.add_argument("--case", choices=CASES, default=None, help=argparse.SUPPRESS)
@@ -288,7 +324,7 @@ def main() -> None:
             command = [sys.executable, "-m", "bench.e2e.reward_model", "--case", case, "--model", args.model]
             command += ["--data", str(train), "--dev", str(dev), "--output", str(Path(tmp) / case)]
             command += ["--trl-init", str(trl_init)]
-            for name in ("steps", "batch_size", "max_length", "lr", "seed", "threads"):
+            for name in ("steps", "batch_size", "max_length", "lr", "seed", "threads", "device", "dtype"):
                 command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:

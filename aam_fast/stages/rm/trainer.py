@@ -331,7 +331,8 @@ class RMTrainer:
             "epoch": self.step * cfg.grad_accum / self.per_epoch,
             "loss": ctx.weighted_mean(loss_sum, gap.numel()),
             "accuracy": ctx.mean_std((gap > 0).float())[0],
-            "margin": ctx.mean_std(gap)[0],
+            "margin": ctx.mean_std(gap)[0],  # TRL's RewardTrainer name for the reward gap r_c - r_r
+            "rewards/margins": ctx.mean_std(gap)[0],  # the same gap under TRL's preference trainers' name
             "aam_margin/mean": margin_mean,
             "aam_margin/std": margin_std,
             "rewards/chosen": ctx.mean_std(torch.cat(chosen).float())[0],
