@@ -48,12 +48,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .memory import peak_memory
 
 CASES = ("trl-grpo", "aam-grpo")
 SHARED = Path(__file__).resolve().parents[3] / "shared"
@@ -101,17 +102,6 @@ def build_reward_model(policy: str, folder: Path, seed: int) -> None:
 
 def digest(prompts: list) -> str:
     return hashlib.sha1(json.dumps(prompts, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _peak_memory() -> dict[str, float]:
-    """The process's peak RSS and, on CUDA, the peak of memory allocated on the device (GiB)."""
-    import torch
-
-    peak = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-        peak["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return peak
 
 
 def run_trl(args, prompts: Path) -> dict:
@@ -175,7 +165,7 @@ def run_trl(args, prompts: Path) -> dict:
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    peak = _peak_memory()
+    peak = peak_memory()
     logs = [row for row in trainer.state.log_history if "reward" in row]
     return {
         "seconds": seconds,
@@ -317,7 +307,7 @@ def run_aam(args, prompts: Path) -> dict:
         return batches, metrics
 
     def marked_save():  # the loop has ended: read the clock and the high-water mark before saving
-        ended.update(time=time.perf_counter(), peak=_peak_memory())
+        ended.update(time=time.perf_counter(), peak=peak_memory())
         save_final()
 
     trainer.make_rollout, trainer.save_final = recorded_rollout, marked_save

@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .memory import peak_memory
 
 STARTED = time.perf_counter()  # a case's setup is timed from here (its process's start) to its first step
 CASES = (
@@ -198,7 +199,7 @@ def run_trl(args, data: Path, dev: Path, output: Path, margin: str) -> dict:
             trainer.ref_model.score.weight.copy_(score)
     trainer.train()
     ended = time.perf_counter()
-    peak = _peak_memory()  # the training's high-water mark, before saving and evaluating
+    peak = peak_memory()  # the training's high-water mark, before saving and evaluating
     trainer.save_model(str(output))
     metrics = trainer.evaluate(eval_dataset=evaluation)
     losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
@@ -226,7 +227,7 @@ def run_aam(args, data: Path, output: Path, margin: str, options: list[str]) -> 
     while trainer.step < trainer.total_steps:  # the training steps alone, as TRL's train() times them
         losses.append(trainer.train_step()["loss"])
     ended = time.perf_counter()
-    peak = _peak_memory()  # the training's high-water mark, before saving and evaluating
+    peak = peak_memory()  # the training's high-water mark, before saving and evaluating
     trainer.export(None)
     trainer.ctx.close()
     return {
@@ -237,17 +238,6 @@ def run_aam(args, data: Path, output: Path, margin: str, options: list[str]) -> 
         "first_loss": losses[0],
         "last_loss": losses[-1],
     }
-
-
-def _peak_memory() -> dict[str, float]:
-    """The process's peak RSS and, on CUDA, the peak of memory allocated on the device (GiB)."""
-    import torch
-
-    peak = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-        peak["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return peak
 
 
 def child(args) -> dict:
