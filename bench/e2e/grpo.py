@@ -48,13 +48,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .memory import peak_memory
+from .cases import add_run_arguments, peak_memory, run_case
 
 CASES = ("trl-grpo", "aam-grpo")
 SHARED = Path(__file__).resolve().parents[3] / "shared"
@@ -363,10 +362,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--lr", type=float, default=1e-6)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="autocast dtype in both")
+    add_run_arguments(parser)
     parser.add_argument("--json", default=None)
     parser.add_argument("--case", choices=CASES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -389,16 +385,9 @@ def main() -> None:
             command = [sys.executable, "-m", "bench.e2e.grpo", "--case", case, "--policy", args.policy]
             command += ["--reward-model", reward_model, "--output", str(Path(tmp) / case)]
             command += ["--data", str(trl if case == "trl-grpo" else ours)]
-            for name in ("steps", "prompts_per_step", "num_generations", "max_new_tokens", "temperature", "beta"):
+            for name in ("steps", "prompts_per_step", "num_generations", "max_new_tokens", "temperature", "beta", "lr"):
                 command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-            for name in ("lr", "seed", "threads", "device", "dtype"):
-                command += [f"--{name}", str(getattr(args, name))]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                results.append({"case": case, "error": done.stderr.strip().splitlines()[-3:]})
-            else:
-                results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(json.dumps(results[-1]), file=sys.stderr)
+            results.append(run_case(case, command, args))
     digests = [r["prompt_digests"] for r in results if "prompt_digests" in r]
     same_prompts = len(digests) < 2 or all(d == digests[0] for d in digests)
     summary = {"settings": {**vars(args), "prompts": count, "same_prompts": same_prompts}, "results": results}

@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .memory import peak_memory
+from .cases import add_run_arguments, peak_memory, run_case
 
 STARTED = time.perf_counter()  # a case's setup is timed from here (its process's start) to its first step
 CASES = (
@@ -281,10 +280,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="autocast dtype in both")
+    add_run_arguments(parser)
     parser.add_argument("--json", default=None, help="write the settings and per-case results here")
     parser.add_argument("--markdown", default=None, help="write the report (bench.e2e.report) here")
     parser.add_argument("--case", choices=CASES, default=None, help=argparse.SUPPRESS)
@@ -314,14 +310,9 @@ def main() -> None:
             command = [sys.executable, "-m", "bench.e2e.reward_model", "--case", case, "--model", args.model]
             command += ["--data", str(train), "--dev", str(dev), "--output", str(Path(tmp) / case)]
             command += ["--trl-init", str(trl_init)]
-            for name in ("steps", "batch_size", "max_length", "lr", "seed", "threads", "device", "dtype"):
+            for name in ("steps", "batch_size", "max_length", "lr"):
                 command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                results.append({"case": case, "error": done.stderr.strip().splitlines()[-3:]})
-            else:
-                results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(json.dumps(results[-1]), file=sys.stderr)
+            results.append(run_case(case, command, args))
     summary = {"settings": {**vars(args), "pairs_kept": kept}, "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
