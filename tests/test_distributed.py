@@ -184,8 +184,11 @@ def test_lora_two_ranks_match_one_process_and_resume(tiny_paths, tmp_path, strat
         load_file(str(alone / "adapter_model.safetensors")),
         load_file(str(tmp_path / "ranks" / "adapter_model.safetensors")),
     )
+    # lora_A's first gradients are ~0 (they are proportional to lora_B, which starts at 0), and Adam's update
+    # g / (sqrt(v) + eps) turns float32 reduction-order noise in such tiny gradients into lr-sized differences: the
+    # adapter factors agree to a looser bound than their product (the merged weights above, 1e-5)
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=5e-5, msg=name)
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "ranks" / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
     train_in_process(tiny_paths, resumed, batch_size=2 * PER_RANK, resume="auto", **lora)

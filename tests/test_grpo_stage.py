@@ -659,7 +659,10 @@ def test_terminated_lengths_are_over_the_completions_that_ended_with_eos(policy_
     assert metrics["completions/mean_terminated_length"] == pytest.approx(sum(ended) / len(ended))
     assert metrics["completions/min_terminated_length"] == min(ended)
     assert metrics["completions/max_terminated_length"] == max(ended)
-    assert metrics["completions/max_length"] == 12 and max(ended) < 12  # the truncated ones are left out
+    # the truncated ones (all of length 12) are left out; an EOS-ended one may also reach 12 (EOS counted)
+    assert metrics["completions/max_length"] == 12
+    assert all(n == 12 for n, cut in zip(lengths, truncated, strict=True) if cut)
+    assert metrics["completions/mean_terminated_length"] != pytest.approx(sum(lengths) / len(lengths))
     none_ended = terminated_length_metrics(torch.tensor([12, 12]), torch.tensor([True, True]))
     assert none_ended == {f"completions/{s}_terminated_length": 0.0 for s in ("mean", "min", "max")}
 
