@@ -1,17 +1,7 @@
-"""One checkpoint format for every stage: ``OUTPUT/checkpoints/checkpoint-<step>/`` folders, as Hugging Face's
-trainers write them, whose every file loads with ``json`` or ``torch.load(weights_only=True)`` (no file of a
-checkpoint can run code when read):
-
-- the model as the stage exports it (a ``save_pretrained`` folder of safetensors: a reward model or a policy), the
-  full weights gathered to rank 0 whatever the strategy;
-- ``optimizer.pt``: the optimizer's full state keyed by parameter name (tensors and numbers);
-- ``rank<r>.pt`` (tensors) and ``rank<r>.json``: each rank's own state (RNG states, an unfinished GRPO rollout);
-- ``trainer_state.json``, written last: step, scheduler state, data position, the run's config, the number of ranks.
-
-A save goes to a temporary folder that is renamed into place once complete (files fsynced first), so a crash at any
-moment leaves the previous checkpoint loadable; leftovers of a crashed save are removed by the next run. Since the
-weights and the optimizer state are full, a checkpoint written by N ranks resumes on M ranks or in one process; the
-per-rank state carries over only to the same number of ranks.
+"""One checkpoint format for every stage: ``OUTPUT/checkpoints/checkpoint-<step>/`` folders whose every file loads
+with ``json`` or ``torch.load(weights_only=True)``, saved atomically (a temporary folder renamed into place), and the
+checks that make a resumed run the same run. The format, what each file holds and the resume rules are described once,
+in ``docs/checkpoints.md``.
 """
 
 from __future__ import annotations
