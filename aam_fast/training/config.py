@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 from .config_file import read_config_file
+from .metrics import check_wandb_installed
 from .options import (
     check_ranges,
     default_value,
@@ -147,7 +148,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 STRATEGIES = ("ddp", "fsdp2")
 BACKENDS = ("auto", "torch", "triton", "native")
-REPORTERS = ("jsonl", "tensorboard")
+REPORTERS = ("jsonl", "tensorboard", "wandb")
 ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
 
 
@@ -165,10 +166,15 @@ class TrainingConfig:
     save_every: int = option(0, help="optimizer steps between checkpoints (0: none)", minimum=0, group="output")
     keep_checkpoints: int = option(2, help="checkpoints kept, newest first (0: all)", minimum=0, group="output")
     report_to: list[str] = option(
-        help="metric sinks: jsonl (OUTPUT/metrics.jsonl) and/or tensorboard (OUTPUT/tensorboard)",
+        help="metric sinks: jsonl (OUTPUT/metrics.jsonl), tensorboard (OUTPUT/tensorboard), wandb (Weights & Biases: "
+        "project from WANDB_PROJECT, default aam-fast; WANDB_MODE=offline works without a network; files under "
+        "WANDB_DIR, default OUTPUT/wandb; a resumed run continues the same wandb run)",
         choices=REPORTERS,
         factory=lambda: ["jsonl"],
         group="output",
+    )
+    run_name: str | None = option(
+        None, help="the run's name in wandb (default: WANDB_NAME, else the output folder's name)", group="output"
     )
     progress: bool = option(True, help="show progress bars", group="output")
 
@@ -264,3 +270,5 @@ class TrainingConfig:
         check_ranges(self)
         if not self.report_to:
             raise ValueError(f"--report-to needs at least one of {', '.join(REPORTERS)}")
+        if "wandb" in self.report_to:
+            check_wandb_installed()
