@@ -179,7 +179,7 @@ def prepare_output(output: Path, *, resume: str | None, overwrite: bool, inputs:
 # Settings a resumed run may change in every stage: where it writes, what it shows, the devices and ranks (each
 # stage checks batch_size x ranks itself).
 RESUME_FREE = frozenset(
-    {"output", "resume", "overwrite", "save_every", "keep_checkpoints", "report_to", "progress"}
+    {"output", "resume", "overwrite", "save_every", "keep_checkpoints", "report_to", "run_name", "progress"}
     | {"device", "threads", "strategy", "liger", "batch_size"}
 )
 # Settings that change only how the same numbers are computed: allowed, with a warning.

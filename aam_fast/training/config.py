@@ -1,61 +1,76 @@
 """Config dataclasses are the single source of every CLI flag: each field declared with :func:`option` becomes
 ``--field-name`` with its help, its default, its choices and its allowed range, and :func:`check_ranges` refuses a
-value outside that range with one line naming the flag. The settings both stages share live once, in
-:class:`TrainingConfig`; a stage's config subclasses it, so a flag that exists in both stages is one field with one
-meaning."""
+value outside that range with one line naming the flag. Every generated command also takes ``--config FILE`` (the
+same settings as YAML or JSON, :mod:`.config_file`); flags given on the command line override the file. The settings
+both stages share live once, in :class:`TrainingConfig`; a stage's config subclasses it, so a flag that exists in both
+stages is one field with one meaning."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
-import types
-import typing
 from typing import Any
 
-_MISSING = dataclasses.MISSING
+from .config_file import read_config_file
+from .metrics import check_wandb_installed
+from .options import (
+    check_ranges,
+    default_value,
+    flag_name,
+    is_required,
+    option,
+    option_fields,
+    option_kinds,
+    range_text,
+    text_parser,
+)
 
-
-def option(
-    default: Any = _MISSING,
-    *,
-    help: str,
-    choices: tuple | None = None,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    above: float | None = None,
-    below: float | None = None,
-    group: str = "training",
-    repeat: bool = False,
-    dest_flag: str | None = None,
-    factory: Any = _MISSING,
-) -> Any:
-    """A config field with its CLI metadata. ``minimum``/``maximum`` are inclusive bounds, ``above``/``below``
-    exclusive ones; ``repeat`` makes a list flag that may be given several times (``append``); ``dest_flag`` names
-    the flag when it differs from the field's name."""
-    metadata = {
-        "help": help,
-        "choices": choices,
-        "minimum": minimum,
-        "maximum": maximum,
-        "above": above,
-        "below": below,
-        "group": group,
-        "repeat": repeat,
-        "flag": dest_flag,
-    }
-    if factory is not _MISSING:
-        return dataclasses.field(default_factory=factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+GIVEN = "flags_given"  # the namespace attribute listing the fields set by a flag on the command line
+CONFIG_HELP = (
+    "YAML (.yaml/.yml) or JSON (.json) file of settings, keyed by the flags' names (lr, max_grad_norm or "
+    "max-grad-norm); flags given on the command line override it. A training run saves its resolved settings as "
+    "OUTPUT/config.yaml, which --config takes back"
+)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, except for required flags and help texts that already state it."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.required or "(default" in (action.help or ""):
-            return action.help or ""
+        help_text = action.help or ""
+        if action.required or "(default" in help_text or "(required" in help_text:
+            return help_text
         return super()._get_help_string(action)
+
+
+def _record_given(namespace: argparse.Namespace, dest: str) -> None:
+    if not hasattr(namespace, GIVEN):
+        setattr(namespace, GIVEN, set())
+    getattr(namespace, GIVEN).add(dest)
+
+
+class _Store(argparse.Action):
+    """argparse's ``store``, remembering that the flag was given (so that it overrides ``--config``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        _record_given(namespace, self.dest)
+
+
+class _Append(argparse.Action):
+    """argparse's ``append`` (onto a copy of the default), remembering that the flag was given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), values])
+        _record_given(namespace, self.dest)
+
+
+class _Switch(argparse.BooleanOptionalAction):
+    """``--flag`` / ``--no-flag``, remembering that it was given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        _record_given(namespace, self.dest)
 
 
 def add_config_command(subparsers, name: str, config_class: type, run, *, help: str, description: str):
@@ -66,125 +81,74 @@ def add_config_command(subparsers, name: str, config_class: type, run, *, help: 
     return parser
 
 
-def flag_name(field: dataclasses.Field) -> str:
-    return "--" + (field.metadata.get("flag") or field.name.replace("_", "-"))
-
-
-def _unwrap(annotation: Any) -> tuple[Any, bool]:
-    """``(inner type, optional)`` of ``X``, ``X | None`` or ``Optional[X]``."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(annotation))
-        return (args[0] if len(args) == 1 else str), optional
-    return annotation, False
-
-
-def _parser_for(kind: Any, optional: bool):
-    def parse(text: str):
-        if optional and text.lower() in ("none", ""):
-            return None
-        return kind(text)
-
-    parse.__name__ = getattr(kind, "__name__", "value")  # argparse names the type in its error message
-    return parse
-
-
-def range_text(field: dataclasses.Field) -> str | None:
-    """The allowed range of a numeric field in words, or None when it has none."""
-    meta = field.metadata
-    parts = []
-    if meta.get("minimum") is not None:
-        parts.append(f">= {meta['minimum']}")
-    if meta.get("above") is not None:
-        parts.append(f"> {meta['above']}")
-    if meta.get("maximum") is not None:
-        parts.append(f"<= {meta['maximum']}")
-    if meta.get("below") is not None:
-        parts.append(f"< {meta['below']}")
-    return " and ".join(parts) or None
-
-
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, *, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of ``config_class`` that carries :func:`option` metadata, in argument groups."""
-    hints = typing.get_type_hints(config_class)
+    """``--config FILE`` and one flag per field of ``config_class`` that carries :func:`option` metadata, in
+    argument groups. A field without a default is still required, as a flag or a key of the file
+    (:func:`config_from_args` says which are missing)."""
+    parser.add_argument("--config", dest="config_file", metavar="FILE", default=None, help=CONFIG_HELP)
+    kinds = option_kinds(config_class)
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for field in dataclasses.fields(config_class):
-        if "help" not in field.metadata or field.name in skip:
+    for field in option_fields(config_class):
+        if field.name in skip:
             continue
-        meta = field.metadata
+        meta, kind = field.metadata, kinds[field.name]
         group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        kind, optional = _unwrap(hints[field.name])
-        required = field.default is _MISSING and field.default_factory is _MISSING
         help_text = meta["help"]
         limits = range_text(field)
         if limits:
             help_text += f" [{limits}]"
-        kwargs: dict[str, Any] = {"dest": field.name, "help": help_text}
-        if required:
-            kwargs["required"] = True
+        kwargs: dict[str, Any] = {"dest": field.name, "help": help_text, "action": _Store}
+        if is_required(field):
+            kwargs["default"] = None
+            kwargs["help"] += " (required: a flag or a key of --config FILE)"
         else:
-            kwargs["default"] = field.default if field.default is not _MISSING else field.default_factory()
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(kind) is list:
-            (item,) = typing.get_args(kind)
-            item, _ = _unwrap(item)
-            kwargs["type"] = item if item in (int, float) else str
+            kwargs["default"] = default_value(field)
+        if kind.scalar is bool:
+            kwargs["action"] = _Switch
+        elif kind.is_list:
+            kwargs["type"] = kind.scalar
             if meta["repeat"]:
-                kwargs["action"] = "append"
-                if not required:
-                    kwargs["default"] = None  # argparse appends to a default list in place
+                kwargs["action"] = _Append
+                kwargs["default"] = None  # the field's default list, filled in by config_from_args
             else:
                 kwargs["nargs"] = "+"
         else:
-            kwargs["type"] = _parser_for(kind if kind in (int, float) else str, optional)
+            kwargs["type"] = text_parser(kind.scalar, kind.optional)
         if meta["choices"]:
             kwargs["choices"] = meta["choices"]
         group.add_argument(flag_name(field), **kwargs)
 
 
 def config_from_args(config_class: type, args: argparse.Namespace, **overrides: Any):
-    """``config_class`` from parsed flags (fields absent from ``args`` keep their defaults)."""
+    """``config_class`` from parsed flags. Each field takes, first found: ``overrides``, a flag given on the command
+    line, the ``--config`` file's value, the flag's default in ``args``, the field's default. ValueError naming the
+    file and key for a bad file value, or listing the required flags that neither the flags nor the file give."""
+    config_file = getattr(args, "config_file", None)
+    from_file = read_config_file(config_class, config_file) if config_file else {}
+    given = getattr(args, GIVEN, set())
     values = {}
     for field in dataclasses.fields(config_class):
-        if hasattr(args, field.name):
-            value = getattr(args, field.name)
-            if value is None and field.metadata.get("repeat") and field.default_factory is not _MISSING:
-                value = field.default_factory()
-            values[field.name] = value
+        if field.name in from_file and field.name not in given:
+            values[field.name] = from_file[field.name]
+        elif hasattr(args, field.name):
+            values[field.name] = getattr(args, field.name)
+            if values[field.name] is None and field.metadata.get("repeat") and not is_required(field):
+                values[field.name] = default_value(field)  # an append flag not given
     values.update(overrides)
+    missing = [flag_name(f) for f in option_fields(config_class) if is_required(f) and values.get(f.name) is None]
+    if missing:
+        raise ValueError(
+            f"the following arguments are required: {', '.join(missing)} (as flags or keys of "
+            f"{config_file or '--config FILE'})"
+        )
     return config_class(**values)
-
-
-def check_ranges(config: Any) -> None:
-    """ValueError naming the flag and its allowed range or choices for the first field outside them."""
-    for field in dataclasses.fields(config):
-        meta, value = field.metadata, getattr(config, field.name)
-        if "help" not in meta or value is None:
-            continue
-        values = value if isinstance(value, (list, tuple)) else [value]
-        for item in values:
-            if meta.get("choices") and item not in meta["choices"]:
-                raise ValueError(
-                    f"{flag_name(field)} must be one of {', '.join(map(str, meta['choices']))}, got {item!r}"
-                )
-            if isinstance(item, bool) or not isinstance(item, (int, float)):
-                continue
-            bad = not math.isfinite(item) and range_text(field) is not None
-            bad |= meta.get("minimum") is not None and item < meta["minimum"]
-            bad |= meta.get("maximum") is not None and item > meta["maximum"]
-            bad |= meta.get("above") is not None and not item > meta["above"]
-            bad |= meta.get("below") is not None and not item < meta["below"]
-            if bad:
-                raise ValueError(f"{flag_name(field)} must be {range_text(field)}, got {item}")
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 STRATEGIES = ("ddp", "fsdp2")
 BACKENDS = ("auto", "torch", "triton", "native")
-REPORTERS = ("jsonl", "tensorboard")
+REPORTERS = ("jsonl", "tensorboard", "wandb")
 ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
 
 
@@ -202,10 +166,15 @@ class TrainingConfig:
     save_every: int = option(0, help="optimizer steps between checkpoints (0: none)", minimum=0, group="output")
     keep_checkpoints: int = option(2, help="checkpoints kept, newest first (0: all)", minimum=0, group="output")
     report_to: list[str] = option(
-        help="metric sinks: jsonl (OUTPUT/metrics.jsonl) and/or tensorboard (OUTPUT/tensorboard)",
+        help="metric sinks: jsonl (OUTPUT/metrics.jsonl), tensorboard (OUTPUT/tensorboard), wandb (Weights & Biases: "
+        "project from WANDB_PROJECT, default aam-fast; WANDB_MODE=offline works without a network; files under "
+        "WANDB_DIR, default OUTPUT/wandb; a resumed run continues the same wandb run)",
         choices=REPORTERS,
         factory=lambda: ["jsonl"],
         group="output",
+    )
+    run_name: str | None = option(
+        None, help="the run's name in wandb (default: WANDB_NAME, else the output folder's name)", group="output"
     )
     progress: bool = option(True, help="show progress bars", group="output")
 
@@ -300,4 +269,6 @@ class TrainingConfig:
         """Ranges and choices of every flag; stages add their cross-field checks."""
         check_ranges(self)
         if not self.report_to:
-            raise ValueError("--report-to needs at least one of jsonl, tensorboard")
+            raise ValueError(f"--report-to needs at least one of {', '.join(REPORTERS)}")
+        if "wandb" in self.report_to:
+            check_wandb_installed()

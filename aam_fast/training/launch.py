@@ -12,6 +12,7 @@ import torch
 
 from .checkpoints import find_checkpoint, prepare_output
 from .config import TrainingConfig
+from .config_file import save_config
 from .distributed import DistContext, setup
 from .optim import build_scheduler, warmup_steps
 from .runtime import compute_dtype, resolve_device, seed_everything, set_threads
@@ -37,6 +38,7 @@ def launch(cfg: TrainingConfig, inputs: dict[str, str | None]) -> Launch:
     if ctx.is_main:
         prepare_output(output, resume=cfg.resume, overwrite=cfg.overwrite, inputs=inputs)
         output.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output)  # OUTPUT/config.yaml: --config takes it back
     ctx.barrier()
     seed_everything(cfg.seed)
     return Launch(ctx, ctx.device, compute_dtype(cfg.dtype, ctx.device), output)

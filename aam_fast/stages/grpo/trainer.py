@@ -119,7 +119,7 @@ class GRPOTrainer:
         if checkpoint is not None:
             self._resume(checkpoint)
         resumed = self.step if checkpoint is not None else None
-        self.metrics_log = self.ctx.writer(lambda: MetricsWriter(self.output, cfg.report_to, resumed))
+        self.metrics_log = self.ctx.writer(lambda: MetricsWriter(self.output, cfg.report_to, resumed, config=cfg))
         self.completions_log = self.ctx.writer(lambda: JsonlTable(self.output / "completions.jsonl", resumed))
 
     # -- setup ------------------------------------------------------------------------------------------------

@@ -31,8 +31,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_compare_command(args: argparse.Namespace) -> int:
-    report = run_compare(config_from_args(CompareConfig, args))
-    if args.json:
+    cfg = config_from_args(CompareConfig, args)
+    report = run_compare(cfg)
+    if cfg.json:
         print(json.dumps(report))
     else:
         print(format_markdown(report))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ...modeling import RewardModel
+from ...training.config_file import save_config
 from ...training.runtime import log
 from .compare_config import CompareConfig, Variant, expand_variants, variant_config
 from .compare_inputs import SharedInputs, prepare_inputs, score_cached
@@ -133,6 +134,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output}: is a file, not a folder")
     output.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, output)  # OUTPUT/config.yaml: --config takes it back
     shared = prepare_inputs(cfg, configs[0], needs_reference=any(c.needs_reference for c in configs))
     trunk_seconds = time.time() - started
     log(f"cached the frozen trunk of every sequence in {trunk_seconds:.1f} s; training {len(variants)} variants")

@@ -194,7 +194,7 @@ class RMTrainer:
         if checkpoint is not None:
             self._resume(checkpoint)
         resume_step = self.step if checkpoint is not None else None
-        self.writer = self.ctx.writer(lambda: MetricsWriter(self.output, cfg.report_to, resume_step))
+        self.writer = self.ctx.writer(lambda: MetricsWriter(self.output, cfg.report_to, resume_step, config=cfg))
         self.trunk_cache = self._cache_trunk() if cfg.cache_trunk else None
         if self.trunk_cache is not None:
             self.reference_logps = self.trunk_cache.reference_logps
@@ -290,10 +290,11 @@ class RMTrainer:
                     self.evaluate()
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save_checkpoint(record)
+            bar.close()
+            final_report = self.evaluate()  # its record goes to the sinks too, so they close after it
         finally:
             bar.close()
             self.writer.close()
-        final_report = self.evaluate()
         self.export(final_report)
         return self._summary(history, final_report)
 
