@@ -105,25 +105,56 @@ def meta_inputs(shape: tuple[int, int, int], dtype: torch.dtype, has_bias: bool)
     return hidden, weight, bias, torch.empty(n, dtype=torch.long, device=meta)
 
 
-def forward_resources(config, dtype, shape, *, with_entropy=False, has_bias=False) -> Resources:
+def first_chunk_buffer(shape, dtype, granule: int, extra_row_bytes: int = 0):
+    """The first chunk's dZ buffer (a 16-byte-aligned ``[rows, V]`` meta view) as the default budget plans it."""
+    from aam_fast.ops.triton_chunks import aligned_width, plan_chunks
+
+    n, d, v = shape
+    element_size = torch.empty(0, dtype=dtype).element_size()
+    rows = plan_chunks(n, v * element_size + extra_row_bytes, granule, 4 * v * d).rows
+    return torch.empty(rows, aligned_width(v, element_size), dtype=dtype, device="meta")[:, :v]
+
+
+def forward_resources(config, dtype, shape, *, with_entropy=False, has_bias=False, store=False) -> Resources:
+    """The logsumexp kernel at `shape`; with `store`, the local-loss mode's variant over its first chunk, which also
+    writes the logits tiles."""
     from aam_fast.ops.triton_forward import _lse_partials_kernel, lse_partials_launch
+    from aam_fast.ops.triton_local_loss import storage_dtype
 
     hidden, weight, bias, _ = meta_inputs(shape, dtype, has_bias)
-    _, args, kwargs = lse_partials_launch(hidden, weight, bias, 1.0, with_entropy, config)
+    logits = None
+    if store:
+        logits = first_chunk_buffer(shape, dtype, config.block_n, 4 * -(-shape[2] // config.block_v))
+        hidden, logits = hidden[: logits.shape[0]], logits.view(storage_dtype(dtype))
+    _, args, kwargs = lse_partials_launch(hidden, weight, bias, 1.0, with_entropy, config, logits)
     return launch_resources(_lse_partials_kernel, args, kwargs)
+
+
+def in_place_resources(dtype, shape, *, with_entropy=False, has_bias=False, grad_filter=False) -> Resources:
+    """The local-loss mode's in-place dZ kernel (one fixed tile) over the first chunk at `shape`."""
+    from aam_fast.ops.triton_local_loss import _dz_in_place_kernel, dz_in_place_launch, in_place_tile, storage_dtype
+
+    dz = first_chunk_buffer(shape, dtype, 128, 4 * -(-shape[2] // 128))
+    rows, v = dz.shape
+    vec = torch.empty(rows, dtype=torch.float32, device="meta")
+    tile_max = torch.empty(rows, -(-v // 128), dtype=torch.float32, device="meta")
+    targets = torch.empty(rows, dtype=torch.long, device="meta")
+    vectors = (targets, vec, vec if with_entropy else None, vec, vec if with_entropy else None, vec)
+    _, args, kwargs = dz_in_place_launch(
+        dz, dz.view(storage_dtype(dtype)), tile_max, 128, vectors, 1.0, 1.0, 2.0**-12 if grad_filter else 0.0, has_bias
+    )
+    assert in_place_tile()[0] == kwargs["BLOCK_N"]
+    return launch_resources(_dz_in_place_kernel, args, kwargs)
 
 
 def backward_resources(config, dtype, shape, *, with_entropy=False, has_bias=False, grad_filter=False) -> Resources:
     """The dZ kernel of the first token chunk at `shape` (the chunk the default AAM_FAST_TRITON_CHUNK_MB gives)."""
-    import triton
-
-    from aam_fast.ops.triton_backward import _dz_kernel, chunk_rows, dz_launch
+    from aam_fast.ops.triton_backward import _dz_kernel, dz_launch
 
     hidden, weight, bias, targets = meta_inputs(shape, dtype, has_bias)
-    n, _, v = shape
-    rows = chunk_rows(n, v, hidden.element_size(), config.block_n, 4 * v * shape[1])
-    vec = torch.empty(n, dtype=torch.float32, device="meta")
-    dz = torch.empty(rows, triton.cdiv(v, 8) * 8, dtype=dtype, device="meta")[:, :v]
+    dz = first_chunk_buffer(shape, dtype, config.block_n)
+    rows = dz.shape[0]
+    vec = torch.empty(shape[0], dtype=torch.float32, device="meta")
     _, args, kwargs = dz_launch(
         hidden[:rows], weight, bias, targets[:rows], vec[:rows], vec[:rows] if with_entropy else None, vec[:rows],
         vec[:rows] if with_entropy else None, dz, 1.0, 1.0, 2.0**-12 if grad_filter else 0.0, has_bias, config,
@@ -132,14 +163,20 @@ def backward_resources(config, dtype, shape, *, with_entropy=False, has_bias=Fal
 
 
 def variants(backward: bool) -> list[tuple[str, dict]]:
-    """The flag combinations worth compiling: plain, the heaviest (entropy, bias) and, backward, the filter."""
+    """The flag combinations worth compiling: plain, the heaviest (entropy, bias), backward the filter, forward
+    the local-loss mode's logits-storing variants."""
     found = [("plain", {}), ("entropy+bias", {"with_entropy": True, "has_bias": True})]
-    return found + ([("filter", {"grad_filter": True})] if backward else [])
+    if backward:
+        return found + [("filter", {"grad_filter": True})]
+    return found + [("store", {"store": True}), ("store+entropy+bias", {"store": True, "with_entropy": True,
+                                                                         "has_bias": True})]  # fmt: skip
 
 
 def rows(dtype_names, shape_names):
-    """Yield `(kernel, operands, shape name, variant, config, Resources)` for every candidate config."""
-    from aam_fast.ops.triton_tuning import candidate_configs
+    """Yield `(kernel, operands, shape name, variant, config, Resources)` for every candidate config, and for the
+    local-loss mode's in-place kernel (one fixed tile)."""
+    from aam_fast.ops.triton_local_loss import in_place_tile
+    from aam_fast.ops.triton_tuning import TileConfig, candidate_configs
 
     for name in dtype_names:
         dtype = DTYPES[name]
@@ -151,6 +188,12 @@ def rows(dtype_names, shape_names):
                     for variant, flags in variants(backward):
                         res = measure(config, dtype, SHAPES[shape_name], **flags)
                         yield "dz" if backward else "forward", name, shape_name, variant, config, res
+        block_n, block_v, warps = in_place_tile()
+        fixed = TileConfig(block_n, block_v, 0, warps, 1)
+        for shape_name in shape_names:
+            for variant, flags in variants(True):
+                yield "in-place", name, shape_name, variant, fixed, in_place_resources(dtype, SHAPES[shape_name],
+                                                                                       **flags)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

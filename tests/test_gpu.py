@@ -14,7 +14,7 @@ import torch
 from reference import rel_err
 
 import aam_fast
-from aam_fast.ops import triton_backward
+from aam_fast.ops import triton_chunks
 
 pytestmark = pytest.mark.gpu
 ERRORS_ENV = "AAM_FAST_GPU_ERRORS"
@@ -109,7 +109,7 @@ def test_triton_backward_is_deterministic_and_chunking_changes_little(monkeypatc
 
     first, second = grads(), grads()
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-    monkeypatch.setenv(triton_backward.CHUNK_ENV, str(512 * v * 2 / 2**20))  # 512-row chunks
+    monkeypatch.setenv(triton_chunks.CHUNK_ENV, str(512 * v * 2 / 2**20))  # 512-row chunks
     chunked = grads()
     errors = {"d_hidden": rel_err(chunked[0], first[0]), "d_weight": rel_err(chunked[1], first[1])}
     record("triton_chunked_vs_one_chunk", **errors)
@@ -146,7 +146,7 @@ def test_triton_gradient_filtering_skips_the_rare_token_tail():
         logp = aam_fast.linear_logprobs(h, w, targets, bias=bias, backend="triton", grad_filter_eps=eps)
         (logp * grad).sum().backward()
         results[eps] = (logp.detach(), h.grad, w.grad)
-    stats = dict(triton_backward.last_filter_stats)
+    stats = dict(triton_chunks.last_filter_stats)
     plain, filtered = results[None], results[2.0**-12]
     assert torch.equal(plain[0], filtered[0])
     figures = {"skipped_blocks": stats["skipped"], "blocks": stats["blocks"]}
