@@ -162,17 +162,18 @@ def backward_resources(config, dtype, shape, *, with_entropy=False, has_bias=Fal
     return launch_resources(_dz_kernel, args, kwargs)
 
 
-def variants(backward: bool) -> list[tuple[str, dict]]:
-    """The flag combinations worth compiling: plain, the heaviest (entropy, bias), backward the filter, forward
-    the local-loss mode's logits-storing variants."""
-    found = [("plain", {}), ("entropy+bias", {"with_entropy": True, "has_bias": True})]
-    if backward:
-        return found + [("filter", {"grad_filter": True})]
-    return found + [("store", {"store": True}), ("store+entropy+bias", {"store": True, "with_entropy": True,
-                                                                         "has_bias": True})]  # fmt: skip
+# (kernel name, candidate list, flag combinations): plain and the heaviest (entropy, bias), the dZ kernel with the
+# filter, the local-loss mode's logits-storing pass with its own candidates.
+KERNELS = (
+    ("forward", {}, [("plain", {}), ("entropy+bias", {"with_entropy": True, "has_bias": True})]),
+    ("store", {"store": True}, [("store", {"store": True}),
+                                ("store+entropy+bias", {"store": True, "with_entropy": True, "has_bias": True})]),
+    ("dz", {"backward": True}, [("plain", {}), ("entropy+bias", {"with_entropy": True, "has_bias": True}),
+                                ("filter", {"grad_filter": True})]),
+)  # fmt: skip
 
 
-def rows(dtype_names, shape_names):
+def rows(dtype_names, shape_names, plain_only=False):
     """Yield `(kernel, operands, shape name, variant, config, Resources)` for every candidate config, and for the
     local-loss mode's in-place kernel (one fixed tile)."""
     from aam_fast.ops.triton_local_loss import in_place_tile
@@ -181,17 +182,17 @@ def rows(dtype_names, shape_names):
     for name in dtype_names:
         dtype = DTYPES[name]
         torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
-        for backward in (False, True):
-            measure = backward_resources if backward else forward_resources
-            for config in candidate_configs(dtype, backward=backward, shared_memory=H100_SHARED_MEMORY):
+        for kernel, which, flag_sets in KERNELS:
+            measure = backward_resources if kernel == "dz" else forward_resources
+            for config in candidate_configs(dtype, shared_memory=H100_SHARED_MEMORY, **{"backward": False, **which}):
                 for shape_name in shape_names:
-                    for variant, flags in variants(backward):
-                        res = measure(config, dtype, SHAPES[shape_name], **flags)
-                        yield "dz" if backward else "forward", name, shape_name, variant, config, res
+                    for variant, flags in flag_sets[:1] if plain_only else flag_sets:
+                        yield kernel, name, shape_name, variant, config, measure(config, dtype, SHAPES[shape_name],
+                                                                                 **flags)  # fmt: skip
         block_n, block_v, warps = in_place_tile()
         fixed = TileConfig(block_n, block_v, 0, warps, 1)
         for shape_name in shape_names:
-            for variant, flags in variants(True):
+            for variant, flags in KERNELS[2][2][:1] if plain_only else KERNELS[2][2]:
                 yield "in-place", name, shape_name, variant, fixed, in_place_resources(dtype, SHAPES[shape_name],
                                                                                        **flags)  # fmt: skip
 
@@ -212,16 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in dtype_names + shape_names:
         if name not in DTYPES and name not in SHAPES:
             raise SystemExit(f"unknown --dtypes/--shapes entry {name!r}")
-    if args.variants == "plain":
-        global variants
-        full = variants
-        variants = lambda backward: full(backward)[:1]  # noqa: E731
 
     print(f"triton {triton.__version__}, sm_90, {H100_SHARED_MEMORY} B shared memory per block")
     print("kernel   operands shape      variant       config (n, v, d, warps, stages, group, per SM)  regs stack "
           "shared async wgmma")  # fmt: skip
     failures = []
-    for kernel, operands, shape_name, variant, config, res in rows(dtype_names, shape_names):
+    for kernel, operands, shape_name, variant, config, res in rows(dtype_names, shape_names, args.variants == "plain"):
         shape = (config.block_n, config.block_v, config.block_d, config.num_warps, config.num_stages, config.group_n,
                  config.programs_per_sm)  # fmt: skip
         print(

@@ -99,6 +99,8 @@ def test_two_runs_are_bit_equal(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
+# the interpreter casts masked lanes too (−1e30, never stored) and numpy warns that float16 overflows there
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_float16_keeps_the_precision_of_its_inputs():
     """float16 operands: the logits are stored as z − m_tile in float16, dZ scaled by a power of two; the error is
     that of the float16 inputs' rounding (the reference sees the rounded inputs)."""

@@ -377,7 +377,7 @@ def lse_pass(hidden, weight, bias, inv_temperature: float, with_entropy: bool, l
         _lse_partials_kernel[grid](*args, **kwargs)
         return args[3], args[4], args[5], (args[7] if store else None), config.block_v
 
-    configs = choose_tile_configs(n_rows, hidden.dtype, device, backward=False)
+    configs = choose_tile_configs(n_rows, hidden.dtype, device, backward=False, store=store)
     kernel = "lse_partials_store" if store else "lse_partials"
     key = tuning_key(kernel, device, hidden.dtype, n_rows, dim, vocab, has_bias, with_entropy)
     part_max, part_sumexp, part_pz, tile_max, block_v = tuned_launch(

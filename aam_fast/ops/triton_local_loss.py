@@ -175,7 +175,7 @@ def triton_local_loss(hidden, weight, bias, targets, token_grads: TokenGrads, pa
     wants_grads = needs_hidden or needs_weight or compute_db
     logp = torch.empty(n_rows, dtype=torch.float32, device=device)
     entropy = torch.empty(n_rows, dtype=torch.float32, device=device) if params.with_entropy else None
-    configs = choose_tile_configs(n_rows, hidden.dtype, device, backward=False)
+    configs = choose_tile_configs(n_rows, hidden.dtype, device, backward=False, store=True)
     granule = max(c.block_n for c in configs)
     tile_bytes = 4 * triton.cdiv(vocab, min(c.block_v for c in configs))  # a row's float32 tile maxima
     weight_grad_bytes = 4 * vocab * dim if needs_weight and hidden.element_size() < 4 else 0
