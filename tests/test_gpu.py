@@ -48,6 +48,16 @@ def naive_same_dtype(hidden, weight, targets, grad):
     return logp.detach(), h.grad, w.grad
 
 
+def check_against_naive(test: str, ours, ref, naive) -> None:
+    """Record the relative errors of `(logp, d_hidden, d_weight)` and naive bf16's against the float32 reference;
+    each of ours at most naive's + 1e-3."""
+    names = ("logp", "d_hidden", "d_weight")
+    errors = {k: (rel_err(a, r), rel_err(b, r)) for k, a, b, r in zip(names, ours, naive, ref, strict=True)}
+    record(test, **{k: a for k, (a, _) in errors.items()}, **{f"naive_{k}": b for k, (_, b) in errors.items()})
+    for name, (mine, baseline) in errors.items():
+        assert mine <= baseline + 1e-3, f"{name}: {mine:.3e} vs naive bf16 {baseline:.3e}"
+
+
 @pytest.mark.parametrize("n,d,v", [(4096, 4096, 128256), (1031, 1000, 32003)])
 def test_triton_bfloat16_real_shape(n, d, v):
     torch.manual_seed(0)
@@ -61,18 +71,7 @@ def test_triton_bfloat16_real_shape(n, d, v):
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     logp = aam_fast.linear_logprobs(h, w, targets, backend="triton")
     (logp * grad).sum().backward()
-    errors = {
-        "logp": (rel_err(logp, ref[0]), rel_err(naive[0], ref[0])),
-        "d_hidden": (rel_err(h.grad, ref[1]), rel_err(naive[1], ref[1])),
-        "d_weight": (rel_err(w.grad, ref[2]), rel_err(naive[2], ref[2])),
-    }
-    record(
-        f"triton_bfloat16_real_shape[N={n},D={d},V={v}]",
-        **{k: a for k, (a, _) in errors.items()},
-        **{f"naive_{k}": b for k, (_, b) in errors.items()},
-    )
-    for name, (ours, baseline) in errors.items():
-        assert ours <= baseline + 1e-3, f"{name}: {ours:.3e} vs naive bf16 {baseline:.3e}"
+    check_against_naive(f"triton_bfloat16_real_shape[N={n},D={d},V={v}]", (logp, h.grad, w.grad), ref, naive)
 
 
 def test_triton_float32_matches_torch_backend_on_gpu():
@@ -173,18 +172,7 @@ def test_triton_local_loss_bfloat16_real_shape(n, d, v):
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     loss, logp, _ = aam_fast.linear_local_loss(h, w, targets, lambda lp, _: (lp * grad).sum(), backend="triton")
     loss.backward()
-    errors = {
-        "logp": (rel_err(logp, ref[0]), rel_err(naive[0], ref[0])),
-        "d_hidden": (rel_err(h.grad, ref[1]), rel_err(naive[1], ref[1])),
-        "d_weight": (rel_err(w.grad, ref[2]), rel_err(naive[2], ref[2])),
-    }
-    record(
-        f"triton_local_loss_bfloat16[N={n},D={d},V={v}]",
-        **{k: a for k, (a, _) in errors.items()},
-        **{f"naive_{k}": b for k, (_, b) in errors.items()},
-    )
-    for name, (ours, baseline) in errors.items():
-        assert ours <= baseline + 1e-3, f"{name}: {ours:.3e} vs naive bf16 {baseline:.3e}"
+    check_against_naive(f"triton_local_loss_bfloat16[N={n},D={d},V={v}]", (logp, h.grad, w.grad), ref, naive)
 
 
 def test_grpo_loss_on_triton_matches_the_float32_torch_backend():

@@ -176,7 +176,8 @@ def test_pinned_autotuning_gives_the_same_bits_in_two_processes(tmp_path):
     from safetensors.torch import load_file
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    env = {**os.environ, triton_tuning.AUTOTUNE_ENV: "0", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, triton_tuning.AUTOTUNE_ENV: "0", "PYTHONPATH": path}
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
     outs = [tmp_path / f"run{i}.safetensors" for i in range(2)]
