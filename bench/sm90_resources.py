@@ -166,7 +166,7 @@ def backward_resources(config, dtype, shape, *, with_entropy=False, has_bias=Fal
 # filter, the local-loss mode's logits-storing pass with its own candidates.
 KERNELS = (
     ("forward", {}, [("plain", {}), ("entropy+bias", {"with_entropy": True, "has_bias": True})]),
-    ("store", {"store": True}, [("store", {"store": True}),
+    ("store", {"store": True}, [("store", {"store": True}), ("store+entropy", {"store": True, "with_entropy": True}),
                                 ("store+entropy+bias", {"store": True, "with_entropy": True, "has_bias": True})]),
     ("dz", {"backward": True}, [("plain", {}), ("entropy+bias", {"with_entropy": True, "has_bias": True}),
                                 ("filter", {"grad_filter": True})]),

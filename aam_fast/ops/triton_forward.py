@@ -182,10 +182,13 @@ def _lse_partials_kernel(
 
         tile_max = tl.maximum(tl.max(z, axis=1), NEG_LARGE)  # finite even where every entry is -inf
         if STORE_LOGITS:
+            # bounded by the buffer's padded row (stride_logits, a multiple of 16) rather than V: the mask stays
+            # uniform over 16 columns, so the store is vectorised at a ragged V too (the padding is never read)
+            store_end = tl.minimum(v_begin + vocab_per_split, stride_logits)
             tl.store(
                 logits_ptr + rows64[:, None] * stride_logits + cols64[None, :],
                 (z - tile_max[:, None]).to(logits_ptr.dtype.element_ty),
-                mask=row_mask[:, None] & col_mask[None, :],
+                mask=row_mask[:, None] & (cols64 < store_end)[None, :],
             )
             tl.store(tile_max_ptr + rows64 * stride_tile_max + v_start // BLOCK_V, tile_max, mask=row_mask)
         new_max = tl.maximum(run_max, tile_max)

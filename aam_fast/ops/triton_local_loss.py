@@ -71,11 +71,14 @@ def _dz_in_place_kernel(
     pid_v = tl.program_id(1)
     rows64, cols64, row_mask, col_mask, tile_mask = tile_indices(pid_n, pid_v, n_rows, vocab, BLOCK_N, BLOCK_V)
     offsets = rows64[:, None] * stride_row + cols64[None, :]
+    # the buffer's padded rows (stride_row, a multiple of 16) bound the load and store: a mask uniform over 16
+    # columns keeps them vectorised at a ragged V; the padding's values are computed but never summed or read
+    io_mask = row_mask[:, None] & (cols64 < stride_row)[None, :]
 
-    stored = tl.load(stored_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    stored = tl.load(stored_ptr + offsets, mask=io_mask, other=0.0).to(tl.float32)
     tile_max = tl.load(
         tile_max_ptr + rows64[:, None] * stride_tile_max + (cols64 // STORED_BLOCK_V)[None, :],
-        mask=tile_mask,
+        mask=io_mask,
         other=0.0,
     )
     z = stored + tile_max
@@ -94,7 +97,7 @@ def _dz_in_place_kernel(
     dz = tl.where(cols64[None, :] == target[:, None], target_grad[:, None], dz)
     dz = tl.where(tile_mask, dz, 0.0)
 
-    tl.store(dz_ptr + offsets, (dz * dz_scale).to(dz_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(dz_ptr + offsets, (dz * dz_scale).to(dz_ptr.dtype.element_ty), mask=io_mask)
     if COMPUTE_DB:
         tl.store(bias_part_ptr + pid_n.to(tl.int64) * vocab + cols64, tl.sum(dz, axis=0), mask=col_mask)
     if FILTER:
