@@ -105,13 +105,13 @@ def meta_inputs(shape: tuple[int, int, int], dtype: torch.dtype, has_bias: bool)
     return hidden, weight, bias, torch.empty(n, dtype=torch.long, device=meta)
 
 
-def first_chunk_buffer(shape, dtype, granule: int, extra_row_bytes: int = 0):
+def first_chunk_buffer(shape, dtype, granule: int):
     """The first chunk's dZ buffer (a 16-byte-aligned ``[rows, V]`` meta view) as the default budget plans it."""
     from aam_fast.ops.triton_chunks import aligned_width, plan_chunks
 
     n, d, v = shape
     element_size = torch.empty(0, dtype=dtype).element_size()
-    rows = plan_chunks(n, v * element_size + extra_row_bytes, granule, 4 * v * d).rows
+    rows = plan_chunks(n, v * element_size, granule, 4 * v * d).rows
     return torch.empty(rows, aligned_width(v, element_size), dtype=dtype, device="meta")[:, :v]
 
 
@@ -124,7 +124,7 @@ def forward_resources(config, dtype, shape, *, with_entropy=False, has_bias=Fals
     hidden, weight, bias, _ = meta_inputs(shape, dtype, has_bias)
     logits = None
     if store:
-        logits = first_chunk_buffer(shape, dtype, config.block_n, 4 * -(-shape[2] // config.block_v))
+        logits = first_chunk_buffer(shape, dtype, config.block_n)
         hidden, logits = hidden[: logits.shape[0]], logits.view(storage_dtype(dtype))
     _, args, kwargs = lse_partials_launch(hidden, weight, bias, 1.0, with_entropy, config, logits)
     return launch_resources(_lse_partials_kernel, args, kwargs)
@@ -134,7 +134,7 @@ def in_place_resources(dtype, shape, *, with_entropy=False, has_bias=False, grad
     """The local-loss mode's in-place dZ kernel (one fixed tile) over the first chunk at `shape`."""
     from aam_fast.ops.triton_local_loss import _dz_in_place_kernel, dz_in_place_launch, in_place_tile, storage_dtype
 
-    dz = first_chunk_buffer(shape, dtype, 128, 4 * -(-shape[2] // 128))
+    dz = first_chunk_buffer(shape, dtype, 128)
     rows, v = dz.shape
     vec = torch.empty(rows, dtype=torch.float32, device="meta")
     tile_max = torch.empty(rows, -(-v // 128), dtype=torch.float32, device="meta")

@@ -146,7 +146,7 @@ def test_local_loss_chunks_filter_within_the_dropped_mass(backend, entropy, monk
     """The three-product local-loss mode (GRPO) filters each row chunk: the torch backend's sparse tiles, the
     Triton mode's vocab blocks that no row of a 16-row chunk finds likely."""
     monkeypatch.setattr(torch_chunked, "_CHUNK_BUDGET_BYTES", 2 * 4 * 301 * 11)  # 11-row chunks
-    monkeypatch.setenv(triton_chunks.CHUNK_ENV, "0.02")  # 0.02 MB / (301 x 4 B + tile maxima) -> 16 rows
+    monkeypatch.setenv(triton_chunks.CHUNK_ENV, "0.02")  # 0.02 MB / (301 x 4 B) -> 16 rows
     n, dim, vocab, eps = 40, 24, 301, 1e-3
     hidden, weight, bias, targets = peaked_inputs(n, dim, vocab, scale=4.0, seed=torch.seed() % 2**31)
     coef = torch.randn(n)

@@ -2,12 +2,12 @@
 
 Both modes hold the logits' gradient of a chunk of tokens as a dense ``[rows, V]`` matrix ``dZ`` in the input dtype,
 then ``d_hidden[chunk] = dZ W`` and ``d_weight (+)= dZᵀ h[chunk]`` run as cuBLAS products (no atomics: two runs give
-the same bits). The working memory is bounded by ``AAM_FAST_TRITON_CHUNK_MB`` (default 1024 MiB): ``dZ`` (each row
-padded to a multiple of 16 elements: 16-byte aligned, as cuBLAS wants, with a stride Triton specialises) plus the
-mode's per-row extras, plus, when more than one chunk is needed, a float32 ``[V, D]`` accumulator for ``d_weight``
-if it fits in half the budget. Otherwise ``d_weight`` accumulates in the input dtype: cuBLAS adds each chunk's
-product to it in its float32 epilogue and rounds once per chunk (at N = 8192, D = 4096, V = 128256 in bfloat16: two
-chunks of 4096 rows, 1.0 GB of dZ; a float32 accumulator would add 2.1 GB).
+the same bits). ``AAM_FAST_TRITON_CHUNK_MB`` (default 1024 MiB) bounds ``dZ`` (each row padded to a multiple of 16
+elements: 16-byte aligned, as cuBLAS wants, with a stride Triton specialises; the per-row extras, such as the
+local-loss mode's tile maxima at 1.5 to 6% of dZ, come on top) plus, when more than one chunk is needed, a float32
+``[V, D]`` accumulator for ``d_weight`` if it fits in half the budget. Otherwise ``d_weight`` accumulates in the
+input dtype: cuBLAS adds each chunk's product to it in its float32 epilogue and rounds once per chunk (at N = 8192,
+D = 4096, V = 128256 in bfloat16: two chunks of 4096 rows, 1.05 GB of dZ; a float32 accumulator would add 2.1 GB).
 """
 
 from __future__ import annotations

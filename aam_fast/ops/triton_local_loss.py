@@ -180,9 +180,9 @@ def triton_local_loss(hidden, weight, bias, targets, token_grads: TokenGrads, pa
     entropy = torch.empty(n_rows, dtype=torch.float32, device=device) if params.with_entropy else None
     configs = choose_tile_configs(n_rows, hidden.dtype, device, backward=False, store=True)
     granule = max(c.block_n for c in configs)
-    tile_bytes = 4 * triton.cdiv(vocab, min(c.block_v for c in configs))  # a row's float32 tile maxima
     weight_grad_bytes = 4 * vocab * dim if needs_weight and hidden.element_size() < 4 else 0
-    plan = chunks.plan_chunks(n_rows, vocab * hidden.element_size() + tile_bytes, granule, weight_grad_bytes)
+    # the budget bounds dZ, as in the backward; the tile maxima (4 bytes per row and vocab tile) come on top
+    plan = chunks.plan_chunks(n_rows, vocab * hidden.element_size(), granule, weight_grad_bytes)
     buffer = chunks.dz_buffer(min(plan.rows, n_rows), vocab, hidden.dtype, device)
     d_hidden = torch.empty(n_rows, dim, dtype=hidden.dtype, device=device) if needs_hidden else None
     d_weight = chunks.new_weight_grad(vocab, dim, hidden.dtype, plan, device) if needs_weight else None
