@@ -2,11 +2,12 @@
 
 The set is `--bench-set {smoke,cpu,cpu-full,gpu}` (or `--bench-quick` for smoke, or the AAM_BENCH_SET
 environment variable); by default "gpu" where CUDA is available, else "cpu". The device is CUDA where
-available unless `--bench-device cpu`.
+available unless `--bench-device cpu`. `--bench-providers a,b` runs only those providers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -30,6 +31,17 @@ def pytest_addoption(parser):
     )
     group.addoption("--bench-quick", action="store_true", help="shorthand for --bench-set smoke")
     group.addoption("--bench-device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    group.addoption(
+        "--bench-max-rounds",
+        type=int,
+        default=None,
+        help="at most this many timed rounds per case (the GPU check's CPU rehearsal: 1)",
+    )
+    group.addoption(
+        "--bench-providers",
+        default=None,
+        help="comma-separated provider names to run (default: every provider; bench/providers.py lists them)",
+    )
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -69,10 +81,27 @@ def pytest_generate_tests(metafunc):
         if fixture in metafunc.fixturenames:
             metafunc.parametrize(fixture, shapes[family], ids=[s.id for s in shapes[family]])
     if "provider_name" in metafunc.fixturenames:
-        metafunc.parametrize("provider_name", PROVIDER_NAMES)
+        metafunc.parametrize("provider_name", _provider_names(config))
+
+
+def _provider_names(config) -> list[str]:
+    chosen = config.getoption("--bench-providers")
+    if not chosen:
+        return list(PROVIDER_NAMES)
+    names = [name for name in chosen.split(",") if name]
+    unknown = [name for name in names if name not in PROVIDER_NAMES]
+    if unknown:
+        raise pytest.UsageError(f"--bench-providers: unknown {unknown}; known: {', '.join(PROVIDER_NAMES)}")
+    return names
 
 
 @pytest.fixture(scope="session")
 def bench_env(request) -> BenchEnv:
     device = _device(request.config)
-    return BenchEnv(device=device, set_name=_set_name(request.config, device))
+    env = BenchEnv(device=device, set_name=_set_name(request.config, device))
+    max_rounds = request.config.getoption("--bench-max-rounds")
+    if max_rounds is not None:
+        if max_rounds < 1:
+            raise pytest.UsageError(f"--bench-max-rounds must be at least 1, got {max_rounds}")
+        env.timing = dataclasses.replace(env.timing, min_rounds=1, max_rounds=max_rounds)
+    return env

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +125,13 @@ class Provider:
     def token_logprobs(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def logprobs_and_grads(self, hidden, weight, targets, grad_out) -> tuple[torch.Tensor, ...]:
+        """``(logp, d_hidden, d_weight)`` of ``Σ grad_out·logp`` for leaves ``hidden`` and ``weight`` (requiring grad):
+        by default the token log-probs, then autograd with ``grad_out`` as the upstream gradient."""
+        logp = self.token_logprobs(hidden, weight, targets)
+        grads = torch.autograd.grad(logp, (hidden, weight), grad_out.view_as(logp))
+        return (logp.detach(), *grads)
+
     def pairwise_loss(self, batch: PairBatch, detach_margin: bool) -> torch.Tensor:
         trained = not detach_margin or batch.sft_weight != 0
         with torch.set_grad_enabled(torch.is_grad_enabled() and trained):
@@ -145,7 +153,8 @@ class AamProvider(Provider):
         self.backend = backend
         self.grad_filter_eps = grad_filter_eps
         self.name = f"aam-{backend}" + ("-filter" if grad_filter_eps else "")
-        self.needs_warmup = backend == "triton"
+        # Triton compiles and autotunes on first use; under the interpreter (CPU) nothing is compiled
+        self.needs_warmup = backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1"
 
     def _module(self):
         return _import("aam_fast", "aam_fast")
@@ -154,8 +163,11 @@ class AamProvider(Provider):
         self._module()
         if self.grad_filter_eps and workload in ("logprobs-fwd", "aam-detached"):
             raise Unavailable("gradient filtering changes only the backward pass: this workload has none")
-        if self.backend == "triton" and device.type != "cuda":
-            raise Unavailable("aam_fast's triton backend is benchmarked on CUDA only (the interpreter is for tests)")
+        if self.backend == "triton" and device.type != "cuda" and not interpreted_triton(device):
+            raise Unavailable(
+                "aam_fast's triton backend is benchmarked on CUDA only (TRITON_INTERPRET=1 runs it on CPU at tiny "
+                "shapes, as the GPU check's rehearsal does)"
+            )
         try:
             from aam_fast.ops.backends import resolve_backend
         except ImportError:  # an aam_fast without the registry: let the call itself say what is wrong
@@ -207,6 +219,38 @@ class AamProvider(Provider):
             grad_filter_eps=self.grad_filter_eps,
         )
         return out.loss
+
+
+class AamLocalProvider(AamProvider):
+    """aam_fast's local-loss mode (three products: the logits stored once, dZ formed in place): the token log-probs
+    and gradients of ``Σ grad_out·logp``, a local loss whose per-token gradient is known in the forward. Only the
+    forward+backward token workload states its upstream gradient in advance; aam_fast's GRPO loss runs this mode
+    already (``aam-<backend>`` on the grpo workload)."""
+
+    def __init__(self, backend: str):
+        super().__init__(backend)
+        self.name = f"aam-{backend}-local"
+
+    def check(self, workload, device):
+        if workload != "logprobs-fwdbwd":
+            raise Unavailable(
+                "the local-loss mode needs the per-token gradient in the forward: only logprobs-fwdbwd states it "
+                f"(aam-{self.backend}'s GRPO loss already runs this mode)"
+            )
+        super().check(workload, device)
+
+    def logprobs_and_grads(self, hidden, weight, targets, grad_out):
+        grad = grad_out.view(targets.shape)
+        loss, logp, _ = self._module().linear_local_loss(
+            hidden, weight, targets, lambda lp, _: (lp * grad).sum(), backend=self.backend
+        )
+        return (logp, *torch.autograd.grad(loss, (hidden, weight)))
+
+
+def interpreted_triton(device: torch.device) -> bool:
+    """Triton kernels on CPU tensors under the interpreter (TRITON_INTERPRET=1): the CPU rehearsal of the GPU
+    check, at tiny shapes."""
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def naive_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -346,6 +390,10 @@ class TorchLceProvider(Provider):
 
     name = "torch-lce"
     CPU_CHUNK_ROWS = 256
+    needs_warmup = True  # its first call in a process loads what it needs (2.8 s of CPU time at any shape)
+
+    def warmup_key(self, workload):
+        return _grad_mode_key(self.name, workload)
 
     def check(self, workload, device):
         if not hasattr(F, "linear_cross_entropy"):
@@ -374,6 +422,7 @@ def all_providers() -> dict[str, Provider]:
         AamProvider("torch"),
         AamProvider("native"),
         AamProvider("triton"),
+        AamLocalProvider("triton"),
         AamProvider("torch", AamProvider.FILTER_EPS),
         AamProvider("triton", AamProvider.FILTER_EPS),
         NaiveProvider(),

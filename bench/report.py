@@ -12,11 +12,22 @@ must come from one device.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
+
+from .criteria import must_show_lines
+from .results import (
+    CLOCKS,
+    Result,
+    cases,
+    fastest_peer,
+    fmt,
+    fmt_mb,
+    fmt_time,
+    load_results,
+    provider_order,
+    shape_key,
+)
 
 WORKLOAD_TITLES = {
     "logprobs-fwd": "Token log-probs, forward only",
@@ -25,9 +36,9 @@ WORKLOAD_TITLES = {
     "aam-trained": "AAM pairwise loss, trained-through margin + SFT",
     "grpo": "GRPO token loss, forward + backward",
 }
-AAM_FIRST = ("aam-triton", "aam-torch", "aam-native")
 PROVIDER_COLORS = {
     "aam-triton": "#d62728",
+    "aam-triton-local": "#bcbd22",
     "aam-torch": "#ff7f0e",
     "aam-native": "#e377c2",
     "naive": "#7f7f7f",
@@ -38,261 +49,13 @@ PROVIDER_COLORS = {
 }
 
 
-CLOCKS = ("wall", "cpu")
-
-
-@dataclass
-class Result:
-    """One benchmark case: its median times (wall clock, process CPU time) and the runner's extra_info.
-    `clock` picks which of the two `median_s` and `floor_s` report."""
-
-    workload: str
-    provider: str
-    peer: bool
-    shape: str
-    tokens: int
-    d: int
-    v: int
-    dtype: str
-    median_wall_s: float
-    median_cpu_s: float | None
-    rounds: int
-    floor_wall_s: float
-    floor_cpu_s: float | None
-    floor_products: int
-    floor_flops: float
-    peak_mb: float | None
-    output_mb: float
-    info: dict
-    clock: str = "wall"
-
-    @property
-    def median_s(self) -> float:
-        return self.median_cpu_s if self.clock == "cpu" else self.median_wall_s
-
-    @property
-    def floor_s(self) -> float:
-        return self.floor_cpu_s if self.clock == "cpu" else self.floor_wall_s
-
-    @property
-    def tflops(self) -> float:
-        return self.floor_flops / self.median_wall_s / 1e12
-
-
-@dataclass(frozen=True)
-class Criterion:
-    """One "Must show" line: `value(workload, provider) <op> target` at one shape (tokens, D, V) on one kind of
-    device. `provider` is the default backend there; other aam_fast backends measured in the run get rows too."""
-
-    label: str
-    device: str
-    dtype: str
-    shape: tuple[int, int, int]
-    workload: str
-    provider: str
-    metric: str  # "time/floor", "time/fastest-peer", "memory/fastest-peer", "working-memory/fastest-peer", ...
-    target: float
-    strict: bool = False
-
-
-_CPU = ("cpu", "float32", (2048, 1024, 151936))
-_GPU = ("cuda", "bfloat16", (8192, 4096, 128256))
-MUST_SHOW = (
-    Criterion("fwd+bwd time vs fastest peer", *_CPU, "logprobs-fwdbwd", "aam-torch", "time/fastest-peer", 1.4),
-    Criterion(
-        "fwd+bwd peak extra memory vs fastest peer's",
-        *_CPU,
-        "logprobs-fwdbwd",
-        "aam-torch",
-        "memory/fastest-peer",
-        0.3,
-    ),
-    Criterion(
-        "fwd+bwd working memory (peak extra − outputs) vs fastest peer's",
-        *_CPU,
-        "logprobs-fwdbwd",
-        "aam-torch",
-        "working-memory/fastest-peer",
-        0.3,
-    ),
-    Criterion("GRPO token loss time vs fastest peer", *_CPU, "grpo", "aam-torch", "time/fastest-peer", 1.1),
-    Criterion("forward time vs one bare product", *_CPU, "logprobs-fwd", "aam-torch", "time/floor", 1.1),
-    Criterion("fwd+bwd time vs four bare products", *_GPU, "logprobs-fwdbwd", "aam-triton", "time/floor", 1.3),
-    Criterion(
-        "fwd+bwd time vs fastest peer (must be faster)",
-        *_GPU,
-        "logprobs-fwdbwd",
-        "aam-triton",
-        "time/fastest-peer",
-        1.0,
-        strict=True,
-    ),
-    Criterion(
-        "fwd+bwd peak extra memory vs Cut Cross-Entropy's", *_GPU, "logprobs-fwdbwd", "aam-triton", "memory/cce", 1.0
-    ),
-    Criterion("forward time vs one bare product", *_GPU, "logprobs-fwd", "aam-triton", "time/floor", 1.15),
-)
-
-
-def load_results(paths: list[Path], clock: str = "wall") -> tuple[list[Result], dict]:
-    """Results of every case in the files, timed by `clock`, and the first file's header (machine_info,
-    datetime, version)."""
-    if clock not in CLOCKS:
-        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
-    results, header = [], {}
-    for path in paths:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: not a readable pytest-benchmark JSON file ({exc})") from exc
-        if "benchmarks" not in data:
-            raise ValueError(f"{path}: no 'benchmarks' list; pass the file written by --benchmark-json")
-        header = header or {k: data.get(k) for k in ("machine_info", "commit_info", "datetime", "version")}
-        for bench in data["benchmarks"]:
-            info = bench.get("extra_info") or {}
-            if "workload" not in info:
-                raise ValueError(f"{path}: benchmark {bench.get('name')!r} has no extra_info from bench.runner")
-            if clock == "cpu" and info.get("cpu_median_s") is None:
-                raise ValueError(f"{path}: benchmark {bench.get('name')!r} has no process CPU time (cpu_median_s)")
-            results.append(
-                Result(
-                    workload=info["workload"],
-                    provider=info["provider"],
-                    peer=bool(info["peer"]),
-                    shape=info["shape"],
-                    tokens=int(info["tokens"]),
-                    d=int(info["d"]),
-                    v=int(info["v"]),
-                    dtype=info["dtype"],
-                    median_wall_s=float(bench["stats"]["median"]),
-                    median_cpu_s=info.get("cpu_median_s"),
-                    rounds=int(bench["stats"]["rounds"]),
-                    floor_wall_s=float(info["floor_s"]),
-                    floor_cpu_s=info.get("floor_cpu_s"),
-                    floor_products=int(info["floor_products"]),
-                    floor_flops=float(info["floor_flops"]),
-                    peak_mb=info.get("peak_extra_mb"),
-                    output_mb=float(info.get("output_mb") or 0.0),
-                    info=info,
-                    clock=clock,
-                )
-            )
-    devices = {(r.info["device"], r.info["device_name"]) for r in results}
-    if len(devices) > 1:
-        raise ValueError(f"results come from several devices {sorted(devices)}; report one device at a time")
-    return results, header
-
-
-def _cases(results: list[Result]) -> dict[tuple[str, str], list[Result]]:
-    cases: dict[tuple[str, str], list[Result]] = {}
-    for r in results:
-        cases.setdefault((r.workload, r.shape), []).append(r)
-    return cases
-
-
-def fastest_peer(case: list[Result]) -> Result | None:
-    peers = [r for r in case if r.peer]
-    return min(peers, key=lambda r: r.median_s) if peers else None
-
-
-def _fmt_time(seconds: float) -> str:
-    if seconds >= 1.0:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds * 1e6:.0f} µs"
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _fmt_mb(value: float | None) -> str:
-    return "–" if value is None else f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
-
-
-def _provider_order(name: str) -> tuple[int, str]:
-    return (AAM_FIRST.index(name) if name in AAM_FIRST else len(AAM_FIRST), name)
-
-
-def _shape_key(case: list[Result]) -> tuple:
-    r = case[0]
-    return (r.v, r.d, r.tokens)
-
-
-def criterion_value(crit: Criterion, results: list[Result], provider: str | None = None) -> tuple[float | None, str]:
-    """The measured ratio for a criterion (for `provider`, default the criterion's) and what it was measured
-    against, or (None, why not)."""
-    case = [
-        r
-        for r in results
-        if r.workload == crit.workload
-        and r.info["device"] == crit.device
-        and r.dtype == crit.dtype
-        and (r.tokens, r.d, r.v) == crit.shape
-    ]
-    ours = next((r for r in case if r.provider == (provider or crit.provider)), None)
-    if ours is None:
-        return None, "not measured"
-    if crit.metric == "time/floor":
-        return ours.median_s / ours.floor_s, f"floor {_fmt_time(ours.floor_s)}"
-    if crit.metric == "memory/cce":
-        other = next((r for r in case if r.provider == "cce"), None)
-    else:
-        other = fastest_peer(case)
-    if other is None:
-        return None, "no peer measured"
-    if crit.metric == "time/fastest-peer":
-        return ours.median_s / other.median_s, f"{other.provider} {_fmt_time(other.median_s)}"
-    if ours.peak_mb is None or not other.peak_mb:
-        return None, "memory not measured"
-    if crit.metric == "working-memory/fastest-peer":
-        working, other_working = ours.peak_mb - ours.output_mb, other.peak_mb - other.output_mb
-        return working / other_working, f"{other.provider} {_fmt_mb(other_working)} MB"
-    return ours.peak_mb / other.peak_mb, f"{other.provider} {_fmt_mb(other.peak_mb)} MB"
-
-
-def _verdict(crit: Criterion, value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    return "yes" if (value < crit.target if crit.strict else value <= crit.target) else "**no**"
-
-
-def _must_show_lines(results: list[Result]) -> list[str]:
-    """The criteria this run has cases for, by wall clock and, where recorded, by process CPU time."""
-    with_cpu = all(r.median_cpu_s is not None and r.floor_cpu_s is not None for r in results)
-    by_clock = {clock: [dataclasses.replace(r, clock=clock) for r in results] for clock in CLOCKS}
-    aam_backends = sorted({r.provider for r in results if not r.peer}, key=_provider_order)
-    lines = []
-    for crit in MUST_SHOW:
-        for provider in [crit.provider] + [p for p in aam_backends if p != crit.provider]:
-            wall, against = criterion_value(crit, by_clock["wall"], provider)
-            if wall is None and against == "not measured":
-                continue
-            op = "<" if crit.strict else "≤"
-            shape = "N={}, D={}, V={}, ".format(*crit.shape) + crit.dtype
-            row = f"| {provider} {crit.label} | {shape} | {op} {crit.target} | {_fmt(wall)} | {against} | "
-            row += f"{_verdict(crit, wall)} |"
-            if with_cpu:
-                cpu, against_cpu = criterion_value(crit, by_clock["cpu"], provider)
-                row += f" {_fmt(cpu)} | {against_cpu} | {_verdict(crit, cpu)} |"
-            lines.append(row)
-    if not lines:
-        return []
-    head = "| criterion | shape | target | wall clock | against | holds |"
-    rule = "|---|---|---|---|---|---|"
-    if with_cpu:
-        head += " process CPU time | against | holds |"
-        rule += "---|---|---|"
-    return ["## Must show", "", head, rule, *lines, ""]
-
-
 def _versions(results: list[Result]) -> str:
     versions = {"torch": results[0].info.get("torch_version", "?")}
     for r in results:
         dist = {
             "aam-torch": "aam_fast",
             "aam-triton": "aam_fast",
+            "aam-triton-local": "aam_fast",
             "aam-native": "aam_fast",
             "liger": "liger-kernel",
             "cce": "cut-cross-entropy",
@@ -348,11 +111,11 @@ def render_markdown(results: list[Result], header: dict, plot_names: list[str]) 
             f"{info['device_name'].rsplit(', ', 1)[-1]}: the CPU is shared, so expect timing noise."
         )
     lines.append("")
-    lines += _must_show_lines(results)
-    cases = _cases(results)
+    lines += must_show_lines(results)
+    by_case = cases(results)
     tflops = info["device"] == "cuda"
     for workload, title in WORKLOAD_TITLES.items():
-        keys = sorted((k for k in cases if k[0] == workload), key=lambda k: _shape_key(cases[k]))
+        keys = sorted((k for k in by_case if k[0] == workload), key=lambda k: shape_key(by_case[k]))
         if not keys:
             continue
         lines += [
@@ -364,22 +127,22 @@ def render_markdown(results: list[Result], header: dict, plot_names: list[str]) 
             "|---|---|---|---|---|---|---|---|" + ("---|" if tflops else "") + "---|",
         ]
         for key in keys:
-            case = sorted(cases[key], key=lambda r: _provider_order(r.provider))
+            case = sorted(by_case[key], key=lambda r: provider_order(r.provider))
             best = fastest_peer(case)
             first = case[0]
             products = f"{first.floor_products} product" + ("s" if first.floor_products > 1 else "")
             floor_tflops = f" {first.floor_flops / first.floor_wall_s / 1e12:.3g} |" if tflops else ""
             lines.append(
-                f"| {first.shape} | *floor ({products})* | {_fmt_time(first.floor_s)} | | 1.00 | | | |{floor_tflops} |"
+                f"| {first.shape} | *floor ({products})* | {fmt_time(first.floor_s)} | | 1.00 | | | |{floor_tflops} |"
             )
             for r in case:
                 time_ratio = r.median_s / best.median_s if best else None
                 mem_ratio = r.peak_mb / best.peak_mb if best and r.peak_mb is not None and best.peak_mb else None
                 name = f"**{r.provider}**" if not r.peer else r.provider
                 lines.append(
-                    f"| {r.shape} | {name} | {_fmt_time(r.median_s)} | {_fmt(time_ratio)} | "
-                    f"{_fmt(r.median_s / r.floor_s)} | {_fmt_mb(r.peak_mb)} | {_fmt(mem_ratio)} | "
-                    f"{_fmt_mb(r.output_mb)} |" + (f" {r.tflops:.3g} |" if tflops else "") + f" {r.rounds} |"
+                    f"| {r.shape} | {name} | {fmt_time(r.median_s)} | {fmt(time_ratio)} | "
+                    f"{fmt(r.median_s / r.floor_s)} | {fmt_mb(r.peak_mb)} | {fmt(mem_ratio)} | "
+                    f"{fmt_mb(r.output_mb)} |" + (f" {r.tflops:.3g} |" if tflops else "") + f" {r.rounds} |"
                 )
             missing = sorted({x.provider for x in results if x.workload == workload} - {r.provider for r in case})
             if missing:
@@ -424,7 +187,7 @@ def _metric(r: Result, metric: str) -> float | None:
 
 
 def _plot_lines(ax, series: dict, metric: str) -> None:
-    for provider in sorted(series, key=_provider_order):
+    for provider in sorted(series, key=provider_order):
         points = [(x, _metric(r, metric)) for x, r in series[provider] if _metric(r, metric) is not None]
         if not points:
             continue
@@ -445,7 +208,7 @@ def _plot_lines(ax, series: dict, metric: str) -> None:
 
 def _plot_bars(ax, series: dict, metric: str) -> None:
     """One shape only: a bar per provider (and the floor as a line)."""
-    names = [p for p in sorted(series, key=_provider_order) if _metric(series[p][0][1], metric) is not None]
+    names = [p for p in sorted(series, key=provider_order) if _metric(series[p][0][1], metric) is not None]
     values = [_metric(series[p][0][1], metric) for p in names]
     ax.bar(names, values, color=[PROVIDER_COLORS.get(p, "#333333") for p in names])
     if metric == "time" and names:

@@ -118,9 +118,7 @@ def build_step(workload: str, provider: Provider, base: BaseInputs, shape: Shape
         targets, grad_out = base.targets, base.grad_out
 
         def step():
-            logp = provider.token_logprobs(hidden, weight, targets)
-            grads = torch.autograd.grad(logp, (hidden, weight), grad_out.view_as(logp))
-            return (logp.detach(), *grads)
+            return provider.logprobs_and_grads(hidden, weight, targets, grad_out)
 
         return step
     rows, seq_len = shape.rows, shape.seq_len
@@ -277,6 +275,7 @@ def run_case(benchmark, env: BenchEnv, workload: str, provider_name: str, shape:
             "floor_cpu_s": floor_cpu_s,
             "floor_products": floor_products,
             "floor_flops": flops,
+            "floor_local_s": floor["local"],  # three bare products: the local-loss mode's floor
             "peak_extra_mb": None if env.meter.unavailable else held["peak"] / 2**20,
             "memory_note": env.meter.unavailable,
             "output_mb": _tensor_bytes(outputs) / 2**20,

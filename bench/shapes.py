@@ -57,11 +57,16 @@ def shape_set(name: str, device_type: str) -> dict[str, list[Shape]]:
     """Shapes per workload family ("token", "pair", "grpo") for a named set on a device type."""
     if name == "smoke":
         dtype = "bfloat16" if device_type == "cuda" else "float32"
-        # Odd sizes on purpose: no provider gets a lucky power-of-two tile.
+        # Odd sizes on purpose: no provider gets a lucky power-of-two tile. The first token and GRPO shapes are small
+        # enough for the Triton interpreter: the GPU check's CPU rehearsal (bench/gpu_check.sh) runs those.
         return {
-            "token": [token_shape(300, 64, 1000, dtype), token_shape(600, 64, 3000, dtype)],
+            "token": [
+                token_shape(40, 16, 157, dtype),
+                token_shape(300, 64, 1000, dtype),
+                token_shape(600, 64, 3000, dtype),
+            ],
             "pair": [pair_shape(1, 150, 64, 1000, dtype)],
-            "grpo": [seq_shape(2, 150, 64, 1000, dtype)],
+            "grpo": [seq_shape(2, 20, 16, 157, dtype), seq_shape(2, 150, 64, 1000, dtype)],
         }
     if name in ("cpu", "cpu-full"):
         # "cpu" fits 10 minutes on 2 cores: token log-probs on an L of the grid (tokens at V = 32000, vocab at

@@ -105,25 +105,56 @@ def meta_inputs(shape: tuple[int, int, int], dtype: torch.dtype, has_bias: bool)
     return hidden, weight, bias, torch.empty(n, dtype=torch.long, device=meta)
 
 
-def forward_resources(config, dtype, shape, *, with_entropy=False, has_bias=False) -> Resources:
+def first_chunk_buffer(shape, dtype, granule: int):
+    """The first chunk's dZ buffer (a 16-byte-aligned ``[rows, V]`` meta view) as the default budget plans it."""
+    from aam_fast.ops.triton_chunks import aligned_width, plan_chunks
+
+    n, d, v = shape
+    element_size = torch.empty(0, dtype=dtype).element_size()
+    rows = plan_chunks(n, v * element_size, granule, 4 * v * d).rows
+    return torch.empty(rows, aligned_width(v, element_size), dtype=dtype, device="meta")[:, :v]
+
+
+def forward_resources(config, dtype, shape, *, with_entropy=False, has_bias=False, store=False) -> Resources:
+    """The logsumexp kernel at `shape`; with `store`, the local-loss mode's variant over its first chunk, which also
+    writes the logits tiles."""
     from aam_fast.ops.triton_forward import _lse_partials_kernel, lse_partials_launch
+    from aam_fast.ops.triton_local_loss import storage_dtype
 
     hidden, weight, bias, _ = meta_inputs(shape, dtype, has_bias)
-    _, args, kwargs = lse_partials_launch(hidden, weight, bias, 1.0, with_entropy, config)
+    logits = None
+    if store:
+        logits = first_chunk_buffer(shape, dtype, config.block_n)
+        hidden, logits = hidden[: logits.shape[0]], logits.view(storage_dtype(dtype))
+    _, args, kwargs = lse_partials_launch(hidden, weight, bias, 1.0, with_entropy, config, logits)
     return launch_resources(_lse_partials_kernel, args, kwargs)
+
+
+def in_place_resources(dtype, shape, *, with_entropy=False, has_bias=False, grad_filter=False) -> Resources:
+    """The local-loss mode's in-place dZ kernel (one fixed tile) over the first chunk at `shape`."""
+    from aam_fast.ops.triton_local_loss import _dz_in_place_kernel, dz_in_place_launch, in_place_tile, storage_dtype
+
+    dz = first_chunk_buffer(shape, dtype, 128)
+    rows, v = dz.shape
+    vec = torch.empty(rows, dtype=torch.float32, device="meta")
+    tile_max = torch.empty(rows, -(-v // 128), dtype=torch.float32, device="meta")
+    targets = torch.empty(rows, dtype=torch.long, device="meta")
+    vectors = (targets, vec, vec if with_entropy else None, vec, vec if with_entropy else None, vec)
+    _, args, kwargs = dz_in_place_launch(
+        dz, dz.view(storage_dtype(dtype)), tile_max, 128, vectors, 1.0, 1.0, 2.0**-12 if grad_filter else 0.0, has_bias
+    )
+    assert in_place_tile()[0] == kwargs["BLOCK_N"]
+    return launch_resources(_dz_in_place_kernel, args, kwargs)
 
 
 def backward_resources(config, dtype, shape, *, with_entropy=False, has_bias=False, grad_filter=False) -> Resources:
     """The dZ kernel of the first token chunk at `shape` (the chunk the default AAM_FAST_TRITON_CHUNK_MB gives)."""
-    import triton
-
-    from aam_fast.ops.triton_backward import _dz_kernel, chunk_rows, dz_launch
+    from aam_fast.ops.triton_backward import _dz_kernel, dz_launch
 
     hidden, weight, bias, targets = meta_inputs(shape, dtype, has_bias)
-    n, _, v = shape
-    rows = chunk_rows(n, v, hidden.element_size(), config.block_n, 4 * v * shape[1])
-    vec = torch.empty(n, dtype=torch.float32, device="meta")
-    dz = torch.empty(rows, triton.cdiv(v, 8) * 8, dtype=dtype, device="meta")[:, :v]
+    dz = first_chunk_buffer(shape, dtype, config.block_n)
+    rows = dz.shape[0]
+    vec = torch.empty(shape[0], dtype=torch.float32, device="meta")
     _, args, kwargs = dz_launch(
         hidden[:rows], weight, bias, targets[:rows], vec[:rows], vec[:rows] if with_entropy else None, vec[:rows],
         vec[:rows] if with_entropy else None, dz, 1.0, 1.0, 2.0**-12 if grad_filter else 0.0, has_bias, config,
@@ -131,26 +162,39 @@ def backward_resources(config, dtype, shape, *, with_entropy=False, has_bias=Fal
     return launch_resources(_dz_kernel, args, kwargs)
 
 
-def variants(backward: bool) -> list[tuple[str, dict]]:
-    """The flag combinations worth compiling: plain, the heaviest (entropy, bias) and, backward, the filter."""
-    found = [("plain", {}), ("entropy+bias", {"with_entropy": True, "has_bias": True})]
-    return found + ([("filter", {"grad_filter": True})] if backward else [])
+# (kernel name, candidate list, flag combinations): plain and the heaviest (entropy, bias), the dZ kernel with the
+# filter, the local-loss mode's logits-storing pass with its own candidates.
+KERNELS = (
+    ("forward", {}, [("plain", {}), ("entropy+bias", {"with_entropy": True, "has_bias": True})]),
+    ("store", {"store": True}, [("store", {"store": True}), ("store+entropy", {"store": True, "with_entropy": True}),
+                                ("store+entropy+bias", {"store": True, "with_entropy": True, "has_bias": True})]),
+    ("dz", {"backward": True}, [("plain", {}), ("entropy+bias", {"with_entropy": True, "has_bias": True}),
+                                ("filter", {"grad_filter": True})]),
+)  # fmt: skip
 
 
-def rows(dtype_names, shape_names):
-    """Yield `(kernel, operands, shape name, variant, config, Resources)` for every candidate config."""
-    from aam_fast.ops.triton_tuning import candidate_configs
+def rows(dtype_names, shape_names, plain_only=False):
+    """Yield `(kernel, operands, shape name, variant, config, Resources)` for every candidate config, and for the
+    local-loss mode's in-place kernel (one fixed tile)."""
+    from aam_fast.ops.triton_local_loss import in_place_tile
+    from aam_fast.ops.triton_tuning import TileConfig, candidate_configs
 
     for name in dtype_names:
         dtype = DTYPES[name]
         torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
-        for backward in (False, True):
-            measure = backward_resources if backward else forward_resources
-            for config in candidate_configs(dtype, backward=backward, shared_memory=H100_SHARED_MEMORY):
+        for kernel, which, flag_sets in KERNELS:
+            measure = backward_resources if kernel == "dz" else forward_resources
+            for config in candidate_configs(dtype, shared_memory=H100_SHARED_MEMORY, **{"backward": False, **which}):
                 for shape_name in shape_names:
-                    for variant, flags in variants(backward):
-                        res = measure(config, dtype, SHAPES[shape_name], **flags)
-                        yield "dz" if backward else "forward", name, shape_name, variant, config, res
+                    for variant, flags in flag_sets[:1] if plain_only else flag_sets:
+                        yield kernel, name, shape_name, variant, config, measure(config, dtype, SHAPES[shape_name],
+                                                                                 **flags)  # fmt: skip
+        block_n, block_v, warps = in_place_tile()
+        fixed = TileConfig(block_n, block_v, 0, warps, 1)
+        for shape_name in shape_names:
+            for variant, flags in KERNELS[2][2][:1] if plain_only else KERNELS[2][2]:
+                yield "in-place", name, shape_name, variant, fixed, in_place_resources(dtype, SHAPES[shape_name],
+                                                                                       **flags)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,16 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in dtype_names + shape_names:
         if name not in DTYPES and name not in SHAPES:
             raise SystemExit(f"unknown --dtypes/--shapes entry {name!r}")
-    if args.variants == "plain":
-        global variants
-        full = variants
-        variants = lambda backward: full(backward)[:1]  # noqa: E731
 
     print(f"triton {triton.__version__}, sm_90, {H100_SHARED_MEMORY} B shared memory per block")
     print("kernel   operands shape      variant       config (n, v, d, warps, stages, group, per SM)  regs stack "
           "shared async wgmma")  # fmt: skip
     failures = []
-    for kernel, operands, shape_name, variant, config, res in rows(dtype_names, shape_names):
+    for kernel, operands, shape_name, variant, config, res in rows(dtype_names, shape_names, args.variants == "plain"):
         shape = (config.block_n, config.block_v, config.block_d, config.num_warps, config.num_stages, config.group_n,
                  config.programs_per_sm)  # fmt: skip
         print(

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from .report import MUST_SHOW, criterion_value, load_results, main, write_report
+from .criteria import MUST_SHOW, criterion_value
+from .report import main, write_report
+from .results import load_results
 
 SHAPE = {"tokens": 2048, "d": 1024, "v": 151936, "dtype": "float32", "shape": "N2048-D1024-V151936-float32"}
 

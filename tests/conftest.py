@@ -8,6 +8,7 @@ AAM_FAST_SHARED overrides its location (AAM_FAST_SHARED=/nonexistent simulates a
 """
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,10 +32,22 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True, scope="session")
 def private_datasets_cache(tmp_path_factory):
-    """The tokenisation cache (under datasets' cache folder) of this test session, never the user's."""
-    import datasets
+    """The tokenisation cache (under datasets' cache folder) of this test session, never the user's.
 
-    datasets.config.HF_DATASETS_CACHE = str(tmp_path_factory.mktemp("datasets-cache"))
+    Set without importing `datasets`: through HF_DATASETS_CACHE, which `datasets` reads when a test first imports
+    it (and on its config where it is imported already), so the tests that do not use it run where it is absent.
+    """
+    folder = str(tmp_path_factory.mktemp("datasets-cache"))
+    previous = os.environ.get("HF_DATASETS_CACHE")
+    os.environ["HF_DATASETS_CACHE"] = folder
+    imported = sys.modules.get("datasets")
+    if imported is not None:
+        imported.config.HF_DATASETS_CACHE = folder
+    yield
+    if previous is None:
+        os.environ.pop("HF_DATASETS_CACHE", None)
+    else:
+        os.environ["HF_DATASETS_CACHE"] = previous
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import torch
 from reference import rel_err
 
 import aam_fast
-from aam_fast.ops import triton_backward
+from aam_fast.ops import triton_chunks
 
 pytestmark = pytest.mark.gpu
 ERRORS_ENV = "AAM_FAST_GPU_ERRORS"
@@ -48,6 +48,16 @@ def naive_same_dtype(hidden, weight, targets, grad):
     return logp.detach(), h.grad, w.grad
 
 
+def check_against_naive(test: str, ours, ref, naive) -> None:
+    """Record the relative errors of `(logp, d_hidden, d_weight)` and naive bf16's against the float32 reference;
+    each of ours at most naive's + 1e-3."""
+    names = ("logp", "d_hidden", "d_weight")
+    errors = {k: (rel_err(a, r), rel_err(b, r)) for k, a, b, r in zip(names, ours, naive, ref, strict=True)}
+    record(test, **{k: a for k, (a, _) in errors.items()}, **{f"naive_{k}": b for k, (_, b) in errors.items()})
+    for name, (mine, baseline) in errors.items():
+        assert mine <= baseline + 1e-3, f"{name}: {mine:.3e} vs naive bf16 {baseline:.3e}"
+
+
 @pytest.mark.parametrize("n,d,v", [(4096, 4096, 128256), (1031, 1000, 32003)])
 def test_triton_bfloat16_real_shape(n, d, v):
     torch.manual_seed(0)
@@ -61,18 +71,7 @@ def test_triton_bfloat16_real_shape(n, d, v):
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     logp = aam_fast.linear_logprobs(h, w, targets, backend="triton")
     (logp * grad).sum().backward()
-    errors = {
-        "logp": (rel_err(logp, ref[0]), rel_err(naive[0], ref[0])),
-        "d_hidden": (rel_err(h.grad, ref[1]), rel_err(naive[1], ref[1])),
-        "d_weight": (rel_err(w.grad, ref[2]), rel_err(naive[2], ref[2])),
-    }
-    record(
-        f"triton_bfloat16_real_shape[N={n},D={d},V={v}]",
-        **{k: a for k, (a, _) in errors.items()},
-        **{f"naive_{k}": b for k, (_, b) in errors.items()},
-    )
-    for name, (ours, baseline) in errors.items():
-        assert ours <= baseline + 1e-3, f"{name}: {ours:.3e} vs naive bf16 {baseline:.3e}"
+    check_against_naive(f"triton_bfloat16_real_shape[N={n},D={d},V={v}]", (logp, h.grad, w.grad), ref, naive)
 
 
 def test_triton_float32_matches_torch_backend_on_gpu():
@@ -109,7 +108,7 @@ def test_triton_backward_is_deterministic_and_chunking_changes_little(monkeypatc
 
     first, second = grads(), grads()
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-    monkeypatch.setenv(triton_backward.CHUNK_ENV, str(512 * v * 2 / 2**20))  # 512-row chunks
+    monkeypatch.setenv(triton_chunks.CHUNK_ENV, str(512 * v * 2 / 2**20))  # 512-row chunks
     chunked = grads()
     errors = {"d_hidden": rel_err(chunked[0], first[0]), "d_weight": rel_err(chunked[1], first[1])}
     record("triton_chunked_vs_one_chunk", **errors)
@@ -146,7 +145,7 @@ def test_triton_gradient_filtering_skips_the_rare_token_tail():
         logp = aam_fast.linear_logprobs(h, w, targets, bias=bias, backend="triton", grad_filter_eps=eps)
         (logp * grad).sum().backward()
         results[eps] = (logp.detach(), h.grad, w.grad)
-    stats = dict(triton_backward.last_filter_stats)
+    stats = dict(triton_chunks.last_filter_stats)
     plain, filtered = results[None], results[2.0**-12]
     assert torch.equal(plain[0], filtered[0])
     figures = {"skipped_blocks": stats["skipped"], "blocks": stats["blocks"]}
@@ -157,3 +156,47 @@ def test_triton_gradient_filtering_skips_the_rare_token_tail():
     assert stats["skipped"] > 0, f"nothing skipped: {stats}"
     for name in ("d_hidden", "d_weight"):
         assert figures[name] <= figures[f"unfiltered_{name}"] + 1e-2, name
+
+
+@pytest.mark.parametrize("n,d,v", [(8192, 4096, 128256), (1031, 1000, 32003)])
+def test_triton_local_loss_bfloat16_real_shape(n, d, v):
+    """The local-loss mode (logits stored once as z − m_tile in float16, dZ in place; at the main shape two chunks
+    with d_weight accumulated in bfloat16) on `Σ g·logp`: each error at most naive bfloat16's + 1e-3."""
+    torch.manual_seed(4)
+    hidden = (torch.randn(n, d, device="cuda") * 2.0 / d**0.5).bfloat16()
+    weight = torch.randn(v, d, device="cuda").bfloat16()
+    targets = torch.randint(0, v, (n,), device="cuda")
+    grad = torch.randn(n, device="cuda")
+    ref = float32_reference(hidden, weight, targets, grad)
+    naive = naive_same_dtype(hidden, weight, targets, grad)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, logp, _ = aam_fast.linear_local_loss(h, w, targets, lambda lp, _: (lp * grad).sum(), backend="triton")
+    loss.backward()
+    check_against_naive(f"triton_local_loss_bfloat16[N={n},D={d},V={v}]", (logp, h.grad, w.grad), ref, naive)
+
+
+def test_grpo_loss_on_triton_matches_the_float32_torch_backend():
+    """GRPO's token loss at the main shape (8 completions of 1024 tokens, V = 128256, D = 4096) in bfloat16 through
+    the Triton local-loss mode, against the torch backend on the same inputs widened to float32."""
+    torch.manual_seed(5)
+    b, t, d, v = 8, 1024, 4096, 128256
+    hidden = (torch.randn(b, t, d, device="cuda") * 2.0 / d**0.5).bfloat16()
+    weight = torch.randn(v, d, device="cuda").bfloat16()
+    targets = torch.randint(0, v, (b, t), device="cuda")
+    targets[:, :100] = -100
+    advantages = torch.randn(b, device="cuda")
+    ref_logps = torch.full((b, t), -12.0, device="cuda") + torch.randn(b, t, device="cuda") * 0.1
+    results = {}
+    for backend, dtype in (("triton", torch.bfloat16), ("torch", torch.float32)):
+        h = hidden.to(dtype).requires_grad_(True)
+        w = weight.to(dtype).requires_grad_(True)
+        out = aam_fast.grpo_loss(h, w, targets, advantages, ref_logps=ref_logps, beta=0.04, backend=backend)
+        out.loss.backward()
+        results[backend] = (out.loss.detach().reshape(1), out.logps, h.grad, w.grad)
+        del h, w, out
+    names = ("loss", "logps", "d_hidden", "d_weight")
+    pairs = zip(names, results["triton"], results["torch"], strict=True)
+    errors = {name: rel_err(a.float(), b.float()) for name, a, b in pairs}
+    record("grpo_triton_local_vs_float32_torch", **errors)
+    assert errors["loss"] <= 1e-3 and errors["logps"] <= 1e-3
+    assert errors["d_hidden"] <= 1e-2 and errors["d_weight"] <= 1e-2

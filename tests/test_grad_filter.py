@@ -7,7 +7,7 @@ import torch
 from reference import reference_logprobs
 
 import aam_fast
-from aam_fast.ops import grad_filter, linear_local_loss, torch_backend, torch_chunked, triton_backward
+from aam_fast.ops import grad_filter, linear_local_loss, torch_backend, torch_chunked, triton_chunks
 
 FILTER_BACKENDS = ["torch", "triton"]
 
@@ -80,7 +80,7 @@ def reference_gradients(hidden, weight, bias, targets, temperature, grad_logp, g
 def sparse_torch_tiles(monkeypatch):
     """Ragged torch-backend tiles (13 rows x 64 columns), small enough that peaked tiles go sparse; 16-row token
     chunks for the Triton backward (which skips a vocab block only where no token of the chunk finds it likely)."""
-    monkeypatch.setenv(triton_backward.CHUNK_ENV, "0.02")  # 0.02 MB / (301 x 4 B) -> 16 rows
+    monkeypatch.setenv(triton_chunks.CHUNK_ENV, "0.02")  # 0.02 MB / (301 x 4 B) -> 16 rows
     monkeypatch.setattr(torch_backend, "_MAX_ROWS", 13)
     monkeypatch.setattr(torch_backend, "_MIN_TILE", 64)
     monkeypatch.setattr(torch_backend, "_TILE_BUDGET_BYTES", 2 * 4 * 13 * 64)
@@ -111,7 +111,7 @@ def test_filtered_gradients_stay_within_the_dropped_mass(backend, entropy, spars
         f"seed {seed}: nothing was filtered"
     )
     if backend == "triton":
-        assert triton_backward.last_filter_stats["skipped"] > 0, f"seed {seed}"
+        assert triton_chunks.last_filter_stats["skipped"] > 0, f"seed {seed}"
 
 
 @pytest.mark.parametrize("backend", FILTER_BACKENDS)
@@ -140,10 +140,13 @@ def test_filtered_returns_csr_only_where_sparse_pays():
     assert grad_filter.filtered(tile, dense_keep) is tile
 
 
+@pytest.mark.parametrize("backend", FILTER_BACKENDS)
 @pytest.mark.parametrize("entropy", [False, True])
-def test_local_loss_chunks_filter_within_the_dropped_mass(entropy, monkeypatch):
-    """The torch backend's three-product local-loss path (GRPO) filters each row chunk."""
+def test_local_loss_chunks_filter_within_the_dropped_mass(backend, entropy, monkeypatch):
+    """The three-product local-loss mode (GRPO) filters each row chunk: the torch backend's sparse tiles, the
+    Triton mode's vocab blocks that no row of a 16-row chunk finds likely."""
     monkeypatch.setattr(torch_chunked, "_CHUNK_BUDGET_BYTES", 2 * 4 * 301 * 11)  # 11-row chunks
+    monkeypatch.setenv(triton_chunks.CHUNK_ENV, "0.02")  # 0.02 MB / (301 x 4 B) -> 16 rows
     n, dim, vocab, eps = 40, 24, 301, 1e-3
     hidden, weight, bias, targets = peaked_inputs(n, dim, vocab, scale=4.0, seed=torch.seed() % 2**31)
     coef = torch.randn(n)
@@ -155,7 +158,7 @@ def test_local_loss_chunks_filter_within_the_dropped_mass(entropy, monkeypatch):
     def grads(eps_value):
         leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
         loss, _, _ = linear_local_loss(
-            leaves[0], leaves[1], targets, token_loss, bias=leaves[2], with_entropy=entropy, backend="torch",
+            leaves[0], leaves[1], targets, token_loss, bias=leaves[2], with_entropy=entropy, backend=backend,
             grad_filter_eps=eps_value,
         )  # fmt: skip
         loss.backward()
@@ -169,6 +172,8 @@ def test_local_loss_chunks_filter_within_the_dropped_mass(entropy, monkeypatch):
         rows_err = (got.double() - ref).reshape(ref.shape[0], -1).norm(dim=1)
         assert torch.all(rows_err <= bound + 10 * base_err + 1e-6)
     assert not torch.equal(filtered[1], exact[1]), "nothing was filtered"
+    if backend == "triton":
+        assert triton_chunks.last_filter_stats["skipped"] > 0
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, float("nan"), "2e-4", True])

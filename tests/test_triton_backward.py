@@ -8,7 +8,7 @@ import torch
 from reference import reference_logprobs, rel_err
 
 import aam_fast
-from aam_fast.ops import triton_backward, triton_forward
+from aam_fast.ops import triton_chunks, triton_forward
 from aam_fast.ops.triton_tuning import TileConfig
 
 
@@ -50,7 +50,7 @@ def test_values_and_gradients_against_float64(chunk_mb, entropy, monkeypatch):
     """Odd shapes (no multiple of any tile), bias, temperature, ignored rows; in one chunk and in 16-row chunks
     (0.02 MB / (301 x 4 B) rounds down to one 16-row token block)."""
     if chunk_mb:
-        monkeypatch.setenv(triton_backward.CHUNK_ENV, chunk_mb)
+        monkeypatch.setenv(triton_chunks.CHUNK_ENV, chunk_mb)
     args = inputs(45, 40, 301, seed=1, ignore_every=7)
     got = run("triton", *args, entropy=entropy)
     want = reference(*args, entropy=entropy)
@@ -63,7 +63,7 @@ def test_chunked_equals_one_chunk_and_two_runs_are_bit_equal(monkeypatch):
     args = inputs(53, 24, 157, seed=2)
     first = run("triton", *args)
     assert all(torch.equal(a, b) for a, b in zip(first, run("triton", *args), strict=True)), "not deterministic"
-    monkeypatch.setenv(triton_backward.CHUNK_ENV, "0.01")  # 16-row chunks: 53 = 3 x 16 + 5
+    monkeypatch.setenv(triton_chunks.CHUNK_ENV, "0.01")  # 16-row chunks: 53 = 3 x 16 + 5
     chunked = run("triton", *args)
     assert all(torch.equal(a, b) for a, b in zip(chunked, run("triton", *args), strict=True))
     for a, b in zip(chunked, first, strict=True):  # only d_weight's summation order differs
@@ -112,25 +112,19 @@ def test_nan_is_never_filtered_away():
     assert torch.isnan(got[2][3]).all() and torch.isnan(got[3]).all()
 
 
-def test_bad_chunk_budget_is_refused_by_name(monkeypatch):
-    args = inputs(8, 8, 33, seed=6)
-    for bad in ("0", "-1", "lots", "nan"):
-        monkeypatch.setenv(triton_backward.CHUNK_ENV, bad)
-        with pytest.raises(ValueError, match=triton_backward.CHUNK_ENV):
-            run("triton", *args)
-
-
-def test_chunk_rows_are_whole_token_blocks_within_the_budget(monkeypatch):
-    monkeypatch.setenv(triton_backward.CHUNK_ENV, "1024")
-    rows = triton_backward.chunk_rows(8192, 128256, 2, 128, weight_grad_bytes=4 * 128256 * 4096)
-    assert rows == 4096 and rows * 128256 * 2 <= 1024 * 2**20, "a set budget is a hard bound"
-    assert triton_backward.chunk_rows(300, 128256, 2, 128) == 300
-    monkeypatch.setenv(triton_backward.CHUNK_ENV, "1")
-    assert triton_backward.chunk_rows(8192, 128256, 2, 128) == 128  # never below one token block
-    monkeypatch.delenv(triton_backward.CHUNK_ENV)
-    assert triton_backward.chunk_rows(8192, 128256, 2, 128) == 4096  # default 1024 MB
-    # with a weight gradient, the default grows to the float32 [V, D] accumulator: the main shape is one chunk
-    assert triton_backward.chunk_rows(8192, 128256, 2, 128, weight_grad_bytes=4 * 128256 * 4096) == 8192
+def test_chunks_are_whole_token_blocks_within_the_budget(monkeypatch):
+    """The dZ buffer of a chunk fits AAM_FAST_TRITON_CHUNK_MB (default 1024 MiB): at the main shape two chunks of
+    4096 rows, the float32 weight-gradient accumulator (2 GiB) not fitting beside it; never below one token block."""
+    row_bytes, weight_grad = 128256 * 2, 4 * 128256 * 4096
+    monkeypatch.delenv(triton_chunks.CHUNK_ENV, raising=False)
+    plan = triton_chunks.plan_chunks(8192, row_bytes, 128, weight_grad)
+    assert plan == triton_chunks.ChunkPlan(4096, False) and plan.rows * row_bytes <= 2**30
+    assert triton_chunks.plan_chunks(300, row_bytes, 128, weight_grad) == triton_chunks.ChunkPlan(300, False)
+    monkeypatch.setenv(triton_chunks.CHUNK_ENV, "1")
+    assert triton_chunks.plan_chunks(8192, row_bytes, 128).rows == 128
+    monkeypatch.setenv(triton_chunks.CHUNK_ENV, "600")  # a 64 MiB float32 accumulator fits in half: taken first
+    plan = triton_chunks.plan_chunks(16384, 32000 * 2, 128, 4 * 32000 * 512)
+    assert plan.float32_weight_grad and plan.rows * 32000 * 2 + 4 * 32000 * 512 <= 600 * 2**20
 
 
 def test_vocab_split_fills_whole_waves_at_the_main_shape():

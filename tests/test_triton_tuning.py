@@ -145,3 +145,50 @@ def test_every_candidate_compiles_for_sm90_without_spills():
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+_PINNED_RUN = """
+import sys
+import torch
+from safetensors.torch import save_file
+import aam_fast
+
+device, out = sys.argv[1], sys.argv[2]
+n, d, v, dtype = (21, 16, 67, torch.float32) if device == "cpu" else (2048, 1024, 50257, torch.bfloat16)
+gen = torch.Generator(device=device).manual_seed(5)
+hidden = (torch.randn(n, d, generator=gen, device=device) * 2 / d**0.5).to(dtype).requires_grad_(True)
+weight = torch.randn(v, d, generator=gen, device=device).to(dtype).requires_grad_(True)
+targets = torch.randint(0, v, (n,), generator=gen, device=device)
+upstream = torch.randn(n, generator=gen, device=device)
+logp = aam_fast.linear_logprobs(hidden, weight, targets, backend="triton")
+d_hidden, d_weight = torch.autograd.grad((logp * upstream).sum(), (hidden, weight))
+loss, _, _ = aam_fast.linear_local_loss(hidden, weight, targets, lambda lp, _: (lp * upstream).sum(), backend="triton")
+local_hidden, local_weight = torch.autograd.grad(loss, (hidden, weight))
+tensors = dict(logp=logp, d_hidden=d_hidden, d_weight=d_weight, local_hidden=local_hidden, local_weight=local_weight)
+save_file({k: t.detach().float().cpu().contiguous() for k, t in tensors.items()}, out)
+"""
+
+
+def test_pinned_autotuning_gives_the_same_bits_in_two_processes(tmp_path):
+    """With AAM_FAST_AUTOTUNE=0 every process launches the default tiles: two processes give bit-identical log-probs
+    and gradients (backward and local-loss mode). Under the interpreter on CPU, at a real shape in bfloat16 on a
+    GPU (where the autotuner would otherwise pick per process)."""
+    from safetensors.torch import load_file
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, triton_tuning.AUTOTUNE_ENV: "0", "PYTHONPATH": path}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    outs = [tmp_path / f"run{i}.safetensors" for i in range(2)]
+    runs = [
+        subprocess.Popen([sys.executable, "-c", _PINNED_RUN, device, str(out)], env=env, stderr=subprocess.PIPE)
+        for out in outs
+    ]
+    for run in runs:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err.decode()[-3000:]
+    first, second = (load_file(str(out)) for out in outs)
+    assert set(first) == {"logp", "d_hidden", "d_weight", "local_hidden", "local_weight"}
+    for name in first:
+        assert torch.equal(first[name], second[name]), name

@@ -9,7 +9,7 @@ The contract (rows whose target is ignored are already removed; every target lie
   where the matching flag of `needs = (hidden, weight, bias)` is off;
 - `local_loss` (None where the backend has none): the three-product mode for losses whose per-token gradient is
   local, `(hidden, weight, bias, targets, token_grads, params, needs) -> (logp, entropy | None, d_hidden, d_weight,
-  d_bias)` (see `torch_chunked`);
+  d_bias)` (see `torch_chunked`, `triton_local_loss`);
 - `grad_filter`: whether the backward honours `params.grad_filter_eps > 0`.
 `params` is a `LogprobParams`.
 """
@@ -47,9 +47,10 @@ def _triton_backend() -> Backend:
     try:
         from .triton_backward import triton_backward
         from .triton_forward import triton_forward
+        from .triton_local_loss import triton_local_loss
     except ImportError as exc:  # triton missing on this platform
         raise ValueError(f"backend='triton' needs the triton package, which failed to import: {exc}") from exc
-    return Backend("triton", triton_forward, triton_backward, grad_filter=True)
+    return Backend("triton", triton_forward, triton_backward, local_loss=triton_local_loss, grad_filter=True)
 
 
 def _native_backend() -> Backend:

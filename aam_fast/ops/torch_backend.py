@@ -20,6 +20,12 @@ from .params import LogprobParams
 _TILE_BUDGET_BYTES = int(os.environ.get("AAM_FAST_TORCH_TILE_MB", "32")) * 2**20
 _MAX_ROWS = 4096
 _MIN_TILE = 256
+# Shifted logits z − m (and log-probs) are clamped here before they multiply a probability: below log of the
+# smallest float32 (≈ −103.3) that probability is 0 anyway, and a masked entry (z = −inf, e.g. a bias of −inf)
+# then adds 0, not 0·(−inf) = NaN. NaN passes a clamp unchanged.
+LOG_FLOOR = -1.0e4
+# The running max never drops below this: a row whose first tile is all −inf keeps a finite shift.
+MAX_FLOOR = -1.0e30
 
 
 def _tile_shape(rows: int, vocab: int) -> tuple[int, int]:
@@ -78,7 +84,7 @@ def torch_forward(hidden, weight, bias, targets, params: LogprobParams):
             in_tile = (y_rows >= v0) & (y_rows < v1)
             column = (y_rows - v0).clamp(0, v1 - v0 - 1)
             picked = torch.where(in_tile, z.gather(1, column[:, None]).view(-1), picked)
-            new_max = torch.maximum(running_max, z.amax(dim=1))
+            new_max = torch.maximum(running_max, z.amax(dim=1)).clamp_min_(MAX_FLOOR)
             rescale = torch.exp((running_max - new_max).double())
             z.sub_(new_max[:, None])  # z − m ≤ 0: no sum below mixes signs
             e = torch.exp(z, out=exp_buf[: r1 - r0, : v1 - v0])
@@ -86,7 +92,7 @@ def torch_forward(hidden, weight, bias, targets, params: LogprobParams):
                 # A = Σ e (z − m) over the tiles so far, re-based on each new max: the old tiles' (z − m_old)
                 # become (z − m_old) + (m_old − m_new). Summed (not bmm, whose float32 dot loses ~1e-4 at V=150k).
                 moved = torch.where(running_sum > 0, (running_max - new_max).double() * running_sum, 0.0)
-                running_shift.add_(moved).mul_(rescale).add_(z.mul_(e).sum(dim=1).double())
+                running_shift.add_(moved).mul_(rescale).add_(z.clamp_min_(LOG_FLOOR).mul_(e).sum(dim=1).double())
             running_sum.mul_(rescale).add_(e.sum(dim=1).double())
             running_max = new_max
         lse[r0:r1] = running_max.double() + running_sum.log()
@@ -191,7 +197,7 @@ def _entropy_tile(z, dz, w32, tile, entropy_rows, h32, grad_filter_eps, mixed_ro
     v0, v1, y_rows, hi_rows, lo_rows, g_rows = tile
     e_rows, h_rows = entropy_rows
     torch.sub(z, hi_rows, out=dz).sub_(lo_rows)  # log p
-    torch.add(dz, h_rows, out=z)  # log p + H
+    torch.add(dz, h_rows, out=z).clamp_min_(LOG_FLOOR)  # log p + H (p = 0 below the floor: 0, never 0·inf)
     dz.exp_()  # p
     keep = dz >= grad_filter_eps if grad_filter_eps > 0.0 else None
     z.mul_(-e_rows).sub_(g_rows[:, None])  # z <- −e (log p + H) − g, then dz = p · z, plus g at the target column

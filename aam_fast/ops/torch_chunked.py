@@ -16,6 +16,7 @@ import torch
 
 from .grad_filter import filtered
 from .params import LogprobParams
+from .torch_backend import LOG_FLOOR
 
 _CHUNK_BUDGET_BYTES = int(os.environ.get("AAM_FAST_TORCH_CHUNK_MB", "512")) * 2**20
 # A bfloat16/float16 weight is widened to float32 this many vocabulary rows at a time (a float32 weight is used
@@ -102,6 +103,7 @@ def torch_chunked_local(hidden, weight, bias, targets, token_grads: TokenGrads, 
         logp[r0:r1] = logp_rows
         entropy_rows = mean_shift = None
         if with_entropy:
+            z.clamp_min_(LOG_FLOOR)  # p = 0 there: a masked z = −inf adds 0·LOG_FLOOR, not 0·(−inf)
             mean_shift = _row_dot(p, z, scratch) / total  # Σ_v p_v (z_v − m) ≤ 0, float64
             entropy_rows = (log_total - mean_shift).float()
             entropy[r0:r1] = entropy_rows

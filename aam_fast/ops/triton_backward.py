@@ -5,16 +5,17 @@ With ``z = (h W^T + b) * s`` (``s = inv_temperature``), ``p = exp(z - lse)``, up
 
     dL/dz = g * (onehot(y) - p) + e * p * (mean_z - z)
 
-(the entropy term from ``dH/dz_v = -p_v (z_v - mean_z)``). The tokens are processed in chunks of ``C`` rows, the
-largest whose ``[C, V]`` logits-gradient buffer fits ``AAM_FAST_TRITON_CHUNK_MB`` (default: 1024 MB or the size of a
-float32 ``[V, D]``, whichever is larger; see ``chunk_rows``). Per chunk:
+(the entropy term from ``dH/dz_v = -p_v (z_v - mean_z)``; where ``p = 0`` the term is 0 even for ``z = -inf``, a
+masked vocabulary entry). The tokens are processed in chunks of ``C`` rows, the largest whose ``[C, V]``
+logits-gradient buffer fits ``AAM_FAST_TRITON_CHUNK_MB`` (``triton_chunks``, which also holds the products and the
+chunk policy shared with the local-loss mode). Per chunk:
 
 1. ``_dz_kernel`` recomputes every ``(token block, vocab block)`` logits tile (one product), applies the saved
    logsumexp and writes ``dZ = s * dL/dz`` in the input dtype into the buffer, plus float32 column sums per token
    block for ``d_bias``. Its 1-D grid runs ``GROUP_N`` token blocks side by side over each vocab block, so a weight
    tile is read from HBM once per group and the group's hidden rows stay in L2.
-2. ``d_hidden[chunk] = dZ W`` and ``d_weight (+)= dZ^T h[chunk]`` as two cuBLAS products (float32 accumulation of
-   ``d_weight`` across chunks; a single chunk writes it in the input dtype directly).
+2. ``d_hidden[chunk] = dZ W`` and ``d_weight (+)= dZ^T h[chunk]`` as two cuBLAS products (a single chunk writes
+   ``d_weight`` in the input dtype directly; see ``triton_chunks`` for the accumulation across chunks).
 
 Nothing is reduced with atomics, so two runs give bit-equal gradients. NaN or infinity anywhere in a row's logits
 propagates into that row's gradients and, through ``dZ^T h``, into ``d_weight``, exactly as with materialised
@@ -30,15 +31,20 @@ likely is skipped: a rare-token tail, never any block of a head without one (see
 
 from __future__ import annotations
 
-import math
-import os
-from contextlib import nullcontext
-
 import torch
 import triton
 import triton.language as tl
 
-from .triton_forward import logits_tile
+from .triton_chunks import (
+    chunk_products,
+    dz_buffer,
+    fp16_dz_scale,
+    kept_columns,
+    last_filter_stats,
+    new_weight_grad,
+    plan_chunks,
+)
+from .triton_forward import device_context, logits_tile, tile_indices
 from .triton_tuning import (
     TileConfig,
     autotune_enabled,
@@ -47,13 +53,6 @@ from .triton_tuning import (
     tuned_launch,
     tuning_key,
 )
-
-CHUNK_ENV = "AAM_FAST_TRITON_CHUNK_MB"
-DEFAULT_CHUNK_MB = 1024.0
-
-# What the last filtered backward skipped: vocab blocks over all chunks, and how many there were (diagnostics for
-# the tests and the benchmarks; not part of the op's contract).
-last_filter_stats = {"blocks": 0, "skipped": 0}
 
 
 @triton.jit
@@ -105,14 +104,7 @@ def _dz_kernel(
     rows_in_group = tl.minimum(num_pid_n - first_n, GROUP_N)
     pid_n = first_n + (pid % in_group) % rows_in_group
     pid_v = (pid % in_group) // rows_in_group
-
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_mask = rows < n_rows
-    col_mask = cols < vocab
-    tile_mask = row_mask[:, None] & col_mask[None, :]
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
+    rows64, cols64, row_mask, col_mask, tile_mask = tile_indices(pid_n, pid_v, n_rows, vocab, BLOCK_N, BLOCK_V)
 
     acc = logits_tile(
         hidden_ptr, weight_ptr, bias_ptr, rows64, row_mask, cols64, col_mask, dim,
@@ -134,7 +126,8 @@ def _dz_kernel(
     if WITH_ENTROPY:
         e = tl.load(grad_entropy_ptr + rows64, mask=row_mask, other=0.0)
         mean_z = tl.load(mean_z_ptr + rows64, mask=row_mask, other=0.0)
-        dz += e[:, None] * p * (mean_z[:, None] - z)
+        # p = 0 where z = -inf (a masked entry): its term is 0, not 0 * inf; a NaN p keeps its NaN (NaN != 0)
+        dz += e[:, None] * tl.where(p == 0.0, 0.0, p * (mean_z[:, None] - z))
     dz = tl.where(tile_mask, dz * inv_temperature, 0.0)
 
     tl.store(
@@ -222,67 +215,6 @@ def dz_launch(
     return (num_pid_n * num_pid_v,), args, kwargs
 
 
-def chunk_rows(n_rows: int, vocab: int, element_size: int, granule: int, weight_grad_bytes: int = 0) -> int:
-    """Rows per chunk: the most whose ``[rows, V]`` dZ buffer fits the budget, a multiple of ``granule`` (the
-    kernel's token block) and at least one granule; ``n_rows`` when everything fits.
-
-    The budget is ``AAM_FAST_TRITON_CHUNK_MB`` when set, else the larger of 1024 MB and ``weight_grad_bytes`` (the
-    float32 ``[V, D]`` weight gradient that a chunked 16-bit backward accumulates into): a dZ buffer that size
-    adds no more to the peak than that accumulator and its cast do, and one chunk writes d_weight directly in the
-    input dtype (at N=8192, D=4096, V=128256 in bfloat16: one chunk, 2.1 GB of dZ).
-    """
-    raw = os.environ.get(CHUNK_ENV, "")
-    try:
-        budget_mb = float(raw) if raw else max(DEFAULT_CHUNK_MB, weight_grad_bytes / 2**20)
-    except ValueError:
-        budget_mb = float("nan")
-    if not (budget_mb > 0 and math.isfinite(budget_mb)):
-        raise ValueError(f"{CHUNK_ENV} must be a positive number of megabytes, got {raw!r}")
-    rows = int(budget_mb * 2**20) // (vocab * element_size)
-    rows = max(granule, rows // granule * granule)
-    return min(rows, n_rows)
-
-
-def _fp16_dz_scale(grad_logp, grad_entropy, vocab: int, inv_temperature: float) -> float:
-    """A power of two ``2^k >= max_t (|g_t| + |e_t| (log V + 1)) * s``, a bound on ``|dZ|`` (``|p - onehot| <= 1``,
-    ``|p (mean_z - z)| <= H + 1/e <= log V + 1``); float16 dZ is stored divided by it. One host sync per backward."""
-    bound = torch.zeros((), dtype=torch.float32, device=(grad_logp if grad_logp is not None else grad_entropy).device)
-    if grad_logp is not None:
-        bound = bound + grad_logp.abs().amax()
-    if grad_entropy is not None:
-        bound = bound + grad_entropy.abs().amax() * (math.log(vocab) + 1.0)
-    value = float(bound) * inv_temperature
-    if not math.isfinite(value) or value <= 0.0:
-        return 1.0  # NaN/inf upstream propagates anyway; all-zero upstream writes zeros
-    return 2.0 ** math.ceil(math.log2(value))
-
-
-_FLOAT32_OUT_PRODUCTS = {"cuda": True}  # False once this torch refused `addmm(..., out_dtype=float32)`
-
-
-def _mm_into(out, a, b, alpha: float, accumulate: bool) -> None:
-    """``out = alpha * a @ b`` (``accumulate``: ``out += ...``). A float32 ``out`` with 16-bit ``a``, ``b`` is
-    accumulated by cuBLAS in its float32 epilogue (``addmm(..., out_dtype=float32)``); a torch without that rounds
-    each chunk's product to the input dtype before adding it. On CPU, float32 copies of the operands."""
-    beta = 1.0 if accumulate else 0.0
-    if out.dtype == a.dtype:
-        torch.addmm(out, a, b, beta=beta, alpha=alpha, out=out)
-    elif not out.is_cuda:
-        torch.addmm(out, a.to(out.dtype), b.to(out.dtype), beta=beta, alpha=alpha, out=out)
-    else:
-        if _FLOAT32_OUT_PRODUCTS["cuda"]:
-            try:
-                torch.addmm(out, a, b, beta=beta, alpha=alpha, out_dtype=out.dtype, out=out)
-                return
-            except (TypeError, RuntimeError, NotImplementedError):
-                _FLOAT32_OUT_PRODUCTS["cuda"] = False
-        product = torch.mm(a, b)
-        if accumulate:
-            out.add_(product, alpha=alpha)
-        else:
-            torch.mul(product, alpha, out=out)
-
-
 def _row_vectors(targets, lse, mean_z, grad_logp, grad_entropy):
     """The per-row vectors as the kernel reads them: contiguous, float32 (a backend may keep ``lse`` in float64),
     ``mean_z`` only when entropy gradients flow."""
@@ -297,45 +229,6 @@ def _row_vectors(targets, lse, mean_z, grad_logp, grad_entropy):
     )
 
 
-def _kept_columns(keep, block_v: int, targets, vocab: int, stats: dict) -> torch.Tensor | None:
-    """The vocabulary columns of a chunk's kept blocks (a block is skipped when no row of the chunk finds it likely
-    and none targets it: ``targets`` given when the log-prob gradient is, whose target entry ``g·(1 − p)`` is never
-    small), or None when every block is kept. Counts blocks and skipped blocks into ``stats``."""
-    kept_blocks = keep.amax(dim=0).bool()
-    if targets is not None:
-        kept_blocks[targets // block_v] = True
-    skipped = kept_blocks.numel() - int(kept_blocks.sum())
-    stats["blocks"] += kept_blocks.numel()
-    stats["skipped"] += skipped
-    if not skipped:
-        return None
-    starts = kept_blocks.nonzero().view(-1) * block_v
-    cols = (starts[:, None] + torch.arange(block_v, device=keep.device)).view(-1)
-    return cols[cols < vocab]
-
-
-def _chunk_products(dz, h, weight, cols, dz_scale: float, d_hidden_rows, d_weight, accumulate: bool) -> None:
-    """The chunk's two cuBLAS products: ``d_hidden_rows = dZ W`` and ``d_weight (+)= dZᵀ h`` (each skipped when
-    None), over the kept columns ``cols`` only when given."""
-    dz_used, w_used = dz, weight
-    if cols is not None:
-        dz_used = dz.index_select(1, cols)
-        w_used = weight.index_select(0, cols) if d_hidden_rows is not None else None
-    if d_hidden_rows is not None:
-        if cols is not None and cols.numel() == 0:
-            d_hidden_rows.zero_()
-        else:
-            _mm_into(d_hidden_rows, dz_used, w_used, dz_scale, accumulate=False)
-    if d_weight is None or (cols is not None and cols.numel() == 0):
-        return
-    if cols is None:
-        _mm_into(d_weight, dz_used.t(), h, dz_scale, accumulate=accumulate)
-    else:
-        part = torch.zeros(cols.numel(), d_weight.shape[1], dtype=d_weight.dtype, device=d_weight.device)
-        _mm_into(part, dz_used.t(), h, dz_scale, accumulate=False)
-        d_weight[cols] += part
-
-
 def triton_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_entropy, params, needs):
     """Fused backward. hidden ``[N, D]``, weight ``[V, D]`` (same dtype, unit inner stride), bias ``[V]`` or None,
     targets ``[N]`` in ``[0, V)``, the forward's ``lse`` and ``mean_z`` ``[N]``, upstream ``grad_logp`` (dL/d logp) and
@@ -343,8 +236,9 @@ def triton_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_
     (``inv_temperature``, ``grad_filter_eps``), ``needs`` three bools (hidden, weight, bias gradients wanted).
 
     Returns ``(d_hidden [N, D] in hidden.dtype, d_weight [V, D], d_bias [V] float32)``, each None when not needed
-    (``d_bias`` also when ``bias`` is None); ``d_weight`` is float32, or the weight's dtype when one chunk holds all
-    rows. ``d_hidden = dZ W``, ``d_weight = dZ^T hidden``, ``d_bias = dZ.sum(0)``, ``dZ = s * dL/dz`` (module doc).
+    (``d_bias`` also when ``bias`` is None); ``d_weight`` is in the input dtype, or float32 where ``triton_chunks``
+    accumulates it so. ``d_hidden = dZ W``, ``d_weight = dZ^T hidden``, ``d_bias = dZ.sum(0)``, ``dZ = s * dL/dz``
+    (module doc).
     """
     if grad_entropy is not None and mean_z is None:
         raise ValueError("triton_backward: grad_entropy was given but mean_z is None (forward ran without entropy)")
@@ -365,32 +259,23 @@ def triton_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_
         )
 
     targets, lse, mean_z, grad_logp, grad_entropy = _row_vectors(targets, lse, mean_z, grad_logp, grad_entropy)
-    dz_scale = _fp16_dz_scale(grad_logp, grad_entropy, vocab, inv_temperature) if hidden.dtype == torch.float16 else 1.0
+    dz_scale = fp16_dz_scale(grad_logp, grad_entropy, vocab, inv_temperature) if hidden.dtype == torch.float16 else 1.0
 
     configs = choose_tile_configs(n_rows, hidden.dtype, device, backward=True)
     weight_grad_bytes = 4 * vocab * dim if needs_weight and hidden.element_size() < 4 else 0
-    granule = max(c.block_n for c in configs)
-    rows_per_chunk = chunk_rows(n_rows, vocab, hidden.element_size(), granule, weight_grad_bytes)
-    single_chunk = rows_per_chunk >= n_rows
-    padded_vocab = triton.cdiv(vocab, 8) * 8  # 16-byte aligned rows for cuBLAS
-    dz_buf = torch.empty(rows_per_chunk, padded_vocab, dtype=hidden.dtype, device=device)
-
+    plan = plan_chunks(n_rows, vocab * hidden.element_size(), max(c.block_n for c in configs), weight_grad_bytes)
+    dz_buf = dz_buffer(plan.rows, vocab, hidden.dtype, device)
     d_hidden = torch.empty(n_rows, dim, dtype=hidden.dtype, device=device) if needs_hidden else None
-    d_weight = None
-    if needs_weight:
-        d_weight = torch.zeros(vocab, dim, dtype=hidden.dtype if single_chunk else torch.float32, device=device)
+    d_weight = new_weight_grad(vocab, dim, hidden.dtype, plan, device) if needs_weight else None
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if compute_db else None
-    has_bias = bias is not None
     filtering = eps > 0.0
     stats = {"blocks": 0, "skipped": 0}
-    flags = (has_bias, grad_logp is not None, grad_entropy is not None, compute_db, filtering)
+    flags = (bias is not None, grad_logp is not None, grad_entropy is not None, compute_db, filtering)
 
     per_row = (mean_z, grad_logp, grad_entropy)
-    for r0 in range(0, n_rows, rows_per_chunk):
-        r1 = min(n_rows, r0 + rows_per_chunk)
-        rows = r1 - r0
-        h = hidden[r0:r1]
-        dz = dz_buf[:rows, :vocab]
+    for r0 in range(0, n_rows, plan.rows):
+        r1 = min(n_rows, r0 + plan.rows)
+        dz = dz_buf[: r1 - r0]
         extras = {}
 
         def launch(config: TileConfig, r0=r0, r1=r1, dz=dz, extras=extras) -> None:
@@ -401,8 +286,8 @@ def triton_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_
             extras.update(bias_part=args[9], keep=args[10], block_v=config.block_v)
             _dz_kernel[grid](*args, **kwargs)
 
-        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-            key = tuning_key("dz", device, hidden.dtype, rows, dim, vocab, *flags)
+        with device_context(device):
+            key = tuning_key("dz", device, hidden.dtype, r1 - r0, dim, vocab, *flags)
             tuned_launch(key, configs, launch, tune=autotune_enabled(device))  # dz is overwritten: no reset
 
         if compute_db:
@@ -410,9 +295,9 @@ def triton_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_
         cols = None
         if filtering:
             chunk_targets = targets[r0:r1] if grad_logp is not None else None
-            cols = _kept_columns(extras["keep"], extras["block_v"], chunk_targets, vocab, stats)
+            cols = kept_columns(extras["keep"], extras["block_v"], chunk_targets, vocab, stats)
         d_hidden_rows = None if d_hidden is None else d_hidden[r0:r1]
-        _chunk_products(dz, h, weight, cols, dz_scale, d_hidden_rows, d_weight, accumulate=r0 > 0)
+        chunk_products(dz, hidden[r0:r1], weight, cols, dz_scale, d_hidden_rows, d_weight, accumulate=r0 > 0)
     if filtering:
         last_filter_stats.update(stats)
     return d_hidden, d_weight, d_bias

@@ -11,6 +11,15 @@ side over every split, so the programs resident at once share a few token blocks
 weight tile is fetched from HBM once per group. The number of splits is chosen so that the programs fill whole
 waves of the device (``vocab_split``). The target logit is an indexed dot product ``h . W[y] (+ b[y])`` in a second
 small kernel. The tile helpers here are shared with ``triton_backward``.
+
+With ``STORE_LOGITS`` (the local-loss mode, ``triton_local_loss``) the same pass also keeps every logits tile: it
+writes ``z - m_tile`` (``m_tile`` the tile's own row max, also written, one float32 per row and vocab tile) into a
+``[N, V]`` buffer, in float16 for 16-bit operands. Every stored entry is ``<= 0`` and ``|z - m_tile| <= lse - z =
+-log p``, so its rounding costs ``p`` a relative error of at most ``|log p| * 2^-11``: a token that matters is kept
+almost exactly (materialised bfloat16 logits of size 20 lose about 4% of ``p``).
+
+An entry ``z = -inf`` (a masked vocabulary entry, e.g. a bias of ``-inf``) has ``p = 0``; its ``p * z`` is taken
+as 0, never ``0 * (-inf)``, so the entropy stays finite. A NaN logit still gives a NaN.
 """
 
 from __future__ import annotations
@@ -96,6 +105,17 @@ def logits_tile(
 
 
 @triton.jit
+def tile_indices(pid_n, pid_v, n_rows, vocab, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``(rows64, cols64, row_mask, col_mask, tile_mask)`` of the (token block ``pid_n``, vocab block ``pid_v``)
+    tile: 64-bit row and column indices and their bounds."""
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < n_rows
+    col_mask = cols < vocab
+    return rows.to(tl.int64), cols.to(tl.int64), row_mask, col_mask, row_mask[:, None] & col_mask[None, :]
+
+
+@triton.jit
 def _lse_partials_kernel(
     hidden_ptr,
     weight_ptr,
@@ -103,6 +123,8 @@ def _lse_partials_kernel(
     part_max_ptr,
     part_sumexp_ptr,
     part_pz_ptr,
+    logits_ptr,
+    tile_max_ptr,
     n_rows,
     vocab,
     dim,
@@ -111,18 +133,22 @@ def _lse_partials_kernel(
     stride_wv,
     stride_wd,
     stride_b,
+    stride_logits,
+    stride_tile_max,
     inv_temperature,
     vocab_per_split,
     num_splits,
     HAS_BIAS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    STORE_LOGITS: tl.constexpr,
     GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One (token block, vocab split): online max, sum exp(z - max) and sum exp(z - max) * z over its tiles.
+    """One (token block, vocab split): online max, sum exp(z - max) and sum exp(z - max) * z over its tiles; with
+    STORE_LOGITS each tile's ``z - m_tile`` and ``m_tile`` too (module docstring).
 
     1-D grid of ``token blocks x num_splits`` programs in groups of GROUP_N token blocks, token block fastest.
     """
@@ -154,12 +180,24 @@ def _lse_partials_kernel(
         )  # fmt: skip
         z = tl.where(col_mask[None, :], acc * inv_temperature, NEG_LARGE)
 
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        tile_max = tl.maximum(tl.max(z, axis=1), NEG_LARGE)  # finite even where every entry is -inf
+        if STORE_LOGITS:
+            # bounded by the buffer's padded row (stride_logits, a multiple of 16) rather than V: the mask stays
+            # uniform over 16 columns, so the store is vectorised at a ragged V too (the padding is never read)
+            store_end = tl.minimum(v_begin + vocab_per_split, stride_logits)
+            tl.store(
+                logits_ptr + rows64[:, None] * stride_logits + cols64[None, :],
+                (z - tile_max[:, None]).to(logits_ptr.dtype.element_ty),
+                mask=row_mask[:, None] & (cols64 < store_end)[None, :],
+            )
+            tl.store(tile_max_ptr + rows64 * stride_tile_max + v_start // BLOCK_V, tile_max, mask=row_mask)
+        new_max = tl.maximum(run_max, tile_max)
         rescale = tl.exp(run_max - new_max)
         p = tl.where(col_mask[None, :], tl.exp(z - new_max[:, None]), 0.0)
         run_sumexp = run_sumexp * rescale + tl.sum(p, axis=1)
         if WITH_ENTROPY:
-            run_pz = run_pz * rescale + tl.sum(p * z, axis=1)
+            # p = 0 where z = -inf: its term is 0, not 0 * (-inf); a NaN z keeps its NaN p (NaN != 0)
+            run_pz = run_pz * rescale + tl.sum(tl.where(p == 0.0, 0.0, p * z), axis=1)
         run_max = new_max
 
     out = pid_s.to(tl.int64) * n_rows + rows64
@@ -231,7 +269,8 @@ def vocab_split(n_rows: int, vocab: int, config: TileConfig, slots: int) -> tupl
     return splits, tiles_per_split * config.block_v
 
 
-def _launch_target_logit(hidden, weight, bias, targets, inv_temperature: float) -> torch.Tensor:
+def launch_target_logit(hidden, weight, bias, targets, inv_temperature: float) -> torch.Tensor:
+    """``z[y]`` [N] float32 by the indexed dot-product kernel."""
     n_rows, dim = hidden.shape
     out = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
     block_n, block_d = (16, 16) if running_in_interpreter() else (32, 128)
@@ -259,10 +298,14 @@ def _launch_target_logit(hidden, weight, bias, targets, inv_temperature: float) 
     return out
 
 
-def lse_partials_launch(hidden, weight, bias, inv_temperature: float, with_entropy: bool, config: TileConfig):
+def lse_partials_launch(
+    hidden, weight, bias, inv_temperature: float, with_entropy: bool, config: TileConfig, logits=None
+):
     """``(grid, args, kwargs)`` of the ``_lse_partials_kernel`` launch for these inputs and ``config``; it allocates
-    the ``[splits, N]`` partials (``args[3:6]``). ``bench.sm90_resources`` compiles the very same call on meta
-    tensors, so the sm_90 check sees the launch's real specialisation (divisibility by 16, unit strides)."""
+    the ``[splits, N]`` partials (``args[3:6]``) and, with ``logits`` (an ``[N, V]`` buffer view, unit column
+    stride: the local-loss mode), the ``[N, vocab tiles]`` float32 tile maxima (``args[7]``) and stores the logits
+    tiles into ``logits``. ``bench.sm90_resources`` compiles the very same call on meta tensors, so the sm_90 check
+    sees the launch's real specialisation (divisibility by 16, unit strides)."""
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     slots = multiprocessor_count(hidden.device) * config.programs_per_sm
@@ -270,6 +313,10 @@ def lse_partials_launch(hidden, weight, bias, inv_temperature: float, with_entro
     part_max = torch.empty(splits, n_rows, dtype=torch.float32, device=hidden.device)
     part_sumexp = torch.empty_like(part_max)
     part_pz = torch.empty_like(part_max) if with_entropy else part_max
+    store = logits is not None
+    tile_max = part_max
+    if store:
+        tile_max = torch.empty(n_rows, triton.cdiv(vocab, config.block_v), dtype=torch.float32, device=hidden.device)
     has_bias = bias is not None
     args = (
         hidden,
@@ -278,6 +325,8 @@ def lse_partials_launch(hidden, weight, bias, inv_temperature: float, with_entro
         part_max,
         part_sumexp,
         part_pz,
+        logits if store else part_max,
+        tile_max,
         n_rows,
         vocab,
         dim,
@@ -286,6 +335,8 @@ def lse_partials_launch(hidden, weight, bias, inv_temperature: float, with_entro
         weight.stride(0),
         weight.stride(1),
         bias.stride(0) if has_bias else 0,
+        logits.stride(0) if store else 0,
+        tile_max.stride(0) if store else 0,
         float(inv_temperature),
         vocab_per_split,
         splits,
@@ -293,6 +344,7 @@ def lse_partials_launch(hidden, weight, bias, inv_temperature: float, with_entro
     kwargs = dict(
         HAS_BIAS=has_bias,
         WITH_ENTROPY=with_entropy,
+        STORE_LOGITS=store,
         GROUP_N=config.group_n,
         BLOCK_N=config.block_n,
         BLOCK_V=config.block_v,
@@ -304,6 +356,45 @@ def lse_partials_launch(hidden, weight, bias, inv_temperature: float, with_entro
     return (triton.cdiv(n_rows, config.block_n) * splits,), args, kwargs
 
 
+def combine_partials(part_max, part_sumexp, part_pz, with_entropy: bool):
+    """``(lse, mean_z or None)`` [N] from the ``[splits, N]`` partials. Every split saw at least one real column,
+    so each partial max is finite (``NEG_LARGE`` at worst)."""
+    row_max = part_max.amax(dim=0)
+    rescale = torch.exp(part_max - row_max)
+    sumexp = (part_sumexp * rescale).sum(dim=0)
+    lse = row_max + torch.log(sumexp)
+    mean_z = (part_pz * rescale).sum(dim=0) / sumexp if with_entropy else None
+    return lse, mean_z
+
+
+def lse_pass(hidden, weight, bias, inv_temperature: float, with_entropy: bool, logits=None):
+    """Launch the (autotuned) logsumexp pass: ``(lse, mean_z or None, tile_max, block_v)`` with ``tile_max`` and
+    the config's vocab tile ``block_v`` only when ``logits`` is given (otherwise None). The caller sets the device."""
+    n_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    has_bias, store = bias is not None, logits is not None
+
+    def launch(config: TileConfig):
+        grid, args, kwargs = lse_partials_launch(hidden, weight, bias, inv_temperature, with_entropy, config, logits)
+        _lse_partials_kernel[grid](*args, **kwargs)
+        return args[3], args[4], args[5], (args[7] if store else None), config.block_v
+
+    configs = choose_tile_configs(n_rows, hidden.dtype, device, backward=False, store=store)
+    kernel = "lse_partials_store" if store else "lse_partials"
+    key = tuning_key(kernel, device, hidden.dtype, n_rows, dim, vocab, has_bias, with_entropy)
+    part_max, part_sumexp, part_pz, tile_max, block_v = tuned_launch(
+        key, configs, launch, tune=autotune_enabled(device)
+    )
+    lse, mean_z = combine_partials(part_max, part_sumexp, part_pz, with_entropy)
+    return lse, mean_z, tile_max, (block_v if store else None)
+
+
+def device_context(device: torch.device):
+    """The CUDA device guard for launches on ``device`` (Triton launches on the current device); a no-op on CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 def triton_forward(hidden, weight, bias, targets, params):
     """Fused forward. hidden [N, D] and weight [V, D] (same dtype, any strides), bias [V] or None, targets [N]
     int64 in [0, V), ``params`` a ``LogprobParams`` (``inv_temperature``, ``with_entropy`` are read).
@@ -313,29 +404,12 @@ def triton_forward(hidden, weight, bias, targets, params):
     ``z = (hidden @ weight.T + bias) * inv_temperature`` is never materialised.
     """
     inv_temperature, with_entropy = float(params.inv_temperature), bool(params.with_entropy)
-    n_rows, dim = hidden.shape
-    vocab = weight.shape[0]
+    n_rows = hidden.shape[0]
     device = hidden.device
     if n_rows == 0:
         empty = torch.empty(0, dtype=torch.float32, device=device)
         return empty, empty.clone(), (empty.clone() if with_entropy else None)
-    has_bias = bias is not None
-
-    def launch(config: TileConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        grid, args, kwargs = lse_partials_launch(hidden, weight, bias, inv_temperature, with_entropy, config)
-        _lse_partials_kernel[grid](*args, **kwargs)
-        return args[3], args[4], args[5]
-
-    configs = choose_tile_configs(n_rows, hidden.dtype, device, backward=False)
-    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        key = tuning_key("lse_partials", device, hidden.dtype, n_rows, dim, vocab, has_bias, with_entropy)
-        part_max, part_sumexp, part_pz = tuned_launch(key, configs, launch, tune=autotune_enabled(device))
-        target_logit = _launch_target_logit(hidden, weight, bias, targets, inv_temperature)
-
-    # Combine the per-split partials: every split saw at least one real column, so each partial max is finite.
-    row_max = part_max.amax(dim=0)
-    rescale = torch.exp(part_max - row_max)
-    sumexp = (part_sumexp * rescale).sum(dim=0)
-    lse = row_max + torch.log(sumexp)
-    mean_z = (part_pz * rescale).sum(dim=0) / sumexp if with_entropy else None
+    with device_context(device):
+        lse, mean_z, _, _ = lse_pass(hidden, weight, bias, inv_temperature, with_entropy)
+        target_logit = launch_target_logit(hidden, weight, bias, targets, inv_temperature)
     return lse, target_logit, mean_z

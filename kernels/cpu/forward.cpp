@@ -40,7 +40,8 @@ void fold_tile_row(RowStats& st, float* z, int64_t cols, const float* bias, floa
     st.max = tile_max;
   }
   float sum, shift;
-  exp_sums(z, cols, st.max, with_entropy, sum, shift);
+  // while every entry so far is -inf (a masked head of the vocabulary), shift by 0: -inf - (-inf) would be NaN
+  exp_sums(z, cols, std::isinf(st.max) && st.max < 0 ? 0.0f : st.max, with_entropy, sum, shift);
   st.sum += sum;
   st.shift += shift;
 }

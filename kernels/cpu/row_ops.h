@@ -16,6 +16,11 @@
 
 namespace aam_fast::cpu {
 
+// Shifted logits and log-probs are clamped here before they multiply a probability: below log of the smallest
+// float (about -103.3) the probability is 0 anyway, and a masked entry (z = -inf, a bias of -inf) then adds 0, not
+// 0 * (-inf) = NaN. The clamps keep NaN (max with the NaN as the operand that is returned).
+constexpr float kLogFloor = -1.0e4f;
+
 #if AAM_FAST_AVX2
 // exp of 8 floats (Cephes expf): x = n ln2 + r, |r| <= ln2/2, exp(x) = 2^n (1 + r + r^2 P(r)); about 1 ulp.
 // 0 below ln(FLT_MIN), +inf above ln(FLT_MAX), NaN stays NaN.
@@ -101,6 +106,8 @@ inline void exp_sums(const float* z, int64_t n, float m, bool with_shift, float&
   __m256 s0 = _mm256_setzero_ps(), s1 = s0, t0 = s0, t1 = s0;
   for (; j + 16 <= n; j += 16) {
     __m256 a = _mm256_sub_ps(_mm256_loadu_ps(z + j), vm), b = _mm256_sub_ps(_mm256_loadu_ps(z + j + 8), vm);
+    a = _mm256_max_ps(_mm256_set1_ps(kLogFloor), a);  // max_ps returns its second operand when one is NaN
+    b = _mm256_max_ps(_mm256_set1_ps(kLogFloor), b);
     __m256 ea = exp8(a), eb = exp8(b);
     s0 = _mm256_add_ps(s0, ea);
     s1 = _mm256_add_ps(s1, eb);
@@ -113,7 +120,7 @@ inline void exp_sums(const float* z, int64_t n, float m, bool with_shift, float&
   shift = hsum8(_mm256_add_ps(t0, t1));
 #endif
   for (; j < n; ++j) {
-    const float d = z[j] - m;
+    const float d = std::max(z[j] - m, kLogFloor);  // std::max(NaN, x) returns the NaN
     const float e = std::exp(d);
     sum += e;
     if (with_shift) shift += e * d;
@@ -134,7 +141,7 @@ inline void logit_grad_row(float* z, int64_t n, const float* bias, float scale, 
     __m256 a = _mm256_loadu_ps(z + j);
     if (bias != nullptr) a = _mm256_add_ps(a, _mm256_loadu_ps(bias + j));
     a = _mm256_mul_ps(a, s);
-    const __m256 log_p = _mm256_sub_ps(_mm256_sub_ps(a, vhi), vlo);
+    const __m256 log_p = _mm256_max_ps(_mm256_set1_ps(kLogFloor), _mm256_sub_ps(_mm256_sub_ps(a, vhi), vlo));
     const __m256 p = exp8(log_p);
     const __m256 coef = entropy ? _mm256_fnmadd_ps(ve, _mm256_add_ps(log_p, vh), neg_g) : neg_g;
     _mm256_storeu_ps(z + j, _mm256_mul_ps(p, coef));
@@ -142,7 +149,7 @@ inline void logit_grad_row(float* z, int64_t n, const float* bias, float scale, 
 #endif
   for (; j < n; ++j) {
     const float v = bias != nullptr ? (z[j] + bias[j]) * scale : z[j] * scale;
-    const float log_p = (v - lse_hi) - lse_lo;
+    const float log_p = std::max((v - lse_hi) - lse_lo, kLogFloor);
     const float p = std::exp(log_p);
     z[j] = entropy ? p * (-e * (log_p + entropy_value) - g) : -g * p;
   }
