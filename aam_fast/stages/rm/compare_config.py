@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...losses import MARGINS, NAMED_GAMMA
+from ...losses import MARGINS, NAMED_GAMMA, margin_needs
 from ...training.config import TrainingConfig, option
 from .config import RMConfig
 
@@ -108,7 +108,7 @@ class Variant:
         """The reference weight the loss uses (the margin's named default unless set), None for bt and fixed."""
         if self.margin not in NAMED_GAMMA:
             return None
-        return NAMED_GAMMA[self.margin] if self.gamma is None else self.gamma
+        return margin_needs(self.margin, gamma=self.gamma).gamma
 
 
 def expand_variants(cfg: CompareConfig) -> list[Variant]:
