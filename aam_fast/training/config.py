@@ -13,6 +13,9 @@ import types
 import typing
 from typing import Any
 
+from ..ops.backends import BACKENDS
+from ..ops.validation import FLOAT_DTYPES
+
 _MISSING = dataclasses.MISSING
 
 
@@ -180,10 +183,11 @@ def check_ranges(config: Any) -> None:
                 raise ValueError(f"{flag_name(field)} must be {range_text(field)}, got {item}")
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The compute dtypes by name (the ops' floating dtypes, declared once there); --dtype is one of them or auto.
+COMPUTE_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
+DTYPES = ("auto", *COMPUTE_DTYPES)
 LR_SCHEDULES = ("constant", "linear", "cosine")
 STRATEGIES = ("ddp", "fsdp2")
-BACKENDS = ("auto", "torch", "triton", "native")
 REPORTERS = ("jsonl", "tensorboard")
 ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
 

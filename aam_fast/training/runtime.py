@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .config import COMPUTE_DTYPES
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,9 +50,9 @@ def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The autocast dtype of ``--dtype`` on ``device`` (float32 means no autocast)."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of auto, {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"--dtype must be one of auto, {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+    return COMPUTE_DTYPES[dtype]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
