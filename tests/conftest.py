@@ -47,6 +47,35 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+class LoggedLines:
+    """The lines logged during a test as a command prints them (the package's log handler: one line per message on
+    stderr, never a Python warning); :meth:`count` matches them, :meth:`clear` forgets those seen so far."""
+
+    def __init__(self, capsys):
+        self.capsys, self.lines = capsys, []
+
+    def clear(self) -> None:
+        self.capsys.readouterr()
+        self.lines = []
+
+    def count(self, pattern: str) -> int:
+        """How many lines logged since the last :meth:`clear` match ``pattern`` (``re.search``)."""
+        import re
+
+        self.lines += self.capsys.readouterr().err.splitlines()
+        return sum(bool(re.search(pattern, line)) for line in self.lines)
+
+
+@pytest.fixture
+def logged(capsys) -> LoggedLines:
+    from aam_fast.training.runtime import package_logger
+
+    package_logger()
+    lines = LoggedLines(capsys)
+    lines.clear()
+    return lines
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The shared folder (real data and a real tiny model; AAM_FAST_SHARED or ../shared); skip where it is absent."""

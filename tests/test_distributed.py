@@ -5,6 +5,7 @@ between world sizes (2 ranks -> 1 process, 1 process -> 2 ranks) with batch-size
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -302,7 +303,7 @@ def test_grpo_ddp_two_ranks_match_one_process_on_the_combined_batch(grpo_single,
     assert max(float((final[k] - initial[k]).abs().max()) for k in initial) > 1e-5, "the policy did not move"
 
 
-def test_grpo_fsdp2_two_ranks_match_one_process_and_resume_exactly(grpo_single, tmp_path):
+def test_grpo_fsdp2_two_ranks_match_one_process_and_resume_exactly(grpo_single, tmp_path, logged):
     """2 ranks end as one process does; resumed from the step-1 checkpoint on 2 ranks they end bit for bit where
     the uninterrupted run ended, and on one process within 1e-5."""
     settings, reference = grpo_single
@@ -337,14 +338,14 @@ def test_grpo_fsdp2_two_ranks_match_one_process_and_resume_exactly(grpo_single, 
     shutil.copy(tmp_path / "metrics.jsonl", alone / "metrics.jsonl")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    logged.clear()
     try:
-        with warnings.catch_warnings():
-            # no "changed settings" warning: batch_size x ranks is the same
-            warnings.filterwarnings("error", message=".*changed settings")
-            rows = train_grpo(GRPOConfig(**settings, batch_size=2, output=str(alone), resume="auto"))
+        rows = train_grpo(GRPOConfig(**settings, batch_size=2, output=str(alone), resume="auto"))
     finally:
         torch.set_num_threads(threads)
     assert [r["step"] for r in rows] == [2]
+    assert logged.count("changed settings") == 0  # batch_size x ranks is the same: the same settings
+    assert logged.count(f"resumed from {re.escape(str(alone / 'checkpoints' / first.name))} at step 1") == 1
     assert_same_weights(tmp_path, alone)
 
 

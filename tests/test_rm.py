@@ -275,15 +275,16 @@ def test_output_that_would_lose_data_is_refused(tiny_paths, tmp_path):
     assert [r["step"] for r in train_rows(out)] == [1, 2]
 
 
-def test_resume_refuses_a_changed_run_and_warns_about_numerics(tiny_paths, tmp_path):
+def test_resume_refuses_a_changed_run_and_logs_changed_numerics(tiny_paths, tmp_path, logged):
     checkpoint = tmp_path / "checkpoint-2"
     train_reward_model(config(tiny_paths, tmp_path / "first", max_steps=4, save_every=2))
     shutil.copytree(tmp_path / "first" / "checkpoints" / "checkpoint-2", checkpoint)
     for change, flag in ((dict(lr=1e-2), "--lr"), (dict(margin="bt"), "--margin"), (dict(seed=3), "--seed")):
         with pytest.raises(ValueError, match=f"resuming would change the run: {flag} "):
             train_reward_model(config(tiny_paths, tmp_path / "r", max_steps=4, resume=str(checkpoint), **change))
-    with pytest.warns(UserWarning, match="changed settings: backend 'auto' -> 'torch'"):
-        train_reward_model(config(tiny_paths, tmp_path / "r", max_steps=4, resume=str(checkpoint), backend="torch"))
+    logged.clear()
+    train_reward_model(config(tiny_paths, tmp_path / "r", max_steps=4, resume=str(checkpoint), backend="torch"))
+    assert logged.count("changed settings: backend 'auto' -> 'torch'") == 1
 
 
 def test_a_non_finite_gradient_is_never_applied_or_saved(tiny_paths, tmp_path, monkeypatch):

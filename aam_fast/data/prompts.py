@@ -24,13 +24,15 @@ Bad files and records raise `ValueError` naming the file and the record index.
 from __future__ import annotations
 
 import json
-import warnings
+import logging
 from pathlib import Path
 from typing import Any
 
 from .formats import alpaca_prompt, is_alpaca
 from .messages import Text, check_messages
 from .sources import iter_source_records
+
+logger = logging.getLogger(__name__)
 
 Prompt = Text
 DEFAULT_OPENING_TURN = "*I look at you, waiting for you to go on.*"
@@ -227,8 +229,9 @@ def _rpbench_prompts(path: Path, cards: list[dict], scenes: str | Path | None, o
     if unmatched == len(cards):
         raise ValueError(f"{scenes}: no scene id matches a card id of {path}")
     if unmatched:
-        warnings.warn(
-            f"{scenes}: {unmatched} of {len(cards)} cards of {path} have no scene with their id", stacklevel=3
+        logger.warning(
+            f"{scenes}: {unmatched} of {len(cards)} cards of {path} have no scene with their id; they are used "
+            "without a scene (their own greeting)"
         )
     return prompts
 

@@ -14,7 +14,7 @@ from .checkpoints import find_checkpoint, prepare_output
 from .config import TrainingConfig
 from .distributed import DistContext, setup
 from .optim import build_scheduler, warmup_steps
-from .runtime import compute_dtype, resolve_device, seed_everything, set_threads
+from .runtime import compute_dtype, package_logger, resolve_device, seed_everything, set_threads
 
 
 @dataclass
@@ -31,6 +31,7 @@ def launch(cfg: TrainingConfig, inputs: dict[str, str | None]) -> Launch:
     """Validate ``cfg`` (ValueError naming the flag), start the run and seed it. ``inputs`` (``{flag: path}``) are
     the run's input folders and files, which ``--output`` must not be."""
     cfg.validate()
+    package_logger()
     set_threads(cfg.threads)
     ctx = setup(cfg.strategy, resolve_device(cfg.device))
     output = Path(cfg.output)

@@ -1,4 +1,4 @@
-"""Device, precision, seeding, RNG state and logging: one meaning for both stages.
+"""Device, precision, seeding, RNG state and the log: one meaning for every command.
 
 ``--dtype`` is the compute dtype: parameters stay float32 (the optimizer's master weights) and the forward runs
 under ``torch.autocast`` to that dtype; ``auto`` is bfloat16 on CUDA and plain float32 elsewhere.
@@ -7,6 +7,7 @@ under ``torch.autocast`` to that dtype; ``auto`` is bfloat16 on CUDA and plain f
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import sys
 
@@ -21,14 +22,34 @@ class TrainingDiverged(RuntimeError):
     and the last finite checkpoint."""
 
 
+class MainProcessLines(logging.Handler):
+    """Each record as one line on stderr, from the main process only, written around the progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        from .distributed import is_main_process
+
+        if is_main_process():
+            tqdm.write(self.format(record), file=sys.stderr)
+
+
+def package_logger() -> logging.Logger:
+    """The ``aam_fast`` logger, which every layer's module logger reports to (data problems, LoRA, the runs), with a
+    :class:`MainProcessLines` handler at INFO installed once (a run calls this first; it does not propagate to the
+    root logger, so nothing is printed twice). Without it, as in a library call, warnings reach Python's last-resort
+    handler: one bare line on stderr."""
+    logger = logging.getLogger("aam_fast")
+    if not any(isinstance(handler, MainProcessLines) for handler in logger.handlers):
+        logger.addHandler(MainProcessLines())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
 def log(message: str) -> None:
     """A line on stderr from the main process (progress bars stay intact)."""
-    from tqdm.auto import tqdm
-
-    from .distributed import is_main_process
-
-    if is_main_process():
-        tqdm.write(message, file=sys.stderr)
+    package_logger().info(message)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -429,7 +428,7 @@ class GRPOTrainer:
     def _check_resumable(self, folder: Path, state: dict, same_ranks: bool) -> None:
         """ValueError when ``folder`` cannot continue this run: an unfinished rollout of another number of ranks,
         another ``batch_size × ranks``, another prompt count, or a changed setting that makes it another run; a
-        warning for settings that change only the numerics."""
+        log line for settings that change only the numerics."""
         if state["mid_rollout"] and not same_ranks:
             saved = state["world_size"]
             writer = "one process" if saved == 1 else f"{saved} ranks"
@@ -450,7 +449,7 @@ class GRPOTrainer:
             state["config"], self._config_record(), free=checkpoints.RESUME_FREE | RESUME_FREE
         )
         if changed:
-            warnings.warn(f"resuming {folder} with changed settings: {', '.join(changed)}", stacklevel=4)
+            log(f"resuming {folder} with changed settings: {', '.join(changed)} (the same run, other rounding)")
 
     def _resume(self, folder: Path) -> None:
         """Continue from ``folder`` (its weights are already in the policy): optimizer, schedule, step, data

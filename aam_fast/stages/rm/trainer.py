@@ -21,7 +21,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -481,7 +480,7 @@ class RMTrainer:
             numerics=checkpoints.RESUME_NUMERICS | RESUME_NUMERICS,
         )
         if changed:
-            warnings.warn(f"resuming {folder} with changed settings: {', '.join(changed)}", stacklevel=2)
+            log(f"resuming {folder} with changed settings: {', '.join(changed)} (the same run, other rounding)")
         if state["total_steps"] != self.total_steps:
             raise ValueError(
                 f"{folder} was written by a run of {state['total_steps']} steps; this one has {self.total_steps}"
