@@ -36,22 +36,14 @@ from tqdm.auto import tqdm
 
 from ...data import IGNORE_INDEX, load_prompts
 from ...losses import GRPOLoss, default_normalizer, group_advantages
+from ...modeling import AdaptersOff, add_configured_lora, apply_liger, make_reference
 from ...modeling.heads import head_inputs, lm_head_of
 from ...modeling.layers import backbone_of
-from ...modeling.lora import adapters_disabled
-from ...modeling.reference import frozen_copy
 from ...training import checkpoints
 from ...training.launch import build_engine, launch
 from ...training.metrics import JsonlTable, MetricsWriter
 from ...training.optim import check_loss, optimizer_step
-from ...training.runtime import (
-    TrainingDiverged,
-    add_configured_lora,
-    apply_liger,
-    autocast,
-    capture_rng,
-    log,
-)
+from ...training.runtime import TrainingDiverged, autocast, capture_rng, log
 from .config import GRPOConfig
 from .policy import (
     eos_token_ids,
@@ -140,8 +132,8 @@ class GRPOTrainer:
         return records[: cfg.max_prompts] if cfg.max_prompts else records
 
     def _build_policy(self) -> None:
-        """The policy (Liger patches where they apply), its frozen reference (the initial weights, when
-        ``beta != 0``), the trainable layers, the EOS ids and the sampling settings."""
+        """The policy (Liger patches where they apply), the trainable layers, its frozen reference (the initial
+        weights, when ``beta != 0``), the EOS ids and the sampling settings."""
         cfg = self.cfg
         self.policy, self.tokenizer = load_policy(
             cfg.policy, self.device, load_kwargs=cfg.load_kwargs(), gradient_checkpointing=cfg.gradient_checkpointing
@@ -149,12 +141,14 @@ class GRPOTrainer:
         self.liger = apply_liger(self.policy, self.device, cfg.liger)
         log(f"Liger-Kernel: {self.liger}")
         self.tied = tied_names(self.policy)
-        # With LoRA the reference is the policy with its adapters disabled (no copy), scored while sampling.
-        self.adapter_reference = cfg.beta != 0 and cfg.lora_r > 0
-        self.reference = frozen_copy(self.policy) if cfg.beta != 0 and not cfg.lora_r else None
         if cfg.trainable_layers is not None:
             train_policy_top_layers(self.policy, cfg.trainable_layers)
         add_configured_lora(cfg, self.policy, backbone_of(self.policy))
+        reference = make_reference(self.policy, cfg) if cfg.beta != 0 else None
+        # With LoRA the reference is the policy with its adapters off (no copy), scored while sampling, under the
+        # weights the rollout gathers; a copy is scored after the rollout.
+        self.adapter_reference = reference if isinstance(reference, AdaptersOff) else None
+        self.reference = None if self.adapter_reference else reference
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer)
         self.generation_config = generation_config(cfg, self.tokenizer, self.eos_ids)
 
@@ -283,7 +277,7 @@ class GRPOTrainer:
                 if cfg.num_iterations > 1:
                     batch.old_logps = self._token_logprobs(policy, batch)
                 if self.adapter_reference:
-                    with adapters_disabled(policy):
+                    with self.adapter_reference.running():
                         batch.ref_logps = self._token_logprobs(policy, batch)
             out.append((batch, columns, cut))
         return out

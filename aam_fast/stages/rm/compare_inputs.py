@@ -21,7 +21,7 @@ from ...data import (
     encode_pairs,
     load_preferences,
 )
-from ...modeling import AdapterReference, ReferenceModel, RewardModel
+from ...modeling import RewardModel, make_reference
 from ...training.runtime import autocast, compute_dtype, log, resolve_device, set_threads
 from .compare_config import CompareConfig
 from .config import RMConfig
@@ -125,9 +125,7 @@ def prepare_inputs(cfg: CompareConfig, first: RMConfig, needs_reference: bool) -
         + f"; {stats.describe()}; cached trunk {size / 1e6:.1f} MB "
         + ("in memory" if cfg.trunk_dir is None else f"in files under {cfg.trunk_dir}")
     )
-    reference = None
-    if needs_reference:
-        reference = AdapterReference(model) if cfg.lora_r else ReferenceModel(model)
+    reference = make_reference(model, cfg) if needs_reference else None
     caching = dict(
         batch_size=cfg.eval_batch_size,
         device=device,

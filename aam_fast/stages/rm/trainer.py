@@ -37,11 +37,11 @@ from ...data import (
 )
 from ...losses import AAMLoss
 from ...modeling import (
-    AdapterReference,
-    ReferenceModel,
     RewardModel,
     RewardModelView,
+    add_configured_lora,
     add_packing,
+    apply_liger,
     disable_dropout,
     enable_checkpointing,
     head_inputs,
@@ -50,6 +50,7 @@ from ...modeling import (
     load_reward_model,
     load_reward_weights,
     load_tokenizer,
+    make_reference,
     packed_reward_forward,
     save_reward_model,
 )
@@ -58,13 +59,7 @@ from ...training.distributed import ScoringView
 from ...training.launch import build_engine, launch
 from ...training.metrics import MetricsWriter
 from ...training.optim import check_loss, optimizer_step
-from ...training.runtime import (
-    add_configured_lora,
-    apply_liger,
-    autocast,
-    capture_rng,
-    log,
-)
+from ...training.runtime import autocast, capture_rng, log
 from .config import RMConfig
 from .evaluate import evaluate_pairs, format_report
 from .reference_logps import ReferenceLogps, precompute_reference_logps
@@ -174,9 +169,7 @@ class RMTrainer:
         self.liger = apply_liger(self.model.lm, self.device, cfg.liger)
         log(f"Liger-Kernel: {self.liger}")
         self.pad_token_id = choose_pad_token_id(self.tokenizer)
-        self.reference = None
-        if cfg.needs_reference:  # with LoRA: the model itself, adapters disabled
-            self.reference = AdapterReference(self.model) if cfg.lora_r else ReferenceModel(self.model)
+        self.reference = make_reference(self.model, cfg) if cfg.needs_reference else None
         self._encode_data()
         self.reference_logps: ReferenceLogps | None = None
         if self.reference is not None and cfg.precompute_ref_logps and not cfg.cache_trunk:
