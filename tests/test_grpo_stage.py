@@ -467,7 +467,7 @@ def test_cli_run_on_rpbench_cards(rpbench, tmp_path, capsys):
 
 
 def test_demo_prompts_take_one_per_character(tmp_path):
-    from aam_fast.stages.grpo.demo import demo_prompts
+    from aam_fast.data import prompts_per_character as demo_prompts
 
     rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "character": name} for i, name in enumerate("AABCB")]
     path = tmp_path / "profiles.jsonl"

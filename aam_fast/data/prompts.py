@@ -119,6 +119,39 @@ def load_prompts(
     return [{"prompt": r["prompt"], **{c: r.get(c) for c in columns}} for r in prompts]
 
 
+def load_prompt_records(
+    prompts: str | Path | list[dict[str, Any]],
+    *,
+    scenes: str | Path | None = None,
+    opening_turn: str = DEFAULT_OPENING_TURN,
+    split: str = "train",
+    prompt_key: str = "prompt",
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """GRPO's prompt records: :func:`load_prompts` of a source, or (from Python) a list of records as given; the
+    first ``limit`` of them. ValueError naming ``--prompts`` when there is none."""
+    if isinstance(prompts, (str, Path)):
+        records = load_prompts(prompts, scenes=scenes, opening_turn=opening_turn, split=split, prompt_key=prompt_key)
+    else:
+        records = list(prompts)
+    if not records:
+        raise ValueError("--prompts: no prompt records")
+    return records[:limit] if limit else records
+
+
+def prompts_per_character(path: str | Path, count: int) -> list[dict[str, Any]]:
+    """The first prompt record of each character (the ``character`` column) of ``path``, in file order, at most
+    ``count`` of them."""
+    chosen, characters = [], set()
+    for record in load_prompts(path):
+        if record.get("character") not in characters:
+            characters.add(record.get("character"))
+            chosen.append(record)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
 def _rename_prompt(record: dict, prompt_key: str, where: str) -> dict:
     if prompt_key not in record:
         raise ValueError(f"{where} has no {prompt_key!r} field (prompt_key); fields: {sorted(record)}")

@@ -12,21 +12,9 @@ import json
 import time
 from pathlib import Path
 
-from ...data import load_prompts
+from ...data import prompts_per_character
 from .config import GRPOConfig
 from .trainer import train_grpo
-
-
-def demo_prompts(path: str | Path, count: int) -> list[dict]:
-    """``count`` role-play prompts from the demo profiles, one per character, in file order."""
-    chosen, characters = [], set()
-    for record in load_prompts(path):
-        if record.get("character") not in characters:
-            characters.add(record.get("character"))
-            chosen.append(record)
-        if len(chosen) == count:
-            break
-    return chosen
 
 
 def demo_config(args: argparse.Namespace, policy: Path, reward_model: Path, output: Path, prompts: list) -> GRPOConfig:
@@ -58,7 +46,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if not (reward_model / "config.json").is_file():
         raise SystemExit(f"no reward model at {reward_model}: run `make demo` first (or pass --reward-model DIR)")
     output = Path(args.output) if args.output else cache_dir() / "demo-grpo"
-    prompts = demo_prompts(demo_data_path(), args.prompts)
+    prompts = prompts_per_character(demo_data_path(), args.prompts)
     rows = train_grpo(demo_config(args, converted_model(), reward_model, output, prompts))
     print(f"\nGRPO on SmolLM2-135M-Instruct with the AAM reward model {reward_model}, {time.time() - started:.0f} s")
     print(f"{'step':>4} {'reward':>8} {'kl':>8} {'length':>7}")

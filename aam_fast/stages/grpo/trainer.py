@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ...data import IGNORE_INDEX, load_prompts
+from ...data import IGNORE_INDEX, load_prompt_records
 from ...losses import GRPOLoss, default_normalizer, group_advantages
 from ...modeling import AdaptersOff, add_configured_lora, apply_liger, make_reference
 from ...modeling.heads import head_inputs, lm_head_of
@@ -77,7 +77,14 @@ class GRPOTrainer:
             inputs["--prompts"] = cfg.prompts
         run = launch(cfg, inputs)
         self.ctx, self.device, self.amp_dtype, self.output = run.ctx, run.device, run.amp_dtype, run.output
-        self.records = self._load_records()
+        self.records = load_prompt_records(
+            cfg.prompts,
+            scenes=cfg.scenes,
+            opening_turn=cfg.opening_turn,
+            split=cfg.data_split,
+            prompt_key=cfg.prompt_key,
+            limit=cfg.max_prompts,
+        )
         self._build_policy()
         if scorer is None and cfg.reward_model is not None:
             from ...modeling.scorer import RewardScorer
@@ -114,22 +121,6 @@ class GRPOTrainer:
         self.completions_log = self.ctx.writer(lambda: JsonlTable(self.output / "completions.jsonl", resumed))
 
     # -- setup ------------------------------------------------------------------------------------------------
-
-    def _load_records(self) -> list[dict]:
-        cfg = self.cfg
-        if isinstance(cfg.prompts, str):
-            records = load_prompts(
-                cfg.prompts,
-                scenes=cfg.scenes,
-                opening_turn=cfg.opening_turn,
-                split=cfg.data_split,
-                prompt_key=cfg.prompt_key,
-            )
-        else:
-            records = list(cfg.prompts)
-        if not records:
-            raise ValueError("--prompts: no prompt records")
-        return records[: cfg.max_prompts] if cfg.max_prompts else records
 
     def _build_policy(self) -> None:
         """The policy (Liger patches where they apply), the trainable layers, its frozen reference (the initial

@@ -19,7 +19,7 @@ from ...data import (
     choose_pad_token_id,
     collate_pairs,
     encode_pairs,
-    load_preferences,
+    load_eval_sets,
 )
 from ...modeling import RewardModel, make_reference
 from ...training.runtime import autocast, compute_dtype, log, resolve_device, set_threads
@@ -52,23 +52,13 @@ class SharedInputs:
     amp_dtype: torch.dtype | None
 
 
-def _load_eval_pairs(cfg: CompareConfig, dev_pairs: list) -> list[tuple[str, list]]:
+def _eval_pairs(cfg: CompareConfig, dev_pairs: list) -> list[tuple[str, list]]:
     """``(name, pairs)`` of every eval set: each ``--eval-data`` file (named by its file name), else the dev split."""
     if not cfg.eval_data:
         return [("dev", dev_pairs)] if dev_pairs else []
-    keys = cfg.column_keys()
-    sets, names = [], set()
-    for index, path in enumerate(cfg.eval_data):
-        name = Path(path).name
-        name = name if name not in names else f"{name}#{index}"
-        names.add(name)
-        loaded = load_preferences(path, subset_field=cfg.subset_field, skip_invalid=cfg.skip_invalid, **keys)
-        if loaded.skipped:
-            log(f"skipped {loaded.skipped} invalid records of {path}; first: {loaded.skip_reasons[0]}")
-        if not loaded.pairs:
-            raise ValueError(f"--eval-data {path}: no preference pairs to evaluate")
-        sets.append((name, loaded.pairs))
-    return sets
+    return load_eval_sets(
+        cfg.eval_data, subset_field=cfg.subset_field, skip_invalid=cfg.skip_invalid, **cfg.column_keys()
+    )
 
 
 def trunk_bytes(pair_sets: Sequence[Sequence[EncodedPair]], hidden_size: int, itemsize: int) -> int:
@@ -113,7 +103,7 @@ def prepare_inputs(cfg: CompareConfig, first: RMConfig, needs_reference: bool) -
     train_pairs, dev_pairs = load_pairs(first)
     if "fixed" in cfg.margins and any(p.margin is None for p in train_pairs):
         raise ValueError(f"--margins fixed needs a {cfg.margin_key!r} field in every training pair")
-    eval_raw = _load_eval_pairs(cfg, dev_pairs)
+    eval_raw = _eval_pairs(cfg, dev_pairs)
     encoder = PairEncoder(tokenizer, cfg.max_length)
     options = {"num_proc": cfg.num_proc, "cache": cfg.tokenize_cache, "progress": cfg.progress}
     train, stats = encode_pairs(train_pairs, encoder, **options)

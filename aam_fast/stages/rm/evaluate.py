@@ -19,7 +19,7 @@ from ...data import (
     choose_pad_token_id,
     collate_pairs,
     encode_pairs,
-    load_preferences,
+    read_pairs,
     split_by_prompt,
 )
 from ...modeling import RewardModel, load_reward_model
@@ -202,7 +202,7 @@ def evaluate_folder(cfg: EvalConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     model, tokenizer, metadata = load_reward_model(cfg.model, device=device)
     pad_token_id = choose_pad_token_id(tokenizer)
-    loaded = load_preferences(
+    loaded = read_pairs(
         cfg.data,
         split=cfg.data_split,
         subset_field=cfg.subset_field,

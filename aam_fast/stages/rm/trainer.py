@@ -32,8 +32,7 @@ from ...data import (
     choose_pad_token_id,
     collate_pairs,
     encode_pairs,
-    load_preferences,
-    split_by_prompt,
+    load_train_dev,
 )
 from ...losses import AAMLoss
 from ...modeling import (
@@ -123,35 +122,18 @@ def build_model(cfg: RMConfig, device: torch.device) -> tuple[RewardModel, Any]:
 
 
 def load_pairs(cfg: RMConfig) -> tuple[list, list]:
-    """``(train, dev)`` preference pairs: ``--eval-data``, else a prompt-hash split of ``--data``. Logs what was
-    skipped and a data margin column that the loss does not use."""
-    keys = cfg.column_keys()
-    data = load_preferences(
+    """``(train, dev)`` preference pairs of ``cfg`` (:func:`aam_fast.data.load_train_dev`)."""
+    return load_train_dev(
         cfg.data,
+        eval_source=cfg.eval_data,
+        dev_fraction=cfg.dev_fraction,
+        margin=cfg.margin,
         split=cfg.data_split,
         subset_field=cfg.subset_field,
         skip_invalid=cfg.skip_invalid,
         limit=cfg.max_pairs,
-        **keys,
+        **cfg.column_keys(),
     )
-    if data.skipped:
-        log(f"skipped {data.skipped} invalid records of {cfg.data}; first: {data.skip_reasons[0]}")
-    note = data.margin_note(cfg.margin)
-    if note:
-        log(note)
-    if cfg.eval_data:
-        dev = load_preferences(cfg.eval_data, subset_field=cfg.subset_field, skip_invalid=cfg.skip_invalid, **keys)
-        train = data.pairs
-        dev = dev.pairs
-    elif cfg.dev_fraction > 0:
-        train, dev = split_by_prompt(data.pairs, cfg.dev_fraction)
-    else:
-        train, dev = data.pairs, []
-    if cfg.margin == "fixed":
-        missing = [p.origin for p in train if p.margin is None]
-        if missing:
-            raise ValueError(f"--margin fixed needs a {cfg.margin_key!r} field in every pair; {missing[0]} has none")
-    return train, dev
 
 
 class RMTrainer:
