@@ -21,6 +21,7 @@ from aam_fast.stages.grpo.sampling import RowSeededSampler, completion_seed
 from aam_fast.stages.rm.config import RMConfig
 from aam_fast.stages.rm.trainer import train_reward_model
 from aam_fast.training import distributed
+from aam_fast.training.launch import closing
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -138,6 +139,7 @@ def test_fsdp2_two_ranks_match_one_process_and_resume_exactly(single, tmp_path):
     uninterrupted = load_file(str(tmp_path / "model.safetensors"))
     first_losses = losses(tmp_path)
 
+    shutil.rmtree(tmp_path / "checkpoints" / f"checkpoint-{STEPS}")  # as if the run had stopped after step 2
     done = torchrun(paths, tmp_path, "--strategy", "fsdp2", "--save-every", "2", "--resume", "auto")
     assert "resumed from" in done.stderr and "at step 2" in done.stderr
     resumed = load_file(str(tmp_path / "model.safetensors"))
@@ -191,6 +193,24 @@ def test_lora_two_ranks_match_one_process_and_resume(tiny_paths, tmp_path, strat
     shutil.copytree(tmp_path / "ranks" / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
     train_in_process(tiny_paths, resumed, batch_size=2 * PER_RANK, resume="auto", **lora)
     assert_same_weights(alone, resumed)
+
+
+def test_the_process_group_is_closed_only_when_a_command_ends_normally():
+    """training.launch.closing: a rank that raises runs nothing collective (no barrier it could wait in forever)."""
+
+    class Context:
+        closed = 0
+
+        def close(self):
+            self.closed += 1
+
+    ctx = Context()
+    with closing(ctx):
+        pass
+    assert ctx.closed == 1
+    with pytest.raises(RuntimeError, match="failed alone"), closing(ctx):
+        raise RuntimeError("a rank failed alone")
+    assert ctx.closed == 1
 
 
 def test_single_process_context_is_the_identity():

@@ -309,6 +309,28 @@ def test_a_non_finite_gradient_is_never_applied_or_saved(tiny_paths, tmp_path, m
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]
 
 
+def test_the_lifecycle_saves_the_last_step_and_never_non_finite_weights(tiny_paths, tmp_path, monkeypatch):
+    """The shared lifecycle's rules in train-rm: a checkpoint every --save-every steps and at the last step; weights
+    that are not all finite (here made so after the checked optimizer step) are neither checkpointed nor exported."""
+    out = tmp_path / "run"
+    train_reward_model(config(tiny_paths, out, max_steps=3, save_every=2))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2", "checkpoint-3"]
+
+    real_step = torch.optim.AdamW.step
+
+    def poisoning_step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        self.param_groups[0]["params"][0].data.fill_(math.nan)
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
+    for folder, save_every in (("checkpointed", 1), ("exported", 0)):
+        with pytest.raises(TrainingDiverged, match=r"non-finite trainable weights after step 1; not saved"):
+            train_reward_model(config(tiny_paths, tmp_path / folder, max_steps=1, save_every=save_every))
+        assert list_checkpoints(tmp_path / folder / "checkpoints") == []
+        assert not (tmp_path / folder / "model.safetensors").exists()
+
+
 def test_every_checkpoint_file_loads_without_unpickling(tiny_paths, tmp_path):
     out = tmp_path / "run"
     train_reward_model(config(tiny_paths, out, max_steps=1, save_every=1))

@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 from ...demo_assets import DEMO_RM_NAME, cache_dir, choose_threads, converted_model, demo_data_path
-from .compare import run_compare
-from .compare_config import CompareConfig
+from .compare import CompareConfig, run_compare
 from .config import RMConfig
 
 DEMO_COMPARE_NAME = "demo-rm-compare"  # the demo's compare output in the cache: bt/, pr/, compare.md

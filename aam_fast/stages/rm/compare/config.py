@@ -7,9 +7,9 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...losses import MARGINS, NAMED_GAMMA, margin_needs
-from ...training.config import TrainingConfig, option
-from .config import RMConfig
+from ....losses import MARGINS, NAMED_GAMMA, margin_needs
+from ....training.config import TrainingConfig, option
+from ..config import RMConfig
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -92,6 +92,8 @@ class CompareConfig(RMConfig):
                 raise ValueError(f"{flag} sweeps pr or ld; --margins lists neither")
             if values is not None and len(set(values)) != len(values):
                 raise ValueError(f"{flag} lists a value twice")
+        for variant in expand_variants(self):
+            variant_config(self, variant).validate()
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ sequences when a variant needs them); and the scoring of a trained model from th
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ...data import (
+from ....data import (
     EncodedPair,
     PairEncoder,
     TruncationStats,
@@ -21,12 +20,13 @@ from ...data import (
     encode_pairs,
     load_eval_sets,
 )
-from ...modeling import RewardModel, make_reference
-from ...training.runtime import autocast, compute_dtype, log, resolve_device, set_threads
-from .compare_config import CompareConfig
-from .config import RMConfig
-from .trainer import build_model, load_pairs
-from .trunk_cache import TrunkCache
+from ....modeling import RewardModel, make_reference
+from ....training.launch import Launch
+from ....training.runtime import autocast, log
+from ..config import RMConfig
+from ..setup import build_model, load_pairs
+from ..trunk_cache import TrunkCache
+from .config import CompareConfig
 
 
 @dataclass
@@ -90,14 +90,11 @@ def check_trunk_budget(cfg: CompareConfig, pair_sets, model: RewardModel, amp_dt
     return size
 
 
-def prepare_inputs(cfg: CompareConfig, first: RMConfig, needs_reference: bool) -> SharedInputs:
+def prepare_inputs(run: Launch, cfg: CompareConfig, first: RMConfig, needs_reference: bool) -> SharedInputs:
     """Load and encode the data with ``first``'s settings, then run the frozen trunk once over every training and
-    eval sequence (and the frozen reference over the training ones when ``needs_reference``)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("compare runs in one process (it holds one cached trunk); start it without torchrun")
-    set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    amp_dtype = compute_dtype(cfg.dtype, device)
+    eval sequence (and the frozen reference over the training ones when ``needs_reference``), on ``run``'s device
+    and in its compute dtype."""
+    device, amp_dtype = run.device, run.amp_dtype
     model, tokenizer = build_model(first, device)
     pad_token_id = choose_pad_token_id(tokenizer)
     train_pairs, dev_pairs = load_pairs(first)
