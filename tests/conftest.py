@@ -1,7 +1,7 @@
 """Shared test setup: Triton runs under its interpreter on CPU; GPU tests are skipped without CUDA.
 
 Model and data fixtures. `tiny_paths` (session scope) builds a tiny Llama, its tokenizer and small synthetic
-preference and prompt files in a temporary folder (tests/tiny_assets.py; no download): the stage, model, packing,
+preference and prompt files in a temporary folder (aam_fast/testing.py; no download): the stage, model, packing,
 CLI and distributed tests run on it in any clone. `real_paths` / `shared_dir` point into the shared folder beside
 the checkout (the real stories260k model and real data sets) and skip where it is absent; the environment variable
 AAM_FAST_SHARED overrides its location (AAM_FAST_SHARED=/nonexistent simulates a clone without it).
@@ -97,13 +97,13 @@ def real_paths(shared_dir) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def tiny_paths(tmp_path_factory) -> dict[str, str]:
-    """A tiny Llama and synthetic data built in this session (see tests/tiny_assets.py), no download:
+    """A tiny Llama and synthetic data built in this session (see aam_fast/testing.py), no download:
 
-    `model` (a save_pretrained folder with its byte-level BPE tokenizer, `tiny_assets.LAYERS` layers, tied
+    `model` (a save_pretrained folder with its byte-level BPE tokenizer, `aam_fast.testing.LAYERS` layers, tied
     embeddings, no chat template), `hh` (hh-rlhf transcripts, .jsonl.gz), `pairs` (TRL conversational records with
     `character` and `topic` columns), `cards` / `scenes` (RPBench-Auto-like). Read-only for the tests.
     """
-    from tiny_assets import build_tiny_assets
+    from aam_fast.testing import build_tiny_assets
 
     return build_tiny_assets(tmp_path_factory.mktemp("tiny"))
 

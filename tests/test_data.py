@@ -35,7 +35,7 @@ STANDARD = {"prompt": "The sky is", "chosen": " blue.", "rejected": " green.", "
 
 @pytest.fixture
 def tokenizer(tiny_paths):
-    """The byte-level BPE tokenizer of the session's tiny model (tests/tiny_assets.py), no chat template."""
+    """The byte-level BPE tokenizer of the session's tiny model (aam_fast/testing.py), no chat template."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_paths["model"])
