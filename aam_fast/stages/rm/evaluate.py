@@ -8,7 +8,7 @@ import dataclasses
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +26,9 @@ from ...modeling import RewardModel, load_reward_model
 from ...training.config import DTYPES, check_ranges, option
 from ...training.launch import closing, launch
 from ...training.runtime import autocast
+
+if TYPE_CHECKING:
+    from .trunk_cache import TrunkCache
 
 
 def _distribution(values: torch.Tensor) -> dict[str, float]:
@@ -55,8 +58,10 @@ def score_pairs(
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    trunk: TrunkCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards ``(chosen [n], rejected [n])`` float32 of encoded pairs, ``batch_size`` pairs per forward.
+    """Rewards ``(chosen [n], rejected [n])`` float32 of encoded pairs, ``batch_size`` pairs per forward; with
+    ``trunk`` (these pairs' cached trunk) only the top layers and the score head run.
 
     Pairs are batched in order of length (a fixed order, so scores do not depend on anything but the data) to
     spend little compute on padding; rewards come back in the input order.
@@ -73,8 +78,11 @@ def score_pairs(
         ):
             indices = order[start : start + batch_size]
             batch = collate_pairs([pairs[i] for i in indices], pad_token_id)
+            cached = {}
+            if trunk is not None:  # the trunk's output of these pairs: only the top layers and the score head run
+                cached["trunk_hidden"] = trunk.batch(indices, batch["input_ids"].shape[1]).to(device)
             with autocast(device, autocast_dtype):
-                out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), **cached)
             rewards = out.rewards.float().cpu()
             chosen[indices] = rewards[: len(indices)]
             rejected[indices] = rewards[len(indices) :]

@@ -1,6 +1,7 @@
 """What every variant of ``aam-fast compare`` shares, computed once: the encoded training pairs and eval sets, and the
 frozen trunk's output of every one of their sequences (with the PR reference's log-probs of the training
-sequences when a variant needs them); and the scoring of a trained model from that cached trunk."""
+sequences when a variant needs them). A trained variant is scored from that cached trunk by
+:func:`~aam_fast.stages.rm.evaluate.score_pairs`."""
 
 from __future__ import annotations
 
@@ -16,13 +17,12 @@ from ....data import (
     PairEncoder,
     TruncationStats,
     choose_pad_token_id,
-    collate_pairs,
     encode_pairs,
     load_eval_sets,
 )
 from ....modeling import RewardModel, make_reference
 from ....training.launch import Launch
-from ....training.runtime import autocast, log
+from ....training.runtime import log
 from ..config import RMConfig
 from ..setup import build_model, load_pairs
 from ..trunk_cache import TrunkCache
@@ -125,35 +125,3 @@ def prepare_inputs(run: Launch, cfg: CompareConfig, first: RMConfig, needs_refer
         EvalSet(name, pairs, TrunkCache(model, pairs, pad_token_id, **caching)) for name, pairs in encoded_sets
     ]
     return SharedInputs(train, stats, train_cache, eval_sets, pad_token_id, device, amp_dtype)
-
-
-@torch.no_grad()
-def score_cached(
-    model: RewardModel,
-    eval_set: EvalSet,
-    pad_token_id: int,
-    *,
-    batch_size: int,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards ``(chosen [n], rejected [n])`` float32 of ``eval_set`` from its cached trunk: only the top layers and
-    the score head run (batched in order of length, as :func:`~.evaluate.score_pairs` does)."""
-    pairs = eval_set.pairs
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(pairs)), key=lambda i: (max(len(pairs[i].chosen.ids), len(pairs[i].rejected.ids)), i))
-    chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
-    try:
-        for start in range(0, len(pairs), batch_size):
-            indices = order[start : start + batch_size]
-            batch = collate_pairs([pairs[i] for i in indices], pad_token_id)
-            trunk = eval_set.cache.batch(indices, batch["input_ids"].shape[1]).to(device)
-            with autocast(device, autocast_dtype):
-                out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), trunk_hidden=trunk)
-            rewards = out.rewards.float().cpu()
-            chosen[indices] = rewards[: len(indices)]
-            rejected[indices] = rewards[len(indices) :]
-    finally:
-        model.train(was_training)
-    return chosen, rejected

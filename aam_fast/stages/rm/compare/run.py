@@ -20,11 +20,11 @@ from ....modeling import RewardModel
 from ....training.launch import closing, launch
 from ....training.runtime import log
 from ..config import RMConfig
-from ..evaluate import pairwise_report
+from ..evaluate import pairwise_report, score_pairs
 from ..setup import EncodedData
 from ..trainer import RMTrainer
 from .config import CompareConfig, Variant, expand_variants, variant_config
-from .inputs import SharedInputs, prepare_inputs, score_cached
+from .inputs import SharedInputs, prepare_inputs
 from .report import build_report, write_outputs
 from .stats import margin_summary
 
@@ -58,13 +58,14 @@ class VariantTrainer(RMTrainer):
         saved model's ``final_eval``), or None without eval sets."""
         first = None
         for eval_set in self.shared.eval_sets:
-            chosen, rejected = score_cached(
+            chosen, rejected = score_pairs(
                 self.model,
-                eval_set,
+                eval_set.pairs,
                 self.shared.pad_token_id,
                 batch_size=self.cfg.eval_batch_size,
                 device=self.device,
                 autocast_dtype=self.amp_dtype,
+                trunk=eval_set.cache,
             )
             self.scores[eval_set.name] = (chosen, rejected)
             report = pairwise_report(chosen, rejected, eval_set.pairs)
