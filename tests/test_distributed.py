@@ -171,28 +171,36 @@ def test_a_single_process_checkpoint_resumes_on_two_ranks(single, tmp_path, stra
     assert losses(tmp_path) == pytest.approx(losses(reference)[2:], abs=1e-5)
 
 
+LORA = {"lora_r": 4, "lora_alpha": 8.0, "lr": 1e-2, "save_every": 2}
+
+
+@pytest.fixture(scope="module")
+def lora_alone(tiny_paths, tmp_path_factory):
+    """One process of LoRA on the combined batch: where both strategies' 2-rank runs must end."""
+    pytest.importorskip("peft", reason="LoRA needs peft")
+    alone = tmp_path_factory.mktemp("lora-alone")
+    train_in_process(tiny_paths, alone, batch_size=2 * PER_RANK, **LORA)
+    return alone
+
+
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
-def test_lora_two_ranks_match_one_process_and_resume(tiny_paths, tmp_path, strategy):
+def test_lora_two_ranks_match_one_process_and_resume(tiny_paths, lora_alone, tmp_path, strategy):
     """LoRA with the adapters-off PR reference under torchrun: 2 ranks end with the adapters and the merged export
     of one process on the combined batch, and the 2-rank checkpoint resumes in one process to the same end."""
-    pytest.importorskip("peft", reason="LoRA needs peft")
-    lora = {"lora_r": 4, "lora_alpha": 8.0, "lr": 1e-2, "save_every": 2}
-    alone = tmp_path / "alone"
-    train_in_process(tiny_paths, alone, batch_size=2 * PER_RANK, **lora)
     flags = ["--lora-r", "4", "--lora-alpha", "8", "--lr", "1e-2", "--save-every", "2", "--strategy", strategy]
     torchrun(tiny_paths, tmp_path / "ranks", *flags)
-    assert_same_weights(alone, tmp_path / "ranks")
-    assert losses(tmp_path / "ranks") == pytest.approx(losses(alone), abs=1e-5)
+    assert_same_weights(lora_alone, tmp_path / "ranks")
+    assert losses(tmp_path / "ranks") == pytest.approx(losses(lora_alone), abs=1e-5)
     a, b = (
-        load_file(str(alone / "adapter_model.safetensors")),
+        load_file(str(lora_alone / "adapter_model.safetensors")),
         load_file(str(tmp_path / "ranks" / "adapter_model.safetensors")),
     )
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "ranks" / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
-    train_in_process(tiny_paths, resumed, batch_size=2 * PER_RANK, resume="auto", **lora)
-    assert_same_weights(alone, resumed)
+    train_in_process(tiny_paths, resumed, batch_size=2 * PER_RANK, resume="auto", **LORA)
+    assert_same_weights(lora_alone, resumed)
 
 
 def test_the_process_group_is_closed_only_when_a_command_ends_normally():
