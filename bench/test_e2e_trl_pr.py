@@ -4,18 +4,14 @@ model, the same initial weights and the policy moved away from the reference so 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("trl")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from tiny_assets import build_tiny_assets, trl_records  # noqa: E402
 
 from aam_fast.data import FALLBACK_CHAT_TEMPLATE  # noqa: E402
+from aam_fast.testing import build_tiny_assets, trl_records  # noqa: E402
 
 from .e2e.trl_pr import AAMPRRewardTrainer, prompt_messages, response_spans, tokenize_with_spans  # noqa: E402
 

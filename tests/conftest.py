@@ -1,7 +1,7 @@
 """Shared test setup: Triton runs under its interpreter on CPU; GPU tests are skipped without CUDA.
 
 Model and data fixtures. `tiny_paths` (session scope) builds a tiny Llama, its tokenizer and small synthetic
-preference and prompt files in a temporary folder (tests/tiny_assets.py; no download): the stage, model, packing,
+preference and prompt files in a temporary folder (aam_fast/testing.py; no download): the stage, model, packing,
 CLI and distributed tests run on it in any clone. `real_paths` / `shared_dir` point into the shared folder beside
 the checkout (the real stories260k model and real data sets) and skip where it is absent; the environment variable
 AAM_FAST_SHARED overrides its location (AAM_FAST_SHARED=/nonexistent simulates a clone without it).
@@ -60,6 +60,35 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+class LoggedLines:
+    """The lines logged during a test as a command prints them (the package's log handler: one line per message on
+    stderr, never a Python warning); :meth:`count` matches them, :meth:`clear` forgets those seen so far."""
+
+    def __init__(self, capsys):
+        self.capsys, self.lines = capsys, []
+
+    def clear(self) -> None:
+        self.capsys.readouterr()
+        self.lines = []
+
+    def count(self, pattern: str) -> int:
+        """How many lines logged since the last :meth:`clear` match ``pattern`` (``re.search``)."""
+        import re
+
+        self.lines += self.capsys.readouterr().err.splitlines()
+        return sum(bool(re.search(pattern, line)) for line in self.lines)
+
+
+@pytest.fixture
+def logged(capsys) -> LoggedLines:
+    from aam_fast.training.runtime import package_logger
+
+    package_logger()
+    lines = LoggedLines(capsys)
+    lines.clear()
+    return lines
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The shared folder (real data and a real tiny model; AAM_FAST_SHARED or ../shared); skip where it is absent."""
@@ -81,13 +110,13 @@ def real_paths(shared_dir) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def tiny_paths(tmp_path_factory) -> dict[str, str]:
-    """A tiny Llama and synthetic data built in this session (see tests/tiny_assets.py), no download:
+    """A tiny Llama and synthetic data built in this session (see aam_fast/testing.py), no download:
 
-    `model` (a save_pretrained folder with its byte-level BPE tokenizer, `tiny_assets.LAYERS` layers, tied
+    `model` (a save_pretrained folder with its byte-level BPE tokenizer, `aam_fast.testing.LAYERS` layers, tied
     embeddings, no chat template), `hh` (hh-rlhf transcripts, .jsonl.gz), `pairs` (TRL conversational records with
     `character` and `topic` columns), `cards` / `scenes` (RPBench-Auto-like). Read-only for the tests.
     """
-    from tiny_assets import build_tiny_assets
+    from aam_fast.testing import build_tiny_assets
 
     return build_tiny_assets(tmp_path_factory.mktemp("tiny"))
 

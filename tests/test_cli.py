@@ -143,7 +143,7 @@ def _subcommands(parser):
     return parser._subparsers._group_actions[0].choices
 
 
-@pytest.mark.parametrize("command", ["train-rm", "eval-rm", "train-grpo"])
+@pytest.mark.parametrize("command", ["train-rm", "eval-rm", "train-grpo", "demo", "demo-grpo"])
 def test_every_flag_shows_its_meaning_and_default(command):
     parser = _subcommands(cli.build_parser())[command]
     formatter = parser.formatter_class(command)

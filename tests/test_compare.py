@@ -12,9 +12,8 @@ import torch
 
 from aam_fast import cli
 from aam_fast.modeling import RewardModel
-from aam_fast.stages.rm.compare import run_compare
-from aam_fast.stages.rm.compare_config import CompareConfig, expand_variants
-from aam_fast.stages.rm.compare_stats import (
+from aam_fast.stages.rm.compare import CompareConfig, expand_variants, run_compare
+from aam_fast.stages.rm.compare.stats import (
     binomial_two_sided,
     bootstrap_indices,
     margin_summary,
@@ -309,8 +308,15 @@ def test_the_demo_shows_bt_beside_aam_pr(tiny_paths, tmp_path, monkeypatch, caps
     ).is_file()
 
 
+def test_compare_refuses_torchrun_before_joining_a_process_group(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"compare runs in one process .*; start it without torchrun"):
+        run_compare(CompareConfig(model="m", data="d", output=str(tmp_path / "out"), trainable_layers=2))
+    assert not torch.distributed.is_initialized() and not (tmp_path / "out").exists()
+
+
 def test_variants_must_start_from_the_same_weights():
-    from aam_fast.stages.rm.compare import _check_same_start
+    from aam_fast.stages.rm.compare.run import _check_same_start
 
     first = {"score.weight": torch.ones(1, 4), "layer.w": torch.zeros(2)}
     _check_same_start("pr", {k: v.clone() for k, v in first.items()}, first)

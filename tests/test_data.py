@@ -35,7 +35,7 @@ STANDARD = {"prompt": "The sky is", "chosen": " blue.", "rejected": " green.", "
 
 @pytest.fixture
 def tokenizer(tiny_paths):
-    """The byte-level BPE tokenizer of the session's tiny model (tests/tiny_assets.py), no chat template."""
+    """The byte-level BPE tokenizer of the session's tiny model (aam_fast/testing.py), no chat template."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_paths["model"])
@@ -55,9 +55,9 @@ def write_jsonl(path: Path, records, compress=False):
 # Formats
 
 
-def test_real_hh_rlhf_transcripts_become_conversations(shared_dir):
-    with pytest.warns(UserWarning, match="0 pairs have chosen equal to rejected .* and 3 an empty response"):
-        data = load_preferences(shared_dir / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz")
+def test_real_hh_rlhf_transcripts_become_conversations(shared_dir, logged):
+    data = load_preferences(shared_dir / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz")
+    assert logged.count("0 pairs have chosen equal to rejected .* and 3 an empty response") == 1
     assert len(data) == 1873 and data.skipped == 0 and (data.identical, data.empty) == (0, 3)
     for pair in data.pairs:
         assert pair.conversational

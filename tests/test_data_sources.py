@@ -58,7 +58,7 @@ def test_deeply_nested_prompt_record(tmp_path):
 # Degenerate pairs and an unused margin column
 
 
-def test_degenerate_pairs_are_counted_and_warned_or_dropped(tmp_path):
+def test_degenerate_pairs_are_counted_and_logged_or_dropped(tmp_path, logged):
     user = [{"role": "user", "content": "hi"}]
     records = [
         STANDARD,
@@ -68,8 +68,8 @@ def test_degenerate_pairs_are_counted_and_warned_or_dropped(tmp_path):
         {"chosen": "Q: A", "rejected": "Q: A"},  # implicit prompt: everything shared, both completions empty
     ]
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
-    with pytest.warns(UserWarning, match=r"2 pairs have chosen equal to rejected .* and 2 an empty response"):
-        data = load_preferences(path)
+    data = load_preferences(path)
+    assert logged.count(r"2 pairs have chosen equal to rejected .* and 2 an empty response.*; kept") == 1
     assert len(data) == 5 and (data.identical, data.empty, data.skipped) == (2, 2, 0)
     dropped = load_preferences(path, skip_invalid=True)
     assert [p.origin for p in dropped.pairs] == [f"{path}#0"]

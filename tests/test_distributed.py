@@ -5,6 +5,7 @@ between world sizes (2 ranks -> 1 process, 1 process -> 2 ranks) with batch-size
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from aam_fast.stages.grpo.sampling import RowSeededSampler, completion_seed
 from aam_fast.stages.rm.config import RMConfig
 from aam_fast.stages.rm.trainer import train_reward_model
 from aam_fast.training import distributed
+from aam_fast.training.launch import closing
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -137,6 +139,7 @@ def test_fsdp2_two_ranks_match_one_process_and_resume_exactly(single, tmp_path):
     uninterrupted = load_file(str(tmp_path / "model.safetensors"))
     first_losses = losses(tmp_path)
 
+    shutil.rmtree(tmp_path / "checkpoints" / f"checkpoint-{STEPS}")  # as if the run had stopped after step 2
     done = torchrun(paths, tmp_path, "--strategy", "fsdp2", "--save-every", "2", "--resume", "auto")
     assert "resumed from" in done.stderr and "at step 2" in done.stderr
     resumed = load_file(str(tmp_path / "model.safetensors"))
@@ -168,20 +171,28 @@ def test_a_single_process_checkpoint_resumes_on_two_ranks(single, tmp_path, stra
     assert losses(tmp_path) == pytest.approx(losses(reference)[2:], abs=1e-5)
 
 
+LORA = {"lora_r": 4, "lora_alpha": 8.0, "lr": 1e-2, "save_every": 2}
+
+
+@pytest.fixture(scope="module")
+def lora_alone(tiny_paths, tmp_path_factory):
+    """One process of LoRA on the combined batch: where both strategies' 2-rank runs must end."""
+    pytest.importorskip("peft", reason="LoRA needs peft")
+    alone = tmp_path_factory.mktemp("lora-alone")
+    train_in_process(tiny_paths, alone, batch_size=2 * PER_RANK, **LORA)
+    return alone
+
+
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
-def test_lora_two_ranks_match_one_process_and_resume(tiny_paths, tmp_path, strategy):
+def test_lora_two_ranks_match_one_process_and_resume(tiny_paths, lora_alone, tmp_path, strategy):
     """LoRA with the adapters-off PR reference under torchrun: 2 ranks end with the adapters and the merged export
     of one process on the combined batch, and the 2-rank checkpoint resumes in one process to the same end."""
-    pytest.importorskip("peft", reason="LoRA needs peft")
-    lora = {"lora_r": 4, "lora_alpha": 8.0, "lr": 1e-2, "save_every": 2}
-    alone = tmp_path / "alone"
-    train_in_process(tiny_paths, alone, batch_size=2 * PER_RANK, **lora)
     flags = ["--lora-r", "4", "--lora-alpha", "8", "--lr", "1e-2", "--save-every", "2", "--strategy", strategy]
     torchrun(tiny_paths, tmp_path / "ranks", *flags)
-    assert_same_weights(alone, tmp_path / "ranks")
-    assert losses(tmp_path / "ranks") == pytest.approx(losses(alone), abs=1e-5)
+    assert_same_weights(lora_alone, tmp_path / "ranks")
+    assert losses(tmp_path / "ranks") == pytest.approx(losses(lora_alone), abs=1e-5)
     a, b = (
-        load_file(str(alone / "adapter_model.safetensors")),
+        load_file(str(lora_alone / "adapter_model.safetensors")),
         load_file(str(tmp_path / "ranks" / "adapter_model.safetensors")),
     )
     # lora_A's first gradients are ~0 (they are proportional to lora_B, which starts at 0), and Adam's update
@@ -191,8 +202,26 @@ def test_lora_two_ranks_match_one_process_and_resume(tiny_paths, tmp_path, strat
         torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=5e-5, msg=name)
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "ranks" / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
-    train_in_process(tiny_paths, resumed, batch_size=2 * PER_RANK, resume="auto", **lora)
-    assert_same_weights(alone, resumed)
+    train_in_process(tiny_paths, resumed, batch_size=2 * PER_RANK, resume="auto", **LORA)
+    assert_same_weights(lora_alone, resumed)
+
+
+def test_the_process_group_is_closed_only_when_a_command_ends_normally():
+    """training.launch.closing: a rank that raises runs nothing collective (no barrier it could wait in forever)."""
+
+    class Context:
+        closed = 0
+
+        def close(self):
+            self.closed += 1
+
+    ctx = Context()
+    with closing(ctx):
+        pass
+    assert ctx.closed == 1
+    with pytest.raises(RuntimeError, match="failed alone"), closing(ctx):
+        raise RuntimeError("a rank failed alone")
+    assert ctx.closed == 1
 
 
 def test_single_process_context_is_the_identity():
@@ -305,7 +334,7 @@ def test_grpo_ddp_two_ranks_match_one_process_on_the_combined_batch(grpo_single,
     assert max(float((final[k] - initial[k]).abs().max()) for k in initial) > 1e-5, "the policy did not move"
 
 
-def test_grpo_fsdp2_two_ranks_match_one_process_and_resume_exactly(grpo_single, tmp_path):
+def test_grpo_fsdp2_two_ranks_match_one_process_and_resume_exactly(grpo_single, tmp_path, logged):
     """2 ranks end as one process does; resumed from the step-1 checkpoint on 2 ranks they end bit for bit where
     the uninterrupted run ended, and on one process within 1e-5."""
     settings, reference = grpo_single
@@ -340,14 +369,14 @@ def test_grpo_fsdp2_two_ranks_match_one_process_and_resume_exactly(grpo_single, 
     shutil.copy(tmp_path / "metrics.jsonl", alone / "metrics.jsonl")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    logged.clear()
     try:
-        with warnings.catch_warnings():
-            # no "changed settings" warning: batch_size x ranks is the same
-            warnings.filterwarnings("error", message=".*changed settings")
-            rows = train_grpo(GRPOConfig(**settings, batch_size=2, output=str(alone), resume="auto"))
+        rows = train_grpo(GRPOConfig(**settings, batch_size=2, output=str(alone), resume="auto"))
     finally:
         torch.set_num_threads(threads)
     assert [r["step"] for r in rows] == [2]
+    assert logged.count("changed settings") == 0  # batch_size x ranks is the same: the same settings
+    assert logged.count(f"resumed from {re.escape(str(alone / 'checkpoints' / first.name))} at step 1") == 1
     assert_same_weights(tmp_path, alone)
 
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aam_fast.modeling import ADAPTER_FILE, ReferenceModel, load_causal_lm
-from aam_fast.stages.rm import trainer as rm
+from aam_fast.modeling import ADAPTER_FILE, ReferenceModel, load_causal_lm, reference
 from aam_fast.stages.rm.config import RMConfig
 from aam_fast.stages.rm.evaluate import EvalConfig, evaluate_folder
 from aam_fast.stages.rm.trainer import RMTrainer, train_reward_model
@@ -78,7 +77,7 @@ def test_only_adapters_and_score_train_and_the_export_scores_as_trained(tiny_pat
 
 def test_the_adapters_off_reference_equals_a_frozen_copy(tiny_paths, tmp_path, monkeypatch):
     train_reward_model(config(tiny_paths, tmp_path / "off"))
-    monkeypatch.setattr(rm, "AdapterReference", ReferenceModel)  # a deep copy of the initial model instead
+    monkeypatch.setattr(reference, "AdapterReference", ReferenceModel)  # a deep copy of the initial model instead
     train_reward_model(config(tiny_paths, tmp_path / "copy"))
     off, copy = rows(tmp_path / "off"), rows(tmp_path / "copy")
     for a, b in zip(off, copy, strict=True):

@@ -1,5 +1,5 @@
 """Reward model, reference, trunk sharing, export and RewardScorer on the tiny Llama built by the test session
-(tests/conftest.py: `tiny_assets.LAYERS` decoder layers, tied embeddings, a tokenizer without a chat template)."""
+(tests/conftest.py: `aam_fast.testing.LAYERS` decoder layers, tied embeddings, a tokenizer without a chat template)."""
 
 import pytest
 import torch

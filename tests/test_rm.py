@@ -275,15 +275,16 @@ def test_output_that_would_lose_data_is_refused(tiny_paths, tmp_path):
     assert [r["step"] for r in train_rows(out)] == [1, 2]
 
 
-def test_resume_refuses_a_changed_run_and_warns_about_numerics(tiny_paths, tmp_path):
+def test_resume_refuses_a_changed_run_and_logs_changed_numerics(tiny_paths, tmp_path, logged):
     checkpoint = tmp_path / "checkpoint-2"
     train_reward_model(config(tiny_paths, tmp_path / "first", max_steps=4, save_every=2))
     shutil.copytree(tmp_path / "first" / "checkpoints" / "checkpoint-2", checkpoint)
     for change, flag in ((dict(lr=1e-2), "--lr"), (dict(margin="bt"), "--margin"), (dict(seed=3), "--seed")):
         with pytest.raises(ValueError, match=f"resuming would change the run: {flag} "):
             train_reward_model(config(tiny_paths, tmp_path / "r", max_steps=4, resume=str(checkpoint), **change))
-    with pytest.warns(UserWarning, match="changed settings: backend 'auto' -> 'torch'"):
-        train_reward_model(config(tiny_paths, tmp_path / "r", max_steps=4, resume=str(checkpoint), backend="torch"))
+    logged.clear()
+    train_reward_model(config(tiny_paths, tmp_path / "r", max_steps=4, resume=str(checkpoint), backend="torch"))
+    assert logged.count("changed settings: backend 'auto' -> 'torch'") == 1
 
 
 def test_a_non_finite_gradient_is_never_applied_or_saved(tiny_paths, tmp_path, monkeypatch):
@@ -306,6 +307,28 @@ def test_a_non_finite_gradient_is_never_applied_or_saved(tiny_paths, tmp_path, m
     for folder in list_checkpoints(out / "checkpoints"):
         assert all(torch.isfinite(t).all() for t in load_file(folder / "model.safetensors").values())
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_the_lifecycle_saves_the_last_step_and_never_non_finite_weights(tiny_paths, tmp_path, monkeypatch):
+    """The shared lifecycle's rules in train-rm: a checkpoint every --save-every steps and at the last step; weights
+    that are not all finite (here made so after the checked optimizer step) are neither checkpointed nor exported."""
+    out = tmp_path / "run"
+    train_reward_model(config(tiny_paths, out, max_steps=3, save_every=2))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2", "checkpoint-3"]
+
+    real_step = torch.optim.AdamW.step
+
+    def poisoning_step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        self.param_groups[0]["params"][0].data.fill_(math.nan)
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
+    for folder, save_every in (("checkpointed", 1), ("exported", 0)):
+        with pytest.raises(TrainingDiverged, match=r"non-finite trainable weights after step 1; not saved"):
+            train_reward_model(config(tiny_paths, tmp_path / folder, max_steps=1, save_every=save_every))
+        assert list_checkpoints(tmp_path / folder / "checkpoints") == []
+        assert not (tmp_path / folder / "model.safetensors").exists()
 
 
 def test_every_checkpoint_file_loads_without_unpickling(tiny_paths, tmp_path):

@@ -3,7 +3,8 @@
 One concern per module: :mod:`.messages` (the message type and its check), :mod:`.records` (the normalised pair),
 :mod:`.formats` (TRL standard/conversational, implicit prompt, hh-rlhf, ShareGPT, Alpaca, column mapping),
 :mod:`.files` (json/jsonl/parquet/csv, gzipped), :mod:`.sources` (files, ``save_to_disk`` folders, ``datasets`` names),
-:mod:`.loading` (:func:`load_preferences`), :mod:`.splitting`, :mod:`.encoding` (:class:`PairEncoder`),
+:mod:`.loading` (:func:`load_preferences`), :mod:`.preference_sets` (what the reward-model commands read, each
+data problem one log line), :mod:`.splitting`, :mod:`.encoding` (:class:`PairEncoder`),
 :mod:`.tokenized` (cached ``datasets.map`` tokenisation), :mod:`.collation` and :mod:`.prompts` (GRPO prompts).
 Imports nothing from the model or training layers (only ``losses.MARGINS``).
 """
@@ -22,6 +23,7 @@ from .files import FILE_TYPES, iter_file_records
 from .formats import Columns, alpaca_prompt, is_alpaca, is_hh_transcript, normalize_record, parse_hh_transcript
 from .loading import load_preferences
 from .messages import ROLES, Message, Text, check_messages, completion_messages, is_conversational
+from .preference_sets import load_eval_sets, load_train_dev, read_pairs
 from .prompts import (
     ALPACA_PROMPT_FIELDS,
     DEFAULT_OPENING_TURN,
@@ -29,7 +31,9 @@ from .prompts import (
     RPBENCH_CHARACTER_TEMPLATE,
     Prompt,
     check_prompt,
+    load_prompt_records,
     load_prompts,
+    prompts_per_character,
     read_records,
 )
 from .records import DataFormatError, PreferenceData, PreferencePair, degenerate_reason
@@ -75,12 +79,17 @@ __all__ = [
     "is_hh_transcript",
     "iter_file_records",
     "load_preferences",
+    "load_eval_sets",
+    "load_prompt_records",
     "load_prompts",
+    "load_train_dev",
     "normalize_record",
     "pad_sequences",
     "parse_hh_transcript",
     "prompt_hash_fraction",
     "prompt_key",
+    "prompts_per_character",
+    "read_pairs",
     "read_records",
     "render_conversation",
     "split_by_prompt",

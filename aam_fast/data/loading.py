@@ -2,17 +2,19 @@
 
 A record that cannot be normalised raises :class:`DataFormatError` naming the source and the record index, or with
 ``skip_invalid=True`` is skipped and counted. Degenerate pairs (chosen equal to rejected, an empty response) are
-counted and warned about once, or dropped under ``skip_invalid``.
+counted and reported in one log line, or dropped under ``skip_invalid``.
 """
 
 from __future__ import annotations
 
-import warnings
+import logging
 from pathlib import Path
 
 from .formats import Columns, normalize_record
 from .records import DataFormatError, PreferenceData, PreferencePair, degenerate_reason
 from .sources import iter_source_records
+
+logger = logging.getLogger(__name__)
 
 
 def load_preferences(
@@ -32,8 +34,8 @@ def load_preferences(
 
     Bad records raise :class:`DataFormatError` naming ``source`` and the record index, unless ``skip_invalid``,
     in which case they are dropped and counted in ``skipped``; so are degenerate pairs, which are otherwise kept,
-    counted and warned about (``UserWarning``, once). ``limit`` (>= 1) stops after that many valid pairs. The
-    ``*_key`` arguments name the fields holding the prompt, the responses and the margin.
+    counted and reported in one log line (a warning of this module's logger). ``limit`` (>= 1) stops after that
+    many valid pairs. The ``*_key`` arguments name the fields holding the prompt, the responses and the margin.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
@@ -52,7 +54,7 @@ def load_preferences(
         raise DataFormatError(f"{name}: no valid preference pairs (skipped {data.skipped})")
     note = data.degenerate_note()
     if note and not skip_invalid:
-        warnings.warn(f"{note}; kept (skip_invalid drops them)", stacklevel=2)
+        logger.warning(f"{note}; kept (skip_invalid drops them)")
     return data
 
 

@@ -24,13 +24,15 @@ Bad files and records raise `ValueError` naming the file and the record index.
 from __future__ import annotations
 
 import json
-import warnings
+import logging
 from pathlib import Path
 from typing import Any
 
 from .formats import alpaca_prompt, is_alpaca
 from .messages import Text, check_messages
 from .sources import iter_source_records
+
+logger = logging.getLogger(__name__)
 
 Prompt = Text
 DEFAULT_OPENING_TURN = "*I look at you, waiting for you to go on.*"
@@ -115,6 +117,39 @@ def load_prompts(
         prompts = prompts[:limit]
     columns = sorted({key for record in prompts for key in record} - {"prompt"})
     return [{"prompt": r["prompt"], **{c: r.get(c) for c in columns}} for r in prompts]
+
+
+def load_prompt_records(
+    prompts: str | Path | list[dict[str, Any]],
+    *,
+    scenes: str | Path | None = None,
+    opening_turn: str = DEFAULT_OPENING_TURN,
+    split: str = "train",
+    prompt_key: str = "prompt",
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """GRPO's prompt records: :func:`load_prompts` of a source, or (from Python) a list of records as given; the
+    first ``limit`` of them. ValueError naming ``--prompts`` when there is none."""
+    if isinstance(prompts, (str, Path)):
+        records = load_prompts(prompts, scenes=scenes, opening_turn=opening_turn, split=split, prompt_key=prompt_key)
+    else:
+        records = list(prompts)
+    if not records:
+        raise ValueError("--prompts: no prompt records")
+    return records[:limit] if limit else records
+
+
+def prompts_per_character(path: str | Path, count: int) -> list[dict[str, Any]]:
+    """The first prompt record of each character (the ``character`` column) of ``path``, in file order, at most
+    ``count`` of them."""
+    chosen, characters = [], set()
+    for record in load_prompts(path):
+        if record.get("character") not in characters:
+            characters.add(record.get("character"))
+            chosen.append(record)
+        if len(chosen) == count:
+            break
+    return chosen
 
 
 def _rename_prompt(record: dict, prompt_key: str, where: str) -> dict:
@@ -227,8 +262,9 @@ def _rpbench_prompts(path: Path, cards: list[dict], scenes: str | Path | None, o
     if unmatched == len(cards):
         raise ValueError(f"{scenes}: no scene id matches a card id of {path}")
     if unmatched:
-        warnings.warn(
-            f"{scenes}: {unmatched} of {len(cards)} cards of {path} have no scene with their id", stacklevel=3
+        logger.warning(
+            f"{scenes}: {unmatched} of {len(cards)} cards of {path} have no scene with their id; they are used "
+            "without a scene (their own greeting)"
         )
     return prompts
 

@@ -54,8 +54,8 @@ class PreferenceData:
     """The pairs read from ``source``.
 
     ``skipped`` records were invalid and dropped (``skip_invalid=True``), ``skip_reasons`` says why. ``identical``
-    and ``empty`` count the degenerate pairs found (chosen equal to rejected; an empty response): kept and warned
-    about by default, dropped and also counted in ``skipped`` under ``skip_invalid``. ``with_margin`` counts the
+    and ``empty`` count the degenerate pairs found (chosen equal to rejected; an empty response): kept and logged
+    by default, dropped and also counted in ``skipped`` under ``skip_invalid``. ``with_margin`` counts the
     kept pairs that carry a data margin, read from the ``margin_column`` field.
     """
 

@@ -1,5 +1,6 @@
-"""Models: the reward model around any causal LM, its frozen reference, the scorer GRPO uses, packing, loading and
-saving, and the layer surgery both stages share."""
+"""Models: the reward model around any causal LM, the frozen reference (a copy, or the adapters off: decided once in
+:func:`make_reference`), the scorer GRPO uses, packing, loading and saving, and the model surgery both stages share
+(layers, LoRA, Liger-Kernel's patches, checkpointing)."""
 
 from .heads import head_inputs, lm_head_of
 from .io import (
@@ -16,17 +17,21 @@ from .io import (
     save_reward_model,
 )
 from .layers import backbone_of, decoder_layers, disable_dropout, enable_checkpointing, final_norm, train_top_layers
-from .lora import ADAPTER_FILE, adapters_disabled, add_lora, has_lora, merge_lora_state
+from .liger import apply_liger
+from .lora import ADAPTER_FILE, adapters_disabled, add_configured_lora, add_lora, has_lora, merge_lora_state
 from .packing import add_packing, packed_hidden, packed_reward_forward, padded_columns, unpack
-from .reference import AdapterReference, ReferenceModel, frozen_copy
+from .reference import AdapterReference, AdaptersOff, ReferenceModel, frozen_copy, make_reference
 from .reward_model import RewardModel, RewardOutput, last_token_index
 from .scorer import RewardScorer
 
 __all__ = [
     "ADAPTER_FILE",
     "AdapterReference",
+    "AdaptersOff",
     "adapters_disabled",
+    "add_configured_lora",
     "add_lora",
+    "apply_liger",
     "has_lora",
     "merge_lora_state",
     "LM_HEAD_FILE",
@@ -47,6 +52,7 @@ __all__ = [
     "is_reward_model_dir",
     "last_token_index",
     "lm_head_of",
+    "make_reference",
     "load_causal_lm",
     "load_reward_model",
     "load_reward_weights",

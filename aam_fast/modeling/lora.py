@@ -13,6 +13,7 @@ the full state dict gathered from sharded ranks); :func:`adapter_state` is the a
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +23,7 @@ from .layers import decoder_layers
 
 ADAPTER = "default"
 ADAPTER_FILE = "adapter_model.safetensors"
+logger = logging.getLogger(__name__)
 
 
 def _require_peft():
@@ -78,6 +80,27 @@ def add_lora(
     for parameter in adapters:
         parameter.requires_grad_(True)
     return sum(p.numel() for p in adapters)
+
+
+def add_configured_lora(cfg, model: nn.Module, backbone: nn.Module) -> int:
+    """LoRA adapters as a training config asks (``cfg.lora_r`` > 0, else nothing; ``lora_alpha``, ``lora_dropout``,
+    ``lora_target_modules``, ``trainable_layers``): injected into ``model``, logged; returns the adapter parameter
+    count (0 without LoRA)."""
+    if not cfg.lora_r:
+        return 0
+    count = add_lora(
+        model,
+        backbone,
+        r=cfg.lora_r,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules,
+        trainable_layers=cfg.trainable_layers,
+    )
+    logger.info(
+        f"LoRA: {count:,} adapter parameters (r={cfg.lora_r}, alpha={cfg.lora_alpha}); the base and LM head are frozen"
+    )
+    return count
 
 
 def tuner_layers(model: nn.Module) -> list[nn.Module]:

@@ -1,4 +1,5 @@
-"""The frozen reference a PR margin compares against: the reward model's initial backbone and LM head."""
+"""The frozen reference a PR margin (or GRPO's KL) compares against: the initial model, either a frozen copy or, under
+LoRA, the model itself with its adapters disabled. :func:`make_reference` decides which, once, for both stages."""
 
 from __future__ import annotations
 
@@ -89,3 +90,26 @@ class AdapterReference:
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A frozen, eval-mode deep copy of ``model``: the GRPO policy's reference (its initial weights)."""
     return copy.deepcopy(model).requires_grad_(False).eval()
+
+
+class AdaptersOff:
+    """The reference of a LoRA policy: the policy itself, run with its adapters disabled (:meth:`running`), so no
+    weight is copied. Its forward must run where the policy's own does (under FSDP2, with its weights gathered)."""
+
+    def __init__(self, model: nn.Module):
+        if not has_lora(model):
+            raise ValueError("AdaptersOff needs a model with LoRA adapters")
+        self.model = model
+
+    def running(self):
+        return adapters_disabled(self.model)
+
+
+def make_reference(model: nn.Module, cfg) -> ReferenceModel | AdapterReference | AdaptersOff | nn.Module:
+    """The frozen initial model, decided once from ``cfg.lora_r``: with LoRA the model itself with its adapters
+    disabled (:class:`AdapterReference` of a reward model, :class:`AdaptersOff` of a policy: no copy); without, a
+    copy (:class:`ReferenceModel` of a reward model, only its top layers under ``trainable_layers``; a
+    :func:`frozen_copy` of a policy). Call it after the adapters are injected."""
+    if isinstance(model, RewardModel):
+        return AdapterReference(model) if cfg.lora_r else ReferenceModel(model)
+    return AdaptersOff(model) if cfg.lora_r else frozen_copy(model)

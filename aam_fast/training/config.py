@@ -11,6 +11,8 @@ import argparse
 import dataclasses
 from typing import Any
 
+from ..ops.backends import BACKENDS
+from ..ops.validation import FLOAT_DTYPES
 from .config_file import read_config_file
 from .metrics import check_wandb_installed
 from .options import (
@@ -144,10 +146,11 @@ def config_from_args(config_class: type, args: argparse.Namespace, **overrides: 
     return config_class(**values)
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The compute dtypes by name (the ops' floating dtypes, declared once there); --dtype is one of them or auto.
+COMPUTE_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
+DTYPES = ("auto", *COMPUTE_DTYPES)
 LR_SCHEDULES = ("constant", "linear", "cosine")
 STRATEGIES = ("ddp", "fsdp2")
-BACKENDS = ("auto", "torch", "triton", "native")
 REPORTERS = ("jsonl", "tensorboard", "wandb")
 ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
 

@@ -1,9 +1,11 @@
-"""How every trainer starts: check the config, set threads, join the process group, make the output folder safe
-to write into, pick the compute dtype and seed every RNG."""
+"""How every command starts and ends: check the config, set threads, join the process group, pick the device and
+the compute dtype; for a training run also make the output folder safe to write into and seed every RNG; and the
+one rule for closing the process group (:func:`closing`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,37 +13,57 @@ from typing import Any
 import torch
 
 from .checkpoints import find_checkpoint, prepare_output
-from .config import TrainingConfig
+from .config import STRATEGIES, TrainingConfig
 from .config_file import save_config
-from .distributed import DistContext, setup
+from .distributed import DistContext, env_world_size, setup
 from .optim import build_scheduler, warmup_steps
-from .runtime import compute_dtype, resolve_device, seed_everything, set_threads
+from .runtime import compute_dtype, package_logger, resolve_device, seed_everything, set_threads
 
 
 @dataclass
 class Launch:
-    """A started run: its place among the ranks, its device and autocast dtype, its output folder."""
+    """A started command: its place among the ranks, its device and autocast dtype, its output folder (None for a
+    command that writes none)."""
 
     ctx: DistContext
     device: torch.device
     amp_dtype: torch.dtype
-    output: Path
+    output: Path | None
 
 
-def launch(cfg: TrainingConfig, inputs: dict[str, str | None]) -> Launch:
-    """Validate ``cfg`` (ValueError naming the flag), start the run and seed it. ``inputs`` (``{flag: path}``) are
-    the run's input folders and files, which ``--output`` must not be."""
+def launch(cfg: Any, inputs: dict[str, str | None] | None = None, *, one_process: str | None = None) -> Launch:
+    """Validate ``cfg`` (its ``validate()``: ValueError naming the flag) and start the command on its ``device``
+    and ``dtype`` (and ``threads``, ``strategy`` where it has them). ``one_process`` (why the command holds
+    everything in one process) refuses a start under torchrun, before any process group. A training run (a
+    :class:`TrainingConfig`) also gets its output folder checked and made (``inputs``, ``{flag: path}``, are its
+    input folders and files, which ``--output`` must not be) and every RNG seeded."""
     cfg.validate()
-    set_threads(cfg.threads)
-    ctx = setup(cfg.strategy, resolve_device(cfg.device))
-    output = Path(cfg.output)
-    if ctx.is_main:
-        prepare_output(output, resume=cfg.resume, overwrite=cfg.overwrite, inputs=inputs)
-        output.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output)  # OUTPUT/config.yaml: --config takes it back
-    ctx.barrier()
-    seed_everything(cfg.seed)
+    if one_process is not None and env_world_size() > 1:
+        raise ValueError(f"{one_process}; start it without torchrun")
+    package_logger()
+    set_threads(getattr(cfg, "threads", None))
+    ctx = setup(getattr(cfg, "strategy", STRATEGIES[0]), resolve_device(cfg.device))
+    output = None
+    if isinstance(cfg, TrainingConfig):
+        output = Path(cfg.output)
+        if ctx.is_main:
+            prepare_output(output, resume=cfg.resume, overwrite=cfg.overwrite, inputs=inputs or {})
+            output.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, output)  # OUTPUT/config.yaml: --config takes it back
+        ctx.barrier()
+        seed_everything(cfg.seed)
     return Launch(ctx, ctx.device, compute_dtype(cfg.dtype, ctx.device), output)
+
+
+@contextlib.contextmanager
+def closing(ctx: DistContext) -> Iterator[DistContext]:
+    """The one rule for closing the process group, for every command: when the body returns, every rank closes it
+    (a barrier, then the group destroyed), so no rank leaves while another still communicates. When the body
+    raises, nothing collective runs: a rank that fails alone (its data, a non-finite step, out of memory) would
+    otherwise wait forever in a barrier that the others, busy in their next collective, never reach; its exit ends
+    the run instead (torchrun stops the other ranks). Without torchrun there is no group and nothing to close."""
+    yield ctx
+    ctx.close()
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Device, precision, seeding, RNG state and logging: one meaning for both stages.
+"""Device, precision, seeding, RNG state and the log: one meaning for every command.
 
 ``--dtype`` is the compute dtype: parameters stay float32 (the optimizer's master weights) and the forward runs
 under ``torch.autocast`` to that dtype; ``auto`` is bfloat16 on CUDA and plain float32 elsewhere.
@@ -7,13 +7,14 @@ under ``torch.autocast`` to that dtype; ``auto`` is bfloat16 on CUDA and plain f
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import sys
 
 import numpy as np
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .config import COMPUTE_DTYPES
 
 
 class TrainingDiverged(RuntimeError):
@@ -21,14 +22,34 @@ class TrainingDiverged(RuntimeError):
     and the last finite checkpoint."""
 
 
+class MainProcessLines(logging.Handler):
+    """Each record as one line on stderr, from the main process only, written around the progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        from .distributed import is_main_process
+
+        if is_main_process():
+            tqdm.write(self.format(record), file=sys.stderr)
+
+
+def package_logger() -> logging.Logger:
+    """The ``aam_fast`` logger, which every layer's module logger reports to (data problems, LoRA, the runs), with a
+    :class:`MainProcessLines` handler at INFO installed once (a run calls this first; it does not propagate to the
+    root logger, so nothing is printed twice). Without it, as in a library call, warnings reach Python's last-resort
+    handler: one bare line on stderr."""
+    logger = logging.getLogger("aam_fast")
+    if not any(isinstance(handler, MainProcessLines) for handler in logger.handlers):
+        logger.addHandler(MainProcessLines())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
 def log(message: str) -> None:
     """A line on stderr from the main process (progress bars stay intact)."""
-    from tqdm.auto import tqdm
-
-    from .distributed import is_main_process
-
-    if is_main_process():
-        tqdm.write(message, file=sys.stderr)
+    package_logger().info(message)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,9 +71,9 @@ def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The autocast dtype of ``--dtype`` on ``device`` (float32 means no autocast)."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of auto, {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"--dtype must be one of auto, {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+    return COMPUTE_DTYPES[dtype]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -102,43 +123,3 @@ def restore_rng(state: dict[str, torch.Tensor]) -> None:
         cuda = [state[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in state]
         if cuda:
             torch.cuda.set_rng_state_all(cuda)
-
-
-def apply_liger(model: torch.nn.Module, device: torch.device, enabled: bool) -> str:
-    """Liger-Kernel's RoPE/RMSNorm/SwiGLU patches on a CUDA model where installed (never its loss kernels); returns
-    what happened, in words, for the log and the run's config."""
-    if not enabled:
-        return "off (--no-liger)"
-    if device.type != "cuda":
-        return f"not applied: Liger-Kernel's patches are Triton kernels for CUDA, the device is {device.type}"
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    except ImportError:
-        return "not applied: liger-kernel is not installed (pip install 'aam-fast[gpu]')"
-    try:
-        _apply_liger_kernel_to_instance(
-            model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
-        )
-    except Exception as exc:  # an architecture Liger does not know: keep the plain model
-        return f"not applied: {exc}"
-    return "applied (rope, rms_norm, swiglu)"
-
-
-def add_configured_lora(cfg, model: torch.nn.Module, backbone: torch.nn.Module) -> int:
-    """LoRA adapters as ``cfg`` asks (``--lora-r`` > 0, else nothing): injected into ``model`` (into the top
-    ``--trainable-layers`` only when set), logged; returns the adapter parameter count (0 without LoRA)."""
-    if not cfg.lora_r:
-        return 0
-    from ..modeling.lora import add_lora
-
-    count = add_lora(
-        model,
-        backbone,
-        r=cfg.lora_r,
-        alpha=cfg.lora_alpha,
-        dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules,
-        trainable_layers=cfg.trainable_layers,
-    )
-    log(f"LoRA: {count:,} adapter parameters (r={cfg.lora_r}, alpha={cfg.lora_alpha}); the base and LM head are frozen")
-    return count

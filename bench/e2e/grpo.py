@@ -305,9 +305,9 @@ def run_aam(args, prompts: Path) -> dict:
         digests.append(digest([p for batch in batches for p in batch.prompts[:: cfg.num_generations]]))
         return batches, metrics
 
-    def marked_save():  # the loop has ended: read the clock and the high-water mark before saving
+    def marked_save(final_report):  # the loop has ended: read the clock and the high-water mark before saving
         ended.update(time=time.perf_counter(), peak=peak_memory())
-        save_final()
+        save_final(final_report)
 
     trainer.make_rollout, trainer.save_final = recorded_rollout, marked_save
     started = time.perf_counter()

@@ -117,7 +117,7 @@ def rm_config(
 
 def train_order(pairs: int, batch_size: int, seed: int, steps: int) -> list[int]:
     """The pair indices train-rm visits in its first ``steps`` batches, in order (its seeded permutations)."""
-    from aam_fast.stages.rm.trainer import micro_batch_indices
+    from aam_fast.stages.rm.setup import micro_batch_indices
 
     return [i for step in range(steps) for i in micro_batch_indices(pairs, batch_size, seed, step)[1]]
 
@@ -127,7 +127,7 @@ def initial_score(args):
     Drawn in the parent process: the TRL cases' setup does not pay for this extra model load."""
     import torch
 
-    from aam_fast.stages.rm.trainer import build_model
+    from aam_fast.stages.rm.setup import build_model
     from aam_fast.training.runtime import seed_everything
 
     seed_everything(args.seed)

@@ -1,6 +1,6 @@
 """A model, tokenizer, preference pairs and prompts for the end-to-end benchmarks where no real model or data is at
 hand (the GPU machine has neither ../shared nor a hub): a Llama built from a config at a real size with random
-weights, and the byte-level BPE tokenizer and kind/rude texts the test suite builds (tests/tiny_assets.py), given a
+weights, and the byte-level BPE tokenizer and kind/rude texts the test suite builds (aam_fast/testing.py), given a
 ChatML template so that TRL and aam_fast render the same conversations.
 
 Speed and memory at that size are real (the model has the shape's full vocabulary, so the LM head costs what it
@@ -35,7 +35,7 @@ def build_model_folder(folder: Path, shape: str, seed: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.tiny_assets import build_tokenizer, corpus
+    from aam_fast.testing import build_tokenizer, corpus
 
     tokenizer = build_tokenizer(corpus(seed))
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
@@ -66,7 +66,7 @@ def build_model_folder(folder: Path, shape: str, seed: int) -> Path:
 
 def pair_records(seed: int, count: int, stories: int) -> list[dict]:
     """hh-rlhf transcripts: a prompt of ``stories`` stories and a question, a kind chosen and a rude rejected reply."""
-    from tests.tiny_assets import KIND, QUESTIONS, RUDE, hh_transcript, reply, story
+    from aam_fast.testing import KIND, QUESTIONS, RUDE, hh_transcript, reply, story
 
     rng = random.Random(seed)
     records = []
@@ -83,7 +83,7 @@ def pair_records(seed: int, count: int, stories: int) -> list[dict]:
 
 def prompt_records(seed: int, count: int, stories: int) -> list[dict]:
     """Conversational ``prompt`` records: one user turn of ``stories`` stories and a question."""
-    from tests.tiny_assets import QUESTIONS, story
+    from aam_fast.testing import QUESTIONS, story
 
     rng = random.Random(seed)
     return [

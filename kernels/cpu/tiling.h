@@ -1,8 +1,8 @@
 // How the native kernels split the work: token blocks x vocabulary tiles, and the tasks the threads take.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
 #include <functional>

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import math
 import numbers
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,6 +19,8 @@ import torch
 
 from ...data import is_conversational
 from .config import RewardFn
+
+logger = logging.getLogger(__name__)
 
 
 def load_reward_fn(spec: str | RewardFn) -> RewardFn:
@@ -106,8 +108,6 @@ class RewardSources:
         table = torch.stack(per_source, dim=1)
         unscored = torch.isnan(table).all(dim=1)
         if bool(unscored.any()):
-            warnings.warn(
-                f"{int(unscored.sum())} completions got no reward from any source; they count as 0", stacklevel=2
-            )
+            logger.warning(f"{int(unscored.sum())} completions got no reward from any source; they count as 0")
         total = torch.nansum(table * self.weights, dim=1)
         return total, table

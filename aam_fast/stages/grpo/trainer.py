@@ -1,5 +1,6 @@
-"""The GRPO stage's trainer (``aam-fast train-grpo``): a policy learns from the AAM reward model (and optional rule
-rewards) with group-relative advantages.
+"""The GRPO stage's trainer (``aam-fast train-grpo``) on the shared lifecycle
+(:class:`aam_fast.training.lifecycle.Trainer`): a policy learns from the AAM reward model (and optional rule rewards)
+with group-relative advantages.
 
 One optimizer step uses ``batch_size × grad_accum`` prompts per rank, each sampled ``num_generations`` (G) times
 (:mod:`.rollout`). The rollout is scored (:mod:`.rewards`), turned into advantages per group of G
@@ -26,33 +27,20 @@ rollout; exact resume, on another number of ranks too when ``batch_size × ranks
 
 from __future__ import annotations
 
-import dataclasses
-import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from ...data import IGNORE_INDEX, load_prompts
+from ...data import IGNORE_INDEX, load_prompt_records
 from ...losses import GRPOLoss, default_normalizer, group_advantages
+from ...modeling import AdaptersOff, add_configured_lora, apply_liger, make_reference
 from ...modeling.heads import head_inputs, lm_head_of
 from ...modeling.layers import backbone_of
-from ...modeling.lora import adapters_disabled
-from ...modeling.reference import frozen_copy
-from ...training import checkpoints
-from ...training.launch import build_engine, launch
-from ...training.metrics import JsonlTable, MetricsWriter
+from ...training.lifecycle import Trainer
+from ...training.metrics import JsonlTable
 from ...training.optim import check_loss, optimizer_step
-from ...training.runtime import (
-    TrainingDiverged,
-    add_configured_lora,
-    apply_liger,
-    autocast,
-    capture_rng,
-    log,
-)
+from ...training.runtime import autocast, log
 from .config import GRPOConfig
 from .policy import (
     eos_token_ids,
@@ -68,26 +56,52 @@ from .rollout import MicroBatch, PromptStream, completion_hidden, generate_micro
 from .sampling import completion_seed
 from .stats import PhaseTimer, completion_rows, merge_stats, rollout_metrics, step_metrics
 
-# train-grpo's settings a resumed run may change beside the shared ones (training.checkpoints.RESUME_FREE): how long
-# it runs, how often it logs samples, the reward model's scoring batch, and the prompt source (their count is checked).
-RESUME_FREE = frozenset({"max_steps", "log_completions_every", "rm_batch_size", "prompts"})
-STAGE = "grpo"
 # The settings that define the loss (GRPOLoss's keyword arguments).
 LOSS_SETTINGS = ("epsilon", "epsilon_high", "beta", "kl", "entropy_coef", "loss_type", "temperature", "backend")
 
 
-class GRPOTrainer:
-    """Holds the policy, its frozen reference, the optimizer and the rollout buffer; :meth:`train` runs the loop."""
+class GRPOTrainer(Trainer):
+    """The policy, its frozen reference, the rewards, the prompt stream and the rollout buffer of a train-grpo run;
+    the shared lifecycle runs it (:meth:`run_to_end`)."""
+
+    stage = "grpo"
+    examples = "prompts"
+    # train-grpo's settings a resumed run may change beside the shared ones: how long it runs, how often it logs
+    # samples, the reward model's scoring batch, and the prompt source (their count is checked).
+    resume_free = frozenset({"max_steps", "log_completions_every", "rm_batch_size", "prompts"})
+    unrecorded = frozenset({"prompts", "reward_fns"})  # Python objects possibly: the prompt count is checked instead
+    cfg: GRPOConfig
 
     def __init__(self, cfg: GRPOConfig, scorer: Callable | None = None):
-        self.cfg = cfg
+        self.scorer = scorer
+        super().__init__(cfg)
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self.model
+
+    def inputs(self) -> dict[str, str | None]:
+        cfg = self.cfg
         inputs = {"--policy": cfg.policy, "--reward-model": cfg.reward_model, "--scenes": cfg.scenes}
         if isinstance(cfg.prompts, str):
             inputs["--prompts"] = cfg.prompts
-        run = launch(cfg, inputs)
-        self.ctx, self.device, self.amp_dtype, self.output = run.ctx, run.device, run.amp_dtype, run.output
-        self.records = self._load_records()
+        return inputs
+
+    # -- setup ------------------------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        """The prompts, the policy and its reference, the reward sources, the loss and the prompt stream."""
+        cfg = self.cfg
+        self.records = load_prompt_records(
+            cfg.prompts,
+            scenes=cfg.scenes,
+            opening_turn=cfg.opening_turn,
+            split=cfg.data_split,
+            prompt_key=cfg.prompt_key,
+            limit=cfg.max_prompts,
+        )
         self._build_policy()
+        scorer = self.scorer
         if scorer is None and cfg.reward_model is not None:
             from ...modeling.scorer import RewardScorer
 
@@ -106,98 +120,56 @@ class GRPOTrainer:
             **{name: getattr(cfg, name) for name in LOSS_SETTINGS},
             max_completion_length=cfg.max_new_tokens,
         )
-        built = build_engine(
-            run, cfg, self.policy, self._micro_batch_loss, load_policy_weights, self._trainable, cfg.max_steps
-        )
-        self.engine, self.optimizer, self.scheduler = built.engine, built.optimizer, built.scheduler
-        checkpoint = built.checkpoint
-        self.step, self.iteration, self.num_tokens = 0, 0, 0  # num_tokens: prompt + completion tokens, every rank
+        self.total_steps = cfg.max_steps
+        self.iteration = 0
         self.stream = PromptStream(self.records, cfg.seed)
         self.rollout: list[MicroBatch] | None = None
         self.rollout_metrics: dict[str, float | None] = {}
-        self.last_checkpoint = checkpoint
-        if checkpoint is not None:
-            self._resume(checkpoint)
-        resumed = self.step if checkpoint is not None else None
-        self.metrics_log = self.ctx.writer(lambda: MetricsWriter(self.output, cfg.report_to, resumed, config=cfg))
-        self.completions_log = self.ctx.writer(lambda: JsonlTable(self.output / "completions.jsonl", resumed))
-
-    # -- setup ------------------------------------------------------------------------------------------------
-
-    def _load_records(self) -> list[dict]:
-        cfg = self.cfg
-        if isinstance(cfg.prompts, str):
-            records = load_prompts(
-                cfg.prompts,
-                scenes=cfg.scenes,
-                opening_turn=cfg.opening_turn,
-                split=cfg.data_split,
-                prompt_key=cfg.prompt_key,
-            )
-        else:
-            records = list(cfg.prompts)
-        if not records:
-            raise ValueError("--prompts: no prompt records")
-        return records[: cfg.max_prompts] if cfg.max_prompts else records
 
     def _build_policy(self) -> None:
-        """The policy (Liger patches where they apply), its frozen reference (the initial weights, when
-        ``beta != 0``), the trainable layers, the EOS ids and the sampling settings."""
+        """The policy (Liger patches where they apply), the trainable layers, its frozen reference (the initial
+        weights, when ``beta != 0``), the EOS ids and the sampling settings."""
         cfg = self.cfg
-        self.policy, self.tokenizer = load_policy(
+        self.model, self.tokenizer = load_policy(
             cfg.policy, self.device, load_kwargs=cfg.load_kwargs(), gradient_checkpointing=cfg.gradient_checkpointing
         )
-        self.liger = apply_liger(self.policy, self.device, cfg.liger)
+        self.liger = apply_liger(self.model, self.device, cfg.liger)
         log(f"Liger-Kernel: {self.liger}")
-        self.tied = tied_names(self.policy)
-        # With LoRA the reference is the policy with its adapters disabled (no copy), scored while sampling.
-        self.adapter_reference = cfg.beta != 0 and cfg.lora_r > 0
-        self.reference = frozen_copy(self.policy) if cfg.beta != 0 and not cfg.lora_r else None
+        self.tied = tied_names(self.model)
         if cfg.trainable_layers is not None:
-            train_policy_top_layers(self.policy, cfg.trainable_layers)
-        add_configured_lora(cfg, self.policy, backbone_of(self.policy))
-        self.eos_ids = eos_token_ids(self.policy, self.tokenizer)
+            train_policy_top_layers(self.model, cfg.trainable_layers)
+        add_configured_lora(cfg, self.model, backbone_of(self.model))
+        reference = make_reference(self.model, cfg) if cfg.beta != 0 else None
+        # With LoRA the reference is the policy with its adapters off (no copy), scored while sampling, under the
+        # weights the rollout gathers; a copy is scored after the rollout.
+        self.adapter_reference = reference if isinstance(reference, AdaptersOff) else None
+        self.reference = None if self.adapter_reference else reference
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.generation_config = generation_config(cfg, self.tokenizer, self.eos_ids)
 
-    def _trainable(self) -> list[torch.Tensor]:
-        return [p for p in self.policy.parameters() if p.requires_grad]
+    def load_weights(self, model: torch.nn.Module, folder: Path) -> None:
+        load_policy_weights(model, folder)
+
+    def prepare(self, resume_step: int | None) -> None:
+        self.completions_log = self.ctx.writer(lambda: JsonlTable(self.output / "completions.jsonl", resume_step))
 
     # -- loop -------------------------------------------------------------------------------------------------
 
-    def train(self) -> list[dict]:
-        """Run to ``max_steps``; returns this call's metric rows. Ends by saving the final policy to ``output``."""
-        cfg = self.cfg
-        rows = []
-        bar = tqdm(
-            total=cfg.max_steps,
-            initial=self.step,
-            desc="grpo",
-            disable=not cfg.progress or not self.ctx.is_main,
-            dynamic_ncols=True,
-        )
-        try:
-            while self.step < cfg.max_steps:
-                started = time.perf_counter()
-                self.timer.reset()
-                if self.rollout is None or self.iteration >= cfg.num_iterations:
-                    self._new_rollout()
-                metrics = self.update(self.rollout)
-                self.iteration += 1
-                self.step += 1
-                row = {"step": self.step, "epoch": self.stream.epoch, **self.rollout_metrics, **metrics}
-                row["num_tokens"] = self.num_tokens
-                row.update(self.timer.metrics())
-                rows.append(row)
-                self.metrics_log.write(row)
-                bar.update(1)
-                bar.set_postfix(progress_postfix(row, time.perf_counter() - started))
-                if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.max_steps):
-                    self.save_checkpoint()
-        finally:
-            bar.close()
-            self.metrics_log.close()
-        self.save_final()
-        return rows
+    def train_step(self) -> dict:
+        """One optimizer step, on a new rollout every ``num_iterations`` steps; its metric row."""
+        self.timer.reset()
+        if self.rollout is None or self.iteration >= self.cfg.num_iterations:
+            self._new_rollout()
+        metrics = self.update(self.rollout)
+        self.iteration += 1
+        self.step += 1
+        row = {"step": self.step, "epoch": self.stream.epoch, **self.rollout_metrics, **metrics}
+        row["num_tokens"] = self.num_tokens
+        row.update(self.timer.metrics())
+        return row
+
+    def postfix(self, record: dict, seconds: float) -> dict[str, str]:
+        return progress_postfix(record, seconds)
 
     def _new_rollout(self) -> None:
         self.rollout, self.rollout_metrics = self.make_rollout()
@@ -223,7 +195,7 @@ class GRPOTrainer:
         (gathered), as one process would."""
         cfg, ctx = self.cfg, self.ctx
         plan = self._rollout_plan()
-        sampled = ctx.run_unsharded(self.engine, self.policy, lambda policy: self._sample(policy, plan))
+        sampled = ctx.run_unsharded(self.engine, self.model, lambda policy: self._sample(policy, plan))
         batches = [batch for batch, _, _ in sampled]
         totals, tables = [], []
         for batch, columns, _ in sampled:
@@ -284,7 +256,7 @@ class GRPOTrainer:
                 if cfg.num_iterations > 1:
                     batch.old_logps = self._token_logprobs(policy, batch)
                 if self.adapter_reference:
-                    with adapters_disabled(policy):
+                    with self.adapter_reference.running():
                         batch.ref_logps = self._token_logprobs(policy, batch)
             out.append((batch, columns, cut))
         return out
@@ -357,7 +329,7 @@ class GRPOTrainer:
                 self.ctx,
                 self.optimizer,
                 self.scheduler,
-                self._trainable(),
+                self.trainable_parameters(),
                 self.cfg.max_grad_norm,
                 self.step + 1,
                 self.last_checkpoint,
@@ -366,102 +338,39 @@ class GRPOTrainer:
 
     # -- checkpoints and export -------------------------------------------------------------------------------
 
-    def _config_record(self) -> dict:
-        """The run's settings as JSON values (the prompts and reward functions, which may be Python objects, left
-        out: the prompt count is checked on resume; a path given as a ``Path`` as its text)."""
-        plain = (str, int, float, bool, list, type(None))
-        record = {}
-        for field in dataclasses.fields(self.cfg):
-            value = getattr(self.cfg, field.name)
-            if field.name not in ("prompts", "reward_fns"):
-                record[field.name] = value if isinstance(value, plain) else str(value)
-        return record
+    def write_model(self, folder: Path) -> None:
+        """The policy as a ``save_pretrained`` folder with its tokenizer (a collective)."""
+        write_policy(self.ctx, self.engine, self.model, self.tokenizer, folder, self.tied)
 
-    def _check_finite_weights(self) -> None:
-        """TrainingDiverged when a trainable weight is not finite (a collective): no such checkpoint is written."""
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in self._trainable()]
-        bad = sum(int((~torch.isfinite(p.detach())).sum()) for p in local)
-        total = int(self.ctx.all_reduce_sum(torch.tensor([float(bad)])).item())
-        if total:
-            raise TrainingDiverged(
-                f"{total} non-finite trainable weights after step {self.step}; not saved. Last finite checkpoint: "
-                f"{self.last_checkpoint or 'none'}"
-            )
-
-    def save_checkpoint(self) -> Path:
-        """``checkpoints/checkpoint-<step>/``: the policy (``save_pretrained``), the optimizer, the scheduler, the
-        data position and the config; each rank's RNG states and, mid-rollout, its unfinished rollout slice (tensors
-        in ``rank<r>.pt``, prompts and texts in ``rank<r>.json``). A collective under torchrun."""
-        cfg = self.cfg
-        self._check_finite_weights()
-        mid_rollout = self.rollout is not None and self.iteration < cfg.num_iterations
-        rank_tensors, rank_json = {"rng": capture_rng()}, None
+    def checkpoint_state(self, record: dict) -> tuple[dict, dict, dict | None]:
+        """The data position and, mid-rollout, this rank's unfinished rollout slice (tensors, and prompts and texts
+        as JSON)."""
+        mid_rollout = self.rollout is not None and self.iteration < self.cfg.num_iterations
+        rank_tensors, rank_json = {}, None
         if mid_rollout:
             parts = [batch.split_state() for batch in self.rollout]
             rank_tensors["rollout"] = [tensors for tensors, _ in parts]
             rank_json = {"rollout": [texts for _, texts in parts], "rollout_metrics": self.rollout_metrics}
         state = {
-            "stage": STAGE,
-            "scheduler": self.scheduler.state_dict(),
             "data": {"epoch": self.stream.epoch, "index": self.stream.index, "prompts": len(self.records)},
-            "config": self._config_record(),
             "mid_rollout": mid_rollout,
             "iteration": self.iteration,
-            "global_batch": cfg.batch_size * self.ctx.world,
-            "num_tokens": self.num_tokens,
         }
-        self.last_checkpoint = checkpoints.save_checkpoint(
-            self.ctx,
-            self.output / "checkpoints",
-            self.step,
-            write_model=lambda folder: write_policy(
-                self.ctx, self.engine, self.policy, self.tokenizer, folder, self.tied
-            ),
-            engine=self.engine,
-            optimizer=self.optimizer,
-            state=state,
-            rank_tensors=rank_tensors,
-            rank_json=rank_json,
-            keep=cfg.keep_checkpoints,
-        )
-        return self.last_checkpoint
+        return state, rank_tensors, rank_json
 
-    def _check_resumable(self, folder: Path, state: dict, same_ranks: bool) -> None:
-        """ValueError when ``folder`` cannot continue this run: an unfinished rollout of another number of ranks,
-        another ``batch_size × ranks``, another prompt count, or a changed setting that makes it another run; a
-        warning for settings that change only the numerics."""
-        if state["mid_rollout"] and not same_ranks:
+    def restore_state(self, folder: Path, state: dict, rank_tensors: dict | None, rank_json: dict | None) -> None:
+        """The data position and, written by as many ranks, an unfinished rollout (ValueError on another number of
+        ranks, or for another prompt count). On another number of ranks the RNG states stay at this run's seeded
+        start (sampling does not use them: each completion has its own seed)."""
+        if state["mid_rollout"] and rank_tensors is None:
             saved = state["world_size"]
             writer = "one process" if saved == 1 else f"{saved} ranks"
             raise ValueError(f"{folder}: saved mid-rollout by {writer}; resume it on as many")
-        global_batch = self.cfg.batch_size * self.ctx.world
-        if state["global_batch"] != global_batch:
-            raise ValueError(
-                f"{folder}: written with {state['global_batch']} prompts per micro-batch over all ranks; this run "
-                f"has {global_batch} (--batch-size {self.cfg.batch_size} x {self.ctx.world} ranks): keep "
-                "batch-size x ranks the same"
-            )
         if state["data"]["prompts"] != len(self.records):
             raise ValueError(
                 f"{folder}: saved with {state['data']['prompts']} prompts, this run has {len(self.records)}; "
                 "resume with the same prompts"
             )
-        changed = checkpoints.check_resume_settings(
-            state["config"], self._config_record(), free=checkpoints.RESUME_FREE | RESUME_FREE
-        )
-        if changed:
-            warnings.warn(f"resuming {folder} with changed settings: {', '.join(changed)}", stacklevel=4)
-
-    def _resume(self, folder: Path) -> None:
-        """Continue from ``folder`` (its weights are already in the policy): optimizer, schedule, step, data
-        position and, written by as many ranks, the RNG states and an unfinished rollout. On another number of
-        ranks the RNG states stay at this run's seeded start (sampling does not use them: each completion has its
-        own seed)."""
-        state, rank_tensors, rank_json = checkpoints.restore(
-            self.ctx, folder, self.engine, self.optimizer, self.scheduler, STAGE
-        )
-        self._check_resumable(folder, state, same_ranks=rank_tensors is not None)
-        self.step, self.num_tokens = state["step"], state.get("num_tokens", 0)
         self.stream = PromptStream(self.records, self.cfg.seed, state["data"]["epoch"], state["data"]["index"])
         if state["mid_rollout"]:
             if rank_json is None or "rollout" not in rank_tensors:
@@ -470,12 +379,6 @@ class GRPOTrainer:
             self.rollout = [MicroBatch.from_state(tensors, texts, self.device) for tensors, texts in pairs]
             self.rollout_metrics = rank_json["rollout_metrics"]
             self.iteration = state["iteration"]
-        log(f"resumed from {folder} at step {self.step}")
-
-    def save_final(self) -> None:
-        """The policy as a ``save_pretrained`` folder with its tokenizer in ``output`` (a collective)."""
-        self._check_finite_weights()
-        write_policy(self.ctx, self.engine, self.policy, self.tokenizer, self.output, self.tied)
 
 
 def progress_postfix(row: dict, seconds: float) -> dict[str, str]:
@@ -488,8 +391,5 @@ def progress_postfix(row: dict, seconds: float) -> dict[str, str]:
 
 def train_grpo(cfg: GRPOConfig, scorer: Callable | None = None) -> list[dict]:
     """Run the GRPO stage; returns the metric rows of this call (also in ``output/metrics.jsonl``). Under torchrun
-    every rank runs it; the process group is closed at the end."""
-    trainer = GRPOTrainer(cfg, scorer=scorer)
-    rows = trainer.train()
-    trainer.ctx.close()  # not on an error: a rank that fails alone must not wait in a barrier for the others
-    return rows
+    every rank runs it."""
+    return GRPOTrainer(cfg, scorer=scorer).run_to_end()

@@ -6,9 +6,7 @@ import argparse
 import json
 
 from ...training.config import add_config_command, config_from_args
-from .compare import run_compare
-from .compare_config import CompareConfig
-from .compare_report import format_markdown
+from .compare import CompareConfig, format_markdown, run_compare
 from .config import RMConfig
 from .evaluate import EvalConfig, evaluate_folder, format_report
 from .trainer import train_reward_model

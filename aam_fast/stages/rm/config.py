@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...losses import LENGTH_NORMS, MARGINS, NAMED_GAMMA
+from ...losses import LENGTH_NORMS, MARGINS, NAMED_GAMMA, MarginNeeds, margin_needs
 from ...training.config import TrainingConfig, option
 
 
@@ -109,19 +109,18 @@ class RMConfig(TrainingConfig):
             )
 
     @property
-    def effective_gamma(self) -> float:
-        if self.margin not in NAMED_GAMMA:
-            return 0.0
-        return NAMED_GAMMA[self.margin] if self.gamma is None else self.gamma
+    def margin_needs(self) -> MarginNeeds:
+        """What this loss setting reads: the rule of :func:`aam_fast.losses.margin_needs`."""
+        return margin_needs(self.margin, gamma=self.gamma, sft_weight=self.sft_weight, detach_margin=self.detach_margin)
 
     @property
     def needs_reference(self) -> bool:
-        return self.margin in NAMED_GAMMA and self.effective_gamma != 0
+        return self.margin_needs.reference
 
     @property
     def needs_logps(self) -> bool:
-        return self.margin in NAMED_GAMMA or self.sft_weight != 0
+        return self.margin_needs.policy_logps
 
     @property
     def trains_lm_head(self) -> bool:
-        return self.sft_weight != 0 or (self.margin in NAMED_GAMMA and not self.detach_margin)
+        return self.margin_needs.trained_through

@@ -19,11 +19,29 @@ import time
 from pathlib import Path
 
 from ...demo_assets import DEMO_RM_NAME, cache_dir, choose_threads, converted_model, demo_data_path
-from .compare import run_compare
-from .compare_config import CompareConfig
+from ...training.config import add_config_command, check_ranges, config_from_args, option
+from .compare import CompareConfig, run_compare
 from .config import RMConfig
 
 DEMO_COMPARE_NAME = "demo-rm-compare"  # the demo's compare output in the cache: bt/, pr/, compare.md
+
+
+@dataclasses.dataclass(kw_only=True)
+class DemoConfig:
+    """The settings of ``aam-fast demo``."""
+
+    output: str | None = option(
+        None, help="the comparison's folder: bt/, pr/, compare.md (default: in the cache)", group="demo"
+    )
+    epochs: float | None = option(None, help="override the demo's 2 epochs", above=0.0, group="demo")
+    threads: int | None = option(
+        None, help="intra-op CPU threads (default: torch's, or 1 on a busy CPU)", minimum=1, group="demo"
+    )
+    quick: bool = option(False, help="4 steps only (a smoke test)", group="demo")
+    json: bool = option(False, help="also print a JSON summary line on stderr", group="demo")
+
+    def validate(self) -> None:
+        check_ranges(self)
 
 
 def demo_config(model: Path, output: Path, *, quick: bool = False) -> RMConfig:
@@ -125,24 +143,26 @@ def usage_text(folder: Path) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    demo = config_from_args(DemoConfig, args)
+    demo.validate()
     started = time.time()
-    output = Path(args.output) if args.output else cache_dir() / DEMO_COMPARE_NAME
-    threads = choose_threads(args.threads)
+    output = Path(demo.output) if demo.output else cache_dir() / DEMO_COMPARE_NAME
+    threads = choose_threads(demo.threads)
     model = converted_model()
-    cfg = demo_compare_config(model, output, quick=args.quick)
-    if args.epochs is not None:
-        cfg.epochs = args.epochs
+    cfg = demo_compare_config(model, output, quick=demo.quick)
+    if demo.epochs is not None:
+        cfg.epochs = demo.epochs
     report = run_compare(cfg)
     elapsed = time.time() - started
     pr_folder = Path(report["variants"]["pr"]["output"])
-    if not args.output:
+    if not demo.output:
         publish_model(pr_folder, cache_dir() / DEMO_RM_NAME)
     print(format_demo(report, elapsed, threads))
     print(
         f"\nsaved: AAM-PR to {pr_folder}, BT to {report['variants']['bt']['output']}; table in {output / 'compare.md'}"
     )
     print(usage_text(pr_folder))
-    if args.json:
+    if demo.json:
         section = report["eval_sets"]["dev"]
         summary = {name: section["variants"][name]["accuracy"] for name in ("bt", "pr")}
         summary.update(length_baseline=section["length_baseline"], threads=threads, seconds=round(elapsed, 1))
@@ -153,14 +173,13 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     """Register ``demo``."""
-    parser = subparsers.add_parser(
-        "demo", help="train BT and AAM-PR role-play reward models side by side on CPU and compare them"
+    add_config_command(
+        subparsers,
+        "demo",
+        DemoConfig,
+        run_demo,
+        help="train BT and AAM-PR role-play reward models side by side on CPU and compare them",
+        description="Train Bradley-Terry and AAM-PR reward models side by side on the bundled role-play pairs (the "
+        "top layers of SmolLM2-135M-Instruct, the frozen trunk computed once for both) and compare their held-out "
+        "accuracy.",
     )
-    parser.add_argument(
-        "--output", default=None, help="the comparison's folder: bt/, pr/, compare.md (default: in the cache)"
-    )
-    parser.add_argument("--epochs", type=float, default=None, help="override the demo's 2 epochs")
-    parser.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: see choose_threads)")
-    parser.add_argument("--quick", action="store_true", help="4 steps only (a smoke test)")
-    parser.add_argument("--json", action="store_true", help="also print a JSON summary line on stderr")
-    parser.set_defaults(func=run_demo)

@@ -8,7 +8,7 @@ import dataclasses
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -19,12 +19,16 @@ from ...data import (
     choose_pad_token_id,
     collate_pairs,
     encode_pairs,
-    load_preferences,
+    read_pairs,
     split_by_prompt,
 )
 from ...modeling import RewardModel, load_reward_model
-from ...training.config import DTYPES, option
-from ...training.runtime import autocast, compute_dtype, resolve_device
+from ...training.config import DTYPES, check_ranges, option
+from ...training.launch import closing, launch
+from ...training.runtime import autocast
+
+if TYPE_CHECKING:
+    from .trunk_cache import TrunkCache
 
 
 def _distribution(values: torch.Tensor) -> dict[str, float]:
@@ -54,8 +58,10 @@ def score_pairs(
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    trunk: TrunkCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards ``(chosen [n], rejected [n])`` float32 of encoded pairs, ``batch_size`` pairs per forward.
+    """Rewards ``(chosen [n], rejected [n])`` float32 of encoded pairs, ``batch_size`` pairs per forward; with
+    ``trunk`` (these pairs' cached trunk) only the top layers and the score head run.
 
     Pairs are batched in order of length (a fixed order, so scores do not depend on anything but the data) to
     spend little compute on padding; rewards come back in the input order.
@@ -72,8 +78,11 @@ def score_pairs(
         ):
             indices = order[start : start + batch_size]
             batch = collate_pairs([pairs[i] for i in indices], pad_token_id)
+            cached = {}
+            if trunk is not None:  # the trunk's output of these pairs: only the top layers and the score head run
+                cached["trunk_hidden"] = trunk.batch(indices, batch["input_ids"].shape[1]).to(device)
             with autocast(device, autocast_dtype):
-                out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), **cached)
             rewards = out.rewards.float().cpu()
             chosen[indices] = rewards[: len(indices)]
             rejected[indices] = rewards[len(indices) :]
@@ -159,10 +168,6 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
 @dataclasses.dataclass(kw_only=True)
 class EvalConfig:
     """The settings of ``eval-rm``."""
@@ -192,41 +197,42 @@ class EvalConfig:
     progress: bool = option(True, help="show a progress bar", group="eval")
     json: bool = option(False, help="print one JSON object on stdout", group="eval")
 
+    def validate(self) -> None:
+        check_ranges(self)
+
 
 def evaluate_folder(cfg: EvalConfig) -> dict[str, Any]:
     """``eval-rm``: score every pair of ``cfg.data`` (or only its prompt-hash dev part) with a saved reward model;
     the report says which pairs were scored."""
-    from ...training.config import check_ranges
-
-    check_ranges(cfg)
-    device = resolve_device(cfg.device)
-    model, tokenizer, metadata = load_reward_model(cfg.model, device=device)
-    pad_token_id = choose_pad_token_id(tokenizer)
-    loaded = load_preferences(
-        cfg.data,
-        split=cfg.data_split,
-        subset_field=cfg.subset_field,
-        skip_invalid=cfg.skip_invalid,
-        prompt_key=cfg.prompt_key,
-        chosen_key=cfg.chosen_key,
-        rejected_key=cfg.rejected_key,
-    )
-    pairs = loaded.pairs
-    scored = "all pairs"
-    if cfg.dev_fraction:
-        _, pairs = split_by_prompt(pairs, cfg.dev_fraction)
-        scored = f"the prompt-hash dev split (--dev-fraction {cfg.dev_fraction})"
-    encoder = PairEncoder(tokenizer, cfg.max_length or metadata.get("max_length"))
-    encoded, stats = encode_pairs(pairs, encoder, cache=cfg.tokenize_cache, progress=cfg.progress)
-    report = evaluate_pairs(
-        model,
-        encoded,
-        pad_token_id,
-        batch_size=cfg.batch_size,
-        device=device,
-        autocast_dtype=compute_dtype(cfg.dtype, device),
-        progress=cfg.progress,
-    )
+    run = launch(cfg)
+    with closing(run.ctx):
+        model, tokenizer, metadata = load_reward_model(cfg.model, device=run.device)
+        pad_token_id = choose_pad_token_id(tokenizer)
+        loaded = read_pairs(
+            cfg.data,
+            split=cfg.data_split,
+            subset_field=cfg.subset_field,
+            skip_invalid=cfg.skip_invalid,
+            prompt_key=cfg.prompt_key,
+            chosen_key=cfg.chosen_key,
+            rejected_key=cfg.rejected_key,
+        )
+        pairs = loaded.pairs
+        scored = "all pairs"
+        if cfg.dev_fraction:
+            _, pairs = split_by_prompt(pairs, cfg.dev_fraction)
+            scored = f"the prompt-hash dev split (--dev-fraction {cfg.dev_fraction})"
+        encoder = PairEncoder(tokenizer, cfg.max_length or metadata.get("max_length"))
+        encoded, stats = encode_pairs(pairs, encoder, cache=cfg.tokenize_cache, progress=cfg.progress)
+        report = evaluate_pairs(
+            model,
+            encoded,
+            pad_token_id,
+            batch_size=cfg.batch_size,
+            device=run.device,
+            autocast_dtype=run.amp_dtype,
+            progress=cfg.progress,
+        )
     report.update(
         model=str(cfg.model),
         data=str(cfg.data),

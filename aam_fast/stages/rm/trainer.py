@@ -1,13 +1,14 @@
-"""The reward-model stage's trainer (``aam-fast train-rm``).
+"""The reward-model stage's trainer (``aam-fast train-rm``) on the shared lifecycle
+(:class:`aam_fast.training.lifecycle.Trainer`), keeping only what is its own.
 
 Per optimizer step: ``grad_accum`` micro-batches of ``batch_size`` pairs on each rank, each one concatenated
 ``[chosen; rejected]`` forward through the :class:`~aam_fast.modeling.RewardModel` (and the frozen reference for
 PR), the loss from :class:`aam_fast.AAMLoss` on the final hidden states and the LM-head weight, then the shared
-checked optimizer step (AdamW, warmup and decay, clipping). The data order is a function of ``(seed, epoch)``, so the
-position in the data is the number of micro-batches consumed; a checkpoint (the shared format of
-:mod:`aam_fast.training.checkpoints`) holds the model, optimizer, scheduler, RNG states and that count, and resuming
-from it continues the identical loss curve, on the same or another number of ranks when ``batch_size x ranks`` is
-unchanged.
+checked optimizer step (AdamW, warmup and decay, clipping). The data order is a function of ``(seed, epoch)``
+(:mod:`.setup`), so the position in the data is the number of micro-batches consumed; a checkpoint (the shared
+format of :mod:`aam_fast.training.checkpoints`) holds the model, optimizer, scheduler, RNG states and that count,
+and resuming from it continues the identical loss curve, on the same or another number of ranks when
+``batch_size x ranks`` is unchanged.
 
 ``--output DIR`` ends holding the final model (a ``save_pretrained`` folder that
 ``AutoModelForSequenceClassification`` loads), ``metrics.jsonl`` (TRL's metric names), ``summary.json`` and
@@ -18,63 +19,35 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from ...data import (
-    PairEncoder,
-    choose_pad_token_id,
-    collate_pairs,
-    encode_pairs,
-    load_preferences,
-    split_by_prompt,
-)
+from ...data import choose_pad_token_id, collate_pairs
 from ...losses import AAMLoss
 from ...modeling import (
-    AdapterReference,
-    ReferenceModel,
     RewardModel,
     RewardModelView,
     add_packing,
-    disable_dropout,
-    enable_checkpointing,
+    apply_liger,
     head_inputs,
-    is_reward_model_dir,
-    load_causal_lm,
-    load_reward_model,
     load_reward_weights,
-    load_tokenizer,
+    make_reference,
     packed_reward_forward,
     save_reward_model,
 )
-from ...training import checkpoints
 from ...training.distributed import ScoringView
-from ...training.launch import build_engine, launch
-from ...training.metrics import MetricsWriter
+from ...training.lifecycle import Trainer
 from ...training.optim import check_loss, optimizer_step
-from ...training.runtime import (
-    add_configured_lora,
-    apply_liger,
-    autocast,
-    capture_rng,
-    log,
-)
+from ...training.runtime import autocast, log
 from .config import RMConfig
 from .evaluate import evaluate_pairs, format_report
 from .reference_logps import ReferenceLogps, precompute_reference_logps
+from .setup import EncodedData, build_model, count_steps, encode_data, micro_batch_indices, pairs_visited
 from .trunk_cache import TrunkCache
 
-# train-rm's settings a resumed run may change beside the shared ones (training.checkpoints.RESUME_FREE), and those
-# that change only how the same numbers are computed (allowed with a warning).
-RESUME_FREE = frozenset({"eval_every", "eval_batch_size", "skip_invalid"})
-RESUME_NUMERICS = frozenset({"cache_trunk", "precompute_ref_logps"})
 # The settings that define the loss (AAMLoss's keyword arguments).
 LOSS_SETTINGS = (
     "margin",
@@ -89,136 +62,54 @@ LOSS_SETTINGS = (
 )
 
 
-def micro_batch_indices(n_pairs: int, batch_size: int, seed: int, index: int) -> tuple[int, list[int]]:
-    """``(epoch, pair indices)`` of global micro-batch ``index``: epoch ``e`` visits the pairs in the order of a
-    permutation seeded by ``(seed, e)``, in full batches (the ragged tail of an epoch is dropped)."""
-    per_epoch = n_pairs // batch_size
-    epoch, position = divmod(index, per_epoch)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n_pairs, generator=generator)
-    return epoch, order[position * batch_size : (position + 1) * batch_size].tolist()
+class RMTrainer(Trainer):
+    """The reward model, its reference, the encoded pairs and the loss of a train-rm run; the shared lifecycle runs
+    it (:meth:`run_to_end`)."""
 
+    stage = "rm"
+    examples = "pairs"
+    # train-rm's settings a resumed run may change beside the shared ones, and those that change only how the same
+    # numbers are computed (allowed with a log line).
+    resume_free = frozenset({"eval_every", "eval_batch_size", "skip_invalid"})
+    resume_numerics = frozenset({"cache_trunk", "precompute_ref_logps"})
+    cfg: RMConfig
 
-def pairs_visited(n_pairs: int, batch_size: int, seed: int, micro_batches: int) -> list[int]:
-    """The indices of the pairs that global micro-batches ``0 .. micro_batches - 1`` visit, ascending."""
-    per_epoch = n_pairs // batch_size
-    if micro_batches >= per_epoch:  # a whole epoch: every pair but the epoch's dropped tail, so take them all
-        return list(range(n_pairs))
-    generator = torch.Generator().manual_seed(seed * 1_000_003)
-    return sorted(torch.randperm(n_pairs, generator=generator)[: micro_batches * batch_size].tolist())
+    @property
+    def eval_every(self) -> int:
+        return self.cfg.eval_every
 
+    def inputs(self) -> dict[str, str | None]:
+        return {"--model": self.cfg.model, "--data": self.cfg.data, "--eval-data": self.cfg.eval_data}
 
-def build_model(cfg: RMConfig, device: torch.device) -> tuple[RewardModel, Any]:
-    """The reward model (float32 master weights, dropout off) and its tokenizer, from a causal LM or a saved RM."""
-    if is_reward_model_dir(cfg.model):
-        model, tokenizer, _ = load_reward_model(
-            cfg.model, trainable_layers=cfg.trainable_layers, train_lm_head=cfg.trains_lm_head, **cfg.load_kwargs()
-        )
-    else:
-        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        lm = load_causal_lm(cfg.model, **cfg.load_kwargs())
-        model = RewardModel(lm, trainable_layers=cfg.trainable_layers, train_lm_head=cfg.trains_lm_head)
-    disable_dropout(model)
-    add_configured_lora(cfg, model.lm, model.backbone)  # after disable_dropout: --lora-dropout applies
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(model.lm)
-    positions = getattr(model.lm.config.get_text_config(), "max_position_embeddings", None)
-    if positions is not None and cfg.max_length > positions:
-        raise ValueError(f"--max-length {cfg.max_length} exceeds the model's {positions} positions")
-    return model.to(device), tokenizer
+    # -- setup ------------------------------------------------------------------------------------------------
 
-
-def load_pairs(cfg: RMConfig) -> tuple[list, list]:
-    """``(train, dev)`` preference pairs: ``--eval-data``, else a prompt-hash split of ``--data``. Logs what was
-    skipped and a data margin column that the loss does not use."""
-    keys = cfg.column_keys()
-    data = load_preferences(
-        cfg.data,
-        split=cfg.data_split,
-        subset_field=cfg.subset_field,
-        skip_invalid=cfg.skip_invalid,
-        limit=cfg.max_pairs,
-        **keys,
-    )
-    if data.skipped:
-        log(f"skipped {data.skipped} invalid records of {cfg.data}; first: {data.skip_reasons[0]}")
-    note = data.margin_note(cfg.margin)
-    if note:
-        log(note)
-    if cfg.eval_data:
-        dev = load_preferences(cfg.eval_data, subset_field=cfg.subset_field, skip_invalid=cfg.skip_invalid, **keys)
-        train = data.pairs
-        dev = dev.pairs
-    elif cfg.dev_fraction > 0:
-        train, dev = split_by_prompt(data.pairs, cfg.dev_fraction)
-    else:
-        train, dev = data.pairs, []
-    if cfg.margin == "fixed":
-        missing = [p.origin for p in train if p.margin is None]
-        if missing:
-            raise ValueError(f"--margin fixed needs a {cfg.margin_key!r} field in every pair; {missing[0]} has none")
-    return train, dev
-
-
-class RMTrainer:
-    """Holds the reward model, its reference, the encoded pairs, the optimizer and the run's position;
-    :meth:`train` runs the loop."""
-
-    def __init__(self, cfg: RMConfig):
-        self.cfg = cfg
-        self.started = time.time()
-        run = launch(cfg, inputs={"--model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data})
-        self.ctx, self.device, self.amp_dtype, self.output = run.ctx, run.device, run.amp_dtype, run.output
+    def build(self) -> None:
+        """The model (Liger patches where they apply), its reference (the initial model, for PR), the encoded
+        pairs, the step count, the precomputed reference log-probs and the loss."""
+        cfg = self.cfg
         if cfg.cache_trunk and self.ctx.distributed and cfg.strategy == "fsdp2":
             raise ValueError("--cache-trunk runs the trunk outside the FSDP2 root; use --strategy ddp with it")
         self.model, self.tokenizer = build_model(cfg, self.device)
         self.liger = apply_liger(self.model.lm, self.device, cfg.liger)
         log(f"Liger-Kernel: {self.liger}")
         self.pad_token_id = choose_pad_token_id(self.tokenizer)
-        self.reference = None
-        if cfg.needs_reference:  # with LoRA: the model itself, adapters disabled
-            self.reference = AdapterReference(self.model) if cfg.lora_r else ReferenceModel(self.model)
-        self._encode_data()
+        self.reference = make_reference(self.model, cfg) if cfg.needs_reference else None
+        data = self.load_data()
+        self.train_encoded, self.dev_encoded, self.stats = data.train, data.dev, data.stats
+        self.per_epoch, self.total_steps = count_steps(cfg, len(self.train_encoded), self.global_batch)
         self.reference_logps: ReferenceLogps | None = None
         if self.reference is not None and cfg.precompute_ref_logps and not cfg.cache_trunk:
             self.reference_logps = self._precompute_reference_logps()
             self.reference = None  # the steps read the precomputed values; a reference copy is freed here
         self.loss_fn = AAMLoss(**{name: getattr(cfg, name) for name in LOSS_SETTINGS})
-        built = build_engine(
-            run, cfg, self.model, self._micro_batch_loss, load_reward_weights, self._param_groups, self.total_steps
-        )
-        self.engine, self.optimizer, self.scheduler = built.engine, built.optimizer, built.scheduler
-        checkpoint = built.checkpoint
-        self.step, self.num_tokens = 0, 0  # num_tokens: attended tokens trained on so far, every rank (TRL's)
-        self.last_checkpoint = checkpoint
-        if checkpoint is not None:
-            self._resume(checkpoint)
-        resume_step = self.step if checkpoint is not None else None
-        self.writer = self.ctx.writer(lambda: MetricsWriter(self.output, cfg.report_to, resume_step, config=cfg))
-        self.trunk_cache = self._cache_trunk() if cfg.cache_trunk else None
-        if self.trunk_cache is not None:
-            self.reference_logps = self.trunk_cache.reference_logps
-        self.evals: list[dict[str, Any]] = []
 
-    # -- setup ------------------------------------------------------------------------------------------------
+    def load_data(self) -> EncodedData:
+        return encode_data(self.cfg, self.tokenizer, progress=self.cfg.progress and self.ctx.is_main)
 
-    def _encode_data(self) -> None:
-        cfg = self.cfg
-        train_pairs, dev_pairs = load_pairs(cfg)
-        encoder = PairEncoder(self.tokenizer, cfg.max_length)
-        options = {"num_proc": cfg.num_proc, "cache": cfg.tokenize_cache, "progress": cfg.progress and self.ctx.is_main}
-        self.train_encoded, self.stats = encode_pairs(train_pairs, encoder, **options)
-        self.dev_encoded, _ = encode_pairs(dev_pairs, encoder, **options)
-        log(f"data: {len(self.train_encoded)} train / {len(self.dev_encoded)} dev pairs; {self.stats.describe()}")
-        self.global_batch = cfg.batch_size * self.ctx.world  # pairs per micro-batch over all ranks
-        if len(self.train_encoded) < self.global_batch:
-            raise ValueError(
-                f"{len(self.train_encoded)} training pairs is fewer than --batch-size x ranks {self.global_batch}"
-            )
-        self.per_epoch = len(self.train_encoded) // self.global_batch
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.per_epoch / cfg.grad_accum))
+    def load_weights(self, model: RewardModel, folder: Path) -> None:
+        load_reward_weights(model, folder)
 
-    def _param_groups(self) -> list[dict]:
+    def param_groups(self) -> list[dict]:
         """The trained parameters, the score head in its own group (``--score-lr``)."""
         cfg, model = self.cfg, self.model
         trainable = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("score.")]
@@ -246,7 +137,14 @@ class RMTrainer:
         log(f"reference log-probs of {len(visited)} pairs precomputed in {store.seconds:.1f} s; the reference is freed")
         return store
 
-    def _cache_trunk(self) -> TrunkCache:
+    def prepare(self, resume_step: int | None) -> None:
+        """The cached trunk (``--cache-trunk``), whose reference log-probs the steps then read."""
+        self.trunk_cache = self.cache_trunk() if self.cfg.cache_trunk else None
+        if self.trunk_cache is not None:
+            self.reference_logps = self.trunk_cache.reference_logps
+        self.evals: list[dict[str, Any]] = []
+
+    def cache_trunk(self) -> TrunkCache:
         return TrunkCache(
             self.model,
             self.train_encoded,
@@ -261,42 +159,20 @@ class RMTrainer:
 
     # -- loop -------------------------------------------------------------------------------------------------
 
-    def train(self) -> dict[str, Any]:
-        """Run to the last step; returns the summary (also written to ``output/summary.json``)."""
+    def on_train_begin(self) -> None:
         cfg = self.cfg
         log(
             f"training {cfg.margin} reward model: {self.total_steps} steps x {cfg.grad_accum} x {cfg.batch_size} "
-            f"pairs, {sum(p.numel() for p in self.model.parameters() if p.requires_grad):,} trainable parameters, "
+            f"pairs, {sum(p.numel() for p in self.trainable_parameters()):,} trainable parameters, "
             f"device {self.device}" + (f", {self.ctx.world} ranks ({cfg.strategy})" if self.ctx.distributed else "")
         )
-        history: list[dict[str, Any]] = []
         self.model.train()
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            desc=f"train-rm {cfg.margin}",
-            disable=not cfg.progress or not self.ctx.is_main,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
-        try:
-            while self.step < self.total_steps:
-                record = self.train_step()
-                self.writer.write(record)
-                history.append(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
-                    self.evaluate()
-                if cfg.save_every and self.step % cfg.save_every == 0:
-                    self.save_checkpoint(record)
-            bar.close()
-            final_report = self.evaluate()  # its record goes to the sinks too, so they close after it
-        finally:
-            bar.close()
-            self.writer.close()
-        self.export(final_report)
-        return self._summary(history, final_report)
+
+    def progress_desc(self) -> str:
+        return f"train-rm {self.cfg.margin}"
+
+    def postfix(self, record: dict[str, Any], seconds: float) -> dict[str, str]:
+        return {"loss": f"{record['loss']:.4f}", "acc": f"{record['accuracy']:.2f}"}
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics, reduced over every rank."""
@@ -316,9 +192,14 @@ class RMTrainer:
             half = rewards.shape[0] // 2
             chosen.append(rewards[:half])
             rejected.append(rewards[half:])
-        params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm, learning_rate = optimizer_step(
-            ctx, self.optimizer, self.scheduler, params, cfg.max_grad_norm, self.step + 1, self.last_checkpoint
+            ctx,
+            self.optimizer,
+            self.scheduler,
+            self.trainable_parameters(),
+            cfg.max_grad_norm,
+            self.step + 1,
+            self.last_checkpoint,
         )
         self.step += 1
         self.num_tokens += int(ctx.all_reduce_sum(torch.tensor([float(tokens)])).item())
@@ -441,54 +322,24 @@ class RMTrainer:
             save_reward_model(RewardModelView(self.model, full, "model."), self.tokenizer, folder, metadata=metadata)
         self.ctx.barrier()
 
-    def save_checkpoint(self, record: dict[str, Any]) -> Path:
+    def write_model(self, folder: Path) -> None:
+        self._write_model(folder, self._metadata())
+
+    def checkpoint_state(self, record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], None]:
+        """The step count and the data position (micro-batches consumed), with the step's epoch and loss."""
         state = {
-            "stage": "rm",
             "total_steps": self.total_steps,
             "micro_batches": self.step * self.cfg.grad_accum,
             "epoch": record["epoch"],
             "loss": record["loss"],
-            "global_batch": self.global_batch,
-            "num_tokens": self.num_tokens,
-            "scheduler": self.scheduler.state_dict(),
-            "config": dataclasses.asdict(self.cfg),
         }
-        self.last_checkpoint = checkpoints.save_checkpoint(
-            self.ctx,
-            self.output / "checkpoints",
-            self.step,
-            write_model=lambda folder: self._write_model(folder, self._metadata()),
-            engine=self.engine,
-            optimizer=self.optimizer,
-            state=state,
-            rank_tensors={"rng": capture_rng()},
-            keep=self.cfg.keep_checkpoints,
-        )
-        return self.last_checkpoint
+        return state, {}, None
 
-    def _resume(self, folder: Path) -> None:
-        """Continue from ``folder`` (its weights are already in the model): optimizer, schedule, step, RNG."""
-        state, _, _ = checkpoints.restore(self.ctx, folder, self.engine, self.optimizer, self.scheduler, "rm")
-        if state["global_batch"] != self.global_batch:
-            raise ValueError(
-                f"{folder} was written with {state['global_batch']} pairs per micro-batch over all ranks; this run "
-                f"has {self.global_batch} (--batch-size {self.cfg.batch_size} x {self.ctx.world} ranks): keep "
-                "batch-size x ranks the same"
-            )
-        changed = checkpoints.check_resume_settings(
-            state["config"],
-            dataclasses.asdict(self.cfg),
-            free=checkpoints.RESUME_FREE | RESUME_FREE,
-            numerics=checkpoints.RESUME_NUMERICS | RESUME_NUMERICS,
-        )
-        if changed:
-            warnings.warn(f"resuming {folder} with changed settings: {', '.join(changed)}", stacklevel=2)
+    def restore_state(self, folder: Path, state: dict, rank_tensors: dict | None, rank_json: dict | None) -> None:
         if state["total_steps"] != self.total_steps:
             raise ValueError(
                 f"{folder} was written by a run of {state['total_steps']} steps; this one has {self.total_steps}"
             )
-        self.step, self.num_tokens = state["step"], state.get("num_tokens", 0)
-        log(f"resumed from {folder} at step {self.step}")
 
     def export(self, final_report: dict[str, Any] | None) -> None:
         metadata = self._metadata()
@@ -497,7 +348,8 @@ class RMTrainer:
         )
         self._write_model(self.output, metadata)
 
-    def _summary(self, history: list[dict[str, Any]], final_report: dict[str, Any] | None) -> dict[str, Any]:
+    def finish(self, history: list[dict[str, Any]], final_report: dict[str, Any] | None) -> dict[str, Any]:
+        """The run's summary (also written to ``output/summary.json``)."""
         summary = {
             "output": str(self.output),
             "margin": self.cfg.margin,
@@ -527,10 +379,5 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def train_reward_model(cfg: RMConfig) -> dict[str, Any]:
-    """Run the RM stage; returns the summary. Under torchrun every rank runs it; the process group is closed at
-    the end."""
-    trainer = RMTrainer(cfg)
-    try:
-        return trainer.train()
-    finally:
-        trainer.ctx.close()
+    """Run the RM stage; returns the summary. Under torchrun every rank runs it."""
+    return RMTrainer(cfg).run_to_end()

@@ -7,9 +7,9 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...losses import MARGINS, NAMED_GAMMA
-from ...training.config import TrainingConfig, option
-from .config import RMConfig
+from ....losses import MARGINS, NAMED_GAMMA, margin_needs
+from ....training.config import TrainingConfig, option
+from ..config import RMConfig
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -92,6 +92,8 @@ class CompareConfig(RMConfig):
                 raise ValueError(f"{flag} sweeps pr or ld; --margins lists neither")
             if values is not None and len(set(values)) != len(values):
                 raise ValueError(f"{flag} lists a value twice")
+        for variant in expand_variants(self):
+            variant_config(self, variant).validate()
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ class Variant:
         """The reference weight the loss uses (the margin's named default unless set), None for bt and fixed."""
         if self.margin not in NAMED_GAMMA:
             return None
-        return NAMED_GAMMA[self.margin] if self.gamma is None else self.gamma
+        return margin_needs(self.margin, gamma=self.gamma).gamma
 
 
 def expand_variants(cfg: CompareConfig) -> list[Variant]:

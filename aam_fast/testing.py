@@ -1,4 +1,6 @@
-"""A tiny model, tokenizer and data set built inside the test session, with no download.
+"""Fixtures for the test suite and the benchmarks (``import aam_fast.testing`` from both, as ``torch.testing`` is
+imported): a tiny model, tokenizer and data set built in a temporary folder, with no download. Nothing of the
+package imports this module.
 
 `build_tiny_assets(folder)` writes, deterministically from `seed`:
 

@@ -1,10 +1,10 @@
 """What every variant of ``aam-fast compare`` shares, computed once: the encoded training pairs and eval sets, and the
 frozen trunk's output of every one of their sequences (with the PR reference's log-probs of the training
-sequences when a variant needs them); and the scoring of a trained model from that cached trunk."""
+sequences when a variant needs them). A trained variant is scored from that cached trunk by
+:func:`~aam_fast.stages.rm.evaluate.score_pairs`."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,21 +12,21 @@ from pathlib import Path
 
 import torch
 
-from ...data import (
+from ....data import (
     EncodedPair,
     PairEncoder,
     TruncationStats,
     choose_pad_token_id,
-    collate_pairs,
     encode_pairs,
-    load_preferences,
+    load_eval_sets,
 )
-from ...modeling import AdapterReference, ReferenceModel, RewardModel
-from ...training.runtime import autocast, compute_dtype, log, resolve_device, set_threads
-from .compare_config import CompareConfig
-from .config import RMConfig
-from .trainer import build_model, load_pairs
-from .trunk_cache import TrunkCache
+from ....modeling import RewardModel, make_reference
+from ....training.launch import Launch
+from ....training.runtime import log
+from ..config import RMConfig
+from ..setup import build_model, load_pairs
+from ..trunk_cache import TrunkCache
+from .config import CompareConfig
 
 
 @dataclass
@@ -52,23 +52,13 @@ class SharedInputs:
     amp_dtype: torch.dtype | None
 
 
-def _load_eval_pairs(cfg: CompareConfig, dev_pairs: list) -> list[tuple[str, list]]:
+def _eval_pairs(cfg: CompareConfig, dev_pairs: list) -> list[tuple[str, list]]:
     """``(name, pairs)`` of every eval set: each ``--eval-data`` file (named by its file name), else the dev split."""
     if not cfg.eval_data:
         return [("dev", dev_pairs)] if dev_pairs else []
-    keys = cfg.column_keys()
-    sets, names = [], set()
-    for index, path in enumerate(cfg.eval_data):
-        name = Path(path).name
-        name = name if name not in names else f"{name}#{index}"
-        names.add(name)
-        loaded = load_preferences(path, subset_field=cfg.subset_field, skip_invalid=cfg.skip_invalid, **keys)
-        if loaded.skipped:
-            log(f"skipped {loaded.skipped} invalid records of {path}; first: {loaded.skip_reasons[0]}")
-        if not loaded.pairs:
-            raise ValueError(f"--eval-data {path}: no preference pairs to evaluate")
-        sets.append((name, loaded.pairs))
-    return sets
+    return load_eval_sets(
+        cfg.eval_data, subset_field=cfg.subset_field, skip_invalid=cfg.skip_invalid, **cfg.column_keys()
+    )
 
 
 def trunk_bytes(pair_sets: Sequence[Sequence[EncodedPair]], hidden_size: int, itemsize: int) -> int:
@@ -100,20 +90,17 @@ def check_trunk_budget(cfg: CompareConfig, pair_sets, model: RewardModel, amp_dt
     return size
 
 
-def prepare_inputs(cfg: CompareConfig, first: RMConfig, needs_reference: bool) -> SharedInputs:
+def prepare_inputs(run: Launch, cfg: CompareConfig, first: RMConfig, needs_reference: bool) -> SharedInputs:
     """Load and encode the data with ``first``'s settings, then run the frozen trunk once over every training and
-    eval sequence (and the frozen reference over the training ones when ``needs_reference``)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("compare runs in one process (it holds one cached trunk); start it without torchrun")
-    set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    amp_dtype = compute_dtype(cfg.dtype, device)
+    eval sequence (and the frozen reference over the training ones when ``needs_reference``), on ``run``'s device
+    and in its compute dtype."""
+    device, amp_dtype = run.device, run.amp_dtype
     model, tokenizer = build_model(first, device)
     pad_token_id = choose_pad_token_id(tokenizer)
     train_pairs, dev_pairs = load_pairs(first)
     if "fixed" in cfg.margins and any(p.margin is None for p in train_pairs):
         raise ValueError(f"--margins fixed needs a {cfg.margin_key!r} field in every training pair")
-    eval_raw = _load_eval_pairs(cfg, dev_pairs)
+    eval_raw = _eval_pairs(cfg, dev_pairs)
     encoder = PairEncoder(tokenizer, cfg.max_length)
     options = {"num_proc": cfg.num_proc, "cache": cfg.tokenize_cache, "progress": cfg.progress}
     train, stats = encode_pairs(train_pairs, encoder, **options)
@@ -125,9 +112,7 @@ def prepare_inputs(cfg: CompareConfig, first: RMConfig, needs_reference: bool) -
         + f"; {stats.describe()}; cached trunk {size / 1e6:.1f} MB "
         + ("in memory" if cfg.trunk_dir is None else f"in files under {cfg.trunk_dir}")
     )
-    reference = None
-    if needs_reference:
-        reference = AdapterReference(model) if cfg.lora_r else ReferenceModel(model)
+    reference = make_reference(model, cfg) if needs_reference else None
     caching = dict(
         batch_size=cfg.eval_batch_size,
         device=device,
@@ -140,35 +125,3 @@ def prepare_inputs(cfg: CompareConfig, first: RMConfig, needs_reference: bool) -
         EvalSet(name, pairs, TrunkCache(model, pairs, pad_token_id, **caching)) for name, pairs in encoded_sets
     ]
     return SharedInputs(train, stats, train_cache, eval_sets, pad_token_id, device, amp_dtype)
-
-
-@torch.no_grad()
-def score_cached(
-    model: RewardModel,
-    eval_set: EvalSet,
-    pad_token_id: int,
-    *,
-    batch_size: int,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards ``(chosen [n], rejected [n])`` float32 of ``eval_set`` from its cached trunk: only the top layers and
-    the score head run (batched in order of length, as :func:`~.evaluate.score_pairs` does)."""
-    pairs = eval_set.pairs
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(pairs)), key=lambda i: (max(len(pairs[i].chosen.ids), len(pairs[i].rejected.ids)), i))
-    chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
-    try:
-        for start in range(0, len(pairs), batch_size):
-            indices = order[start : start + batch_size]
-            batch = collate_pairs([pairs[i] for i in indices], pad_token_id)
-            trunk = eval_set.cache.batch(indices, batch["input_ids"].shape[1]).to(device)
-            with autocast(device, autocast_dtype):
-                out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), trunk_hidden=trunk)
-            rewards = out.rewards.float().cpu()
-            chosen[indices] = rewards[: len(indices)]
-            rejected[indices] = rewards[len(indices) :]
-    finally:
-        model.train(was_training)
-    return chosen, rejected

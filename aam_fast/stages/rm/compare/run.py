@@ -2,31 +2,31 @@
 variant evaluated on every eval set, with paired confidence intervals against bt.
 
 The frozen trunk (all layers below ``--trainable-layers``) is run once over every training and eval sequence
-(:mod:`.compare_inputs`); each variant is then a train-rm run (:class:`VariantTrainer`, the train-rm trainer fed the
+(:mod:`.inputs`); each variant is then a train-rm run (:class:`VariantTrainer`, the train-rm trainer fed the
 shared pairs and trunk) of the top layers and the score head, from the same initial weights (checked) in the same data
 order, saved to ``OUTPUT/<variant>/`` exactly as train-rm saves, and scored on every eval set from the cached trunk.
-The report (:mod:`.compare_report`) goes to ``OUTPUT/compare.json``, ``compare.md`` and ``compare.png``.
+The report (:mod:`.report`) goes to ``OUTPUT/compare.json``, ``compare.md`` and ``compare.png``.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ...modeling import RewardModel
-from ...training.config_file import save_config
-from ...training.runtime import log
-from .compare_config import CompareConfig, Variant, expand_variants, variant_config
-from .compare_inputs import SharedInputs, prepare_inputs, score_cached
-from .compare_report import build_report, write_outputs
-from .compare_stats import margin_summary
-from .config import RMConfig
-from .evaluate import pairwise_report
-from .trainer import RMTrainer
+from ....modeling import RewardModel
+from ....training.launch import closing, launch
+from ....training.runtime import log
+from ..config import RMConfig
+from ..evaluate import pairwise_report, score_pairs
+from ..setup import EncodedData
+from ..trainer import RMTrainer
+from .config import CompareConfig, Variant, expand_variants, variant_config
+from .inputs import SharedInputs, prepare_inputs
+from .report import build_report, write_outputs
+from .stats import margin_summary
 
 
 class VariantTrainer(RMTrainer):
@@ -41,18 +41,10 @@ class VariantTrainer(RMTrainer):
         self.scores: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         super().__init__(cfg)
 
-    def _encode_data(self) -> None:
-        cfg, shared = self.cfg, self.shared
-        self.train_encoded, self.stats, self.dev_encoded = shared.train, shared.stats, []
-        self.global_batch = cfg.batch_size * self.ctx.world
-        if len(self.train_encoded) < self.global_batch:
-            raise ValueError(
-                f"{len(self.train_encoded)} training pairs is fewer than --batch-size x ranks {self.global_batch}"
-            )
-        self.per_epoch = len(self.train_encoded) // self.global_batch
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.per_epoch / cfg.grad_accum))
+    def load_data(self) -> EncodedData:
+        return EncodedData(self.shared.train, [], self.shared.stats)
 
-    def _cache_trunk(self):
+    def cache_trunk(self):
         return self.shared.train_cache
 
     def _micro_batch_loss(self, model: RewardModel, batch: dict[str, Any]):
@@ -66,13 +58,14 @@ class VariantTrainer(RMTrainer):
         saved model's ``final_eval``), or None without eval sets."""
         first = None
         for eval_set in self.shared.eval_sets:
-            chosen, rejected = score_cached(
+            chosen, rejected = score_pairs(
                 self.model,
-                eval_set,
+                eval_set.pairs,
                 self.shared.pad_token_id,
                 batch_size=self.cfg.eval_batch_size,
                 device=self.device,
                 autocast_dtype=self.amp_dtype,
+                trunk=eval_set.cache,
             )
             self.scores[eval_set.name] = (chosen, rejected)
             report = pairwise_report(chosen, rejected, eval_set.pairs)
@@ -107,12 +100,9 @@ def train_variant(
     """Train and save one variant; returns its result (summary, margin statistics, eval scores) and its initial
     weights."""
     trainer = VariantTrainer(cfg, shared)
-    try:
-        state = trainer.trainable_state()
-        _check_same_start(variant.name, state, first_state)
-        summary = trainer.train()
-    finally:
-        trainer.ctx.close()
+    state = trainer.trainable_state()
+    _check_same_start(variant.name, state, first_state)
+    summary = trainer.run_to_end()
     result = {
         "variant": variant,
         "summary": summary,
@@ -125,25 +115,21 @@ def train_variant(
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     """Run the comparison; returns the report (also written to ``OUTPUT/compare.json``, ``.md`` and ``.png``)."""
     started = time.time()
-    cfg.validate()
-    variants = expand_variants(cfg)
-    configs = [variant_config(cfg, v) for v in variants]
-    for variant_cfg in configs:
-        variant_cfg.validate()
-    output = Path(cfg.output)
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output}: is a file, not a folder")
-    output.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, output)  # OUTPUT/config.yaml: --config takes it back
-    shared = prepare_inputs(cfg, configs[0], needs_reference=any(c.needs_reference for c in configs))
-    trunk_seconds = time.time() - started
-    log(f"cached the frozen trunk of every sequence in {trunk_seconds:.1f} s; training {len(variants)} variants")
-    results, first_state = [], None
-    for variant, variant_cfg in zip(variants, configs, strict=True):
-        result, state = train_variant(variant_cfg, variant, shared, first_state)
-        first_state = first_state or state
-        results.append(result)
-    cost = {"prepare_seconds": round(trunk_seconds, 1), "total_seconds": round(time.time() - started, 1)}
-    report = build_report(cfg, shared, results, cost)
-    write_outputs(report, output)
+    run = launch(
+        cfg, {"--model": cfg.model, "--data": cfg.data}, one_process="compare runs in one process (one cached trunk)"
+    )
+    with closing(run.ctx):
+        variants = expand_variants(cfg)
+        configs = [variant_config(cfg, v) for v in variants]
+        shared = prepare_inputs(run, cfg, configs[0], needs_reference=any(c.needs_reference for c in configs))
+        trunk_seconds = time.time() - started
+        log(f"cached the frozen trunk of every sequence in {trunk_seconds:.1f} s; training {len(variants)} variants")
+        results, first_state = [], None
+        for variant, variant_cfg in zip(variants, configs, strict=True):
+            result, state = train_variant(variant_cfg, variant, shared, first_state)
+            first_state = first_state or state
+            results.append(result)
+        cost = {"prepare_seconds": round(trunk_seconds, 1), "total_seconds": round(time.time() - started, 1)}
+        report = build_report(cfg, shared, results, cost)
+        write_outputs(report, run.output)
     return report

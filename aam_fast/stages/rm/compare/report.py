@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from ...training.runtime import log
-from .compare_stats import bootstrap_indices, mcnemar_exact, mean_interval, paired_difference
-from .evaluate import pairwise_report
+from ....training.runtime import log
+from ..evaluate import pairwise_report
+from .stats import bootstrap_indices, mcnemar_exact, mean_interval, paired_difference
 
 
 def _section(pairs, scores: dict, baseline: str, samples: int, seed: int) -> dict[str, Any]:

@@ -1,0 +1,42 @@
+"""The losses: the AAM pairwise reward-model loss (:mod:`.aam`) and the GRPO token loss (:mod:`.grpo`), each
+functional and as a module with the same argument order, and the choices the training stages offer, declared once
+here (``IGNORE_INDEX`` and ``LENGTH_NORMS`` come from the ops)."""
+
+from ..ops import IGNORE_INDEX, LENGTH_NORMS
+from .aam import MARGINS, NAMED_GAMMA, AAMLoss, AAMOutput, MarginNeeds, aam_loss, margin_needs
+from .grpo import (
+    KL_KINDS,
+    LOSS_TYPE_ALIASES,
+    LOSS_TYPES,
+    SCALE_REWARDS,
+    GRPOLoss,
+    GRPOOutput,
+    default_normalizer,
+    group_advantages,
+    grpo_loss,
+    kl_penalty,
+    resolve_loss_type,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "KL_KINDS",
+    "LENGTH_NORMS",
+    "LOSS_TYPES",
+    "LOSS_TYPE_ALIASES",
+    "MARGINS",
+    "NAMED_GAMMA",
+    "SCALE_REWARDS",
+    "AAMLoss",
+    "AAMOutput",
+    "MarginNeeds",
+    "GRPOLoss",
+    "GRPOOutput",
+    "aam_loss",
+    "default_normalizer",
+    "group_advantages",
+    "grpo_loss",
+    "kl_penalty",
+    "margin_needs",
+    "resolve_loss_type",
+]
