@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from aam_fast import cli
 from aam_fast.stages.grpo.config import GRPOConfig
 from aam_fast.stages.rm import cli as rm_cli
-from aam_fast.stages.rm.compare_config import CompareConfig
+from aam_fast.stages.rm.compare.config import CompareConfig
 from aam_fast.stages.rm.config import RMConfig
 from aam_fast.stages.rm.evaluate import EvalConfig
 from aam_fast.training.config_file import config_text, read_config_file, save_config
