@@ -118,6 +118,52 @@ def test_trained_through_margin_sft_and_centering_gradients(backend):
         assert rel_err(leaf.grad, ref_leaf.grad) <= 1e-4
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("margin", ["bt", "pr", "ld"])
+def test_sft_term_alone_takes_the_local_loss_mode(backend, margin, monkeypatch):
+    """With a detached margin (or none) the SFT term is the only one trained through: it runs through
+    linear_local_loss (its token gradient is local, three products) and matches the float64 formula, gradients
+    included, with a bias and a temperature."""
+    import aam_fast.losses.aam as aam_module
+
+    calls = []
+    local = aam_module.linear_local_loss
+    monkeypatch.setattr(aam_module, "linear_local_loss", lambda *a, **k: calls.append(1) or local(*a, **k))
+    hidden, weight, targets, rewards, ref_hidden = pair_batch(seed=6)
+    bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(7)) * 0.3
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias, rewards)]
+    reference = {} if margin == "bt" else {"ref_hidden": ref_hidden, "ref_weight": weight, "ref_bias": bias}
+    out = aam_fast.aam_loss(
+        leaves[0],
+        leaves[1],
+        targets,
+        leaves[3],
+        bias=leaves[2],
+        margin=margin,
+        beta=0.5,
+        sft_weight=0.3,
+        temperature=0.8,
+        backend=backend,
+        **reference,
+    )
+    out.loss.backward()
+    assert calls == [1]
+
+    h, w, b, r = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias, rewards)]
+    pol = seq_logps64(h, w, targets, bias=b, temperature=0.8)
+    m = torch.zeros(3, dtype=torch.float64)
+    if margin != "bt":
+        ref = seq_logps64(ref_hidden, weight, targets, bias=bias, temperature=0.8)
+        gamma = 1.0 if margin == "pr" else 0.0
+        m = 0.5 * ((pol[:3] - pol[3:]) - gamma * (ref[:3] - ref[3:])).detach()
+    expected = -F.logsigmoid(r[:3] - r[3:] - m).mean() + 0.3 * (-pol[:3]).mean()
+    expected.backward()
+    assert abs(out.loss.item() - expected.item()) <= 1e-5
+    assert rel_err(out.sft_loss, (-pol[:3]).mean()) <= 1e-5
+    for leaf, ref_leaf in zip(leaves, (h, w, b, r), strict=True):
+        assert rel_err(leaf.grad, ref_leaf.grad) <= 1e-4
+
+
 def test_aam_errors():
     hidden, weight, targets, rewards, _ = pair_batch()
     with pytest.raises(ValueError, match="data_margin"):

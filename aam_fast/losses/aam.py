@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import IGNORE_INDEX, LENGTH_NORMS, linear_logprobs, sequence_logprobs
+from ..ops import IGNORE_INDEX, LENGTH_NORMS, linear_local_loss, linear_logprobs, sequence_logprobs
 
 MARGINS = ("bt", "fixed", "pr", "ld")  # AAM margin kinds
 NAMED_GAMMA = {"pr": 1.0, "ld": 0.0}  # the adaptive margins, and the reference's weight γ each name implies
@@ -133,9 +133,13 @@ def aam_loss(
     token_logps = logps = ref_seq = sft = None
     if needs.policy_logps:
         options = {"temperature": temperature, "ignore_index": ignore_index, "backend": backend}
-        token_logps = _policy_token_logps(
-            hidden, weight, targets, bias, pairs, needs.trained_through, grad_filter_eps=grad_filter_eps, **options
-        )
+        options["grad_filter_eps"] = grad_filter_eps
+        _check_policy_inputs(hidden, weight, targets, pairs)
+        if sft_weight != 0 and not (margin in NAMED_GAMMA and not detach_margin):
+            # the SFT term is the only one trained through, and its token gradient is local: three products
+            sft, token_logps = _local_sft(hidden, weight, targets, bias, pairs, **options)
+        else:
+            token_logps = _policy_token_logps(hidden, weight, targets, bias, needs.trained_through, **options)
         logps = sequence_logprobs(token_logps, targets, ignore_index=ignore_index, length_norm=length_norm)
 
     if margin == "bt":
@@ -152,7 +156,8 @@ def aam_loss(
 
     loss = -F.logsigmoid(reward_gap - pair_margin).mean()
     if sft_weight != 0:
-        sft = -sequence_logprobs(token_logps[:pairs], targets[:pairs], ignore_index=ignore_index).mean()
+        if sft is None:
+            sft = -sequence_logprobs(token_logps[:pairs], targets[:pairs], ignore_index=ignore_index).mean()
         loss = loss + float(sft_weight) * sft
     if center_rewards != 0:
         loss = loss + float(center_rewards) * (reward_chosen + reward_rejected).pow(2).mean()
@@ -176,28 +181,34 @@ def _adaptive_margin(logps, ref_seq, pairs: int, beta: float, gamma: float, deta
     return pair_margin.detach() if detach else pair_margin
 
 
-def _policy_token_logps(
-    hidden, weight, targets, bias, pairs, trained_through, *, temperature, ignore_index, backend, grad_filter_eps
-):
-    """The model's token log-probs ``[2B, T]``, differentiable only when the loss trains through them (otherwise
-    forward-only: nothing saved for backward)."""
+def _check_policy_inputs(hidden, weight, targets, pairs: int) -> None:
     if hidden is None or weight is None or targets is None:
         raise ValueError("a pr/ld margin or an SFT term needs hidden, weight and targets")
     if targets.dim() < 1 or targets.shape[0] != 2 * pairs:
         raise ValueError(
             f"targets must have 2B={2 * pairs} rows (chosen then rejected), got shape {tuple(targets.shape)}"
         )
+
+
+def _policy_token_logps(hidden, weight, targets, bias, trained_through, **options):
+    """The model's token log-probs ``[2B, T]``, differentiable only when the loss trains through them (otherwise
+    forward-only: nothing saved for backward)."""
     with torch.set_grad_enabled(torch.is_grad_enabled() and trained_through):
-        return linear_logprobs(
-            hidden,
-            weight,
-            targets,
-            bias=bias,
-            temperature=temperature,
-            ignore_index=ignore_index,
-            backend=backend,
-            grad_filter_eps=grad_filter_eps,
-        )
+        return linear_logprobs(hidden, weight, targets, bias=bias, **options)
+
+
+def _local_sft(hidden, weight, targets, bias, pairs: int, *, ignore_index, **options):
+    """``(SFT_θ(c), token log-probs [2B, T] detached)``: the chosen responses' mean per-token negative log-prob,
+    averaged over pairs, through ``linear_local_loss``. Its token gradient, ``−1 / (B · n_i)`` on the chosen
+    response tokens and 0 elsewhere, is local, so the op forms it in the forward pass (three products, not four)."""
+
+    def sft_of(token_logps, _entropy):
+        return -sequence_logprobs(token_logps[:pairs], targets[:pairs], ignore_index=ignore_index).mean()
+
+    sft, token_logps, _ = linear_local_loss(
+        hidden, weight, targets, sft_of, bias=bias, ignore_index=ignore_index, **options
+    )
+    return sft, token_logps
 
 
 def _data_margin(data_margin, pairs: int, device) -> torch.Tensor:
