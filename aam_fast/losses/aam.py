@@ -133,13 +133,10 @@ def aam_loss(
     token_logps = logps = ref_seq = sft = None
     if needs.policy_logps:
         options = {"temperature": temperature, "ignore_index": ignore_index, "backend": backend}
-        options["grad_filter_eps"] = grad_filter_eps
-        _check_policy_inputs(hidden, weight, targets, pairs)
-        if sft_weight != 0 and not (margin in NAMED_GAMMA and not detach_margin):
-            # the SFT term is the only one trained through, and its token gradient is local: three products
-            sft, token_logps = _local_sft(hidden, weight, targets, bias, pairs, **options)
-        else:
-            token_logps = _policy_token_logps(hidden, weight, targets, bias, needs.trained_through, **options)
+        sft_only = sft_weight != 0 and not (margin in NAMED_GAMMA and not detach_margin)
+        sft, token_logps = _policy_token_logps(
+            hidden, weight, targets, bias, pairs, needs.trained_through, sft_only, grad_filter_eps, **options
+        )
         logps = sequence_logprobs(token_logps, targets, ignore_index=ignore_index, length_norm=length_norm)
 
     if margin == "bt":
@@ -181,20 +178,21 @@ def _adaptive_margin(logps, ref_seq, pairs: int, beta: float, gamma: float, deta
     return pair_margin.detach() if detach else pair_margin
 
 
-def _check_policy_inputs(hidden, weight, targets, pairs: int) -> None:
+def _policy_token_logps(hidden, weight, targets, bias, pairs, trained_through, sft_only, grad_filter_eps, **options):
+    """``(SFT term or None, the model's token log-probs [2B, T])``. When the SFT term is the only one trained
+    through (``sft_only``) its token gradient is local and it comes from :func:`_local_sft` (three products);
+    otherwise the log-probs are differentiable only when the loss trains through them (else forward-only: nothing
+    saved for backward)."""
     if hidden is None or weight is None or targets is None:
         raise ValueError("a pr/ld margin or an SFT term needs hidden, weight and targets")
     if targets.dim() < 1 or targets.shape[0] != 2 * pairs:
         raise ValueError(
             f"targets must have 2B={2 * pairs} rows (chosen then rejected), got shape {tuple(targets.shape)}"
         )
-
-
-def _policy_token_logps(hidden, weight, targets, bias, trained_through, **options):
-    """The model's token log-probs ``[2B, T]``, differentiable only when the loss trains through them (otherwise
-    forward-only: nothing saved for backward)."""
+    if sft_only:
+        return _local_sft(hidden, weight, targets, bias, pairs, grad_filter_eps=grad_filter_eps, **options)
     with torch.set_grad_enabled(torch.is_grad_enabled() and trained_through):
-        return linear_logprobs(hidden, weight, targets, bias=bias, **options)
+        return None, linear_logprobs(hidden, weight, targets, bias=bias, grad_filter_eps=grad_filter_eps, **options)
 
 
 def _local_sft(hidden, weight, targets, bias, pairs: int, *, ignore_index, **options):
