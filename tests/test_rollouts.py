@@ -134,3 +134,23 @@ def test_unknown_engine_is_refused(tiny_policy, tiny_period_id):
     cfg, generation = sampling(tokenizer, tiny_period_id)
     with pytest.raises(ValueError, match="engine must be one of"):
         generate_micro_batch(policy, tokenizer, PROMPTS, cfg, generation, [tiny_period_id], engine="vllm")
+
+
+def test_reserved_cache_holds_what_a_dynamic_cache_holds_within_and_past_its_room(tiny_policy):
+    """Keys and values written into the reserved room, and concatenated once past it, equal DynamicCache's."""
+    from transformers import DynamicCache
+
+    from aam_fast.stages.grpo.generation import ReservedCache
+
+    config = tiny_policy[0].config
+    reserved, plain = ReservedCache(config=config), DynamicCache(config=config)
+    layers = len(reserved.layers)
+    generator = torch.Generator().manual_seed(0)
+    for step, width in enumerate([5, 1, 1, 2, 1]):  # a prompt of 5, then room for 3: the last two go past it
+        if step == 1:
+            reserved.reserve(3)
+        for layer in range(layers):
+            keys, values = (torch.randn(2, 2, width, 8, generator=generator) for _ in range(2))
+            ours, theirs = reserved.update(keys, values, layer), plain.update(keys, values, layer)
+            assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    assert reserved.get_seq_length() == plain.get_seq_length() == 10
