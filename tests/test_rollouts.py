@@ -6,10 +6,12 @@ the global RNG."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from aam_fast.stages.grpo import GRPOConfig
+from aam_fast.stages.grpo import GRPOConfig, train_grpo
 from aam_fast.stages.grpo.generation import SharedPrefill, generation_positions, new_cache
 from aam_fast.stages.grpo.policy import load_policy
 from aam_fast.stages.grpo.rollout import generate_micro_batch, left_pad
@@ -100,9 +102,9 @@ def test_shared_prefix_completions_are_token_identical_to_generate_on_copies(
     cfg, generation = sampling(tokenizer, tiny_period_id, temperature, top_k, top_p)
     seeds = [completion_seed(7, 3, p, g) for p in range(len(PROMPTS)) for g in range(cfg.num_generations)]
     batches = {}
-    for engine in ("generate", "shared-prefix"):
-        batches[engine], _, _ = generate_micro_batch(
-            policy, tokenizer, PROMPTS, cfg, generation, [tiny_period_id], torch.float32, seeds, engine=engine
+    for method in ("generate", "shared-prefix"):
+        batches[method], _, _ = generate_micro_batch(
+            policy, tokenizer, PROMPTS, cfg, generation, [tiny_period_id], torch.float32, seeds, method=method
         )
     old, new = batches["generate"], batches["shared-prefix"]
     assert 0 < int(old.truncated.sum()) < old.truncated.numel(), "both stopped and truncated completions"
@@ -115,25 +117,25 @@ def test_shared_prefix_completions_are_token_identical_to_generate_on_copies(
 
 
 def test_global_rng_draws_are_token_identical_too(tiny_policy, tiny_period_id):
-    """Without row seeds both engines draw from the global RNG, one multinomial call per step."""
+    """Without row seeds both methods draw from the global RNG, one multinomial call per step."""
     policy, tokenizer = tiny_policy
     cfg, generation = sampling(tokenizer, tiny_period_id, temperature=0.9, top_k=40, max_new_tokens=8)
     batches = []
-    for engine in ("generate", "shared-prefix"):
+    for method in ("generate", "shared-prefix"):
         torch.manual_seed(11)
         batch, _, _ = generate_micro_batch(
-            policy, tokenizer, PROMPTS, cfg, generation, [tiny_period_id], torch.float32, engine=engine
+            policy, tokenizer, PROMPTS, cfg, generation, [tiny_period_id], torch.float32, method=method
         )
         batches.append(batch)
     assert torch.equal(batches[0].input_ids, batches[1].input_ids)
     assert batches[0].completions == batches[1].completions
 
 
-def test_unknown_engine_is_refused(tiny_policy, tiny_period_id):
+def test_unknown_method_is_refused(tiny_policy, tiny_period_id):
     policy, tokenizer = tiny_policy
     cfg, generation = sampling(tokenizer, tiny_period_id)
-    with pytest.raises(ValueError, match="engine must be one of"):
-        generate_micro_batch(policy, tokenizer, PROMPTS, cfg, generation, [tiny_period_id], engine="vllm")
+    with pytest.raises(ValueError, match="method must be one of"):
+        generate_micro_batch(policy, tokenizer, PROMPTS, cfg, generation, [tiny_period_id], method="vllm")
 
 
 def test_reserved_cache_holds_what_a_dynamic_cache_holds_within_and_past_its_room(tiny_policy):
@@ -154,3 +156,34 @@ def test_reserved_cache_holds_what_a_dynamic_cache_holds_within_and_past_its_roo
             ours, theirs = reserved.update(keys, values, layer), plain.update(keys, values, layer)
             assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
     assert reserved.get_seq_length() == plain.get_seq_length() == 10
+
+
+def share_of_a(prompts, completions, **columns):
+    return [c.count("a") / max(len(c), 1) for c in completions]
+
+
+def test_train_grpo_is_the_same_run_with_either_method_and_resumes_across_them(tiny_paths, tmp_path):
+    """A run sampling with shared-prefix equals one that sampled step 1 with generate and resumed with shared-prefix
+    (a change allowed with a warning): the same metrics, completions and final weights."""
+    from safetensors.torch import load_file
+
+    def config(output, method, **overrides):
+        settings = dict(policy=tiny_paths["model"], prompts=PROMPTS, reward_fns=[share_of_a], num_generations=3)
+        settings.update(max_new_tokens=6, batch_size=2, lr=1e-3, beta=0.04, max_steps=2, save_every=1, seed=5)
+        settings.update(progress=False, log_completions_every=1, output=str(tmp_path / output), generation=method)
+        return GRPOConfig(**{**settings, **overrides})
+
+    straight = train_grpo(config("straight", "shared-prefix"))
+    switched = train_grpo(config("switched", "generate", max_steps=1))
+    with pytest.warns(UserWarning, match=r"changed settings: generation 'generate' -> 'shared-prefix'"):
+        switched += train_grpo(config("switched", "shared-prefix", resume="auto"))
+
+    def untimed(rows):
+        return [{k: v for k, v in row.items() if not k.startswith("timing/")} for row in rows]
+
+    assert untimed(straight) == untimed(switched)
+    runs = [tmp_path / "straight", tmp_path / "switched"]
+    logged = [[json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()] for run in runs]
+    assert logged[0] == logged[1] and len(logged[0]) == 2 * 2 * 3
+    first, second = (load_file(run / "model.safetensors") for run in runs)
+    assert all(torch.equal(first[name], second[name]) for name in first)

@@ -1,6 +1,7 @@
-"""Rollouts: prompts encoded and left-padded, G completions sampled per prompt with ``generate`` (KV cache, stop at
-EOS, a completion without EOS flagged truncated), their final hidden states and forward-only token log-probs through
-the fused op (never full logits), and the endless seeded prompt order."""
+"""Rollouts: prompts encoded and left-padded, G completions sampled per prompt (each prompt prefilled once and its
+KV cache shared over its G completions, :mod:`.generation`; or ``generate`` on G copies), stopped at EOS, a
+completion without EOS flagged truncated; their final hidden states and forward-only token log-probs through the
+fused op (never full logits), and the endless seeded prompt order."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ TENSOR_FIELDS = (
     "ref_logps",
 )
 TEXT_FIELDS = ("prompt_len", "prompts", "completions")
-# How completions are sampled (generate_micro_batch's ``engine``).
-ROLLOUT_ENGINES = ("shared-prefix", "generate")
+# How completions are sampled (generate_micro_batch's ``method``, train-grpo's --generation).
+GENERATION_METHODS = ("shared-prefix", "generate")
 
 
 @dataclasses.dataclass
@@ -114,16 +115,18 @@ def generate_micro_batch(
     eos_ids,
     dtype=torch.float32,
     row_seeds: Sequence[int] | None = None,
-    engine: str = "shared-prefix",
+    method: str | None = None,
 ):
     """Sample G completions for each record; returns ``(MicroBatch, per-sample columns, prompts truncated)``.
 
     With ``row_seeds`` (one per completion, G per record) each completion is drawn by a :class:`RowSeededSampler`
-    from its own seed; otherwise from the global torch RNG, as ``generate`` does. ``engine``: ``shared-prefix``
-    prefills each prompt once and shares its KV cache over its G completions (:mod:`.generation`); ``generate``
-    calls ``generate`` on G copies of every prompt. Both draw the same completions (bitwise on the CPU in float32)."""
-    if engine not in ROLLOUT_ENGINES:
-        raise ValueError(f"engine must be one of {ROLLOUT_ENGINES}, got {engine!r}")
+    from its own seed; otherwise from the global torch RNG, as ``generate`` does. ``method`` (default
+    ``cfg.generation``): ``shared-prefix`` prefills each prompt once and shares its KV cache over its G completions
+    (:mod:`.generation`); ``generate`` calls ``generate`` on G copies of every prompt. Both draw the same completions
+    (bitwise on the CPU in float32)."""
+    method = cfg.generation if method is None else method
+    if method not in GENERATION_METHODS:
+        raise ValueError(f"method must be one of {GENERATION_METHODS}, got {method!r}")
     device = next(policy.parameters()).device
     encoded = [encode_prompt(tokenizer, r["prompt"], cfg.max_prompt_length) for r in records]
     G = cfg.num_generations
@@ -136,7 +139,7 @@ def generate_micro_batch(
     else:
         sampler = RowSeededSampler(row_seeds, prompt_ids.shape[1], generation_config)
     with autocast(device, dtype):
-        if engine == "shared-prefix":
+        if method == "shared-prefix":
             completion = sample_completions(
                 policy,
                 unique_ids,

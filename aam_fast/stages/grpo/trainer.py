@@ -447,7 +447,10 @@ class GRPOTrainer:
                 "resume with the same prompts"
             )
         changed = checkpoints.check_resume_settings(
-            state["config"], self._config_record(), free=checkpoints.RESUME_FREE | RESUME_FREE
+            state["config"],
+            self._config_record(),
+            free=checkpoints.RESUME_FREE | RESUME_FREE,
+            numerics=checkpoints.RESUME_NUMERICS | {"generation"},  # the same draws but for rounding
         )
         if changed:
             warnings.warn(f"resuming {folder} with changed settings: {', '.join(changed)}", stacklevel=4)
