@@ -14,7 +14,7 @@ import torch
 from aam_fast.stages.grpo import GRPOConfig, train_grpo
 from aam_fast.stages.grpo.generation import SharedPrefill, generation_positions, new_cache
 from aam_fast.stages.grpo.policy import load_policy
-from aam_fast.stages.grpo.rollout import generate_micro_batch, left_pad
+from aam_fast.stages.grpo.rollout import generate_micro_batch, left_pad, token_logprobs
 from aam_fast.stages.grpo.sampling import completion_seed
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -156,6 +156,25 @@ def test_reserved_cache_holds_what_a_dynamic_cache_holds_within_and_past_its_roo
             ours, theirs = reserved.update(keys, values, layer), plain.update(keys, values, layer)
             assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
     assert reserved.get_seq_length() == plain.get_seq_length() == 10
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 10])
+def test_shared_prefix_logprobs_equal_the_whole_rows(tiny_policy, tiny_period_id, max_new_tokens):
+    """The reference/old-policy pass with each prompt run once gives the whole rows' log-probs up to rounding
+    (left padding, completions ended by EOS mid-way and padded after it, temperature); a group of rows whose
+    prompts differ is refused."""
+    policy, tokenizer = tiny_policy
+    cfg, generation = sampling(tokenizer, tiny_period_id, max_new_tokens=max_new_tokens)
+    seeds = [completion_seed(1, 0, p, g) for p in range(len(PROMPTS)) for g in range(cfg.num_generations)]
+    batch, _, _ = generate_micro_batch(policy, tokenizer, PROMPTS, cfg, generation, [tiny_period_id], row_seeds=seeds)
+    if max_new_tokens > 1:
+        assert 0 < int(batch.truncated.sum()) < batch.truncated.numel()
+    whole = token_logprobs(policy, batch, 0.8, backend="torch")
+    shared = token_logprobs(policy, batch, 0.8, backend="torch", copies=cfg.num_generations)
+    assert bool((whole[batch.mask] < 0).all())
+    torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="do not share their prompt"):
+        token_logprobs(policy, batch, 0.8, backend="torch", copies=cfg.num_generations + 1)
 
 
 def share_of_a(prompts, completions, **columns):

@@ -61,9 +61,11 @@ class GRPOConfig(TrainingConfig):
     top_k: int = option(0, help="top-k sampling (0: off)", minimum=0, group="sampling")
     generation: str = option(
         "shared-prefix",
-        help="how completions are sampled: shared-prefix runs each prompt once and shares its KV cache over its G "
-        "completions; generate calls transformers' generate on G copies of every prompt (the same completions for the "
-        "same seeds on the CPU in float32; slower)",
+        help="how completions are sampled and scored: shared-prefix runs each prompt once and shares its KV cache "
+        "over its G completions, when sampling and in the forward-only reference and old-policy log-prob passes (the "
+        "update still runs whole rows); generate calls transformers' generate on G copies of every prompt and scores "
+        "whole rows (the same completions for the same seeds on the CPU in float32, log-probs equal up to rounding; "
+        "slower)",
         choices=GENERATION_METHODS,
         group="sampling",
     )

@@ -15,7 +15,7 @@ from ...modeling.heads import head_inputs, lm_head_of
 from ...modeling.packing import add_packing, packed_hidden, padded_columns
 from ...ops import linear_logprobs
 from ...training.runtime import autocast
-from .generation import sample_completions
+from .generation import sample_completions, shared_prefix_hidden
 from .sampling import MultinomialSampler, RowSeededSampler
 
 TENSOR_FIELDS = (
@@ -209,11 +209,17 @@ def token_logprobs(
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
     packing: bool = False,
+    copies: int | None = None,
 ) -> torch.Tensor:
     """Forward-only token log-probs ``[n, C]`` (float32, 0 after EOS) of the completion under ``model``; ``dtype``
-    is the autocast dtype; ``packing`` runs the backbone on the padding-free row (:func:`completion_hidden`)."""
+    is the autocast dtype. ``copies``: the rows come in groups of that many sharing their prompt, which runs once per
+    group (:func:`.generation.shared_prefix_hidden`; equal to the whole rows' values up to rounding); otherwise
+    ``packing`` runs the backbone on the padding-free row (:func:`completion_hidden`)."""
     with autocast(batch.input_ids.device, dtype):
-        hidden = completion_hidden(model, batch.input_ids, batch.attention_mask, batch.prompt_len, packing)
+        if copies:
+            hidden = shared_prefix_hidden(model, batch.input_ids, batch.attention_mask, batch.prompt_len, copies)
+        else:
+            hidden = completion_hidden(model, batch.input_ids, batch.attention_mask, batch.prompt_len, packing)
     hidden, weight, bias = head_inputs(hidden, *lm_head_of(model), dtype)
     return linear_logprobs(hidden, weight, batch.targets, bias=bias, temperature=temperature, backend=backend)
 

@@ -291,7 +291,8 @@ class GRPOTrainer:
 
     def _token_logprobs(self, model, batch: MicroBatch) -> torch.Tensor:
         cfg = self.cfg
-        return token_logprobs(model, batch, cfg.temperature, self.amp_dtype, cfg.backend, cfg.packing)
+        copies = cfg.num_generations if cfg.generation == "shared-prefix" else None  # each prompt run once
+        return token_logprobs(model, batch, cfg.temperature, self.amp_dtype, cfg.backend, cfg.packing, copies)
 
     # -- optimisation -----------------------------------------------------------------------------------------
 
