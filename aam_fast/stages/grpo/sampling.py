@@ -92,7 +92,9 @@ class RowSeededSampler:
         """``[n]`` token ids of completion position ``step`` from float32 ``scores [n, V]``."""
         for warper in self.warpers:
             scores = warper(None, scores)
-        seeds = self.seeds.to(scores.device)
+        if self.seeds.device != scores.device:  # once, not at every token
+            self.seeds = self.seeds.to(scores.device)
+        seeds = self.seeds
         row_keys = _splitmix64(seeds ^ _splitmix64(torch.full_like(seeds, _signed(step * 0x9E3779B97F4A7C15 + 1))))
         vocab = torch.arange(scores.shape[1], device=scores.device, dtype=torch.long)
         bits = _splitmix64(row_keys[:, None] + (vocab[None, :] + 1) * _GOLDEN)
