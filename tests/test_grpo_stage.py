@@ -242,7 +242,8 @@ def test_resume_is_exact(policy_dir, tmp_path, logged):
     full = small_config(policy_dir, tmp_path, output=str(tmp_path / "full"), max_steps=5, **common)
     rows_full = train_grpo(full)
     assert [r["step"] for r in rows_full] == [1, 2, 3, 4, 5]
-    assert rows_full[0]["kl"] == 0.0 and rows_full[-1]["kl"] > 0
+    # the reference pass runs each prompt once (--generation shared-prefix): the policy's log-probs up to rounding
+    assert abs(rows_full[0]["kl"]) < 1e-8 and rows_full[-1]["kl"] > 1e-6
     assert rows_full[1]["clip_ratio/region_mean"] >= 0 and rows_full[0]["reward"] == rows_full[1]["reward"]
 
     part = tmp_path / "part"

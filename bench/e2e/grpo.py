@@ -3,7 +3,8 @@ prompts and settings, each case in its own process (seconds per step split into 
 update; peak RSS).
 
 Cases: ``trl-grpo`` (TRL 1.16's GRPOTrainer, plain transformers ``generate``, no vLLM) and ``aam-grpo``
-(:class:`aam_fast.stages.grpo.GRPOTrainer`, what ``aam-fast train-grpo`` runs). Both full-fine-tune the policy in
+(:class:`aam_fast.stages.grpo.GRPOTrainer`, what ``aam-fast train-grpo`` runs, sampling with ``--generation``:
+shared-prefix by default, generate on G copies as TRL does for comparison). Both full-fine-tune the policy in
 float32 on the CPU (or ``--device cuda --dtype bfloat16``: autocast over float32 weights in both) with the same
 thread count, ``--prompts-per-step`` prompts a step (one micro-batch, no gradient
 accumulation), 4 completions per prompt of at most 64 new tokens (temperature 1, no top-p/top-k), one optimizer step
@@ -30,7 +31,7 @@ prompts and the parent checks they agree). The completions themselves differ: ea
 random streams.
 
 Reported per case: ``seconds`` (wall time of the training loop: the ``train()`` call, without loading and saving),
-``seconds_per_step``, ``phases`` (seconds over all steps: generation = prompt encoding, ``generate`` and decoding;
+``seconds_per_step``, ``phases`` (seconds over all steps: generation = prompt encoding, sampling and decoding;
 scoring = the reward model; logprobs = the forward-only reference pass; update = loss forward and backward, gradient
 clipping and the optimizer step; the rest of the loop is ``other``), ``peak_rss_gib`` (the process's high-water mark
 when the loop ends), ``completion_tokens`` (tokens generated, EOS included), the mean reward of the first and the last
@@ -58,6 +59,17 @@ from .cases import add_run_arguments, peak_memory, run_case
 CASES = ("trl-grpo", "aam-grpo")
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 PHASES = ("generation", "scoring", "logprobs", "update")
+# The parent's settings every case's process gets.
+PASSED_ON = (
+    "steps",
+    "prompts_per_step",
+    "num_generations",
+    "max_new_tokens",
+    "temperature",
+    "beta",
+    "lr",
+    "generation",
+)
 
 
 def write_prompts(policy: str, source: Path, count: int, max_tokens: int, seed: int, out: Path) -> tuple[Path, Path]:
@@ -295,6 +307,7 @@ def run_aam(args, prompts: Path) -> dict:
         progress=False,
         log_completions_every=0,
         max_prompt_length=None,
+        generation=args.generation,
     )
     trainer = GRPOTrainer(cfg)
     digests, ended = [], {}
@@ -362,6 +375,12 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--lr", type=float, default=1e-6)
+    parser.add_argument(
+        "--generation",
+        choices=("shared-prefix", "generate"),
+        default="shared-prefix",
+        help="how aam-grpo samples (train-grpo's --generation; generate: on G copies of every prompt, as TRL does)",
+    )
     add_run_arguments(parser)
     parser.add_argument("--json", default=None)
     parser.add_argument("--case", choices=CASES, default=None, help=argparse.SUPPRESS)
@@ -385,7 +404,7 @@ def main() -> None:
             command = [sys.executable, "-m", "bench.e2e.grpo", "--case", case, "--policy", args.policy]
             command += ["--reward-model", reward_model, "--output", str(Path(tmp) / case)]
             command += ["--data", str(trl if case == "trl-grpo" else ours)]
-            for name in ("steps", "prompts_per_step", "num_generations", "max_new_tokens", "temperature", "beta", "lr"):
+            for name in PASSED_ON:
                 command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
             results.append(run_case(case, command, args))
     digests = [r["prompt_digests"] for r in results if "prompt_digests" in r]

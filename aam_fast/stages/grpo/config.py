@@ -9,6 +9,7 @@ from collections.abc import Callable
 from ...data import DEFAULT_OPENING_TURN
 from ...losses import KL_KINDS, LOSS_TYPE_ALIASES, LOSS_TYPES, SCALE_REWARDS
 from ...training.config import LR_SCHEDULES, TrainingConfig, option
+from .rollout import GENERATION_METHODS
 
 RewardFn = Callable[..., list]
 
@@ -58,6 +59,16 @@ class GRPOConfig(TrainingConfig):
     )
     top_p: float = option(1.0, help="nucleus sampling mass", above=0.0, maximum=1.0, group="sampling")
     top_k: int = option(0, help="top-k sampling (0: off)", minimum=0, group="sampling")
+    generation: str = option(
+        "shared-prefix",
+        help="how completions are sampled and scored: shared-prefix runs each prompt once and shares its KV cache "
+        "over its G completions, when sampling and in the forward-only reference and old-policy log-prob passes (the "
+        "update still runs whole rows); generate calls transformers' generate on G copies of every prompt and scores "
+        "whole rows (the same completions for the same seeds on the CPU in float32, log-probs equal up to rounding; "
+        "slower)",
+        choices=GENERATION_METHODS,
+        group="sampling",
+    )
 
     beta: float = option(
         0.04, help="KL coefficient to the initial policy (0: no reference model)", minimum=0.0, group="loss"

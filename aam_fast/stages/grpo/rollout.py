@@ -1,6 +1,7 @@
-"""Rollouts: prompts encoded and left-padded, G completions sampled per prompt with ``generate`` (KV cache, stop at
-EOS, a completion without EOS flagged truncated), their final hidden states and forward-only token log-probs through
-the fused op (never full logits), and the endless seeded prompt order."""
+"""Rollouts: prompts encoded and left-padded, G completions sampled per prompt (each prompt prefilled once and its
+KV cache shared over its G completions, :mod:`.generation`; or ``generate`` on G copies), stopped at EOS, a
+completion without EOS flagged truncated; their final hidden states and forward-only token log-probs through the
+fused op (never full logits), and the endless seeded prompt order."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from ...modeling.heads import head_inputs, lm_head_of
 from ...modeling.packing import add_packing, packed_hidden, padded_columns
 from ...ops import linear_logprobs
 from ...training.runtime import autocast
-from .sampling import RowSeededSampler
+from .generation import sample_completions, shared_prefix_hidden
+from .sampling import MultinomialSampler, RowSeededSampler
 
 TENSOR_FIELDS = (
     "input_ids",
@@ -28,6 +30,8 @@ TENSOR_FIELDS = (
     "ref_logps",
 )
 TEXT_FIELDS = ("prompt_len", "prompts", "completions")
+# How completions are sampled (generate_micro_batch's ``method``, train-grpo's --generation).
+GENERATION_METHODS = ("shared-prefix", "generate")
 
 
 @dataclasses.dataclass
@@ -111,31 +115,45 @@ def generate_micro_batch(
     eos_ids,
     dtype=torch.float32,
     row_seeds: Sequence[int] | None = None,
+    method: str | None = None,
 ):
     """Sample G completions for each record; returns ``(MicroBatch, per-sample columns, prompts truncated)``.
 
     With ``row_seeds`` (one per completion, G per record) each completion is drawn by a :class:`RowSeededSampler`
-    from its own seed; otherwise from the global torch RNG, as ``generate`` does."""
+    from its own seed; otherwise from the global torch RNG, as ``generate`` does. ``method`` (default
+    ``cfg.generation``): ``shared-prefix`` prefills each prompt once and shares its KV cache over its G completions
+    (:mod:`.generation`); ``generate`` calls ``generate`` on G copies of every prompt. Both draw the same completions
+    (bitwise on the CPU in float32)."""
+    method = cfg.generation if method is None else method
+    if method not in GENERATION_METHODS:
+        raise ValueError(f"method must be one of {GENERATION_METHODS}, got {method!r}")
     device = next(policy.parameters()).device
     encoded = [encode_prompt(tokenizer, r["prompt"], cfg.max_prompt_length) for r in records]
     G = cfg.num_generations
-    rows = [ids for ids, _ in encoded for _ in range(G)]
-    prompt_ids, prompt_mask = left_pad(rows, tokenizer.pad_token_id, device)
-    extra = {}
-    if row_seeds is not None:
-        from transformers import LogitsProcessorList
-
-        if len(row_seeds) != len(rows):
-            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(rows)} completions")
-        extra["logits_processor"] = LogitsProcessorList(
-            [RowSeededSampler(row_seeds, prompt_ids.shape[1], generation_config)]
-        )
+    unique_ids, unique_mask = left_pad([ids for ids, _ in encoded], tokenizer.pad_token_id, device)
+    prompt_ids, prompt_mask = unique_ids.repeat_interleave(G, dim=0), unique_mask.repeat_interleave(G, dim=0)
+    if row_seeds is not None and len(row_seeds) != prompt_ids.shape[0]:
+        raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {prompt_ids.shape[0]} completions")
+    if row_seeds is None:
+        sampler = MultinomialSampler(generation_config)
+    else:
+        sampler = RowSeededSampler(row_seeds, prompt_ids.shape[1], generation_config)
     with autocast(device, dtype):
-        out = policy.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config, **extra
-        )
+        if method == "shared-prefix":
+            completion = sample_completions(
+                policy,
+                unique_ids,
+                unique_mask,
+                G,
+                sampler,
+                generation_config.max_new_tokens,
+                eos_ids,
+                tokenizer.pad_token_id,
+            )
+        else:
+            completion = _generate_on_copies(policy, prompt_ids, prompt_mask, generation_config, sampler, row_seeds)
     prompt_len = prompt_ids.shape[1]
-    completion, keep, has_eos = _cut_at_eos(out[:, prompt_len:], eos_ids, tokenizer.pad_token_id)
+    completion, keep, has_eos = _cut_at_eos(completion, eos_ids, tokenizer.pad_token_id)
     texts = []
     for i in range(completion.shape[0]):
         length = int(keep[i].sum()) - int(has_eos[i])
@@ -151,6 +169,19 @@ def generate_micro_batch(
         completions=texts,
     )
     return batch, columns, sum(t for _, t in encoded)
+
+
+def _generate_on_copies(policy, prompt_ids, prompt_mask, generation_config, sampler, row_seeds) -> torch.Tensor:
+    """``generate`` on the prompt rows as given (G copies of each): the completion columns of its output."""
+    extra = {}
+    if row_seeds is not None:
+        from transformers import LogitsProcessorList
+
+        extra["logits_processor"] = LogitsProcessorList([sampler])
+    out = policy.generate(
+        input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config, **extra
+    )
+    return out[:, prompt_ids.shape[1] :]
 
 
 def completion_hidden(model, input_ids, attention_mask, prompt_len: int, packing: bool = False) -> torch.Tensor:
@@ -178,11 +209,17 @@ def token_logprobs(
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
     packing: bool = False,
+    copies: int | None = None,
 ) -> torch.Tensor:
     """Forward-only token log-probs ``[n, C]`` (float32, 0 after EOS) of the completion under ``model``; ``dtype``
-    is the autocast dtype; ``packing`` runs the backbone on the padding-free row (:func:`completion_hidden`)."""
+    is the autocast dtype. ``copies``: the rows come in groups of that many sharing their prompt, which runs once per
+    group (:func:`.generation.shared_prefix_hidden`; equal to the whole rows' values up to rounding); otherwise
+    ``packing`` runs the backbone on the padding-free row (:func:`completion_hidden`)."""
     with autocast(batch.input_ids.device, dtype):
-        hidden = completion_hidden(model, batch.input_ids, batch.attention_mask, batch.prompt_len, packing)
+        if copies:
+            hidden = shared_prefix_hidden(model, batch.input_ids, batch.attention_mask, batch.prompt_len, copies)
+        else:
+            hidden = completion_hidden(model, batch.input_ids, batch.attention_mask, batch.prompt_len, packing)
     hidden, weight, bias = head_inputs(hidden, *lm_head_of(model), dtype)
     return linear_logprobs(hidden, weight, batch.targets, bias=bias, temperature=temperature, backend=backend)
 

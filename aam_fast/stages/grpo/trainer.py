@@ -69,6 +69,7 @@ class GRPOTrainer(Trainer):
     # train-grpo's settings a resumed run may change beside the shared ones: how long it runs, how often it logs
     # samples, the reward model's scoring batch, and the prompt source (their count is checked).
     resume_free = frozenset({"max_steps", "log_completions_every", "rm_batch_size", "prompts"})
+    resume_numerics = frozenset({"generation"})  # shared-prefix or generate: the same draws but for rounding
     unrecorded = frozenset({"prompts", "reward_fns"})  # Python objects possibly: the prompt count is checked instead
     cfg: GRPOConfig
 
@@ -263,7 +264,8 @@ class GRPOTrainer(Trainer):
 
     def _token_logprobs(self, model, batch: MicroBatch) -> torch.Tensor:
         cfg = self.cfg
-        return token_logprobs(model, batch, cfg.temperature, self.amp_dtype, cfg.backend, cfg.packing)
+        copies = cfg.num_generations if cfg.generation == "shared-prefix" else None  # each prompt run once
+        return token_logprobs(model, batch, cfg.temperature, self.amp_dtype, cfg.backend, cfg.packing, copies)
 
     # -- optimisation -----------------------------------------------------------------------------------------
 
