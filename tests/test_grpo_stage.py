@@ -248,7 +248,7 @@ def test_resume_is_exact(policy_dir, tmp_path, logged):
 
     part = tmp_path / "part"
     train_grpo(small_config(policy_dir, tmp_path, output=str(part), max_steps=3, **common))
-    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+    with pytest.raises(ValueError, match="holds an earlier run"):
         train_grpo(small_config(policy_dir, tmp_path, output=str(part), max_steps=5, **common))
     with pytest.raises(ValueError, match=r"resuming would change the run: --lr 0.001 -> 0.002"):
         GRPOTrainer(
