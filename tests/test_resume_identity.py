@@ -249,9 +249,14 @@ def grpo_run(tiny_paths, tmp_path_factory):
     return {"policy": tiny_paths["model"], "rules": rules, "checkpoint": output / "checkpoints" / "checkpoint-1"}
 
 
-def _grpo_resume(grpo_run, tmp_path, **overrides):
+def _grpo_resume(grpo_run, tmp_path, edit_state=None, **overrides):
     out = tmp_path / "resumed"
     shutil.copytree(grpo_run["checkpoint"], out / "checkpoints" / "checkpoint-1")
+    if edit_state is not None:
+        path = out / "checkpoints" / "checkpoint-1" / "trainer_state.json"
+        state = json.loads(path.read_text())
+        edit_state(state)
+        path.write_text(json.dumps(state))
     settings = {"reward_fns": [f"{grpo_run['rules']}:share_of_a"], **overrides}
     return train_grpo(grpo_config(grpo_run["policy"], out, resume="auto", **settings))
 
@@ -284,3 +289,18 @@ def test_grpo_checkpoint_records_the_reward_sources(grpo_run):
     identity = state["identity"]
     assert identity["--reward-fn"].startswith("rules.py:share_of_a sha256 ") and identity["--reward-model"] == "none"
     assert identity["--reward-fn"].endswith(" weight 1.0") and identity["--prompts"].startswith("fingerprint ")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda state: state["data"].update(index=-3), r"'data' \{.*\} or 'iteration' 1 is not a position"),
+        (lambda state: state["data"].update(epoch="x"), r"'data' \{.*\} or 'iteration' 1 is not a position"),
+        (lambda state: state.update(mid_rollout="yes"), r"'mid_rollout' is 'yes', not a finite bool"),
+        (lambda state: state.update(step=3), r"step 3 is outside this run's \[0, 2\] steps"),
+    ],
+    ids=["index-negative", "epoch-text", "mid-rollout-text", "step-past-max-steps"],
+)
+def test_grpo_an_edited_trainer_state_is_refused(grpo_run, tmp_path, edit, message):
+    with pytest.raises(ValueError, match=message):
+        _grpo_resume(grpo_run, tmp_path, edit_state=edit)

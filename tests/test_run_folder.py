@@ -256,3 +256,20 @@ def test_files_are_written_whole_and_no_temporary_file_remains(tiny_paths, tmp_p
     assert leftovers == [] and json.loads((out / "summary.json").read_text())["steps"] == 2
     exported = json.loads((out / ".aam_fast-export.json").read_text())
     assert "model.safetensors" in exported and "config.json" in exported
+
+
+def test_a_reward_function_file_inside_the_output_folder_is_refused(tiny_paths, tmp_path):
+    from aam_fast.stages.grpo import GRPOConfig, train_grpo
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "rules.py").write_text("def r(prompts, completions, **columns):\n    return [0.0] * len(completions)\n")
+    cfg = GRPOConfig(
+        policy=tiny_paths["model"],
+        prompts=[{"prompt": "One day"}],
+        output=str(out),
+        reward_fns=[f"{out / 'rules.py'}:r"],
+        progress=False,
+    )
+    with pytest.raises(ValueError, match=r"--reward-fn \S+rules.py is inside --output"):
+        train_grpo(cfg)

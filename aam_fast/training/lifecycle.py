@@ -2,9 +2,11 @@
 → step / log / evaluate / save cadence → final evaluation → export → close.
 
 The rules live here once: a checkpoint every ``--save-every`` steps and at the last step; no checkpoint or export
-of weights that are not all finite; a resumed run refused when it would be another run (other settings, another
-``batch_size × ranks``) and a log line for the settings that change only the numerics; the process group closed by
-:func:`~.launch.closing`. A stage subclasses :class:`Trainer` and keeps only what is its own, through these hooks:
+of weights that are not all finite; a resumed run's ``trainer_state.json`` checked before anything of the checkpoint
+loads, and the run refused when it would be another run (other settings, other inputs by content, another
+``batch_size × ranks``) with a log line for the settings that change only the numerics; the export written whole
+(staged, then renamed into place); the output folder's lock released however the run ends; the process group closed
+by :func:`~.launch.closing`. A stage subclasses :class:`Trainer` and keeps only what is its own, through these hooks:
 
 - ``inputs()``: its input folders and files (``{flag: path}``), which ``--output`` must not be or hold;
 - ``identity()``: its inputs by content (data fingerprints, reward sources), checked on resume;

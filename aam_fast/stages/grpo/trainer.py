@@ -42,6 +42,7 @@ from ...training.lifecycle import Trainer
 from ...training.metrics import JsonlTable
 from ...training.optim import check_loss, optimizer_step
 from ...training.runtime import autocast, log
+from ...training.trainer_state import START_AFRESH, STATE_FILE
 from .config import GRPOConfig
 from .policy import (
     eos_token_ids,
@@ -375,6 +376,13 @@ class GRPOTrainer(Trainer):
         """The data position and, written by as many ranks, an unfinished rollout (ValueError on another number of
         ranks, or for another prompt count). On another number of ranks the RNG states stay at this run's seeded
         start (sampling does not use them: each completion has its own seed)."""
+        data = state["data"]
+        position = [data.get(key) for key in ("epoch", "index", "prompts")]
+        if not all(type(value) is int and value >= 0 for value in position) or state["iteration"] < 0:
+            raise ValueError(
+                f"{folder / STATE_FILE}: 'data' {data!r} or 'iteration' {state['iteration']!r} is not a position in "
+                f"the prompts; {START_AFRESH}"
+            )
         if state["mid_rollout"] and rank_tensors is None:
             saved = state["world_size"]
             writer = "one process" if saved == 1 else f"{saved} ranks"
