@@ -273,3 +273,13 @@ def test_a_reward_function_file_inside_the_output_folder_is_refused(tiny_paths, 
     )
     with pytest.raises(ValueError, match=r"--reward-fn \S+rules.py is inside --output"):
         train_grpo(cfg)
+
+
+def test_a_run_that_failed_in_its_setup_is_replaced_by_its_retry(tiny_paths, tmp_path, logged):
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
+        train_reward_model(config(tiny_paths, out, max_length=100_000))
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]  # its settings only, and no lock left
+    logged.clear()
+    assert train_reward_model(config(tiny_paths, out))["steps"] == 2
+    assert logged.count(r"replacing the settings of a run that never trained a step \(config.yaml\)") == 1

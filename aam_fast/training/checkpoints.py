@@ -203,21 +203,34 @@ def _importance(name: str) -> tuple[int, str]:
     return (order.index(name) if name in order else len(order), name)
 
 
+def _never_trained(entries: list[Path]) -> bool:
+    """Whether ``entries`` are only what a run writes before its first step: its config.yaml and empty tables."""
+    for entry in entries:
+        plain = entry.is_file() and not entry.is_symlink()
+        empty_table = entry.name in ("metrics.jsonl", "completions.jsonl") and plain and entry.stat().st_size == 0
+        if not (entry.name == "config.yaml" and plain) and not empty_table:
+            return False
+    return True
+
+
 def _clear_for_run(output: Path, resume: str | None, overwrite: bool) -> None:
     entries = run_entries(output)
     if not overwrite or resume:
         refuse_links(output, entries)
     root = output / "checkpoints"
     if entries and not resume:
-        if not overwrite:
+        if not overwrite and _never_trained(entries):  # a run that failed in its setup: nothing of it to keep
+            log(f"{output}: replacing the settings of a run that never trained a step ({entries[0].name})")
+        elif not overwrite:
             shown = sorted((e.name for e in entries if not e.name.startswith(".")), key=_importance)
             names = ", ".join(shown[:4]) + (", ..." if len(shown) > 4 else "")
             raise ValueError(
                 f"--output {output} holds an earlier run ({names}): pass --resume auto to continue it, --overwrite "
                 "to replace it (only a run's own files are removed), or choose another --output"
             )
+        else:
+            log(f"--overwrite: removed the earlier run's {len(entries)} entries from {output}")
         remove_entries(entries)
-        log(f"--overwrite: removed the earlier run's {len(entries)} entries from {output}")
     elif resume == "auto" and not list_checkpoints(root):
         finished = [e.name for e in entries if e.name not in UNFINISHED_RUN_FILES]
         if finished:
