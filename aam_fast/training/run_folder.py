@@ -95,7 +95,8 @@ def publish_folder(staging: Path, output: Path) -> list[str]:
     after recording their names in the export manifest; ``staging`` is then removed. Returns the names."""
     names = sorted(p.name for p in staging.iterdir())
     for name in names:
-        fsynced(staging / name, lambda handle: None, "ab")
+        if (staging / name).is_file():
+            fsynced(staging / name, lambda handle: None, "ab")
     known = set(exported_names(output)) | set(names)
     write_text_atomic(output / EXPORT_MANIFEST, json.dumps(sorted(known)) + "\n")
     for name in names:
@@ -109,12 +110,15 @@ def publish_folder(staging: Path, output: Path) -> list[str]:
 
 
 def exported_names(output: Path) -> list[str]:
+    """The plain file names the export manifest lists (none when it is missing, a link or not a list of names)."""
     path = output / EXPORT_MANIFEST
     if not path.is_file() or path.is_symlink():
         return []
     try:
         names = json.loads(path.read_text())
     except (OSError, ValueError):
+        return []
+    if not isinstance(names, list):
         return []
     return [n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", "..")]
 
@@ -147,7 +151,11 @@ class RunLock:
 
     def __init__(self, output: Path):
         self.path = output / LOCK_FILE
-        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        }
         for _ in range(2):
             try:
                 descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
