@@ -251,6 +251,20 @@ RESUME_FREE = frozenset(
 RESUME_NUMERICS = frozenset({"dtype", "backend", "packing", "gradient_checkpointing", "attn_implementation"})
 
 
+def _check_learning_rates(path: Path, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """ValueError unless the optimizer's learning rates are the ones the schedule gives at its step."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        return
+    expected = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, lambdas, strict=True)]
+    actual = [float(group["lr"]) for group in optimizer.param_groups]
+    if actual != expected:
+        raise ValueError(
+            f"{path}: its learning rates {actual} are not the schedule's {expected} at step {scheduler.last_epoch}; "
+            + START_AFRESH
+        )
+
+
 def restore(ctx: DistContext, folder: Path, state: dict[str, Any], engine: torch.nn.Module, optimizer, scheduler):
     """Load a checkpoint's optimizer, schedule and (written by as many ranks) RNG states into this run (``state``:
     its validated trainer_state.json); returns ``(this rank's tensors, this rank's json)``, None when the number of
@@ -263,6 +277,7 @@ def restore(ctx: DistContext, folder: Path, state: dict[str, Any], engine: torch
     except (*load_errors(), ValueError, TypeError, AttributeError) as exc:
         raise damaged(path, exc) from None
     scheduler.load_state_dict(state["scheduler"])
+    _check_learning_rates(path, optimizer, scheduler)
     if rank_tensors is not None:  # per-rank RNG states carry over only to the same number of ranks
         from .runtime import restore_rng
 
