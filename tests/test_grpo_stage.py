@@ -248,15 +248,19 @@ def test_resume_is_exact(policy_dir, tmp_path, logged):
 
     part = tmp_path / "part"
     train_grpo(small_config(policy_dir, tmp_path, output=str(part), max_steps=3, **common))
-    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+    with pytest.raises(ValueError, match="holds an earlier run"):
         train_grpo(small_config(policy_dir, tmp_path, output=str(part), max_steps=5, **common))
     with pytest.raises(ValueError, match=r"resuming would change the run: --lr 0.001 -> 0.002"):
         GRPOTrainer(
-            small_config(policy_dir, tmp_path, output=str(tmp_path / "x"), resume=str(part), **{**common, "lr": 2e-3})
+            small_config(
+                policy_dir, tmp_path, output=str(tmp_path / "x"), resume=str(part), max_steps=5, lr=2e-3, **common
+            )
         )
     logged.clear()
     GRPOTrainer(
-        small_config(policy_dir, tmp_path, output=str(tmp_path / "y"), resume=str(part), **common, backend="torch")
+        small_config(
+            policy_dir, tmp_path, output=str(tmp_path / "y"), resume=str(part), max_steps=5, **common, backend="torch"
+        )
     )
     assert logged.count(r"changed settings: backend 'auto' -> 'torch'") == 1
     resumed = train_grpo(small_config(policy_dir, tmp_path, output=str(part), max_steps=5, resume="auto", **common))

@@ -267,7 +267,7 @@ def test_output_that_would_lose_data_is_refused(tiny_paths, tmp_path):
         train_reward_model(config(tiny_paths, tiny_paths["model"]))
     out = tmp_path / "run"
     train_reward_model(config(tiny_paths, out, max_steps=2, save_every=1))
-    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+    with pytest.raises(ValueError, match=r"holds an earlier run \(summary.json, model.safetensors, checkpoints"):
         train_reward_model(config(tiny_paths, out, max_steps=2, save_every=1, seed=1))
     (out / "checkpoints" / ".tmp-checkpoint-9").mkdir()  # a crashed save's leftovers
     summary = train_reward_model(config(tiny_paths, out, max_steps=2, save_every=1, seed=1, overwrite=True))

@@ -35,11 +35,12 @@ from .prompts import (
     load_prompts,
     prompts_per_character,
     read_records,
+    records_fingerprint,
 )
 from .records import DataFormatError, PreferenceData, PreferencePair, degenerate_reason
 from .sources import is_saved_dataset, iter_source_records
 from .splitting import prompt_hash_fraction, prompt_key, split_by_prompt
-from .tokenized import ENCODING_VERSION, default_cache_dir, encode_pairs, tokenizer_fingerprint
+from .tokenized import ENCODING_VERSION, default_cache_dir, encode_pairs, pairs_fingerprint, tokenizer_fingerprint
 
 __all__ = [
     "ALPACA_PROMPT_FIELDS",
@@ -50,6 +51,7 @@ __all__ = [
     "default_cache_dir",
     "degenerate_reason",
     "encode_pairs",
+    "pairs_fingerprint",
     "is_alpaca",
     "is_saved_dataset",
     "iter_source_records",
@@ -81,6 +83,7 @@ __all__ = [
     "load_preferences",
     "load_eval_sets",
     "load_prompt_records",
+    "records_fingerprint",
     "load_prompts",
     "load_train_dev",
     "normalize_record",

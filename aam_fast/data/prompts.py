@@ -23,6 +23,7 @@ Bad files and records raise `ValueError` naming the file and the record index.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -117,6 +118,15 @@ def load_prompts(
         prompts = prompts[:limit]
     columns = sorted({key for record in prompts for key in record} - {"prompt"})
     return [{"prompt": r["prompt"], **{c: r.get(c) for c in columns}} for r in prompts]
+
+
+def records_fingerprint(records: list[dict[str, Any]]) -> str:
+    """SHA-256 (hex) of prompt records' content and order: a GRPO run's identity."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8", "replace"))
+        digest.update(b"\x00")
+    return digest.hexdigest()
 
 
 def load_prompt_records(

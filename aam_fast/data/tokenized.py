@@ -79,6 +79,15 @@ def _fingerprint(columns: dict[str, list[str]], encoder: PairEncoder) -> str:
     return digest.hexdigest()[:40]
 
 
+def pairs_fingerprint(pairs: Sequence[PreferencePair], encoder: PairEncoder) -> str:
+    """The content of ``pairs`` as a training run's identity: the tokenisation cache's fingerprint (texts, order,
+    tokenizer, ``max_length``) extended by each pair's margin and subset (hex, 40 characters)."""
+    digest = hashlib.sha256(_fingerprint(_text_columns(pairs), encoder).encode())
+    for pair in pairs:
+        digest.update(f"\x00{pair.margin!r}\x00{pair.subset!r}".encode())
+    return digest.hexdigest()[:40]
+
+
 def _encode_batch(batch: dict[str, list], encoder: PairEncoder) -> dict[str, list]:
     """Columns of the encoded chosen and rejected sequences of one batch (one batched tokenizer call per kind)."""
     prompts = [json.loads(p) for p in batch["prompt"]]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,11 +17,25 @@ from typing import Any
 import torch
 
 from .distributed import DistContext
+from .run_folder import (
+    RunLock,
+    check_inputs_outside,
+    fsync_folder,
+    fsynced,
+    refuse_links,
+    remove_entries,
+    run_entries,
+)
+from .runtime import log
+from .trainer_state import START_AFRESH, STATE_FILE
 
 PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 _TMP_PREFIX = ".tmp-"
+# What a run writes before its end: a folder holding only these (no model, no summary) holds no finished run.
+UNFINISHED_RUN_FILES = frozenset(
+    {"metrics.jsonl", "config.yaml", "completions.jsonl", "checkpoints", "tensorboard", "wandb", "wandb-run-id.txt"}
+)
 
 
 def checkpoint_step(path: Path) -> int:
@@ -69,33 +84,38 @@ def find_checkpoint(resume: str | None, root: Path) -> Path | None:
 
 def read_state(folder: Path) -> dict[str, Any]:
     try:
-        return json.loads((folder / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{folder / STATE_FILE}: not a readable checkpoint state ({exc})") from None
+        return json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{folder / STATE_FILE}: not a readable checkpoint state ({exc}); {START_AFRESH}") from None
+
+
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged, truncated or missing tensor file raises (torch, pickle, safetensors)."""
+    from safetensors import SafetensorError
+
+    return (RuntimeError, pickle.UnpicklingError, EOFError, OSError, KeyError, SafetensorError)
+
+
+def damaged(path: Path, exc: BaseException) -> ValueError:
+    """The one line for a checkpoint file that cannot be read or does not fit this run."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return ValueError(f"{path}: damaged, missing or not this run's checkpoint file ({reason}); {START_AFRESH}")
 
 
 def load_tensors(path: Path) -> Any:
-    """A checkpoint's tensor file, read without unpickling arbitrary objects."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint's tensor file, read without unpickling arbitrary objects (ValueError naming it when damaged)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except load_errors() as exc:
+        raise damaged(path, exc) from None
 
 
-def _fsynced(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    with open(path, mode) as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_folder(folder: Path) -> None:
+def _fsync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    fsync_folder(folder)
 
 
 def save_checkpoint(
@@ -125,15 +145,15 @@ def save_checkpoint(
     write_model(tmp)
     optimizer_state = ctx.optimizer_state(engine, optimizer)
     if ctx.is_main:
-        _fsynced(tmp / OPTIMIZER_FILE, lambda handle: torch.save(optimizer_state, handle))
-    _fsynced(tmp / f"rank{ctx.rank}.pt", lambda handle: torch.save(rank_tensors, handle))
+        fsynced(tmp / OPTIMIZER_FILE, lambda handle: torch.save(optimizer_state, handle))
+    fsynced(tmp / f"rank{ctx.rank}.pt", lambda handle: torch.save(rank_tensors, handle))
     if rank_json is not None:
-        _fsynced(tmp / f"rank{ctx.rank}.json", lambda handle: json.dump(rank_json, handle), "w")
+        fsynced(tmp / f"rank{ctx.rank}.json", lambda handle: json.dump(rank_json, handle), "w")
     ctx.barrier()
     if ctx.is_main:
         record = {**state, "step": step, "world_size": ctx.world, "strategy": ctx.strategy}
-        _fsynced(tmp / STATE_FILE, lambda handle: handle.write(json.dumps(record, indent=2) + "\n"), "w")
-        _fsync_folder(tmp)
+        fsynced(tmp / STATE_FILE, lambda handle: handle.write(json.dumps(record, indent=2) + "\n"), "w")
+        _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -151,28 +171,73 @@ def load_rank_state(ctx: DistContext, folder: Path, state: dict[str, Any]) -> tu
         return None, None
     tensors_file, json_file = folder / f"rank{ctx.rank}.pt", folder / f"rank{ctx.rank}.json"
     tensors = load_tensors(tensors_file) if tensors_file.is_file() else None
-    extra = json.loads(json_file.read_text()) if json_file.is_file() else None
+    try:
+        extra = json.loads(json_file.read_text(encoding="utf-8")) if json_file.is_file() else None
+    except (OSError, ValueError) as exc:
+        raise damaged(json_file, exc) from None
     return tensors, extra
 
 
-def prepare_output(output: Path, *, resume: str | None, overwrite: bool, inputs: dict[str, str | None]) -> None:
-    """Refuse an output folder that would lose or mix data: a file, one of the run's inputs (``{flag: path}``), or a
-    folder holding another run's checkpoints unless ``--resume`` or ``--overwrite`` (which deletes them) is given.
-    Removes the leftovers of crashed saves."""
+def prepare_output(output: Path, *, resume: str | None, overwrite: bool, inputs: dict[str, str | None]) -> RunLock:
+    """Make ``output`` safe to write into and lock it (:mod:`.run_folder`; the returned lock is released at the
+    end of the run). Refused (ValueError): a file; an input (``{flag: path}``) that is the folder or lies inside it;
+    a folder in another run's use; a symbolic link among the run's files (``--overwrite`` removes the link itself);
+    a folder holding an earlier run unless ``--resume`` (continue it) or ``--overwrite`` (remove only what a run
+    writes; foreign files stay); ``--resume auto`` with no checkpoint in a folder holding a finished run's model or
+    summary. Removes the leftovers of crashed saves."""
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output}: is a file, not a folder")
-    for flag, value in inputs.items():
-        if value and Path(value).exists() and Path(value).resolve() == output.resolve():
-            raise ValueError(f"--output {output} is the {flag} folder: it would be overwritten; choose another folder")
+    check_inputs_outside(output, inputs)
+    output.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(output)
+    try:
+        _clear_for_run(output, resume, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _importance(name: str) -> tuple[int, str]:
+    order = ("summary.json", "model.safetensors", "checkpoints", "metrics.jsonl")
+    return (order.index(name) if name in order else len(order), name)
+
+
+def _never_trained(entries: list[Path]) -> bool:
+    """Whether ``entries`` are only what a run writes before its first step: its config.yaml and empty tables."""
+    for entry in entries:
+        plain = entry.is_file() and not entry.is_symlink()
+        empty_table = entry.name in ("metrics.jsonl", "completions.jsonl") and plain and entry.stat().st_size == 0
+        if not (entry.name == "config.yaml" and plain) and not empty_table:
+            return False
+    return True
+
+
+def _clear_for_run(output: Path, resume: str | None, overwrite: bool) -> None:
+    entries = run_entries(output)
+    if not overwrite or resume:
+        refuse_links(output, entries)
     root = output / "checkpoints"
-    if list_checkpoints(root) and not resume:
-        if not overwrite:
+    if entries and not resume:
+        if not overwrite and _never_trained(entries):  # a run that failed in its setup: nothing of it to keep
+            log(f"{output}: replacing the settings of a run that never trained a step ({entries[0].name})")
+        elif not overwrite:
+            shown = sorted((e.name for e in entries if not e.name.startswith(".")), key=_importance)
+            names = ", ".join(shown[:4]) + (", ..." if len(shown) > 4 else "")
             raise ValueError(
-                f"{root} holds checkpoints of an earlier run: pass --resume auto to continue it, --overwrite to "
-                "start afresh (deleting them), or choose another --output"
+                f"--output {output} holds an earlier run ({names}): pass --resume auto to continue it, --overwrite "
+                "to replace it (only a run's own files are removed), or choose another --output"
             )
-        for old in list_checkpoints(root):
-            shutil.rmtree(old)
+        else:
+            log(f"--overwrite: removed the earlier run's {len(entries)} entries from {output}")
+        remove_entries(entries)
+    elif resume == "auto" and not list_checkpoints(root):
+        finished = [e.name for e in entries if e.name not in UNFINISHED_RUN_FILES]
+        if finished:
+            raise ValueError(
+                f"--resume auto: {output} holds a finished run ({', '.join(finished[:4])}) but no checkpoint to "
+                "continue; pass --overwrite to replace it, or choose another --output"
+            )
     remove_incomplete(root)
 
 
@@ -186,20 +251,41 @@ RESUME_FREE = frozenset(
 RESUME_NUMERICS = frozenset({"dtype", "backend", "packing", "gradient_checkpointing", "attn_implementation"})
 
 
-def restore(ctx: DistContext, folder: Path, engine: torch.nn.Module, optimizer, scheduler, stage: str):
-    """Load a checkpoint's optimizer, schedule and (written by as many ranks) RNG states into this run; returns
-    ``(state, this rank's tensors, this rank's json)``, the last two None when the number of ranks changed."""
-    state = read_state(folder)
-    if state.get("stage") != stage:
-        raise ValueError(f"--resume {folder}: not a {stage} checkpoint")
+def _check_learning_rates(path: Path, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """ValueError unless the optimizer's learning rates are the ones the schedule gives at its step."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        return
+    expected = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, lambdas, strict=True)]
+    actual = [float(group["lr"]) for group in optimizer.param_groups]
+    if actual != expected:
+        raise ValueError(
+            f"{path}: its learning rates {actual} are not the schedule's {expected} at step {scheduler.last_epoch}; "
+            + START_AFRESH
+        )
+
+
+def restore(ctx: DistContext, folder: Path, state: dict[str, Any], engine: torch.nn.Module, optimizer, scheduler):
+    """Load a checkpoint's optimizer, schedule and (written by as many ranks) RNG states into this run (``state``:
+    its validated trainer_state.json); returns ``(this rank's tensors, this rank's json)``, None when the number of
+    ranks changed. A file that cannot be read or does not fit is one ValueError naming it."""
     rank_tensors, rank_json = load_rank_state(ctx, folder, state)
-    ctx.load_optimizer_state(engine, optimizer, load_tensors(folder / OPTIMIZER_FILE))
+    path = folder / OPTIMIZER_FILE
+    saved = load_tensors(path)
+    try:
+        ctx.load_optimizer_state(engine, optimizer, saved)
+    except (*load_errors(), ValueError, TypeError, AttributeError) as exc:
+        raise damaged(path, exc) from None
     scheduler.load_state_dict(state["scheduler"])
+    _check_learning_rates(path, optimizer, scheduler)
     if rank_tensors is not None:  # per-rank RNG states carry over only to the same number of ranks
         from .runtime import restore_rng
 
-        restore_rng(rank_tensors["rng"])
-    return state, rank_tensors, rank_json
+        try:
+            restore_rng(rank_tensors["rng"])
+        except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+            raise damaged(folder / f"rank{ctx.rank}.pt", exc) from None
+    return rank_tensors, rank_json
 
 
 def check_resume_settings(

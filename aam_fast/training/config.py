@@ -161,10 +161,15 @@ class TrainingConfig:
 
     output: str = option(help="folder for the final model, metrics and checkpoints", group="output")
     overwrite: bool = option(
-        False, help="start afresh in an output folder that holds another run's checkpoints", group="output"
+        False,
+        help="start afresh in an output folder that holds an earlier run, removing only the files a run writes",
+        group="output",
     )
     resume: str | None = option(
-        None, help="'auto' (latest under OUTPUT/checkpoints, or start fresh) or a checkpoint folder", group="output"
+        None,
+        help="'auto' (latest under OUTPUT/checkpoints, or start fresh when no run finished there) or a checkpoint "
+        "folder; refused when the data, rewards or settings differ from the checkpoint's",
+        group="output",
     )
     save_every: int = option(0, help="optimizer steps between checkpoints (0: none)", minimum=0, group="output")
     keep_checkpoints: int = option(2, help="checkpoints kept, newest first (0: all)", minimum=0, group="output")

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .options import file_value, flag_name, option_fields, option_kinds, value_problem
+from .run_folder import write_text_atomic
 
 CONFIG_FILE = "config.yaml"
 NOT_SAVED = {"overwrite": "give --overwrite again to start afresh in a folder that holds a run"}
@@ -165,7 +166,5 @@ def config_text(cfg: Any) -> str:
 def save_config(cfg: Any, folder: str | Path) -> Path:
     """Write ``folder/config.yaml`` (through a temporary file and a rename: never half-written); returns its path."""
     path = Path(folder) / CONFIG_FILE
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(config_text(cfg), encoding="utf-8")
-    os.replace(partial, path)
+    write_text_atomic(path, config_text(cfg))
     return path

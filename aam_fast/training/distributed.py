@@ -280,6 +280,12 @@ class DistContext:
         if sorted(saved) != sorted(current):
             missing = sorted(set(saved) ^ set(current))[:3]
             raise ValueError(f"the checkpoint's optimizer trains other parameters than this run's (e.g. {missing})")
+        shapes = {names[id(p)]: tuple(p.shape) for group in optimizer.param_groups for p in group["params"]}
+        for name, values in state["state"].items():
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shapes.get(name):
+                    shape = tuple(value.shape)
+                    raise ValueError(f"its {key} of {name} has shape {shape}, the parameter {shapes.get(name)}")
         options = StateDictOptions(full_state_dict=self.distributed)
         set_optimizer_state_dict(engine, optimizer, state, options=options)
 

@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 
-from .checkpoints import find_checkpoint, prepare_output
+from .checkpoints import prepare_output
 from .config import STRATEGIES, TrainingConfig
 from .config_file import save_config
 from .distributed import DistContext, env_world_size, setup
 from .optim import build_scheduler, warmup_steps
+from .run_folder import RunLock
 from .runtime import compute_dtype, package_logger, resolve_device, seed_everything, set_threads
 
 
@@ -29,6 +30,13 @@ class Launch:
     device: torch.device
     amp_dtype: torch.dtype
     output: Path | None
+    lock: RunLock | None = None  # rank 0's lock on the output folder, released by :meth:`release`
+
+    def release(self) -> None:
+        """Give the output folder's lock back (at the end of the run, also after an error)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def launch(cfg: Any, inputs: dict[str, str | None] | None = None, *, one_process: str | None = None) -> Launch:
@@ -36,23 +44,27 @@ def launch(cfg: Any, inputs: dict[str, str | None] | None = None, *, one_process
     and ``dtype`` (and ``threads``, ``strategy`` where it has them). ``one_process`` (why the command holds
     everything in one process) refuses a start under torchrun, before any process group. A training run (a
     :class:`TrainingConfig`) also gets its output folder checked and made (``inputs``, ``{flag: path}``, are its
-    input folders and files, which ``--output`` must not be) and every RNG seeded."""
+    input folders and files, which ``--output`` must not be or hold), locked (rank 0 holds the lock; the caller
+    releases it: :meth:`Launch.release`) and every RNG seeded."""
     cfg.validate()
     if one_process is not None and env_world_size() > 1:
         raise ValueError(f"{one_process}; start it without torchrun")
     package_logger()
     set_threads(getattr(cfg, "threads", None))
     ctx = setup(getattr(cfg, "strategy", STRATEGIES[0]), resolve_device(cfg.device))
-    output = None
+    output, lock = None, None
     if isinstance(cfg, TrainingConfig):
         output = Path(cfg.output)
         if ctx.is_main:
-            prepare_output(output, resume=cfg.resume, overwrite=cfg.overwrite, inputs=inputs or {})
-            output.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, output)  # OUTPUT/config.yaml: --config takes it back
+            lock = prepare_output(output, resume=cfg.resume, overwrite=cfg.overwrite, inputs=inputs or {})
+            try:
+                save_config(cfg, output)  # OUTPUT/config.yaml: --config takes it back
+            except BaseException:
+                lock.release()
+                raise
         ctx.barrier()
         seed_everything(cfg.seed)
-    return Launch(ctx, ctx.device, compute_dtype(cfg.dtype, ctx.device), output)
+    return Launch(ctx, ctx.device, compute_dtype(cfg.dtype, ctx.device), output, lock)
 
 
 @contextlib.contextmanager
@@ -68,13 +80,12 @@ def closing(ctx: DistContext) -> Iterator[DistContext]:
 
 @dataclass
 class Engine:
-    """The model ready to train: the root module to call (``engine(batch)``, wrapped for DDP/FSDP2), AdamW, its
-    schedule, and the checkpoint the run resumes from (None when it starts fresh)."""
+    """The model ready to train: the root module to call (``engine(batch)``, wrapped for DDP/FSDP2), AdamW and its
+    schedule."""
 
     engine: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    checkpoint: Path | None
 
 
 def build_engine(
@@ -82,18 +93,14 @@ def build_engine(
     cfg: TrainingConfig,
     model: torch.nn.Module,
     micro_batch_loss: Callable,
-    load_weights: Callable[[torch.nn.Module, Path], None],
     param_groups: Callable[[], list],
     total_steps: int,
 ) -> Engine:
-    """Load the resumed checkpoint's weights into the plain ``model`` (before FSDP2 shards it, so on any number of
-    ranks), put it under the root loss module (``micro_batch_loss(model, batch)``), then build AdamW over
+    """Put the plain ``model`` (a resumed checkpoint's weights already in it: loaded before FSDP2 shards it, so on
+    any number of ranks) under the root loss module (``micro_batch_loss(model, batch)``), then build AdamW over
     ``param_groups()`` (read after wrapping: FSDP2 replaces the parameters) and the warmup-and-decay schedule."""
-    checkpoint = find_checkpoint(cfg.resume, run.output / "checkpoints")
-    if checkpoint is not None:
-        load_weights(model, checkpoint)
     engine = run.ctx.wrap(model, micro_batch_loss, compute_dtype=run.amp_dtype)
     optimizer = torch.optim.AdamW(param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = warmup_steps(total_steps, cfg.warmup_ratio, cfg.warmup_steps)
     scheduler = build_scheduler(optimizer, cfg.lr_schedule, warmup, total_steps)
-    return Engine(engine, optimizer, scheduler, checkpoint)
+    return Engine(engine, optimizer, scheduler)

@@ -13,30 +13,50 @@ from pathlib import Path
 from typing import Any
 
 from .config_file import config_values
+from .run_folder import write_text_atomic
 
 WANDB_MISSING = "--report-to wandb needs the wandb package: pip install wandb"
 WANDB_RUN_ID_FILE = "wandb-run-id.txt"  # in the output folder: the run a resumed run continues
 
 
 class JsonlTable:
-    """Append-only JSONL file; ``keep_until_step=None`` starts it empty, a step keeps the rows up to that step."""
+    """Append-only JSONL file, each row flushed to the disk as it is written. ``keep_until_step=None`` starts it
+    empty; a step keeps the rows up to that step, or, given ``keep_rows`` (how many rows the file held when the
+    resumed checkpoint was saved), exactly the first ``keep_rows`` rows: an evaluation logged after that save is
+    then not logged twice. The file is rewritten through a temporary file (a symbolic link is replaced, never
+    written through); ``rows`` counts the rows it holds."""
 
-    def __init__(self, path: Path, keep_until_step: int | None):
+    def __init__(self, path: Path, keep_until_step: int | None, keep_rows: int | None = None):
         self.path = path
-        if keep_until_step is None or not path.exists():
-            path.write_text("")
-        else:
-            rows = [line for line in path.read_text().splitlines() if line.strip()]
-            kept = [row for row in rows if json.loads(row).get("step", 0) <= keep_until_step]
-            path.write_text("".join(row + "\n" for row in kept))
+        kept: list[str] = []
+        if keep_until_step is not None and path.is_file() and not path.is_symlink():
+            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if keep_rows is not None:
+                kept = lines[:keep_rows]
+            else:
+                kept = [row for row in lines if _row_step(row) <= keep_until_step]
+        write_text_atomic(path, "".join(row + "\n" for row in kept))
+        self.rows = len(kept)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
-        with open(self.path, "a") as handle:
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        with os.fdopen(descriptor, "a", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.rows += len(rows)
 
     def close(self) -> None:
         pass
+
+
+def _row_step(line: str) -> float:
+    try:
+        step = json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return float("inf")  # a damaged row (a crash mid-write) is dropped
+    return step if isinstance(step, (int, float)) else float("inf")
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -76,7 +96,7 @@ class WandbRun:
             dir=None if os.environ.get("WANDB_DIR") else str(output),
             config=config_values(config)[0] if config is not None else None,
         )
-        id_file.write_text(self.run.id + "\n")
+        write_text_atomic(id_file, self.run.id + "\n")
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step", step_sync=True)
 
@@ -89,11 +109,21 @@ class WandbRun:
 
 class MetricsWriter:
     """The step metrics of a run to every sink in ``report_to`` (``jsonl``, ``tensorboard``, ``wandb``).
-    ``resume_step`` is the step a resumed run starts after (None: a fresh run); ``config``, the run's settings,
-    gives wandb its run name and config."""
+    ``resume_step`` is the step a resumed run starts after (None: a fresh run), ``resume_rows`` the number of
+    ``metrics.jsonl`` rows when its checkpoint was saved (None: unknown, the rows up to ``resume_step`` are kept);
+    ``config``, the run's settings, gives wandb its run name and config."""
 
-    def __init__(self, output: Path, report_to: list[str], resume_step: int | None, *, config: Any | None = None):
-        self.jsonl = JsonlTable(output / "metrics.jsonl", resume_step) if "jsonl" in report_to else None
+    def __init__(
+        self,
+        output: Path,
+        report_to: list[str],
+        resume_step: int | None,
+        *,
+        config: Any | None = None,
+        resume_rows: int | None = None,
+    ):
+        jsonl = "jsonl" in report_to
+        self.jsonl = JsonlTable(output / "metrics.jsonl", resume_step, resume_rows) if jsonl else None
         self.tensorboard = None
         if "tensorboard" in report_to:
             try:
@@ -102,6 +132,11 @@ class MetricsWriter:
                 raise ValueError(f"--report-to tensorboard needs the tensorboard package ({exc})") from None
             self.tensorboard = SummaryWriter(str(output / "tensorboard"), purge_step=resume_step)
         self.wandb = WandbRun(output, resume_step is not None, config) if "wandb" in report_to else None
+
+    @property
+    def rows(self) -> int | None:
+        """The rows ``metrics.jsonl`` holds (None without it): a checkpoint records them."""
+        return self.jsonl.rows if self.jsonl is not None else None
 
     def write(self, record: dict[str, Any]) -> None:
         if self.jsonl is not None:
@@ -121,6 +156,8 @@ class MetricsWriter:
 
 class NullWriter:
     """The writer of ranks other than 0."""
+
+    rows = None
 
     def write(self, record: Any) -> None:
         pass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import logging
 import math
 import numbers
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ...data import is_conversational
+from ...training.trainer_state import file_digest
 from .config import RewardFn
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,22 @@ def load_reward_fn(spec: str | RewardFn) -> RewardFn:
     if not callable(fn):
         raise ValueError(f"reward function {spec!r}: {module_name!r} has no callable {function_name!r}")
     return fn
+
+
+def reward_fn_identity(fn: RewardFn) -> str:
+    """A rule function as a run's identity: its file's name, its name and the SHA-256 of its file's bytes."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    source = None
+    for target in (fn, type(fn)):
+        try:
+            source = inspect.getsourcefile(target)
+        except TypeError:
+            continue
+        if source:
+            break
+    if not source or not Path(source).is_file():
+        return f"{name} (no source file)"
+    return f"{Path(source).name}:{name} sha256 {file_digest(source)[:16]}"
 
 
 def completions_for_fns(prompts: Sequence, texts: Sequence[str]) -> list:
@@ -85,6 +103,22 @@ class RewardSources:
         ]
         count = len(self.names)
         self.weights = torch.tensor(list(weights) if weights is not None else [1.0] * count, dtype=torch.float32)
+
+    def identity(self, reward_model: str | None) -> dict[str, str]:
+        """The sources by content: each rule function (:func:`reward_fn_identity`) with its weight, and the reward
+        model (the SHA-256 of its folder's config files, or the scorer given from Python) with its weight."""
+        weights = [float(w) for w in self.weights.tolist()]
+        fn_weights = weights[1:] if self.scorer is not None else weights
+        fns = [f"{reward_fn_identity(fn)} weight {w}" for fn, w in zip(self.fns, fn_weights, strict=True)]
+        scorer = "none"
+        if self.scorer is not None:
+            scorer = f"{getattr(self.scorer, '__qualname__', type(self.scorer).__qualname__)} (from Python)"
+            if reward_model is not None:
+                files = [Path(reward_model) / name for name in ("config.json", "aam_fast.json")]
+                digests = [file_digest(f)[:16] for f in files if f.is_file()]
+                scorer = f"config sha256 {'/'.join(digests) or 'none'}"
+            scorer += f" weight {weights[0]}"
+        return {"--reward-fn": "; ".join(fns) or "none", "--reward-model": scorer}
 
     def __call__(self, prompts: list, completions: list, columns: dict[str, list]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(total [n], per_source [n, sources])`` float32 on the CPU; NaN where a source gave None."""

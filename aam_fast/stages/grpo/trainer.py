@@ -29,10 +29,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
-from ...data import IGNORE_INDEX, load_prompt_records
+from ...data import IGNORE_INDEX, load_prompt_records, records_fingerprint
 from ...losses import GRPOLoss, default_normalizer, group_advantages
 from ...modeling import AdaptersOff, add_configured_lora, apply_liger, make_reference
 from ...modeling.heads import head_inputs, lm_head_of
@@ -41,6 +42,7 @@ from ...training.lifecycle import Trainer
 from ...training.metrics import JsonlTable
 from ...training.optim import check_loss, optimizer_step
 from ...training.runtime import autocast, log
+from ...training.trainer_state import START_AFRESH, STATE_FILE
 from .config import GRPOConfig
 from .policy import (
     eos_token_ids,
@@ -70,7 +72,8 @@ class GRPOTrainer(Trainer):
     # samples, the reward model's scoring batch, and the prompt source (their count is checked).
     resume_free = frozenset({"max_steps", "log_completions_every", "rm_batch_size", "prompts"})
     resume_numerics = frozenset({"generation"})  # shared-prefix or generate: the same draws but for rounding
-    unrecorded = frozenset({"prompts", "reward_fns"})  # Python objects possibly: the prompt count is checked instead
+    unrecorded = frozenset({"prompts", "reward_fns"})  # Python objects possibly: their content is the identity
+    state_fields: ClassVar[dict[str, Any]] = {"data": dict, "mid_rollout": bool, "iteration": int}
     cfg: GRPOConfig
 
     def __init__(self, cfg: GRPOConfig, scorer: Callable | None = None):
@@ -86,7 +89,16 @@ class GRPOTrainer(Trainer):
         inputs = {"--policy": cfg.policy, "--reward-model": cfg.reward_model, "--scenes": cfg.scenes}
         if isinstance(cfg.prompts, str):
             inputs["--prompts"] = cfg.prompts
+        files = [spec.split(":")[0] for spec in cfg.reward_fns if isinstance(spec, str) and ":" in spec]
+        for index, path in enumerate(f for f in files if f.endswith(".py")):
+            inputs["--reward-fn" + (f" #{index + 1}" if index else "")] = path
         return inputs
+
+    def identity(self) -> dict[str, str]:
+        """The prompt records and every reward source by content."""
+        return {"--prompts": f"fingerprint {records_fingerprint(self.records)[:16]}"} | self.rewards.identity(
+            self.cfg.reward_model
+        )
 
     # -- setup ------------------------------------------------------------------------------------------------
 
@@ -364,6 +376,13 @@ class GRPOTrainer(Trainer):
         """The data position and, written by as many ranks, an unfinished rollout (ValueError on another number of
         ranks, or for another prompt count). On another number of ranks the RNG states stay at this run's seeded
         start (sampling does not use them: each completion has its own seed)."""
+        data = state["data"]
+        position = [data.get(key) for key in ("epoch", "index", "prompts")]
+        if not all(type(value) is int and value >= 0 for value in position) or state["iteration"] < 0:
+            raise ValueError(
+                f"{folder / STATE_FILE}: 'data' {data!r} or 'iteration' {state['iteration']!r} is not a position in "
+                f"the prompts; {START_AFRESH}"
+            )
         if state["mid_rollout"] and rank_tensors is None:
             saved = state["world_size"]
             writer = "one process" if saved == 1 else f"{saved} ranks"

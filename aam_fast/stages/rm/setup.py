@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ...data import EncodedPair, PairEncoder, TruncationStats, encode_pairs, load_train_dev
+from ...data import EncodedPair, PairEncoder, TruncationStats, encode_pairs, load_train_dev, pairs_fingerprint
 from ...modeling import (
     RewardModel,
     add_configured_lora,
@@ -63,11 +63,14 @@ def load_pairs(cfg: RMConfig) -> tuple[list, list]:
 
 @dataclass
 class EncodedData:
-    """The run's encoded training and dev pairs and the training pairs' truncation counts."""
+    """The run's encoded training and dev pairs, the training pairs' truncation counts and the content
+    fingerprints of both (:func:`aam_fast.data.pairs_fingerprint`: the run's identity)."""
 
     train: list[EncodedPair]
     dev: list[EncodedPair]
     stats: TruncationStats
+    train_fingerprint: str
+    dev_fingerprint: str
 
 
 def encode_data(cfg: RMConfig, tokenizer, progress: bool) -> EncodedData:
@@ -78,7 +81,8 @@ def encode_data(cfg: RMConfig, tokenizer, progress: bool) -> EncodedData:
     train, stats = encode_pairs(train_pairs, encoder, **options)
     dev, _ = encode_pairs(dev_pairs, encoder, **options)
     log(f"data: {len(train)} train / {len(dev)} dev pairs; {stats.describe()}")
-    return EncodedData(train, dev, stats)
+    fingerprints = pairs_fingerprint(train_pairs, encoder), pairs_fingerprint(dev_pairs, encoder)
+    return EncodedData(train, dev, stats, *fingerprints)
 
 
 def count_steps(cfg: RMConfig, n_pairs: int, global_batch: int) -> tuple[int, int]:

@@ -21,7 +21,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -41,6 +41,7 @@ from ...modeling import (
 from ...training.distributed import ScoringView
 from ...training.lifecycle import Trainer
 from ...training.optim import check_loss, optimizer_step
+from ...training.run_folder import write_text_atomic
 from ...training.runtime import autocast, log
 from .config import RMConfig
 from .evaluate import evaluate_pairs, format_report
@@ -70,8 +71,15 @@ class RMTrainer(Trainer):
     examples = "pairs"
     # train-rm's settings a resumed run may change beside the shared ones, and those that change only how the same
     # numbers are computed (allowed with a log line).
-    resume_free = frozenset({"eval_every", "eval_batch_size", "skip_invalid"})
+    # The data's paths are free: their content is the run's identity (a fingerprint, checked on resume).
+    resume_free = frozenset({"eval_every", "eval_batch_size", "skip_invalid", "data", "eval_data"})
     resume_numerics = frozenset({"cache_trunk", "precompute_ref_logps"})
+    state_fields: ClassVar[dict[str, Any]] = {
+        "total_steps": int,
+        "micro_batches": int,
+        "epoch": (int, float),
+        "loss": (int, float),
+    }
     cfg: RMConfig
 
     @property
@@ -80,6 +88,11 @@ class RMTrainer(Trainer):
 
     def inputs(self) -> dict[str, str | None]:
         return {"--model": self.cfg.model, "--data": self.cfg.data, "--eval-data": self.cfg.eval_data}
+
+    def identity(self) -> dict[str, str]:
+        """The training and dev pairs by content (fingerprints of texts, order, margins and tokenisation)."""
+        dev = "--eval-data" if self.cfg.eval_data else "--data (dev split)"
+        return {"--data": f"fingerprint {self.train_fingerprint[:16]}", dev: f"fingerprint {self.dev_fingerprint[:16]}"}
 
     # -- setup ------------------------------------------------------------------------------------------------
 
@@ -96,6 +109,7 @@ class RMTrainer(Trainer):
         self.reference = make_reference(self.model, cfg) if cfg.needs_reference else None
         data = self.load_data()
         self.train_encoded, self.dev_encoded, self.stats = data.train, data.dev, data.stats
+        self.train_fingerprint, self.dev_fingerprint = data.train_fingerprint, data.dev_fingerprint
         self.per_epoch, self.total_steps = count_steps(cfg, len(self.train_encoded), self.global_batch)
         self.reference_logps: ReferenceLogps | None = None
         if self.reference is not None and cfg.precompute_ref_logps and not cfg.cache_trunk:
@@ -341,12 +355,12 @@ class RMTrainer(Trainer):
                 f"{folder} was written by a run of {state['total_steps']} steps; this one has {self.total_steps}"
             )
 
-    def export(self, final_report: dict[str, Any] | None) -> None:
+    def export(self, final_report: dict[str, Any] | None, folder: Path) -> None:
         metadata = self._metadata()
         metadata["final_eval"] = (
             None if final_report is None else {k: final_report[k] for k in ("accuracy", "length_baseline", "num_pairs")}
         )
-        self._write_model(self.output, metadata)
+        self._write_model(folder, metadata)
 
     def finish(self, history: list[dict[str, Any]], final_report: dict[str, Any] | None) -> dict[str, Any]:
         """The run's summary (also written to ``output/summary.json``)."""
@@ -363,7 +377,7 @@ class RMTrainer(Trainer):
             "truncation": dataclasses.asdict(self.stats),
         }
         if self.ctx.is_main:
-            (self.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_text_atomic(self.output / "summary.json", json.dumps(summary, indent=2) + "\n")
         log(format_summary(summary))
         return summary
 

@@ -19,6 +19,7 @@ from ....data import (
     choose_pad_token_id,
     encode_pairs,
     load_eval_sets,
+    pairs_fingerprint,
 )
 from ....modeling import RewardModel, make_reference
 from ....training.launch import Launch
@@ -50,6 +51,7 @@ class SharedInputs:
     pad_token_id: int
     device: torch.device
     amp_dtype: torch.dtype | None
+    train_fingerprint: str  # the training pairs' content (:func:`aam_fast.data.pairs_fingerprint`)
 
 
 def _eval_pairs(cfg: CompareConfig, dev_pairs: list) -> list[tuple[str, list]]:
@@ -105,6 +107,7 @@ def prepare_inputs(run: Launch, cfg: CompareConfig, first: RMConfig, needs_refer
     options = {"num_proc": cfg.num_proc, "cache": cfg.tokenize_cache, "progress": cfg.progress}
     train, stats = encode_pairs(train_pairs, encoder, **options)
     encoded_sets = [(name, encode_pairs(pairs, encoder, **options)[0]) for name, pairs in eval_raw]
+    fingerprint = pairs_fingerprint(train_pairs, encoder)
     size = check_trunk_budget(cfg, [train] + [pairs for _, pairs in encoded_sets], model, amp_dtype)
     log(
         f"data: {len(train)} train pairs; eval sets "
@@ -124,4 +127,4 @@ def prepare_inputs(run: Launch, cfg: CompareConfig, first: RMConfig, needs_refer
     eval_sets = [
         EvalSet(name, pairs, TrunkCache(model, pairs, pad_token_id, **caching)) for name, pairs in encoded_sets
     ]
-    return SharedInputs(train, stats, train_cache, eval_sets, pad_token_id, device, amp_dtype)
+    return SharedInputs(train, stats, train_cache, eval_sets, pad_token_id, device, amp_dtype, fingerprint)

@@ -42,7 +42,7 @@ class VariantTrainer(RMTrainer):
         super().__init__(cfg)
 
     def load_data(self) -> EncodedData:
-        return EncodedData(self.shared.train, [], self.shared.stats)
+        return EncodedData(self.shared.train, [], self.shared.stats, self.shared.train_fingerprint, "no dev pairs")
 
     def cache_trunk(self):
         return self.shared.train_cache
@@ -118,18 +118,22 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     run = launch(
         cfg, {"--model": cfg.model, "--data": cfg.data}, one_process="compare runs in one process (one cached trunk)"
     )
-    with closing(run.ctx):
-        variants = expand_variants(cfg)
-        configs = [variant_config(cfg, v) for v in variants]
-        shared = prepare_inputs(run, cfg, configs[0], needs_reference=any(c.needs_reference for c in configs))
-        trunk_seconds = time.time() - started
-        log(f"cached the frozen trunk of every sequence in {trunk_seconds:.1f} s; training {len(variants)} variants")
-        results, first_state = [], None
-        for variant, variant_cfg in zip(variants, configs, strict=True):
-            result, state = train_variant(variant_cfg, variant, shared, first_state)
-            first_state = first_state or state
-            results.append(result)
-        cost = {"prepare_seconds": round(trunk_seconds, 1), "total_seconds": round(time.time() - started, 1)}
-        report = build_report(cfg, shared, results, cost)
-        write_outputs(report, run.output)
+    try:
+        with closing(run.ctx):
+            variants = expand_variants(cfg)
+            configs = [variant_config(cfg, v) for v in variants]
+            shared = prepare_inputs(run, cfg, configs[0], needs_reference=any(c.needs_reference for c in configs))
+            trunk_seconds = time.time() - started
+            seconds = f"{trunk_seconds:.1f} s"
+            log(f"cached the frozen trunk of every sequence in {seconds}; training {len(variants)} variants")
+            results, first_state = [], None
+            for variant, variant_cfg in zip(variants, configs, strict=True):
+                result, state = train_variant(variant_cfg, variant, shared, first_state)
+                first_state = first_state or state
+                results.append(result)
+            cost = {"prepare_seconds": round(trunk_seconds, 1), "total_seconds": round(time.time() - started, 1)}
+            report = build_report(cfg, shared, results, cost)
+            write_outputs(report, run.output)
+    finally:
+        run.release()  # the comparison folder's lock
     return report
