@@ -18,11 +18,10 @@ from .grpo_options import (
     AGGREGATIONS,
     EntropyGather,
     check_options,
-    clipped_surrogate,
-    high_entropy_mask,
     is_local,
     log_importance_weights,
     normalize_then_sum,
+    policy_loss,
 )
 
 KL_KINDS = ("k1", "k2", "k3")  # per-token KL estimators (`kl_penalty`)
@@ -74,12 +73,16 @@ def resolve_loss_type(loss_type: str) -> str:
     raise ValueError(f"loss_type must be one of {LOSS_TYPES} (or TRL's {tuple(LOSS_TYPE_ALIASES)}), got {loss_type!r}")
 
 
-def _check_grpo_args(epsilon, epsilon_high, kl, loss_type):
+def _check_grpo_args(epsilon, epsilon_high, kl, loss_type, level="token", delta=None, quantile=1.0) -> float:
+    """ValueError naming a setting outside its range; returns ε_high (``epsilon_high``, default ``epsilon``)."""
     if kl not in KL_KINDS:
         raise ValueError(f"kl must be one of {KL_KINDS}, got {kl!r}")
     resolve_loss_type(loss_type)
     if not epsilon >= 0 or (epsilon_high is not None and not epsilon_high >= 0):
         raise ValueError(f"epsilon and epsilon_high must be non-negative, got {epsilon!r}, {epsilon_high!r}")
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    check_options(level, delta, quantile, eps_high)
+    return eps_high
 
 
 def _check_normalizer(normalizer) -> float:
@@ -144,47 +147,35 @@ def grpo_loss(
     """GRPO clipped-surrogate loss of completion tokens, its gradient formed during the forward pass.
 
     Per token, `ρ = exp(ℓ − ℓ_old)` (ℓ_old = detached ℓ when `old_logps` is None), `loss_t = −m_t·min(ρ'A,
-    clip(ρ, 1−ε, 1+ε_high)A) + β·KL_t − entropy_coef·H_t` with `ρ' = min(ρ, delta)` when `delta` is set (two-sided
-    clipping; `delta > 1 + ε_high`), else `ρ`; `importance_sampling_level="sequence"` (GSPO) uses one ratio per
-    sequence, `s_i = exp(mean_t(ℓ_t − ℓ_old,t))` over its completion tokens, with the gradient `s_i·∇ℓ_t` at each
-    token (`sg[s_i]·exp(ℓ_t − sg[ℓ_t])`); `m_t` is 1, or with `top_entropy_quantile = q < 1` whether `H_t` is at
-    least the `1 − q` quantile of the batch's completion-token entropies (every rank's when `entropy_gather` maps
-    this process's values to all of them); `q = 1` is the plain loss, bit for bit. Summed over completion tokens
-    (targets !=
-    ignore_index) and divided by `normalizer`: total tokens ("token-mean"), sequences after a per-sequence token
-    mean ("seq-mean-token-mean"), or sequences × max_completion_length ("seq-mean-token-sum-norm", Dr. GRPO).
+    clip(ρ, 1−ε, 1+ε_high)A) + β·KL_t − entropy_coef·H_t`: `ρ' = min(ρ, delta)` when `delta` is set (two-sided
+    clipping, `delta > 1 + ε_high`), else `ρ`; `importance_sampling_level="sequence"` (GSPO): one ratio per
+    sequence, `s_i = exp(mean_t(ℓ_t − ℓ_old,t))`, with the gradient `s_i·∇ℓ_t` at each token; `m_t` = 1, or with
+    `top_entropy_quantile = q < 1` whether `H_t` is in the top q of the batch's completion-token entropies (every
+    rank's through `entropy_gather`; :mod:`.grpo_options`); q = 1 is the plain loss, bit for bit. Summed over
+    completion tokens (targets != ignore_index) and divided by `normalizer`: total tokens ("token-mean"),
+    sequences after a per-sequence token mean ("seq-mean-token-mean"), or sequences × max_completion_length
+    ("seq-mean-token-sum-norm", Dr. GRPO).
     `normalizer=None` uses this batch's own; a given `normalizer` must be a positive finite number (ValueError
     otherwise). `loss_type` may also be a TRL name (`LOSS_TYPE_ALIASES`). Values of `old_logps`, `ref_logps` and
     `advantages` at ignored positions never reach the loss or its gradient (NaN or −inf there is harmless).
     hidden `[B, T, D]`, targets `[B, T]`, advantages `[B]`, old_logps/ref_logps `[B, T]`. `grad_filter_eps` (off
     by default) as in `linear_logprobs`.
     """
-    _check_grpo_args(epsilon, epsilon_high, kl, loss_type)
-    eps_high = epsilon if epsilon_high is None else epsilon_high
-    check_options(importance_sampling_level, delta, top_entropy_quantile, eps_high)
+    eps_high = _check_grpo_args(
+        epsilon, epsilon_high, kl, loss_type, importance_sampling_level, delta, top_entropy_quantile
+    )
     loss_type = resolve_loss_type(loss_type)
     advantages = _check_grpo_tensors(targets, advantages, old_logps, ref_logps, beta)
     valid = targets != ignore_index
     mask = valid.float()
-    if normalizer is None:
-        scale = 1.0 / max(default_normalizer(mask, loss_type, max_completion_length), 1.0)  # 1 for an empty batch
-    else:
-        scale = 1.0 / _check_normalizer(normalizer)
+    scale = _loss_scale(normalizer, mask, loss_type, max_completion_length)
     with_entropy = compute_entropy or entropy_coef != 0 or top_entropy_quantile < 1.0
-    # Values at ignored positions are replaced (selected away, never multiplied by 0), so a NaN or −inf there in
-    # old_logps, ref_logps or an advantage never reaches the loss or its gradient.
-    adv = torch.where(valid, advantages[:, None], 0.0)
+    adv = torch.where(valid, advantages[:, None], 0.0)  # selected away, so NaN or −inf there never reaches the loss
+    clip = (epsilon, eps_high, importance_sampling_level, delta)
 
     def token_loss(logps, entropy):
         old = logps.detach() if old_logps is None else torch.where(valid, old_logps.float(), logps.detach())
-        if importance_sampling_level == "token" and delta is None:
-            ratio = torch.exp(logps - old)
-            per_token = -torch.minimum(ratio * adv, ratio.clamp(1.0 - epsilon, 1.0 + eps_high) * adv)
-        else:
-            ratio = torch.exp(log_importance_weights(logps, old, valid, importance_sampling_level))
-            per_token = -clipped_surrogate(ratio, adv, epsilon, eps_high, delta)
-        if top_entropy_quantile < 1.0:
-            per_token = per_token * high_entropy_mask(entropy, valid, top_entropy_quantile, entropy_gather)
+        per_token = policy_loss(logps, old, adv, valid, clip, entropy, top_entropy_quantile, entropy_gather)
         if beta != 0:
             ref = torch.where(valid, ref_logps.float(), logps.detach())
             per_token = per_token + beta * kl_penalty(logps, ref, kl)
@@ -195,22 +186,20 @@ def grpo_loss(
             return (per_token.sum(-1) / mask.sum(-1).clamp_min(1.0)).sum() * scale
         return per_token.sum() * scale
 
+    op = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, grad_filter_eps=grad_filter_eps)
+    local = is_local(importance_sampling_level, top_entropy_quantile)
     loss, logps, entropy = linear_local_loss(
-        hidden,
-        weight,
-        targets,
-        token_loss,
-        bias=bias,
-        temperature=temperature,
-        ignore_index=ignore_index,
-        with_entropy=with_entropy,
-        backend=backend,
-        grad_filter_eps=grad_filter_eps,
-        local=is_local(importance_sampling_level, top_entropy_quantile),
+        hidden, weight, targets, token_loss, with_entropy=with_entropy, backend=backend, local=local, **op
     )
-    clip = (epsilon, eps_high, importance_sampling_level)
     stats = _grpo_stats(logps, entropy, valid, advantages, old_logps, ref_logps, clip, kl)
     return GRPOOutput(loss=loss, logps=logps, entropy=entropy, stats=stats)
+
+
+def _loss_scale(normalizer, mask: torch.Tensor, loss_type: str, max_completion_length: int | None) -> float:
+    """1 / the normaliser: the given one (checked), else this batch's own (at least 1: an empty batch)."""
+    if normalizer is None:
+        return 1.0 / max(default_normalizer(mask, loss_type, max_completion_length), 1.0)
+    return 1.0 / _check_normalizer(normalizer)
 
 
 def _check_grpo_tensors(targets, advantages, old_logps, ref_logps, beta) -> torch.Tensor:
@@ -237,9 +226,9 @@ def _grpo_stats(logps, entropy, valid, advantages, old_logps, ref_logps, clip, k
     a completion token (+inf and −inf when there is none), as TRL's `clip_ratio/low_min` and `high_max`.
 
     Ignored positions are selected away before any arithmetic, as in the loss. ``clip``: ``(ε, ε_high,
-    importance_sampling_level)``; a token is clipped when the ratio the loss clips (its sequence's, under
+    importance_sampling_level, delta)``; a token is clipped when the ratio the loss clips (its sequence's, under
     ``"sequence"``) is outside the range on its advantage's side."""
-    epsilon, eps_high, level = clip
+    epsilon, eps_high, level, _ = clip
     old = logps if old_logps is None else torch.where(valid, old_logps.float(), logps)
     ratio = torch.exp(log_importance_weights(logps, old, valid, level, detach=True))
     adv = torch.where(valid, advantages[:, None], 0.0)
@@ -287,10 +276,7 @@ class GRPOLoss(nn.Module):
         top_entropy_quantile: float = 1.0,
     ):
         super().__init__()
-        _check_grpo_args(epsilon, epsilon_high, kl, loss_type)
-        check_options(
-            importance_sampling_level, delta, top_entropy_quantile, epsilon if epsilon_high is None else epsilon_high
-        )
+        _check_grpo_args(epsilon, epsilon_high, kl, loss_type, importance_sampling_level, delta, top_entropy_quantile)
         self.config = dict(
             epsilon=epsilon,
             epsilon_high=epsilon_high,

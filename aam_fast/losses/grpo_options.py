@@ -64,6 +64,22 @@ def clipped_surrogate(ratio, adv, epsilon: float, eps_high: float, delta: float 
     return torch.minimum(unclipped * adv, ratio.clamp(1.0 - epsilon, 1.0 + eps_high) * adv)
 
 
+def policy_loss(logps, old, adv, valid, clip: tuple, entropy, quantile: float, gather: EntropyGather | None):
+    """The per-token policy-gradient loss ``−m_t·min(ρ'A, clip(ρ, 1−ε, 1+ε_high)A)`` (``clip``: ``(ε, ε_high,
+    importance_sampling_level, delta)``; ``m_t`` the :func:`high_entropy_mask` when ``quantile < 1``). With the
+    plain settings, exactly GRPO's per-token expression."""
+    epsilon, eps_high, level, delta = clip
+    if level == "token" and delta is None:
+        ratio = torch.exp(logps - old)
+        per_token = -torch.minimum(ratio * adv, ratio.clamp(1.0 - epsilon, 1.0 + eps_high) * adv)
+    else:
+        ratio = torch.exp(log_importance_weights(logps, old, valid, level))
+        per_token = -clipped_surrogate(ratio, adv, epsilon, eps_high, delta)
+    if quantile < 1.0:
+        per_token = per_token * high_entropy_mask(entropy, valid, quantile, gather)
+    return per_token
+
+
 @torch.no_grad()
 def high_entropy_mask(
     entropy: torch.Tensor, valid: torch.Tensor, quantile: float, gather: EntropyGather | None = None
