@@ -261,3 +261,312 @@ def test_normalize_then_sum_normalises_each_source_in_its_group_then_the_sum_ove
     scaled[:, 1] *= 100.0
     again = multi_objective_advantages(scaled, weights, 4, aggregation="normalize_then_sum")
     assert torch.allclose(again, got, atol=1e-4)
+
+
+# -- train-grpo on the tiny model ------------------------------------------------------------------------------
+
+STORY_PROMPTS = [
+    {"prompt": p} for p in ["Once upon a time", "One day", "Lily was", "The cat", "Tom and", "There was a"]
+]
+FLAT = {"One day", "The cat"}  # prompts whose completions all get the same reward (uninformative groups)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tiny_paths, tiny_period_id, tmp_path_factory):
+    """The session's tiny Llama whose generation config also ends a completion at ".", so that its short
+    completions are a mix of EOS-ended and truncated ones."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("period") / "policy"
+    shutil.copytree(tiny_paths["model"], folder)
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    eos = config.get("eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    config["eos_token_id"] = [*eos, tiny_period_id]
+    path.write_text(json.dumps(config))
+    return str(folder)
+
+
+def share_of_a(prompts, completions, **columns):
+    """The fraction of 'a' in the completion; 0.5 for the FLAT prompts (all-equal rewards in their groups)."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [0.5 if p in FLAT else t.count("a") / max(len(t), 1) for p, t in zip(prompts, texts, strict=True)]
+
+
+def length_reward(prompts, completions, **columns):
+    return [float(len(c)) for c in completions]
+
+
+def small_config(policy_dir, tmp_path, **overrides):
+    from aam_fast.stages.grpo import GRPOConfig
+
+    settings = dict(
+        policy=policy_dir,
+        prompts=STORY_PROMPTS,
+        output=str(tmp_path / "run"),
+        reward_fns=[share_of_a],
+        num_generations=4,
+        max_new_tokens=6,
+        batch_size=2,
+        lr=1e-3,
+        max_steps=2,
+        progress=False,
+        log_completions_every=1,
+    )
+    settings.update(overrides)
+    return GRPOConfig(**settings)
+
+
+def untimed(rows) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.startswith("timing/")} for row in rows]
+
+
+def test_masked_truncated_completions_get_no_loss_and_are_not_counted(policy_dir, tmp_path):
+    """The step's loss is the plain loss of the completions that ended with EOS, over their own count; the
+    truncated ones still have rewards and advantages."""
+    from aam_fast.modeling.heads import head_inputs, lm_head_of
+    from aam_fast.stages.grpo import GRPOTrainer
+    from aam_fast.stages.grpo.rollout import completion_hidden
+
+    config = small_config(policy_dir, tmp_path, mask_truncated_completions=True, beta=0.04, max_new_tokens=12)
+    trainer = GRPOTrainer(config)
+    batches, _ = trainer.make_rollout()
+    truncated = torch.cat([b.truncated for b in batches])
+    assert 0 < int(truncated.sum()) < truncated.numel()  # the tiny model's 6-token completions: some of each
+    assert all(b.advantages is not None and b.rewards.shape == b.truncated.shape for b in batches)
+    loss, totals = trainer.accumulate_gradients(batches)
+    kept = sum(int(b.mask[~b.truncated].sum()) for b in batches)
+    assert totals["tokens"] == kept
+    expected = 0.0
+    for b in batches:
+        rows = ~b.truncated
+        with torch.no_grad():  # the same forward as the loss's
+            hidden = completion_hidden(trainer.policy, b.input_ids, b.attention_mask, b.prompt_len)
+            hidden, weight, bias = head_inputs(hidden, *lm_head_of(trainer.policy), torch.float32)
+        out = aam_fast.grpo_loss(
+            hidden[rows], weight, b.targets[rows], b.advantages[rows], ref_logps=b.ref_logps[rows], bias=bias,
+            normalizer=kept, beta=0.04,
+        )  # fmt: skip
+        expected += out.loss.item()
+    assert loss == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_mix_reference_moves_the_reference_toward_the_policy():
+    from aam_fast.modeling.reference import mix_reference
+
+    policy, reference = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    mix_reference(reference, policy, 0.25)
+    for name, value in reference.state_dict().items():
+        expected = 0.25 * policy.state_dict()[name].double() + 0.75 * before[name].double()
+        assert torch.allclose(value.double(), expected, atol=1e-7)
+    with pytest.raises(ValueError, match="do not match"):
+        mix_reference(torch.nn.Linear(3, 2, bias=False), policy, 0.5)
+
+
+def test_sync_ref_model_mixes_every_n_steps_and_resumes_exactly(policy_dir, tmp_path):
+    """--ref-model-sync-steps 2: the reference moves after steps 2 and 4 only, to alpha·policy + (1−alpha)·ref;
+    checkpoints hold it, so a run stopped at step 3 and resumed ends where the uninterrupted one ends."""
+    from safetensors.torch import load_file
+
+    from aam_fast.stages.grpo import GRPOTrainer, train_grpo
+
+    common = dict(beta=0.04, sync_ref_model=True, ref_model_mixup_alpha=0.5, ref_model_sync_steps=2, save_every=1)
+    trainer = GRPOTrainer(small_config(policy_dir, tmp_path, output=str(tmp_path / "a"), max_steps=4, **common))
+    initial = {k: v.clone() for k, v in trainer.reference.named_parameters()}
+    trainer.train_step()
+    assert all(torch.equal(v, initial[k]) for k, v in trainer.reference.named_parameters())  # step 1: untouched
+    trainer.train_step()
+    policy = dict(trainer.policy.named_parameters())
+    for name, value in trainer.reference.named_parameters():
+        expected = torch.lerp(initial[name], policy[name].detach(), 0.5)
+        assert torch.equal(value, expected), name
+
+    full = train_grpo(small_config(policy_dir, tmp_path, output=str(tmp_path / "full"), max_steps=5, **common))
+    part = tmp_path / "part"
+    train_grpo(small_config(policy_dir, tmp_path, output=str(part), max_steps=3, **common))
+    saved = load_file(part / "checkpoints" / "checkpoint-2" / "reference.safetensors")
+    assert saved.keys() == dict(trainer.reference.named_parameters()).keys()
+    assert not (part / "reference.safetensors").exists()  # the final export is the policy alone
+    resumed = train_grpo(small_config(policy_dir, tmp_path, output=str(part), max_steps=5, resume="auto", **common))
+    assert untimed(resumed) == untimed(full[3:])
+    a, b = load_file(part / "model.safetensors"), load_file(tmp_path / "full" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(delta=1.2), r"--delta 1.2 must exceed 1 \+ --epsilon-high"),
+        (dict(sync_ref_model=True, beta=0.0), "--sync-ref-model needs a reference model"),
+        (dict(sync_ref_model=True, lora_r=4), "--sync-ref-model cannot run with --lora-r"),
+        (dict(top_entropy_quantile=0.0), "--top-entropy-quantile"),
+        (dict(ref_model_mixup_alpha=1.5), "--ref-model-mixup-alpha"),
+        (dict(max_resample_rounds=-1), "--max-resample-rounds"),
+    ],
+)
+def test_option_settings_are_checked(tmp_path, overrides, message):
+    config = small_config("policy", tmp_path, **overrides)
+    with pytest.raises(ValueError, match=message):
+        config.validate()
+
+
+def test_cli_takes_the_options():
+    import argparse
+
+    from aam_fast.stages.grpo import GRPOConfig
+    from aam_fast.training import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, GRPOConfig)
+    flags = "--policy p --prompts q --reward-fn m:f --mask-truncated-completions --importance-sampling-level sequence"
+    flags += " --delta 2.0 --top-entropy-quantile 0.2 --sync-ref-model --ref-model-mixup-alpha 0.9"
+    flags += " --ref-model-sync-steps 64 --dynamic-sampling --max-resample-rounds 2"
+    flags += " --multi-objective-aggregation normalize_then_sum"
+    cfg = config_from_args(GRPOConfig, parser.parse_args(flags.split()))
+    assert (cfg.mask_truncated_completions, cfg.importance_sampling_level, cfg.delta) == (True, "sequence", 2.0)
+    assert (cfg.top_entropy_quantile, cfg.sync_ref_model, cfg.ref_model_mixup_alpha) == (0.2, True, 0.9)
+    assert (cfg.ref_model_sync_steps, cfg.dynamic_sampling, cfg.max_resample_rounds) == (64, True, 2)
+    assert cfg.multi_objective_aggregation == "normalize_then_sum"
+    cfg.validate()
+
+
+def test_normalize_then_sum_in_the_trainer(policy_dir, tmp_path):
+    """Two rule rewards on very different scales: the rollout's advantages are multi_objective_advantages of the
+    per-source table."""
+    from aam_fast.stages.grpo import GRPOTrainer
+
+    config = small_config(
+        policy_dir, tmp_path, reward_fns=[share_of_a, length_reward], reward_weights=[1.0, 0.5], beta=0.0,
+        multi_objective_aggregation="normalize_then_sum", grad_accum=2,
+    )  # fmt: skip
+    trainer = GRPOTrainer(config)
+    batches, _ = trainer.make_rollout()
+    table = torch.cat([b.reward_table for b in batches])
+    expected = multi_objective_advantages(table, torch.tensor([1.0, 0.5]), 4, aggregation="normalize_then_sum")
+    assert torch.equal(torch.cat([b.advantages for b in batches]), expected)
+    plain = multi_objective_advantages(table, torch.tensor([1.0, 0.5]), 4)
+    assert not torch.allclose(expected, plain, atol=1e-3)
+
+
+def _position(stream) -> int:
+    return stream.epoch * len(stream.records) + stream.index
+
+
+def test_dynamic_sampling_drops_refills_and_counts(policy_dir, tmp_path):
+    """Groups with all-equal rewards are replaced by the next prompts of the stream; the step ends with only
+    informative groups, and the stream advanced by the refills."""
+    from aam_fast.stages.grpo import GRPOTrainer
+
+    trainer = GRPOTrainer(small_config(policy_dir, tmp_path, grad_accum=2, dynamic_sampling=True, beta=0.0))
+    start = _position(trainer.stream)
+    batches, metrics = trainer.make_rollout()
+    dropped, left_out = metrics["dynamic_sampling/groups_dropped"], metrics["dynamic_sampling/groups_left_out"]
+    assert dropped >= 1 and left_out == 0 and metrics["dynamic_sampling/rounds"] >= 2
+    assert _position(trainer.stream) - start == 4 + dropped  # every dropped group's slot took the next prompt
+    for batch in batches:
+        groups = batch.rewards.view(-1, 4)
+        assert bool((groups.amax(1) > groups.amin(1)).all())  # only informative groups remain
+        assert not any(p in FLAT for p in batch.prompts) and not bool(batch.left_out.any())
+    assert metrics["frac_reward_zero_std"] == 0.0
+
+
+def test_dynamic_sampling_is_bounded_then_trains_on_what_there_is(policy_dir, tmp_path, logged):
+    """Every reward equal: --max-resample-rounds more rounds, then every group is left out of the loss (nothing
+    trained on, the normaliser's floor of 1), with a log line and the metrics."""
+    from aam_fast.stages.grpo import GRPOTrainer
+
+    def flat(prompts, completions, **columns):
+        return [1.0] * len(prompts)
+
+    config = small_config(
+        policy_dir, tmp_path, reward_fns=[flat], dynamic_sampling=True, max_resample_rounds=2, beta=0.04,
+        max_steps=1,
+    )  # fmt: skip
+    trainer = GRPOTrainer(config)
+    start = _position(trainer.stream)
+    row = trainer.train_step()
+    assert row["dynamic_sampling/rounds"] == 3 and row["dynamic_sampling/groups_left_out"] == 2
+    assert row["dynamic_sampling/groups_dropped"] == 6 and _position(trainer.stream) - start == 2 + 4
+    assert row["loss"] == 0.0 and row["grad_norm"] == 0.0
+    assert logged.count("2 groups with all-equal rewards left out of the loss after 3 sampling rounds") == 1
+
+
+def test_dynamic_sampling_off_keeps_every_group(policy_dir, tmp_path):
+    from aam_fast.stages.grpo import GRPOTrainer
+
+    trainer = GRPOTrainer(small_config(policy_dir, tmp_path, grad_accum=2, beta=0.0))
+    batches, metrics = trainer.make_rollout()
+    assert not any(k.startswith("dynamic_sampling/") for k in metrics)
+    assert _position(trainer.stream) == 4 and sum(p in FLAT for b in batches for p in b.prompts) > 0
+
+
+def test_merged_slots_score_as_their_parts(policy_dir, tmp_path):
+    """Groups of two rounds (other prompt and completion widths) merged into one micro-batch: the same token
+    log-probs as each part alone, through the shared-prefix and the whole-row passes."""
+    from aam_fast.stages.grpo import GRPOTrainer
+    from aam_fast.stages.grpo.dynamic import SlotGroup, merge_groups
+
+    trainer = GRPOTrainer(small_config(policy_dir, tmp_path, max_new_tokens=12))
+    pairs_a = [(0, {"prompt": "Once upon a time there was"}), (1, {"prompt": "One day"})]
+    part_a, _, _ = trainer._sample_part(trainer.policy, pairs_a, 0)
+    part_b, _, _ = trainer._sample_part(
+        trainer.policy, [(0, {"prompt": "Tom and his big red dog ran to the park with"})], 1
+    )
+    assert part_a.prompt_len != part_b.prompt_len
+    merged = merge_groups([SlotGroup(part_b, 0, False), SlotGroup(part_a, 1, True)], 4, trainer.tokenizer.pad_token_id)
+    assert merged.prompts == part_b.prompts + part_a.prompts[4:]
+    assert merged.left_out.tolist() == [False] * 4 + [True] * 4
+    for copies in (4, None):
+        from aam_fast.stages.grpo.rollout import token_logprobs
+
+        got = token_logprobs(trainer.policy, merged, 1.0, copies=copies)
+        b = token_logprobs(trainer.policy, part_b, 1.0, copies=copies)
+        a = token_logprobs(trainer.policy, part_a, 1.0, copies=copies)[4:]
+        assert torch.allclose(got[:4, : b.shape[1]], b, atol=1e-5)
+        assert torch.allclose(got[4:, : a.shape[1]], a, atol=1e-5)
+        assert torch.equal(merged.targets[4:, : a.shape[1]], part_a.targets[4:])
+
+
+COMBINATION = dict(
+    mask_truncated_completions=True,
+    importance_sampling_level="sequence",
+    top_entropy_quantile=0.2,
+    dynamic_sampling=True,
+)
+
+
+def test_the_combination_runs_and_resumes_exactly(policy_dir, tmp_path):
+    """--mask-truncated-completions --importance-sampling-level sequence --top-entropy-quantile 0.2
+    --dynamic-sampling, with reused rollouts (old log-probs differ from the current ones): stopped at step 3 (mid
+    rollout) and resumed, it ends where the uninterrupted run ends (metrics, completions, weights)."""
+    from safetensors.torch import load_file
+
+    from aam_fast.stages.grpo import train_grpo
+
+    common = dict(**COMBINATION, grad_accum=2, num_iterations=2, beta=0.04, save_every=3, max_new_tokens=12, seed=1)
+    full = train_grpo(small_config(policy_dir, tmp_path, output=str(tmp_path / "full"), max_steps=5, **common))
+    assert sum(r["dynamic_sampling/groups_dropped"] for r in full) > 0
+    assert all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in full)
+    part = tmp_path / "part"
+    train_grpo(small_config(policy_dir, tmp_path, output=str(part), max_steps=3, **common))
+    resumed = train_grpo(small_config(policy_dir, tmp_path, output=str(part), max_steps=5, resume="auto", **common))
+    assert untimed(resumed) == untimed(full[3:])
+    assert (part / "completions.jsonl").read_text() == (tmp_path / "full" / "completions.jsonl").read_text()
+    a, b = load_file(part / "model.safetensors"), load_file(tmp_path / "full" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="--top-entropy-quantile 0.2 -> 0.5"):
+        train_grpo(small_config(
+            policy_dir, tmp_path, output=str(part), max_steps=6, resume="auto",
+            **{**common, "top_entropy_quantile": 0.5},
+        ))  # fmt: skip

@@ -236,6 +236,11 @@ class GRPOTrainer(Trainer):
             cfg.num_generations,
             self.rewards.names,
         )
+        if extra.get("dynamic_sampling/groups_left_out"):
+            log(
+                f"step {self.step + 1}: {extra['dynamic_sampling/groups_left_out']} groups with all-equal rewards left "
+                f"out of the loss after {extra['dynamic_sampling/rounds']} sampling rounds (--max-resample-rounds)"
+            )
         return batches, {**metrics, **extra}
 
     def _sample_rounds(self, policy) -> tuple[list[list[SlotGroup]], dict]:
