@@ -570,3 +570,52 @@ def test_the_combination_runs_and_resumes_exactly(policy_dir, tmp_path):
             policy_dir, tmp_path, output=str(part), max_steps=6, resume="auto",
             **{**common, "top_entropy_quantile": 0.5},
         ))  # fmt: skip
+
+
+REWARD_SOURCE = """
+FLAT = {"One day", "The cat"}
+
+
+def share_of_a(prompts, completions, **columns):
+    return [0.5 if p in FLAT else c.count("a") / max(len(c), 1) for p, c in zip(prompts, completions)]
+"""
+
+
+def test_the_combination_on_two_ranks_matches_one_process(policy_dir, tmp_path):
+    """The combination under torchrun (2 DDP ranks, 1 prompt each per micro-batch) ends as one process with 2
+    prompts per micro-batch: the same completions, metrics (dynamic sampling's too) and weights."""
+    import json
+
+    from test_distributed import assert_same_weights, run_two_ranks
+
+    from aam_fast.stages.grpo import train_grpo
+
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in STORY_PROMPTS))
+    (tmp_path / "reward.py").write_text(REWARD_SOURCE)
+    settings = dict(
+        policy=policy_dir, prompts=str(tmp_path / "prompts.jsonl"), reward_fns=[f"{tmp_path / 'reward.py'}:share_of_a"],
+        num_generations=4, max_new_tokens=12, beta=0.04, grad_accum=2, num_iterations=2, lr=1e-4, max_steps=2,
+        seed=1, progress=False, **COMBINATION,
+    )  # fmt: skip
+    train_grpo(small_config(policy_dir, tmp_path, **settings, batch_size=2, output=str(tmp_path / "one")))
+    cli = ["train-grpo", "--no-progress", "--output", str(tmp_path / "two"), "--batch-size", "1"]
+    for key, value in settings.items():
+        flag = "--" + ("reward-fn" if key == "reward_fns" else key.replace("_", "-"))
+        if value is True:
+            cli.append(flag)
+        elif value is not False:
+            cli += [flag, str(value[0] if isinstance(value, list) else value)]
+    run_two_ranks(cli)
+    rows = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]  # fmt: skip
+    assert len(rows[0]) == len(rows[1]) == 2
+    for one, two in zip(*rows, strict=True):
+        for key in ("reward", "loss", "kl", "grad_norm", "entropy", "completions/mean_length"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+        for key in ("dynamic_sampling/groups_dropped", "dynamic_sampling/rounds", "num_tokens"):
+            assert two[key] == one[key], key
+    assert sum(r["dynamic_sampling/groups_dropped"] for r in rows[0]) > 0
+    completions = [(tmp_path / run / "completions.jsonl").read_text().splitlines() for run in ("one", "two")]
+    pairs = [[(json.loads(r)["prompt"], json.loads(r)["completion"]) for r in c] for c in completions]
+    assert pairs[0] == pairs[1]
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
