@@ -619,3 +619,20 @@ def test_the_combination_on_two_ranks_matches_one_process(policy_dir, tmp_path):
     pairs = [[(json.loads(r)["prompt"], json.loads(r)["completion"]) for r in c] for c in completions]
     assert pairs[0] == pairs[1]
     assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parametrize("setting", [dict(packing=True), dict(lora_r=4, lora_alpha=8.0)], ids=["packing", "lora"])
+def test_the_combination_with_packing_and_lora(policy_dir, tmp_path, setting):
+    """Packing computes the same loss (up to rounding); LoRA trains its adapters under the options."""
+    from aam_fast.stages.grpo import train_grpo
+
+    common = dict(**COMBINATION, grad_accum=2, num_iterations=2, beta=0.04, max_new_tokens=12, seed=1, max_steps=2)
+    plain = train_grpo(small_config(policy_dir, tmp_path, output=str(tmp_path / "plain"), **common))
+    rows = train_grpo(small_config(policy_dir, tmp_path, output=str(tmp_path / "with"), **common, **setting))
+    assert rows[0]["reward"] == plain[0]["reward"]  # the same completions
+    if "packing" in setting:
+        for key in ("loss", "kl", "grad_norm", "entropy"):
+            assert rows[1][key] == pytest.approx(plain[1][key], rel=1e-4, abs=1e-6), key
+    else:
+        assert rows[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-4, abs=1e-6)  # adapters start at 0
+        assert (tmp_path / "with" / "adapter_model.safetensors").is_file() and rows[1]["grad_norm"] > 0
