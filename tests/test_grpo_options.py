@@ -7,6 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from reference import reference_logprobs, rel_err
+from test_grpo_stage import STORY_PROMPTS, one_thread, untimed  # noqa: F401 (one_thread: an autouse fixture)
+from test_grpo_stage import small_config as stage_config
+from test_losses import grpo_batch as losses_batch
 
 import aam_fast
 from aam_fast.losses import LOSS_TYPES, multi_objective_advantages
@@ -20,19 +23,13 @@ def needs_backend(backend: str) -> None:
         pytest.skip(f"native library not built: {native_backend.BUILD_HINT}")
 
 
-def grpo_batch(batch=4, length=7, dim=12, vocab=29, seed=0, spread=0.3):
-    """Random inputs; old log-probs `spread` away from the current ones, so that some ratios are clipped."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(batch, length, dim, generator=gen) * 0.6
-    weight = torch.randn(vocab, dim, generator=gen) * 0.6
-    targets = torch.randint(0, vocab, (batch, length), generator=gen)
-    targets[:, :2] = -100
-    targets[0, -2:] = -100
-    advantages = torch.randn(batch, generator=gen)
+def grpo_batch(batch=4, seed=0, spread=0.3):
+    """test_losses' random inputs, with old log-probs `spread` away from the current ones (some ratios clipped)."""
+    hidden, weight, targets, advantages, _, ref = losses_batch(batch=batch, seed=seed)
+    gen = torch.Generator().manual_seed(1000 + seed)
     with torch.no_grad():
         base, _ = reference_logprobs(hidden, weight, targets)
     old = (base + spread * torch.randn(base.shape, generator=gen, dtype=torch.float64)).float()
-    ref = (base + 0.2 * torch.randn(base.shape, generator=gen, dtype=torch.float64)).float()
     return hidden, weight, targets, advantages, old, ref
 
 
@@ -69,20 +66,9 @@ def direct(hidden, weight, targets, advantages, old, ref, *, level, delta, quant
 def fused(hidden, weight, targets, advantages, old, ref, *, backend, loss_type, **options):
     """`grpo_loss` with the same settings as `direct`; `(output, hidden grad, weight grad)`."""
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    settings = dict(epsilon=0.2, epsilon_high=0.28, beta=0.05, entropy_coef=0.01, loss_type=loss_type)
     out = aam_fast.grpo_loss(
-        h,
-        w,
-        targets,
-        advantages,
-        old_logps=old,
-        ref_logps=ref,
-        epsilon=0.2,
-        epsilon_high=0.28,
-        beta=0.05,
-        entropy_coef=0.01,
-        loss_type=loss_type,
-        backend=backend,
-        **options,
+        h, w, targets, advantages, old_logps=old, ref_logps=ref, backend=backend, **settings, **options
     )
     out.loss.backward()
     return out, h.grad, w.grad
@@ -265,18 +251,7 @@ def test_normalize_then_sum_normalises_each_source_in_its_group_then_the_sum_ove
 
 # -- train-grpo on the tiny model ------------------------------------------------------------------------------
 
-STORY_PROMPTS = [
-    {"prompt": p} for p in ["Once upon a time", "One day", "Lily was", "The cat", "Tom and", "There was a"]
-]
 FLAT = {"One day", "The cat"}  # prompts whose completions all get the same reward (uninformative groups)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -308,27 +283,8 @@ def length_reward(prompts, completions, **columns):
 
 
 def small_config(policy_dir, tmp_path, **overrides):
-    from aam_fast.stages.grpo import GRPOConfig
-
-    settings = dict(
-        policy=policy_dir,
-        prompts=STORY_PROMPTS,
-        output=str(tmp_path / "run"),
-        reward_fns=[share_of_a],
-        num_generations=4,
-        max_new_tokens=6,
-        batch_size=2,
-        lr=1e-3,
-        max_steps=2,
-        progress=False,
-        log_completions_every=1,
-    )
-    settings.update(overrides)
-    return GRPOConfig(**settings)
-
-
-def untimed(rows) -> list[dict]:
-    return [{k: v for k, v in row.items() if not k.startswith("timing/")} for row in rows]
+    """test_grpo_stage's small run, rewarded by this module's `share_of_a` (FLAT prompts: all-equal rewards)."""
+    return stage_config(policy_dir, tmp_path, **{"reward_fns": [share_of_a], **overrides})
 
 
 def test_masked_truncated_completions_get_no_loss_and_are_not_counted(policy_dir, tmp_path):
