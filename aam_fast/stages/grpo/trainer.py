@@ -10,7 +10,10 @@ only when ``beta != 0``) and the old policy are scored forward-only through the 
 The loss is :class:`aam_fast.GRPOLoss`, whose normaliser is counted over the whole optimizer step (every rank's
 micro-batches) before the micro-batch loop, so gradient accumulation is exact. The step is the shared checked one
 (:func:`aam_fast.training.optim.optimizer_step`): a non-finite loss or gradient norm stops the run with
-:class:`~aam_fast.training.TrainingDiverged` before anything is applied.
+:class:`~aam_fast.training.TrainingDiverged` before anything is applied. TRL's options live in the config: the
+truncation mask and dynamic sampling's left-out groups reach the loss as ignored targets
+(:meth:`.rollout.MicroBatch.loss_targets`), so the normaliser counts what is trained on; ``--sync-ref-model`` mixes
+the reference toward the policy after the step (:func:`aam_fast.modeling.reference.mix_reference`).
 
 Under ``torchrun --nproc_per_node N -m aam_fast train-grpo --strategy ddp|fsdp2`` each rank samples its slice of every
 micro-batch's ``batch_size × N`` prompts, each completion from its own seed (:mod:`.sampling`), so N ranks sample
