@@ -15,11 +15,15 @@ from .grpo import (
     group_advantages,
     grpo_loss,
     kl_penalty,
+    multi_objective_advantages,
     resolve_loss_type,
 )
+from .grpo_options import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS
 
 __all__ = [
+    "AGGREGATIONS",
     "IGNORE_INDEX",
+    "IMPORTANCE_SAMPLING_LEVELS",
     "KL_KINDS",
     "LENGTH_NORMS",
     "LOSS_TYPES",
@@ -38,5 +42,6 @@ __all__ = [
     "grpo_loss",
     "kl_penalty",
     "margin_needs",
+    "multi_objective_advantages",
     "resolve_loss_type",
 ]

@@ -14,6 +14,15 @@ import torch
 from torch import nn
 
 from ..ops import IGNORE_INDEX, linear_local_loss
+from .grpo_options import (
+    AGGREGATIONS,
+    EntropyGather,
+    check_options,
+    is_local,
+    log_importance_weights,
+    normalize_then_sum,
+    policy_loss,
+)
 
 KL_KINDS = ("k1", "k2", "k3")  # per-token KL estimators (`kl_penalty`)
 LOSS_TYPES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")  # GRPO aggregations
@@ -64,12 +73,16 @@ def resolve_loss_type(loss_type: str) -> str:
     raise ValueError(f"loss_type must be one of {LOSS_TYPES} (or TRL's {tuple(LOSS_TYPE_ALIASES)}), got {loss_type!r}")
 
 
-def _check_grpo_args(epsilon, epsilon_high, kl, loss_type):
+def _check_grpo_args(epsilon, epsilon_high, kl, loss_type, level="token", delta=None, quantile=1.0) -> float:
+    """ValueError naming a setting outside its range; returns ε_high (``epsilon_high``, default ``epsilon``)."""
     if kl not in KL_KINDS:
         raise ValueError(f"kl must be one of {KL_KINDS}, got {kl!r}")
     resolve_loss_type(loss_type)
     if not epsilon >= 0 or (epsilon_high is not None and not epsilon_high >= 0):
         raise ValueError(f"epsilon and epsilon_high must be non-negative, got {epsilon!r}, {epsilon_high!r}")
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    check_options(level, delta, quantile, eps_high)
+    return eps_high
 
 
 def _check_normalizer(normalizer) -> float:
@@ -88,7 +101,8 @@ def _check_normalizer(normalizer) -> float:
 
 
 def default_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None) -> float:
-    """The aggregation constant of one batch: tokens, sequences, or sequences × max completion length.
+    """The aggregation constant of one batch: tokens, sequences, or sequences × max completion length; a sequence
+    counts when it has a completion token (a row masked out entirely is not trained on).
 
     For exact gradient accumulation sum this over every micro-batch (and rank) of the optimizer step, before the
     micro-batch loop, and pass the total as `normalizer`.
@@ -96,7 +110,7 @@ def default_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length
     loss_type = resolve_loss_type(loss_type)
     if loss_type == "token-mean":
         return float(mask.sum())
-    sequences = float(mask.shape[0])
+    sequences = float(mask.bool().any(dim=-1).sum())
     if loss_type == "seq-mean-token-mean":
         return sequences
     length = max_completion_length if max_completion_length is not None else mask.shape[-1]
@@ -113,6 +127,7 @@ def grpo_loss(
     ref_logps: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     normalizer: float | None = None,
+    entropy_gather: EntropyGather | None = None,
     epsilon: float = 0.2,
     epsilon_high: float | None = None,
     beta: float = 0.0,
@@ -125,39 +140,42 @@ def grpo_loss(
     ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     grad_filter_eps: float | None = None,
+    importance_sampling_level: str = "token",
+    delta: float | None = None,
+    top_entropy_quantile: float = 1.0,
 ) -> GRPOOutput:
     """GRPO clipped-surrogate loss of completion tokens, its gradient formed during the forward pass.
 
-    Per token, `ρ = exp(ℓ − ℓ_old)` (ℓ_old = detached ℓ when `old_logps` is None), `loss_t = −min(ρA,
-    clip(ρ, 1−ε, 1+ε_high)A) + β·KL_t − entropy_coef·H_t`; summed over completion tokens (targets !=
-    ignore_index) and divided by `normalizer`: total tokens ("token-mean"), sequences after a per-sequence token
-    mean ("seq-mean-token-mean"), or sequences × max_completion_length ("seq-mean-token-sum-norm", Dr. GRPO).
+    Per token, `ρ = exp(ℓ − ℓ_old)` (ℓ_old = detached ℓ when `old_logps` is None), `loss_t = −m_t·min(ρ'A,
+    clip(ρ, 1−ε, 1+ε_high)A) + β·KL_t − entropy_coef·H_t`: `ρ' = min(ρ, delta)` when `delta` is set (two-sided
+    clipping, `delta > 1 + ε_high`), else `ρ`; `importance_sampling_level="sequence"` (GSPO): one ratio per
+    sequence, `s_i = exp(mean_t(ℓ_t − ℓ_old,t))`, with the gradient `s_i·∇ℓ_t` at each token; `m_t` = 1, or with
+    `top_entropy_quantile = q < 1` whether `H_t` is in the top q of the batch's completion-token entropies (every
+    rank's through `entropy_gather`; :mod:`.grpo_options`); q = 1 is the plain loss, bit for bit. Summed over
+    completion tokens (targets != ignore_index) and divided by `normalizer`: total tokens ("token-mean"),
+    sequences after a per-sequence token mean ("seq-mean-token-mean"), or sequences × max_completion_length
+    ("seq-mean-token-sum-norm", Dr. GRPO).
     `normalizer=None` uses this batch's own; a given `normalizer` must be a positive finite number (ValueError
     otherwise). `loss_type` may also be a TRL name (`LOSS_TYPE_ALIASES`). Values of `old_logps`, `ref_logps` and
     `advantages` at ignored positions never reach the loss or its gradient (NaN or −inf there is harmless).
     hidden `[B, T, D]`, targets `[B, T]`, advantages `[B]`, old_logps/ref_logps `[B, T]`. `grad_filter_eps` (off
     by default) as in `linear_logprobs`.
     """
-    _check_grpo_args(epsilon, epsilon_high, kl, loss_type)
+    eps_high = _check_grpo_args(
+        epsilon, epsilon_high, kl, loss_type, importance_sampling_level, delta, top_entropy_quantile
+    )
     loss_type = resolve_loss_type(loss_type)
     advantages = _check_grpo_tensors(targets, advantages, old_logps, ref_logps, beta)
-    eps_high = epsilon if epsilon_high is None else epsilon_high
     valid = targets != ignore_index
     mask = valid.float()
-    if normalizer is None:
-        scale = 1.0 / max(default_normalizer(mask, loss_type, max_completion_length), 1.0)  # 1 for an empty batch
-    else:
-        scale = 1.0 / _check_normalizer(normalizer)
-    with_entropy = compute_entropy or entropy_coef != 0
-    # Values at ignored positions are replaced (selected away, never multiplied by 0), so a NaN or −inf there in
-    # old_logps, ref_logps or an advantage never reaches the loss or its gradient.
-    adv = torch.where(valid, advantages[:, None], 0.0)
+    scale = _loss_scale(normalizer, mask, loss_type, max_completion_length)
+    with_entropy = compute_entropy or entropy_coef != 0 or top_entropy_quantile < 1.0
+    adv = torch.where(valid, advantages[:, None], 0.0)  # selected away, so NaN or −inf there never reaches the loss
+    clip = (epsilon, eps_high, importance_sampling_level, delta)
 
     def token_loss(logps, entropy):
         old = logps.detach() if old_logps is None else torch.where(valid, old_logps.float(), logps.detach())
-        ratio = torch.exp(logps - old)
-        surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - epsilon, 1.0 + eps_high) * adv)
-        per_token = -surrogate
+        per_token = policy_loss(logps, old, adv, valid, clip, entropy, top_entropy_quantile, entropy_gather)
         if beta != 0:
             ref = torch.where(valid, ref_logps.float(), logps.detach())
             per_token = per_token + beta * kl_penalty(logps, ref, kl)
@@ -168,20 +186,20 @@ def grpo_loss(
             return (per_token.sum(-1) / mask.sum(-1).clamp_min(1.0)).sum() * scale
         return per_token.sum() * scale
 
+    op = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, grad_filter_eps=grad_filter_eps)
+    local = is_local(importance_sampling_level, top_entropy_quantile)
     loss, logps, entropy = linear_local_loss(
-        hidden,
-        weight,
-        targets,
-        token_loss,
-        bias=bias,
-        temperature=temperature,
-        ignore_index=ignore_index,
-        with_entropy=with_entropy,
-        backend=backend,
-        grad_filter_eps=grad_filter_eps,
+        hidden, weight, targets, token_loss, with_entropy=with_entropy, backend=backend, local=local, **op
     )
-    stats = _grpo_stats(logps, entropy, valid, advantages, old_logps, ref_logps, epsilon, eps_high, kl)
+    stats = _grpo_stats(logps, entropy, valid, advantages, old_logps, ref_logps, clip, kl)
     return GRPOOutput(loss=loss, logps=logps, entropy=entropy, stats=stats)
+
+
+def _loss_scale(normalizer, mask: torch.Tensor, loss_type: str, max_completion_length: int | None) -> float:
+    """1 / the normaliser: the given one (checked), else this batch's own (at least 1: an empty batch)."""
+    if normalizer is None:
+        return 1.0 / max(default_normalizer(mask, loss_type, max_completion_length), 1.0)
+    return 1.0 / _check_normalizer(normalizer)
 
 
 def _check_grpo_tensors(targets, advantages, old_logps, ref_logps, beta) -> torch.Tensor:
@@ -201,15 +219,18 @@ def _check_grpo_tensors(targets, advantages, old_logps, ref_logps, beta) -> torc
 
 
 @torch.no_grad()
-def _grpo_stats(logps, entropy, valid, advantages, old_logps, ref_logps, epsilon, eps_high, kl):
+def _grpo_stats(logps, entropy, valid, advantages, old_logps, ref_logps, clip, kl):
     """Sums over completion tokens (reduce across micro-batches and ranks by adding, then divide by `tokens`), and
     two per-sequence extremes (reduce by min and max): `clip_low_seq_min`, the smallest fraction of a sequence's
     tokens that are low-clipped, and `clip_high_seq_max`, the largest high-clipped fraction, over the sequences with
     a completion token (+inf and −inf when there is none), as TRL's `clip_ratio/low_min` and `high_max`.
 
-    Ignored positions are selected away before any arithmetic, as in the loss."""
+    Ignored positions are selected away before any arithmetic, as in the loss. ``clip``: ``(ε, ε_high,
+    importance_sampling_level, delta)``; a token is clipped when the ratio the loss clips (its sequence's, under
+    ``"sequence"``) is outside the range on its advantage's side."""
+    epsilon, eps_high, level, _ = clip
     old = logps if old_logps is None else torch.where(valid, old_logps.float(), logps)
-    ratio = torch.exp(logps - old)
+    ratio = torch.exp(log_importance_weights(logps, old, valid, level, detach=True))
     adv = torch.where(valid, advantages[:, None], 0.0)
     low = (ratio < 1.0 - epsilon) & (adv < 0) & valid
     high = (ratio > 1.0 + eps_high) & (adv > 0) & valid
@@ -250,9 +271,12 @@ class GRPOLoss(nn.Module):
         ignore_index: int = IGNORE_INDEX,
         backend: str = "auto",
         grad_filter_eps: float | None = None,
+        importance_sampling_level: str = "token",
+        delta: float | None = None,
+        top_entropy_quantile: float = 1.0,
     ):
         super().__init__()
-        _check_grpo_args(epsilon, epsilon_high, kl, loss_type)
+        _check_grpo_args(epsilon, epsilon_high, kl, loss_type, importance_sampling_level, delta, top_entropy_quantile)
         self.config = dict(
             epsilon=epsilon,
             epsilon_high=epsilon_high,
@@ -266,10 +290,23 @@ class GRPOLoss(nn.Module):
             ignore_index=ignore_index,
             backend=backend,
             grad_filter_eps=grad_filter_eps,
+            importance_sampling_level=importance_sampling_level,
+            delta=delta,
+            top_entropy_quantile=top_entropy_quantile,
         )
 
     def forward(
-        self, hidden, weight, targets, advantages, *, old_logps=None, ref_logps=None, bias=None, normalizer=None
+        self,
+        hidden,
+        weight,
+        targets,
+        advantages,
+        *,
+        old_logps=None,
+        ref_logps=None,
+        bias=None,
+        normalizer=None,
+        entropy_gather=None,
     ) -> GRPOOutput:
         return grpo_loss(
             hidden,
@@ -280,6 +317,7 @@ class GRPOLoss(nn.Module):
             ref_logps=ref_logps,
             bias=bias,
             normalizer=normalizer,
+            entropy_gather=entropy_gather,
             **self.config,
         )
 
@@ -314,3 +352,30 @@ def group_advantages(
     else:
         advantages = centred
     return torch.where(zero_spread, torch.zeros_like(advantages), advantages).reshape(-1)
+
+
+def multi_objective_advantages(
+    table: torch.Tensor,
+    weights: torch.Tensor,
+    num_generations: int,
+    *,
+    aggregation: str = "sum_then_normalize",
+    scale: str = "group",
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """``[B]`` advantages of several reward sources, ``table [B, K]`` (NaN: no reward from that source) weighted by
+    ``weights [K]``. ``"sum_then_normalize"``: :func:`group_advantages` (``scale``) of the NaN-ignoring weighted sum;
+    ``"normalize_then_sum"``: each source normalised within its group first, the weighted sum normalised over the
+    batch (:func:`.grpo_options.normalize_then_sum`; ``scale`` does not apply)."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if table.dim() != 2 or weights.shape != (table.shape[1],):
+        raise ValueError(f"table must be [B, K] with K weights, got {tuple(table.shape)} and {tuple(weights.shape)}")
+    if aggregation == "sum_then_normalize":
+        total = torch.nansum(table.float() * weights.float(), dim=1)
+        return group_advantages(total, num_generations, scale=scale, eps=eps)
+    if num_generations < 1 or table.shape[0] % num_generations:
+        raise ValueError(
+            f"rewards ({table.shape[0]}) must be a whole number of groups of num_generations={num_generations}"
+        )
+    return normalize_then_sum(table, weights, num_generations, eps)

@@ -105,6 +105,22 @@ class AdaptersOff:
         return adapters_disabled(self.model)
 
 
+@torch.no_grad()
+def mix_reference(reference: nn.Module, model: nn.Module, alpha: float) -> None:
+    """``reference ← alpha·model + (1 − alpha)·reference`` parameter by parameter, in place, computed in float32
+    (TRL's reference sync). ``model`` may be sharded (FSDP2): each parameter is gathered whole (a collective, in
+    the same order on every rank). ValueError when the parameter names differ."""
+    ours = dict(reference.named_parameters())
+    theirs = list(model.named_parameters())
+    if sorted(ours) != sorted(name for name, _ in theirs):
+        raise ValueError("the reference's parameters do not match the model's: it is not a copy of it")
+    for name, parameter in theirs:
+        full = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+        target = ours[name]
+        mixed = torch.lerp(target.float(), full.detach().float().to(target.device), alpha)
+        target.copy_(mixed.to(target.dtype))
+
+
 def make_reference(model: nn.Module, cfg) -> ReferenceModel | AdapterReference | AdaptersOff | nn.Module:
     """The frozen initial model, decided once from ``cfg.lora_r``: with LoRA the model itself with its adapters
     disabled (:class:`AdapterReference` of a reward model, :class:`AdaptersOff` of a policy: no copy); without, a

@@ -72,9 +72,9 @@ class LinearLocalLossFunction(torch.autograd.Function):
     """Forward returns the loss and stores its finished gradients; backward scales them by the upstream grad."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, targets1d, params: LogprobParams, token_loss_fn, results: dict):
+    def forward(ctx, hidden2d, weight, bias, targets1d, params: LogprobParams, token_loss_fn, results: dict, local):
         needs = tuple(ctx.needs_input_grad[:3])
-        if params.backend.local_loss is not None:
+        if local and params.backend.local_loss is not None:
             loss, logp, entropy, grads = _backend_local_loss(
                 hidden2d, weight, bias, targets1d, params, token_loss_fn, needs
             )
@@ -92,7 +92,7 @@ class LinearLocalLossFunction(torch.autograd.Function):
         grads = ctx.saved_tensors
         if not bool(grad_loss == 1):  # `loss.backward()` passes 1: hand the finished gradients over, no copy
             grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
-        return grads[0], grads[1], grads[2], None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None
 
 
 def linear_local_loss(
@@ -107,13 +107,17 @@ def linear_local_loss(
     with_entropy: bool = False,
     backend: str = "auto",
     grad_filter_eps: float | None = None,
+    local: bool = True,
 ):
     """Scalar `token_loss_fn(ℓ, H)` of the token log-probs `ℓ` (and entropies `H`) of `linear_logprobs`.
 
     `token_loss_fn` receives float32 tensors shaped like `targets` (0 at ignored positions; `H` is None unless
     `with_entropy`) and returns a scalar; its gradient must be local per token (it is differentiated once, in the
     forward pass). Returns `(loss, logp, entropy)` with `logp`/`entropy` detached. Differentiable in hidden, weight
-    and bias; the backward pass does no matrix product. `grad_filter_eps` as in `linear_logprobs`.
+    and bias; the backward pass does no matrix product. `grad_filter_eps` as in `linear_logprobs`. `local=False`
+    drops the locality requirement (a token's gradient may depend on other tokens' ℓ and H: sequence means, batch
+    quantiles): the loss is then differentiated once on the whole `ℓ`/`H`, between the backend's forward and
+    backward products (one more product than the local mode on backends that have it).
     """
     check_linear_logprobs_inputs(hidden, weight, targets, bias, temperature, ignore_index)
     params = logprob_params(hidden.device, backend, temperature, ignore_index, with_entropy, grad_filter_eps)
@@ -128,7 +132,7 @@ def linear_local_loss(
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad:
         results: dict = {}
-        loss = LinearLocalLossFunction.apply(hidden2d, weight, bias, targets1d, params, flat_loss, results)
+        loss = LinearLocalLossFunction.apply(hidden2d, weight, bias, targets1d, params, flat_loss, results, local)
         logp, entropy = results["logp"], results["entropy"]
     else:
         logp, entropy, _ = logprob_forward(hidden2d, weight, bias, targets1d, params)

@@ -205,6 +205,17 @@ class DistContext:
         dist.all_gather(parts, local)
         return torch.cat(parts).cpu().to(values.dtype)
 
+    def all_gather_values(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's 1-D ``values`` (of any length) concatenated in rank order, on the CPU in ``values``' dtype;
+        ``values`` itself in a single process. A collective."""
+        if not self.distributed:
+            return values
+        counts = [int(c) for c in self.all_gather_rows(torch.tensor([values.numel()]))]
+        padded = values.detach().new_zeros(max(max(counts), 1))
+        padded[: values.numel()] = values.detach()
+        rows = self.all_gather_rows(padded[None])
+        return torch.cat([row[:count] for row, count in zip(rows, counts, strict=True)])
+
     def gather_objects(self, items: list[Any]) -> list[Any]:
         """Every rank's list of picklable ``items`` concatenated in rank order (on every rank); a collective."""
         if not self.distributed:

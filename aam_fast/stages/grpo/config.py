@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Callable
 
 from ...data import DEFAULT_OPENING_TURN
-from ...losses import KL_KINDS, LOSS_TYPE_ALIASES, LOSS_TYPES, SCALE_REWARDS
+from ...losses import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, KL_KINDS, LOSS_TYPE_ALIASES, LOSS_TYPES, SCALE_REWARDS
 from ...training.config import LR_SCHEDULES, TrainingConfig, option
 from .rollout import GENERATION_METHODS
 
@@ -47,6 +47,14 @@ class GRPOConfig(TrainingConfig):
         None, help="reward model truncation (default: its training length)", minimum=1, group="rewards"
     )
     rm_batch_size: int = option(8, help="sequences per reward-model forward", minimum=1, group="rewards")
+    multi_objective_aggregation: str = option(
+        "sum_then_normalize",
+        help="how several reward sources become advantages: sum_then_normalize takes the weighted sum, then "
+        "normalises it within each group (--scale-rewards); normalize_then_sum normalises each source within its "
+        "group first, then normalises the weighted sum over the step's batch (TRL's meaning)",
+        choices=AGGREGATIONS,
+        group="rewards",
+    )
 
     num_generations: int = option(
         4, help="completions sampled per prompt (G); advantages compare within a group", minimum=2, group="sampling"
@@ -91,6 +99,56 @@ class GRPOConfig(TrainingConfig):
     num_iterations: int = option(1, help="optimizer steps per rollout batch", minimum=1, group="loss")
     entropy_coef: float = option(0.0, help="weight of the entropy bonus", minimum=0.0, group="loss")
 
+    mask_truncated_completions: bool = option(
+        False,
+        help="completions that hit --max-new-tokens without EOS contribute no loss (they still count in the reward "
+        "statistics and their group's advantages); the normaliser counts only what is trained on",
+        group="loss",
+    )
+    importance_sampling_level: str = option(
+        "token",
+        help="importance ratio per token, or per sequence (GSPO: exp of the mean token log-ratio of the completion, "
+        "one clip per sequence)",
+        choices=IMPORTANCE_SAMPLING_LEVELS,
+        group="loss",
+    )
+    delta: float | None = option(
+        None,
+        help="two-sided clipping: the unclipped branch's ratio is capped at delta, bounding the ratio of "
+        "negative-advantage tokens; must exceed 1 + --epsilon-high (none: off)",
+        above=1.0,
+        group="loss",
+    )
+    top_entropy_quantile: float = option(
+        1.0,
+        help="only completion tokens whose entropy is in this top fraction of the micro-batch (every rank's) get the "
+        "policy-gradient term; the KL term is unchanged (1: every token)",
+        above=0.0,
+        maximum=1.0,
+        group="loss",
+    )
+    sync_ref_model: bool = option(
+        False,
+        help="every --ref-model-sync-steps steps the reference becomes alpha x policy + (1 - alpha) x reference "
+        "(needs --beta != 0; not with LoRA, whose reference is the policy with its adapters off)",
+        group="loss",
+    )
+    ref_model_mixup_alpha: float = option(0.6, help="alpha of --sync-ref-model", minimum=0.0, maximum=1.0, group="loss")
+    ref_model_sync_steps: int = option(
+        512, help="optimizer steps between --sync-ref-model updates", minimum=1, group="loss"
+    )
+
+    dynamic_sampling: bool = option(
+        False,
+        help="DAPO: a group whose rewards are all equal is dropped and its slot refilled with the next prompt of the "
+        "stream, round after round, until every slot of the step holds an informative group or "
+        "--max-resample-rounds is reached (the remaining uninformative groups are then left out of the loss)",
+        group="sampling",
+    )
+    max_resample_rounds: int = option(
+        4, help="extra sampling rounds of --dynamic-sampling per step (0: drop only)", minimum=0, group="sampling"
+    )
+
     log_completions_every: int = option(
         10,
         help="write the sampled completions every N steps to completions.jsonl (0: never)",
@@ -127,6 +185,16 @@ class GRPOConfig(TrainingConfig):
             raise ValueError(f"--prompts must be a path or a list of records, got {type(self.prompts).__name__}")
         if self.reward_model is None and not self.reward_fns:
             raise ValueError("no reward: give --reward-model and/or --reward-fn")
+        eps_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        if self.delta is not None and not self.delta > 1.0 + eps_high:
+            raise ValueError(f"--delta {self.delta} must exceed 1 + --epsilon-high ({1.0 + eps_high})")
+        if self.sync_ref_model and self.beta == 0:
+            raise ValueError("--sync-ref-model needs a reference model: set --beta above 0")
+        if self.sync_ref_model and self.lora_r:
+            raise ValueError(
+                "--sync-ref-model cannot run with --lora-r: the reference is the policy with its adapters off, "
+                "which cannot be mixed toward the policy"
+            )
         sources = (self.reward_model is not None) + len(self.reward_fns)
         if self.reward_weights is not None and len(self.reward_weights) != sources:
             raise ValueError(

@@ -140,3 +140,32 @@ def load_policy_weights(policy: nn.Module, folder: Path) -> None:
         policy.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{folder}: its weights do not fit the policy ({exc})") from None
+
+
+REFERENCE_FILE = "reference.safetensors"  # a checkpoint's synced reference (--sync-ref-model)
+
+
+def write_reference(ctx: DistContext, reference: nn.Module, folder: Path) -> None:
+    """The reference's parameters into ``folder/reference.safetensors`` (rank 0; every rank holds the whole copy)."""
+    if ctx.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {name: p.detach().contiguous().clone() for name, p in reference.named_parameters()}
+        save_file(tensors, str(folder / REFERENCE_FILE))
+    ctx.barrier()
+
+
+def load_reference(reference: nn.Module, folder: Path) -> None:
+    """The parameters :func:`write_reference` wrote into ``reference``, in place; ValueError when the file is
+    missing or its names do not match."""
+    from safetensors.torch import load_file
+
+    path = folder / REFERENCE_FILE
+    if not path.is_file():
+        raise ValueError(f"{folder}: no {REFERENCE_FILE}; it was not written by a --sync-ref-model run")
+    tensors = load_file(str(path))
+    parameters = dict(reference.named_parameters())
+    if set(tensors) != set(parameters):
+        raise ValueError(f"{path}: its parameters do not match the reference's")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            parameters[name].copy_(tensor)

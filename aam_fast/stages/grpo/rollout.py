@@ -28,6 +28,7 @@ TENSOR_FIELDS = (
     "advantages",
     "old_logps",
     "ref_logps",
+    "left_out",
 )
 TEXT_FIELDS = ("prompt_len", "prompts", "completions")
 # How completions are sampled (generate_micro_batch's ``method``, train-grpo's --generation).
@@ -50,10 +51,19 @@ class MicroBatch:
     advantages: torch.Tensor | None = None  # [n]
     old_logps: torch.Tensor | None = None  # [n, C]
     ref_logps: torch.Tensor | None = None  # [n, C]
+    left_out: torch.Tensor | None = None  # [n] bool: an uninformative group dynamic sampling could not replace
 
     @property
     def mask(self) -> torch.Tensor:
         return self.targets != IGNORE_INDEX
+
+    def loss_targets(self, mask_truncated: bool) -> torch.Tensor:
+        """The targets the loss trains on: ``targets`` with the rows ``left_out`` and, with ``mask_truncated``,
+        the truncated completions set to IGNORE_INDEX."""
+        rows = torch.zeros_like(self.truncated) if self.left_out is None else self.left_out
+        if mask_truncated:
+            rows = rows | self.truncated
+        return torch.where(rows[:, None], torch.full_like(self.targets, IGNORE_INDEX), self.targets)
 
     def to(self, device) -> MicroBatch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}

@@ -10,7 +10,10 @@ only when ``beta != 0``) and the old policy are scored forward-only through the 
 The loss is :class:`aam_fast.GRPOLoss`, whose normaliser is counted over the whole optimizer step (every rank's
 micro-batches) before the micro-batch loop, so gradient accumulation is exact. The step is the shared checked one
 (:func:`aam_fast.training.optim.optimizer_step`): a non-finite loss or gradient norm stops the run with
-:class:`~aam_fast.training.TrainingDiverged` before anything is applied.
+:class:`~aam_fast.training.TrainingDiverged` before anything is applied. TRL's options live in the config: the
+truncation mask and dynamic sampling's left-out groups reach the loss as ignored targets
+(:meth:`.rollout.MicroBatch.loss_targets`), so the normaliser counts what is trained on; ``--sync-ref-model`` mixes
+the reference toward the policy after the step (:func:`aam_fast.modeling.reference.mix_reference`).
 
 Under ``torchrun --nproc_per_node N -m aam_fast train-grpo --strategy ddp|fsdp2`` each rank samples its slice of every
 micro-batch's ``batch_size × N`` prompts, each completion from its own seed (:mod:`.sampling`), so N ranks sample
@@ -34,24 +37,29 @@ from typing import Any, ClassVar
 import torch
 
 from ...data import IGNORE_INDEX, load_prompt_records, records_fingerprint
-from ...losses import GRPOLoss, default_normalizer, group_advantages
+from ...losses import GRPOLoss, default_normalizer, multi_objective_advantages
+from ...losses.grpo_options import constant_groups
 from ...modeling import AdaptersOff, add_configured_lora, apply_liger, make_reference
 from ...modeling.heads import head_inputs, lm_head_of
 from ...modeling.layers import backbone_of
+from ...modeling.reference import mix_reference
 from ...training.lifecycle import Trainer
 from ...training.metrics import JsonlTable
 from ...training.optim import check_loss, optimizer_step
 from ...training.runtime import autocast, log
 from ...training.trainer_state import START_AFRESH, STATE_FILE
 from .config import GRPOConfig
+from .dynamic import SlotGroup, merge_groups, sample_rounds
 from .policy import (
     eos_token_ids,
     generation_config,
     load_policy,
     load_policy_weights,
+    load_reference,
     tied_names,
     train_policy_top_layers,
     write_policy,
+    write_reference,
 )
 from .rewards import RewardSources, completions_for_fns
 from .rollout import MicroBatch, PromptStream, completion_hidden, generate_micro_batch, token_logprobs
@@ -59,7 +67,10 @@ from .sampling import completion_seed
 from .stats import PhaseTimer, completion_rows, merge_stats, rollout_metrics, step_metrics
 
 # The settings that define the loss (GRPOLoss's keyword arguments).
-LOSS_SETTINGS = ("epsilon", "epsilon_high", "beta", "kl", "entropy_coef", "loss_type", "temperature", "backend")
+LOSS_SETTINGS = (
+    *("epsilon", "epsilon_high", "beta", "kl", "entropy_coef", "loss_type", "temperature", "backend"),
+    *("importance_sampling_level", "delta", "top_entropy_quantile"),
+)
 
 
 class GRPOTrainer(Trainer):
@@ -176,6 +187,8 @@ class GRPOTrainer(Trainer):
         metrics = self.update(self.rollout)
         self.iteration += 1
         self.step += 1
+        if self.cfg.sync_ref_model and self.step % self.cfg.ref_model_sync_steps == 0:
+            mix_reference(self.reference, self.model, self.cfg.ref_model_mixup_alpha)
         row = {"step": self.step, "epoch": self.stream.epoch, **self.rollout_metrics, **metrics}
         row["num_tokens"] = self.num_tokens
         row.update(self.timer.metrics())
@@ -202,46 +215,58 @@ class GRPOTrainer(Trainer):
         """Generate, score and take advantages for one optimizer step's worth of prompts.
 
         Each micro-batch takes ``batch_size × ranks`` prompts from the shared stream and this rank samples its
-        contiguous slice in one ``generate`` call, each completion from its own ``completion_seed(seed, step,
-        position, g)``, so ranks together sample what one process with the combined batch samples. Under FSDP2 the
-        weights are gathered once for the whole rollout. Advantages and metrics are taken over every rank's rewards
-        (gathered), as one process would."""
+        contiguous slice, each completion from its own ``completion_seed(seed, step, position, g)``, so ranks
+        together sample what one process with the combined batch samples; with ``--dynamic-sampling`` the slots of
+        uninformative groups are refilled round by round (:mod:`.dynamic`). Under FSDP2 the weights are gathered
+        once for the whole rollout. Advantages and metrics are taken over every rank's rewards (gathered), as one
+        process would."""
         cfg, ctx = self.cfg, self.ctx
-        plan = self._rollout_plan()
-        sampled = ctx.run_unsharded(self.engine, self.model, lambda policy: self._sample(policy, plan))
-        batches = [batch for batch, _, _ in sampled]
-        totals, tables = [], []
-        for batch, columns, _ in sampled:
-            completion_ids = [t[t != IGNORE_INDEX].tolist() for t in batch.targets]
-            completions = completions_for_fns(batch.prompts, batch.completions)
-            with self.timer("scoring"):
-                total, table = self.rewards(batch.prompts, completions, {**columns, "completion_ids": completion_ids})
-            totals.append(total)
-            tables.append(table)
-        rewards = torch.cat(totals)
+        slots, extra = ctx.run_unsharded(self.engine, self.model, self._sample_rounds)
+        batches = [merge_groups(groups, cfg.num_generations, self.tokenizer.pad_token_id) for groups in slots]
+        rewards, table = torch.cat([b.rewards for b in batches]), torch.cat([b.reward_table for b in batches])
         local = rewards.shape[0]
-        every_rank = ctx.all_gather_rows(rewards)  # whole groups, rank after rank
-        advantages = group_advantages(every_rank, cfg.num_generations, scale=cfg.scale_rewards)
+        every_rank, every_table = ctx.all_gather_rows(rewards), ctx.all_gather_rows(table)  # whole groups
+        advantages = multi_objective_advantages(
+            every_table,
+            self.rewards.weights,
+            cfg.num_generations,
+            aggregation=cfg.multi_objective_aggregation,
+            scale=cfg.scale_rewards,
+        )
         advantages = advantages[ctx.rank * local : (ctx.rank + 1) * local]
         offset = 0
-        for batch, table in zip(batches, tables, strict=True):
+        for batch in batches:
             n = batch.targets.shape[0]
-            batch.rewards, batch.advantages = rewards[offset : offset + n], advantages[offset : offset + n]
-            batch.reward_table = table
+            batch.advantages = advantages[offset : offset + n]
             offset += n
             if self.reference is not None:
                 with self.timer("logprobs"):
                     batch.ref_logps = self._token_logprobs(self.reference, batch)
         metrics = rollout_metrics(
             every_rank,
-            ctx.all_gather_rows(torch.cat(tables)),
+            every_table,
             ctx.all_gather_rows(torch.cat([b.mask.sum(dim=1) for b in batches]).float()),
             ctx.all_gather_rows(torch.cat([b.truncated for b in batches]).float()),
-            ctx.all_reduce_sum(torch.tensor([float(sum(cut for _, _, cut in sampled))])).item(),
+            ctx.all_reduce_sum(torch.tensor([float(extra.pop("cut"))])).item(),
             cfg.num_generations,
             self.rewards.names,
         )
-        return batches, metrics
+        if extra.get("dynamic_sampling/groups_left_out"):
+            log(
+                f"step {self.step + 1}: {extra['dynamic_sampling/groups_left_out']} groups with all-equal rewards left "
+                f"out of the loss after {extra['dynamic_sampling/rounds']} sampling rounds (--max-resample-rounds)"
+            )
+        return batches, {**metrics, **extra}
+
+    def _sample_rounds(self, policy) -> tuple[list[list[SlotGroup]], dict]:
+        """:func:`.dynamic.sample_rounds` of this step's plan, each part sampled and scored by :meth:`_sample_part`."""
+        return sample_rounds(
+            self._rollout_plan(),
+            lambda pairs, round_: self._sample_part(policy, pairs, round_),
+            self.ctx,
+            self.stream,
+            self.cfg.max_resample_rounds if self.cfg.dynamic_sampling else None,
+        )
 
     def _rollout_plan(self) -> list[list[tuple[int, dict]]]:
         """Per micro-batch: this rank's ``(global position, prompt record)`` pairs, taken from the shared stream."""
@@ -253,26 +278,35 @@ class GRPOTrainer(Trainer):
             plan.append([(p, records[p - micro * global_batch]) for p in positions])
         return plan
 
-    def _sample(self, policy, plan: list[list[tuple[int, dict]]]) -> list[tuple[MicroBatch, dict, int]]:
-        """``(MicroBatch, columns, prompts cut)`` per micro-batch of ``plan`` (old log-probs when reused; with LoRA
-        the reference's, the same full weights with the adapters off)."""
+    def _sample_part(self, policy, pairs: list[tuple[int, dict]], round_: int) -> tuple[MicroBatch, list[bool], int]:
+        """Sample and score the groups of ``pairs`` (``(slot, record)``) in round ``round_``: ``(micro-batch part,
+        whether each group's rewards are all equal, prompts cut)``. Old log-probs when the rollout is reused; with
+        LoRA the reference's, the same full weights with the adapters off."""
         cfg = self.cfg
-        out = []
-        for pairs in plan:
-            seeds = [completion_seed(cfg.seed, self.step, p, g) for p, _ in pairs for g in range(cfg.num_generations)]
-            records = [record for _, record in pairs]
-            with self.timer("generation"):
-                batch, columns, cut = generate_micro_batch(
-                    policy, self.tokenizer, records, cfg, self.generation_config, self.eos_ids, self.amp_dtype, seeds
-                )
-            with self.timer("logprobs"):
-                if cfg.num_iterations > 1:
-                    batch.old_logps = self._token_logprobs(policy, batch)
-                if self.adapter_reference:
-                    with self.adapter_reference.running():
-                        batch.ref_logps = self._token_logprobs(policy, batch)
-            out.append((batch, columns, cut))
-        return out
+        offset = round_ * cfg.grad_accum * cfg.batch_size * self.ctx.world  # each round's seeds are new
+        seeds = [
+            completion_seed(cfg.seed, self.step, p + offset, g) for p, _ in pairs for g in range(cfg.num_generations)
+        ]
+        records = [record for _, record in pairs]
+        with self.timer("generation"):
+            batch, columns, cut = generate_micro_batch(
+                policy, self.tokenizer, records, cfg, self.generation_config, self.eos_ids, self.amp_dtype, seeds
+            )
+        with self.timer("logprobs"):
+            if cfg.num_iterations > 1:
+                batch.old_logps = self._token_logprobs(policy, batch)
+            if self.adapter_reference:
+                with self.adapter_reference.running():
+                    batch.ref_logps = self._token_logprobs(policy, batch)
+        completion_ids = [t[t != IGNORE_INDEX].tolist() for t in batch.targets]
+        completions = completions_for_fns(batch.prompts, batch.completions)
+        with self.timer("scoring"):
+            batch.rewards, batch.reward_table = self.rewards(
+                batch.prompts, completions, {**columns, "completion_ids": completion_ids}
+            )
+        by_source = cfg.multi_objective_aggregation == "normalize_then_sum"
+        spread = batch.reward_table if by_source else batch.rewards[:, None]
+        return batch, constant_groups(spread, cfg.num_generations).tolist(), cut
 
     def _token_logprobs(self, model, batch: MicroBatch) -> torch.Tensor:
         cfg = self.cfg
@@ -290,7 +324,7 @@ class GRPOTrainer(Trainer):
         ranks, so the backward runs on ``ranks × loss`` (the sum of the shares). Loss and stats are reduced over
         ranks (sums added, ``*_min``/``*_max`` extremes by min/max)."""
         cfg, ctx = self.cfg, self.ctx
-        local = sum(float(default_normalizer(b.mask.float(), cfg.loss_type, cfg.max_new_tokens)) for b in batches)
+        local = sum(default_normalizer(self._trained(b).float(), cfg.loss_type, cfg.max_new_tokens) for b in batches)
         # at least 1, as the loss's own count: a step whose every completion is empty contributes no gradient
         normalizer = max(ctx.all_reduce_sum(torch.tensor([local])).item(), 1.0)
         totals: dict[str, float] = {}
@@ -321,16 +355,22 @@ class GRPOTrainer(Trainer):
                 policy, batch.input_ids, batch.attention_mask, batch.prompt_len, self.cfg.packing
             )
         hidden, weight, bias = head_inputs(hidden, *lm_head_of(policy), self.amp_dtype)
+        gather = self.ctx.all_gather_values if self.ctx.distributed and self.cfg.top_entropy_quantile < 1 else None
         return self.loss_fn(
             hidden,
             weight,
-            batch.targets,
+            batch.loss_targets(self.cfg.mask_truncated_completions),
             batch.advantages.to(hidden.device),
             old_logps=batch.old_logps,
             ref_logps=batch.ref_logps,
             bias=bias,
             normalizer=inputs["normalizer"],
+            entropy_gather=gather,
         )
+
+    def _trained(self, batch: MicroBatch) -> torch.Tensor:
+        """The completion tokens the loss trains on (``[n, C]`` bool)."""
+        return batch.loss_targets(self.cfg.mask_truncated_completions) != IGNORE_INDEX
 
     def update(self, batches: list[MicroBatch]) -> dict[str, float]:
         """One optimizer step (gradient accumulation, the checked clipped AdamW step, schedule); its metrics. A
@@ -353,8 +393,15 @@ class GRPOTrainer(Trainer):
     # -- checkpoints and export -------------------------------------------------------------------------------
 
     def write_model(self, folder: Path) -> None:
-        """The policy as a ``save_pretrained`` folder with its tokenizer (a collective)."""
+        """The policy as a ``save_pretrained`` folder with its tokenizer and, with ``--sync-ref-model``, the
+        reference it has moved to (a collective)."""
         write_policy(self.ctx, self.engine, self.model, self.tokenizer, folder, self.tied)
+        if self.cfg.sync_ref_model:
+            write_reference(self.ctx, self.reference, folder)
+
+    def export(self, final_report: dict | None) -> None:
+        """The final policy alone (no reference)."""
+        write_policy(self.ctx, self.engine, self.model, self.tokenizer, self.output, self.tied)
 
     def checkpoint_state(self, record: dict) -> tuple[dict, dict, dict | None]:
         """The data position and, mid-rollout, this rank's unfinished rollout slice (tensors, and prompts and texts
@@ -393,6 +440,8 @@ class GRPOTrainer(Trainer):
                 "resume with the same prompts"
             )
         self.stream = PromptStream(self.records, self.cfg.seed, state["data"]["epoch"], state["data"]["index"])
+        if self.cfg.sync_ref_model:
+            load_reference(self.reference, folder)
         if state["mid_rollout"]:
             if rank_json is None or "rollout" not in rank_tensors:
                 raise ValueError(f"{folder}: saved mid-rollout, but rank {self.ctx.rank}'s rollout files are missing")
