@@ -15,6 +15,7 @@ from ...modeling.heads import head_inputs, lm_head_of
 from ...modeling.packing import add_packing, packed_hidden, padded_columns
 from ...ops import linear_logprobs
 from ...training.runtime import autocast
+from ...training.trainer_state import START_AFRESH
 from .generation import sample_completions, shared_prefix_hidden
 from .sampling import MultinomialSampler, RowSeededSampler
 
@@ -244,6 +245,23 @@ class PromptStream:
     def _permutation(self) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(len(self.records), generator=generator).tolist()
+
+    def position(self) -> dict[str, int]:
+        """The data position a checkpoint records (with the prompt count, so a resume on other prompts is refused)."""
+        return {"epoch": self.epoch, "index": self.index, "prompts": len(self.records)}
+
+    @classmethod
+    def restored(cls, records: list[dict], seed: int, position: dict, where) -> PromptStream:
+        """The stream at a checkpoint's :meth:`position` (ValueError naming ``where`` when it is not a position in
+        ``records``)."""
+        values = [position.get(key) if isinstance(position, dict) else None for key in ("epoch", "index", "prompts")]
+        if not all(type(value) is int and value >= 0 for value in values) or values[1] > len(records):
+            raise ValueError(f"{where}: 'data' {position!r} is not a position in the prompts; {START_AFRESH}")
+        if values[2] != len(records):
+            raise ValueError(
+                f"{where}: saved with {values[2]} prompts, this run has {len(records)}; resume with the same prompts"
+            )
+        return cls(records, seed, values[0], values[1])
 
     def take(self, count: int) -> list[dict]:
         out = []

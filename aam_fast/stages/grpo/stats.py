@@ -178,3 +178,11 @@ def summary_lines(rows: list[dict], output: str) -> list[str]:
         f"steps {first['step']}..{last['step']}: " + ", ".join(parts),
         f"policy saved to {output} (AutoModelForCausalLM.from_pretrained); metrics in {output}/metrics.jsonl",
     ]
+
+
+def progress_postfix(row: dict, seconds: float) -> dict[str, str]:
+    postfix = {"reward": f"{row['reward']:.3f}", "len": f"{row['completions/mean_length']:.1f}"}
+    if "kl" in row:
+        postfix["kl"] = f"{row['kl']:.4f}"
+    postfix["s/step"] = f"{seconds:.1f}"
+    return postfix

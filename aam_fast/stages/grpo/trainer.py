@@ -64,7 +64,7 @@ from .policy import (
 from .rewards import RewardSources, completions_for_fns
 from .rollout import MicroBatch, PromptStream, completion_hidden, generate_micro_batch, token_logprobs
 from .sampling import completion_seed
-from .stats import PhaseTimer, completion_rows, merge_stats, rollout_metrics, step_metrics
+from .stats import PhaseTimer, completion_rows, merge_stats, progress_postfix, rollout_metrics, step_metrics
 
 # The settings that define the loss (GRPOLoss's keyword arguments).
 LOSS_SETTINGS = (
@@ -413,7 +413,7 @@ class GRPOTrainer(Trainer):
             rank_tensors["rollout"] = [tensors for tensors, _ in parts]
             rank_json = {"rollout": [texts for _, texts in parts], "rollout_metrics": self.rollout_metrics}
         state = {
-            "data": {"epoch": self.stream.epoch, "index": self.stream.index, "prompts": len(self.records)},
+            "data": self.stream.position(),
             "mid_rollout": mid_rollout,
             "iteration": self.iteration,
         }
@@ -423,23 +423,14 @@ class GRPOTrainer(Trainer):
         """The data position and, written by as many ranks, an unfinished rollout (ValueError on another number of
         ranks, or for another prompt count). On another number of ranks the RNG states stay at this run's seeded
         start (sampling does not use them: each completion has its own seed)."""
-        data = state["data"]
-        position = [data.get(key) for key in ("epoch", "index", "prompts")]
-        if not all(type(value) is int and value >= 0 for value in position) or state["iteration"] < 0:
-            raise ValueError(
-                f"{folder / STATE_FILE}: 'data' {data!r} or 'iteration' {state['iteration']!r} is not a position in "
-                f"the prompts; {START_AFRESH}"
-            )
+        if type(state["iteration"]) is not int or state["iteration"] < 0:
+            iteration = state["iteration"]
+            raise ValueError(f"{folder / STATE_FILE}: 'iteration' {iteration!r} is not a count; {START_AFRESH}")
         if state["mid_rollout"] and rank_tensors is None:
             saved = state["world_size"]
             writer = "one process" if saved == 1 else f"{saved} ranks"
             raise ValueError(f"{folder}: saved mid-rollout by {writer}; resume it on as many")
-        if state["data"]["prompts"] != len(self.records):
-            raise ValueError(
-                f"{folder}: saved with {state['data']['prompts']} prompts, this run has {len(self.records)}; "
-                "resume with the same prompts"
-            )
-        self.stream = PromptStream(self.records, self.cfg.seed, state["data"]["epoch"], state["data"]["index"])
+        self.stream = PromptStream.restored(self.records, self.cfg.seed, state["data"], folder / STATE_FILE)
         if self.cfg.sync_ref_model:
             load_reference(self.reference, folder)
         if state["mid_rollout"]:
@@ -449,14 +440,6 @@ class GRPOTrainer(Trainer):
             self.rollout = [MicroBatch.from_state(tensors, texts, self.device) for tensors, texts in pairs]
             self.rollout_metrics = rank_json["rollout_metrics"]
             self.iteration = state["iteration"]
-
-
-def progress_postfix(row: dict, seconds: float) -> dict[str, str]:
-    postfix = {"reward": f"{row['reward']:.3f}", "len": f"{row['completions/mean_length']:.1f}"}
-    if "kl" in row:
-        postfix["kl"] = f"{row['kl']:.4f}"
-    postfix["s/step"] = f"{seconds:.1f}"
-    return postfix
 
 
 def train_grpo(cfg: GRPOConfig, scorer: Callable | None = None) -> list[dict]:
