@@ -302,8 +302,8 @@ def test_grpo_checkpoint_records_the_reward_sources(grpo_run):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda state: state["data"].update(index=-3), r"'data' \{.*\} or 'iteration' 1 is not a position"),
-        (lambda state: state["data"].update(epoch="x"), r"'data' \{.*\} or 'iteration' 1 is not a position"),
+        (lambda state: state["data"].update(index=-3), r"'data' \{.*\} is not a position in the prompts"),
+        (lambda state: state["data"].update(epoch="x"), r"'data' \{.*\} is not a position in the prompts"),
         (lambda state: state.update(mid_rollout="yes"), r"'mid_rollout' is 'yes', not a finite bool"),
         (lambda state: state.update(step=3), r"step 3 is outside this run's \[0, 2\] steps"),
     ],

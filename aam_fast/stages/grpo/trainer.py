@@ -399,9 +399,9 @@ class GRPOTrainer(Trainer):
         if self.cfg.sync_ref_model:
             write_reference(self.ctx, self.reference, folder)
 
-    def export(self, final_report: dict | None) -> None:
+    def export(self, final_report: dict | None, folder: Path) -> None:
         """The final policy alone (no reference)."""
-        write_policy(self.ctx, self.engine, self.model, self.tokenizer, self.output, self.tied)
+        write_policy(self.ctx, self.engine, self.model, self.tokenizer, folder, self.tied)
 
     def checkpoint_state(self, record: dict) -> tuple[dict, dict, dict | None]:
         """The data position and, mid-rollout, this rank's unfinished rollout slice (tensors, and prompts and texts
