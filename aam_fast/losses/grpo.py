@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..ops import IGNORE_INDEX, linear_local_loss
+from ..ops.validation import check_materialised, check_number
 
 KL_KINDS = ("k1", "k2", "k3")  # per-token KL estimators (`kl_penalty`)
 LOSS_TYPES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")  # GRPO aggregations
@@ -64,12 +65,16 @@ def resolve_loss_type(loss_type: str) -> str:
     raise ValueError(f"loss_type must be one of {LOSS_TYPES} (or TRL's {tuple(LOSS_TYPE_ALIASES)}), got {loss_type!r}")
 
 
-def _check_grpo_args(epsilon, epsilon_high, kl, loss_type):
+def _check_grpo_args(epsilon, epsilon_high, kl, loss_type, beta, entropy_coef):
+    """ValueError naming the argument: a KL estimator or loss type not listed, or a number not finite or negative
+    (``epsilon``, ``epsilon_high`` (or None), ``beta``, ``entropy_coef``)."""
     if kl not in KL_KINDS:
         raise ValueError(f"kl must be one of {KL_KINDS}, got {kl!r}")
     resolve_loss_type(loss_type)
-    if not epsilon >= 0 or (epsilon_high is not None and not epsilon_high >= 0):
-        raise ValueError(f"epsilon and epsilon_high must be non-negative, got {epsilon!r}, {epsilon_high!r}")
+    check_number("epsilon", epsilon, minimum=0.0)
+    check_number("epsilon_high", epsilon_high, optional=True, minimum=0.0)
+    check_number("beta", beta, minimum=0.0)
+    check_number("entropy_coef", entropy_coef, minimum=0.0)
 
 
 def _check_normalizer(normalizer) -> float:
@@ -138,7 +143,7 @@ def grpo_loss(
     hidden `[B, T, D]`, targets `[B, T]`, advantages `[B]`, old_logps/ref_logps `[B, T]`. `grad_filter_eps` (off
     by default) as in `linear_logprobs`.
     """
-    _check_grpo_args(epsilon, epsilon_high, kl, loss_type)
+    _check_grpo_args(epsilon, epsilon_high, kl, loss_type, beta, entropy_coef)
     loss_type = resolve_loss_type(loss_type)
     advantages = _check_grpo_tensors(targets, advantages, old_logps, ref_logps, beta)
     eps_high = epsilon if epsilon_high is None else epsilon_high
@@ -185,7 +190,9 @@ def grpo_loss(
 
 
 def _check_grpo_tensors(targets, advantages, old_logps, ref_logps, beta) -> torch.Tensor:
-    """ValueError naming the tensor whose shape does not fit; returns the float32 advantages ``[B]``."""
+    """ValueError naming the tensor whose shape does not fit (or that is on the meta device); returns the float32
+    advantages ``[B]``."""
+    check_materialised(targets=targets, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
     if targets.dim() != 2:
         raise ValueError(f"targets must be [B, T], got shape {tuple(targets.shape)}")
     batch = targets.shape[0]
@@ -252,7 +259,7 @@ class GRPOLoss(nn.Module):
         grad_filter_eps: float | None = None,
     ):
         super().__init__()
-        _check_grpo_args(epsilon, epsilon_high, kl, loss_type)
+        _check_grpo_args(epsilon, epsilon_high, kl, loss_type, beta, entropy_coef)
         self.config = dict(
             epsilon=epsilon,
             epsilon_high=epsilon_high,
