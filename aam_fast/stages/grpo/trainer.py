@@ -34,7 +34,7 @@ import torch
 
 from ...data import IGNORE_INDEX, load_prompt_records
 from ...losses import GRPOLoss, default_normalizer, group_advantages
-from ...modeling import AdaptersOff, add_configured_lora, apply_liger, make_reference
+from ...modeling import AdaptersOff, add_configured_lora, apply_liger, check_positions, make_reference
 from ...modeling.heads import head_inputs, lm_head_of
 from ...modeling.layers import backbone_of
 from ...training.lifecycle import Trainer
@@ -115,6 +115,8 @@ class GRPOTrainer(Trainer):
                 packing=cfg.packing,
                 **cfg.load_kwargs(),
             )
+            if cfg.rm_max_length is not None:
+                check_positions(scorer.model.lm.config, cfg.rm_max_length, f"--rm-max-length {cfg.rm_max_length}")
         self.rewards = RewardSources(scorer, cfg.reward_fns, cfg.reward_weights)
         self.timer = PhaseTimer(self.device)  # this step's seconds per phase (stats.TIMING_PHASES)
         self.loss_fn = GRPOLoss(
@@ -134,6 +136,10 @@ class GRPOTrainer(Trainer):
         self.model, self.tokenizer = load_policy(
             cfg.policy, self.device, load_kwargs=cfg.load_kwargs(), gradient_checkpointing=cfg.gradient_checkpointing
         )
+        budget = f"--max-new-tokens {cfg.max_new_tokens}"
+        if cfg.max_prompt_length is not None:
+            budget += f" with --max-prompt-length {cfg.max_prompt_length}"
+        check_positions(self.model.config, cfg.max_new_tokens + (cfg.max_prompt_length or 0), budget)
         self.liger = apply_liger(self.model, self.device, cfg.liger)
         log(f"Liger-Kernel: {self.liger}")
         self.tied = tied_names(self.model)
