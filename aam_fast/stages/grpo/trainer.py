@@ -136,10 +136,8 @@ class GRPOTrainer(Trainer):
         self.model, self.tokenizer = load_policy(
             cfg.policy, self.device, load_kwargs=cfg.load_kwargs(), gradient_checkpointing=cfg.gradient_checkpointing
         )
-        budget = f"--max-new-tokens {cfg.max_new_tokens}"
-        if cfg.max_prompt_length is not None:
-            budget += f" with --max-prompt-length {cfg.max_prompt_length}"
-        check_positions(self.model.config, cfg.max_new_tokens + (cfg.max_prompt_length or 0), budget)
+        # each rollout checks its longest prompt too (rollout.generate_micro_batch)
+        check_positions(self.model.config, cfg.max_new_tokens + 1, f"--max-new-tokens {cfg.max_new_tokens} + 1")
         self.liger = apply_liger(self.model, self.device, cfg.liger)
         log(f"Liger-Kernel: {self.liger}")
         self.tied = tied_names(self.model)
