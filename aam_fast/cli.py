@@ -25,7 +25,7 @@ STAGE_MODULES = (
     "aam_fast.stages.grpo.cli",  # train-grpo
     "aam_fast.stages.grpo.demo",  # demo-grpo
 )
-DEBUG_HELP = "on a failure, show the full traceback instead of one error line"
+DEBUG_HELP = "on a failure, show the full traceback instead of one error line (default: off)"
 
 
 def build_parser() -> argparse.ArgumentParser:
