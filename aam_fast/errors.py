@@ -4,8 +4,9 @@
 - ``ValueError``: bad input (a flag, a data record, a file's content), exit 2; its message says what and where.
 - :class:`RunError` (a reward function that fails to import or raises, a model folder that cannot be used) and
   :class:`~aam_fast.training.TrainingDiverged`: exit 1, their message names the file or the step.
-- ``OSError`` (an unwritable or read-only folder, a file-size limit, a full disk, a missing file), a damaged
-  safetensors or pickle file, running out of memory: exit 1, one line naming the file and what to do.
+- ``OSError`` (an unwritable or read-only folder, a file-size limit, a full disk, a missing file), a safetensors or
+  torch file that cannot be written or read, a refused pickle, running out of memory: exit 1, one line naming the
+  file (where the error names one) and what to do.
 - Anything else is a bug: exit 1, one line saying so and that ``--debug`` shows the traceback.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import pickle
+import re
 
 import torch
 
@@ -32,6 +34,9 @@ _OS_ADVICE = {
 }
 
 
+_QUOTED_ERRNO = re.compile(r"os error (\d+)|\[Errno (\d+)\]")
+
+
 class RunError(Exception):
     """A failure outside the command line's flags that the user can act on (a reward function that does not import
     or raises, a model folder that cannot be used): the message names the file and what happened; exit 1."""
@@ -47,6 +52,28 @@ def _os_error(exc: OSError) -> str:
     return f"{where}: {_OS_ADVICE.get(exc.errno) or exc.strerror or _one_line(exc)}"
 
 
+def _os_errno(text: str) -> int | None:
+    """The errno a library quotes in its message (Rust's ``os error 27``, Python's ``[Errno 27]``), if any."""
+    match = _QUOTED_ERRNO.search(text)
+    return int(match.group(1) or match.group(2)) if match else None
+
+
+def _file_format_error(exc: BaseException) -> str | None:
+    """A safetensors or torch.save/torch.load failure (they raise their own types, naming no file), in words."""
+    text = _one_line(exc)
+    advice = _OS_ADVICE.get(_os_errno(text))
+    if type(exc).__name__ == "SafetensorError":
+        if "serializ" in text and "deserializ" not in text:
+            return f"writing a safetensors file failed ({text}): {advice or 'check the disk and its space'}"
+        return f"a damaged safetensors file ({text}): {advice or 'replace the file (or the checkpoint) it came from'}"
+    if isinstance(exc, RuntimeError) and ("inline_container" in text or "PytorchStream" in text):
+        return (
+            f"a torch file could not be written or read ({text}): the disk may be full, the file-size limit "
+            "reached (ulimit -f), or the file damaged"
+        )
+    return None
+
+
 def describe_failure(exc: BaseException) -> tuple[int, str]:
     """``(exit code, one line)`` for the exception a command ended in (see the module's docstring)."""
     from .training.runtime import TrainingDiverged
@@ -57,14 +84,14 @@ def describe_failure(exc: BaseException) -> tuple[int, str]:
         return FAILED, _one_line(exc)
     if isinstance(exc, OSError):
         return FAILED, _os_error(exc)
-    if isinstance(exc, pickle.UnpicklingError):
-        return FAILED, f"a damaged or refused pickle file: {_one_line(exc)}"
-    if type(exc).__name__ == "SafetensorError":
-        return FAILED, f"a damaged safetensors file: {_one_line(exc)}"
+    if isinstance(exc, pickle.UnpicklingError):  # torch.load's message runs to a page: its first sentence
+        return FAILED, f"a damaged or refused pickle file: {_one_line(exc).split('. ')[0]}"
     if isinstance(exc, torch.OutOfMemoryError):
         return FAILED, "out of memory: lower --batch-size (or --max-length), or see docs/cli.md's memory levers"
-    first = _one_line(exc)
+    described = _file_format_error(exc)
+    if described is not None:
+        return FAILED, described
     return FAILED, (
-        f"unexpected {type(exc).__name__}: {first} -- this is a bug in aam-fast; run again with --debug for the "
-        "traceback and report it"
+        f"unexpected {type(exc).__name__}: {_one_line(exc)} -- this is a bug in aam-fast; run again with --debug for "
+        "the traceback and report it"
     )

@@ -201,14 +201,32 @@ def test_every_failure_is_one_line_with_its_exit_code(capsys, monkeypatch, exc, 
     assert got == code and line.startswith("aam-fast eval-rm: error: ") and expected in line
 
 
-def test_damaged_files_read_as_one_line():
+def test_damaged_files_read_as_one_line(tmp_path):
     from safetensors import SafetensorError
 
-    assert describe_failure(SafetensorError("Error while deserializing header: HeaderTooLarge"))[0] == 1
-    import pickle
+    code, line = describe_failure(SafetensorError("Error while deserializing header: HeaderTooLarge"))
+    assert code == 1 and line.startswith("a damaged safetensors file (Error while deserializing header")
+    code, line = describe_failure(SafetensorError("Error while serializing: I/O error: File too large (os error 27)"))
+    assert code == 1 and line.startswith("writing a safetensors file failed") and "ulimit -f" in line
+    code, line = describe_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"))
+    assert code == 1 and line.startswith("a torch file could not be written or read")
+    (tmp_path / "optimizer.pt").write_bytes(b"not a zip" * 10)
+    with pytest.raises(Exception) as caught:
+        torch.load(tmp_path / "optimizer.pt", weights_only=True)
+    code, line = describe_failure(caught.value)
+    assert code == 1 and line == "a damaged or refused pickle file: Weights only load failed"
 
-    code, line = describe_failure(pickle.UnpicklingError("Weights only load failed"))
-    assert code == 1 and "pickle" in line
+
+def test_a_file_size_limit_while_saving_is_one_line(tiny_paths, tmp_path, capsys):
+    """The real limit (``ulimit -f``), in this process for the length of one tiny run: the export fails to write."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
+    try:
+        code, line = run(capsys, *train_rm(tiny_paths, tmp_path / "o"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert code == 1 and "the file-size limit was reached (raise it: ulimit -f)" in line
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
