@@ -395,12 +395,13 @@ def test_remote_code_without_a_reward_model_class_fails_at_load(tiny_paths, monk
     [
         ("def score(prompts, completions, **kw)\n    return [1.0] * len(prompts)\n", "line 1: syntax error"),
         ("raise RuntimeError('no GPU here')\n", "raised RuntimeError: no GPU here"),
+        ("import aam_fast_no_such_module\n", "raised ModuleNotFoundError: No module named 'aam_fast_no_such_module'"),
         (
             "def score(prompts, completions, **kw):\n    return [1.0 / 0 for _ in completions]\n",
             "raised ZeroDivisionError on row 0 of the rollout (prompt '",
         ),
     ],
-    ids=["syntax-error", "raises-on-import", "raises-when-called"],
+    ids=["syntax-error", "raises-on-import", "imports-a-missing-module", "raises-when-called"],
 )
 def test_a_failing_reward_function_is_one_line_naming_it(tiny_paths, tmp_path, capsys, source, expected):
     path = tmp_path / "rewards.py"

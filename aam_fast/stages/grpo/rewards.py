@@ -38,11 +38,11 @@ def load_reward_fn(spec: str | RewardFn) -> RewardFn:
             raise ValueError(f"reward function {spec!r}: no such file {path}")
         module_spec = importlib.util.spec_from_file_location(f"aam_fast_reward_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
-        with _import_failures(spec, str(path)):
+        with _import_failures(spec, str(path), imports=True):
             module_spec.loader.exec_module(module)
     else:
         try:
-            with _import_failures(spec, module_name):
+            with _import_failures(spec, module_name, imports=False):
                 module = importlib.import_module(module_name)
         except ImportError as err:
             raise ValueError(f"reward function {spec!r}: cannot import {module_name!r} ({err})") from None
@@ -53,17 +53,20 @@ def load_reward_fn(spec: str | RewardFn) -> RewardFn:
 
 
 @contextlib.contextmanager
-def _import_failures(spec: str, where: str) -> Iterator[None]:
+def _import_failures(spec: str, where: str, *, imports: bool) -> Iterator[None]:
     """A reward module that does not compile or raises while it is imported, as one :class:`RunError` naming the
-    file (and the line of a syntax error); an ImportError passes through (the caller names the module)."""
+    file (and the line of a syntax error). An ImportError too when ``imports`` (a file's own import failed), else it
+    passes through (a dotted module that is not there: the caller names it)."""
     try:
         yield
     except SyntaxError as err:
         raise RunError(
             f"reward function {spec!r}: {err.filename or where} line {err.lineno}: syntax error: {err.msg}"
         ) from None
-    except ImportError:
-        raise
+    except ImportError as err:
+        if not imports:
+            raise
+        raise RunError(f"reward function {spec!r}: importing {where} raised {type(err).__name__}: {err}") from None
     except Exception as err:
         raise RunError(f"reward function {spec!r}: importing {where} raised {type(err).__name__}: {err}") from None
 
@@ -92,7 +95,7 @@ def _completion_text(completion: str | list[dict]) -> str:
 
 def _first_failing_row(fn: RewardFn, prompts: list, completions: list, columns: dict[str, list]) -> int | None:
     """The first row on which ``fn`` raises when called on that row alone (None when every row passes alone): to
-    name the sample behind a failure of the batched call."""
+    name the sample behind a failure of the batched call (only then: the run stops with that failure anyway)."""
     for row in range(len(prompts)):
         one = {key: values[row : row + 1] for key, values in columns.items()}
         try:
@@ -103,7 +106,11 @@ def _first_failing_row(fn: RewardFn, prompts: list, completions: list, columns: 
 
 
 def _excerpt(prompt, limit: int = 60) -> str:
-    text = prompt if isinstance(prompt, str) else str(prompt[-1].get("content", "")) if prompt else ""
+    """A prompt's text (a chat prompt's last message) for an error line, cut to ``limit`` characters."""
+    if isinstance(prompt, str):
+        text = prompt
+    else:
+        text = str(prompt[-1].get("content", "")) if prompt else ""
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
