@@ -347,6 +347,33 @@ def test_a_weight_map_outside_the_model_folder_is_refused_before_opening(tiny_pa
     assert code == 2 and "is not a file inside the model folder" in line
 
 
+@pytest.mark.parametrize("damage", ["truncated", "huge-header"])
+def test_a_damaged_safetensors_file_in_the_model_folder_names_it(tiny_paths, tmp_path, capsys, damage):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_paths["model"], model)
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    else:
+        weights.write_bytes((2**60).to_bytes(8, "little") + data[8:])
+    argv = train_rm(tiny_paths, tmp_path / "o")
+    argv[argv.index("--model") + 1] = str(model)
+    code, line = run(capsys, *argv)
+    assert code == 2 and f"model {model}: cannot be loaded" in line
+
+
+def test_eval_rm_skips_a_huge_margin_under_skip_invalid(reward_model_dir, tiny_paths, tmp_path, capsys):
+    records = [json.loads(line) for line in Path(tiny_paths["pairs"]).read_text().splitlines()]
+    records[2]["margin"] = HUGE
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    argv = ["eval-rm", "--model", reward_model_dir, "--data", path, "--no-progress", "--json"]
+    assert cli.main([str(a) for a in [*argv, "--skip-invalid"]]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    code, line = run(capsys, *argv)
+    assert code == 2 and "record 2: 'margin' must be a finite number" in line
+
+
 def test_an_unknown_causal_lm_architecture_is_refused(reward_model_dir, tiny_paths, capsys):
     meta = reward_model_dir / "aam_fast.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "causal_lm_architecture": "pipeline"}))
