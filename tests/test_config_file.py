@@ -4,7 +4,6 @@ config saved as OUTPUT/config.yaml runs the same run again."""
 
 import dataclasses
 import json
-import math
 
 import pytest
 import torch
@@ -160,7 +159,7 @@ def test_the_saved_config_reads_back_equal(config_class, tmp_path):
     if "opening_turn" in names:
         values.update(opening_turn="你好, 'friend'\n-- yes", reward_fns=["m:f"])
     if "gamma" in names:
-        values.update(gamma=math.inf)  # no range: a flag takes inf too
+        values.update(gamma=-1 / 3)  # no bounds but finiteness: a negative value reads back too
     cfg = config_class(**values)
     path = save_config(cfg, tmp_path)
     assert path == tmp_path / "config.yaml" and not list(tmp_path.glob("*.partial"))

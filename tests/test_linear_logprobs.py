@@ -215,7 +215,7 @@ def test_sequence_logprobs_sum_and_mean():
         (dict(temperature=0.0), "temperature"),
         (dict(temperature=-1.0), "temperature"),
         (dict(backend="cuda"), "backend"),
-        (dict(weight=torch.randn(13, 8, device="meta")), "one device"),
+        (dict(weight=torch.randn(13, 8, device="meta")), "weight is on the meta device"),
     ],
 )
 def test_validation_errors_name_the_argument(kwargs, match):

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
-from .messages import Message, Text, check_messages, completion_messages
+from .messages import Message, Text, check_messages, check_unicode, completion_messages
 from .records import PreferencePair
 
 _SHAREGPT_ROLES = {
@@ -110,6 +111,9 @@ def _split_strings(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:index], chosen[index:], rejected[index:]
 
 
+_FLOAT_MAX = sys.float_info.max
+
+
 def _parse_margin(value: Any, column: str = "margin") -> float | None:
     """A finite float, or None for a missing value; a numeric string (as CSV holds) is parsed, a blank one is None."""
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -120,9 +124,12 @@ def _parse_margin(value: Any, column: str = "margin") -> float | None:
             number = float(value)
         except ValueError:
             number = None
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(float(number)):
-        raise ValueError(f"{column!r} must be a finite number, got {value!r}")
-    return float(number)
+    if isinstance(number, int) and not isinstance(number, bool):
+        number = float(number) if abs(number) <= _FLOAT_MAX else math.inf  # a huge integer is out of float range
+    if isinstance(number, bool) or not isinstance(number, float) or not math.isfinite(number):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{column!r} must be a finite number, got {shown}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -213,6 +220,8 @@ def normalize_record(
         if key not in record or record[key] is None:
             raise ValueError(f"missing field {name!r} (fields present: {sorted(record)})")
     prompt, chosen, rejected = _prompt_and_completions(record)
+    for what, text in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        check_unicode(text, what)
     subset = None
     if subset_field is not None:
         if subset_field not in record:

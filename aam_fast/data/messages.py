@@ -15,6 +15,20 @@ Text = str | list[Message]
 ROLES = ("system", "user", "assistant", "tool")
 
 
+def check_unicode(value: Text, what: str) -> None:
+    """ValueError naming ``what`` (and the message index) unless every text of ``value`` (a string or messages) is
+    valid Unicode: JSON can spell a lone surrogate (``"\\ud800"``), which no tokenizer or file can encode."""
+    texts = [(what, value)] if isinstance(value, str) else [(f"{what}[{i}]", m["content"]) for i, m in enumerate(value)]
+    for name, text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(
+                f"{name} holds a lone surrogate {text[err.start]!r} at character {err.start}: not valid Unicode text "
+                "(fix the escape sequence in the file)"
+            ) from None
+
+
 def check_messages(value: Any, what: str) -> list[Message]:
     """``value`` as a non-empty list of ``{"role", "content"}`` messages (extra keys dropped), else ``ValueError``
     naming ``what`` and the message index (``what[i]``)."""
@@ -30,6 +44,7 @@ def check_messages(value: Any, what: str) -> list[Message]:
         if not isinstance(content, str):
             raise ValueError(f"{what}[{i}] content must be a string, got {type(content).__name__}")
         messages.append({"role": role, "content": content})
+    check_unicode(messages, what)
     return messages
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .formats import alpaca_prompt, is_alpaca
-from .messages import Text, check_messages
+from .messages import Text, check_messages, check_unicode
 from .sources import iter_source_records
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ def check_prompt(prompt: Any, where: str) -> Prompt:
     if isinstance(prompt, str):
         if not prompt.strip():
             raise ValueError(f"{where}: empty prompt")
+        check_unicode(prompt, f"{where}: prompt")
         return prompt
     if not isinstance(prompt, list) or not prompt:
         raise ValueError(f"{where}: prompt must be a non-empty string or message list, got {type(prompt).__name__}")
@@ -229,6 +230,14 @@ def _greeting(record: dict, where: str) -> str:
     return "\n".join(sentences)
 
 
+def _record_id(record: dict, where: str) -> str | int | None:
+    """The ``id`` of an RPBench card or scene: text, an integer or absent (None); anything else names the record."""
+    value = record.get("id")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+        raise ValueError(f"{where}: 'id' must be text or an integer, got {value!r}")
+    return value
+
+
 def _rpbench_prompts(path: Path, cards: list[dict], scenes: str | Path | None, opening_turn: str) -> list[dict]:
     if not isinstance(opening_turn, str) or not opening_turn.strip():
         raise ValueError("opening_turn must be a non-empty string")
@@ -250,7 +259,7 @@ def _rpbench_prompts(path: Path, cards: list[dict], scenes: str | Path | None, o
             background=card["background"], **{f: profile[f] for f in RPBENCH_PROFILE_FIELDS}
         )
         greeting = _greeting(card, where)
-        scene = scene_by_id.get(card.get("id"))
+        scene = scene_by_id.get(_record_id(card, where))
         if scenes is not None and scene is None:
             unmatched += 1
         if scene is not None:
@@ -261,11 +270,12 @@ def _rpbench_prompts(path: Path, cards: list[dict], scenes: str | Path | None, o
             {"role": "assistant", "content": greeting},
             {"role": "user", "content": opening_turn},
         ]
+        check_unicode(messages, f"{where}: prompt")
         prompts.append(
             {
                 "prompt": messages,
                 "character": profile["name_text"],
-                "rpbench_id": card.get("id"),
+                "rpbench_id": _record_id(card, where),
                 "scene": scene is not None,
             }
         )
@@ -288,8 +298,9 @@ def _load_scenes(path: Path) -> dict[Any, dict[str, str]]:
         missing = [key for key, _ in RPBENCH_SCENE_SECTIONS if not isinstance(record.get(key), str)]
         if missing:
             raise ValueError(f"{where}: scene is missing text fields {missing}")
-        if record["id"] in scenes:
-            raise ValueError(f"{where}: duplicate scene id {record['id']!r}")
-        scenes[record["id"]] = {key: record[key] for key, _ in RPBENCH_SCENE_SECTIONS}
-        scenes[record["id"]]["greeting"] = _greeting(record, where)
+        scene_id = _record_id(record, where)
+        if scene_id in scenes:
+            raise ValueError(f"{where}: duplicate scene id {scene_id!r}")
+        scenes[scene_id] = {key: record[key] for key, _ in RPBENCH_SCENE_SECTIONS}
+        scenes[scene_id]["greeting"] = _greeting(record, where)
     return scenes

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import IGNORE_INDEX, LENGTH_NORMS, linear_local_loss, linear_logprobs, sequence_logprobs
+from ..ops.validation import check_materialised, check_number
 
 MARGINS = ("bt", "fixed", "pr", "ld")  # AAM margin kinds
 NAMED_GAMMA = {"pr": 1.0, "ld": 0.0}  # the adaptive margins, and the reference's weight γ each name implies
@@ -63,6 +64,7 @@ class AAMOutput:
 
 def _pair_rewards(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split `[2B]` (or `[2B, 1]`) rewards into float32 `(r_c [B], r_r [B])`, squeezing before any arithmetic."""
+    check_materialised(rewards=rewards)
     if rewards.dim() == 2 and rewards.shape[1] == 1:
         rewards = rewards.squeeze(1)
     if rewards.dim() != 1 or rewards.shape[0] % 2 or rewards.shape[0] == 0:
@@ -74,17 +76,21 @@ def _pair_rewards(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rewards[:half], rewards[half:]
 
 
-def _check_margin_args(margin, length_norm, beta, margin_clip, gamma):
+def _check_margin_args(margin, length_norm, beta, margin_clip, gamma, sft_weight, center_rewards):
+    """ValueError naming the argument: a margin or length norm not listed, or a number not finite or out of range
+    (``beta``, ``sft_weight``, ``center_rewards`` >= 0; ``margin_clip`` > 0 or None; ``gamma`` any finite number
+    or None, for pr and ld only)."""
     if margin not in MARGINS:
         raise ValueError(f"margin must be one of {MARGINS}, got {margin!r}")
     if length_norm not in LENGTH_NORMS:
         raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
-    if margin_clip is not None and not margin_clip > 0:
-        raise ValueError(f"margin_clip must be positive or None, got {margin_clip!r}")
     if gamma is not None and margin not in NAMED_GAMMA:
         raise ValueError(f"gamma applies to margin='pr' or 'ld', not {margin!r}")
-    if not isinstance(beta, (int, float)):
-        raise ValueError(f"beta must be a number, got {type(beta).__name__}")
+    check_number("beta", beta, minimum=0.0)
+    check_number("gamma", gamma, optional=True)
+    check_number("margin_clip", margin_clip, optional=True, above=0.0)
+    check_number("sft_weight", sft_weight, minimum=0.0)
+    check_number("center_rewards", center_rewards, minimum=0.0)
 
 
 def aam_loss(
@@ -125,7 +131,7 @@ def aam_loss(
     "bt" and "fixed" without SFT; `data_margin` is a tensor (a list is refused, naming it). `grad_filter_eps` (off
     by default) as in `linear_logprobs`.
     """
-    _check_margin_args(margin, length_norm, beta, margin_clip, gamma)
+    _check_margin_args(margin, length_norm, beta, margin_clip, gamma, sft_weight, center_rewards)
     reward_chosen, reward_rejected = _pair_rewards(rewards)
     pairs = reward_chosen.shape[0]
     reward_gap = reward_chosen - reward_rejected
@@ -217,6 +223,7 @@ def _data_margin(data_margin, pairs: int, device) -> torch.Tensor:
         raise ValueError(
             f"data_margin must be a torch.Tensor [B] (e.g. torch.tensor(margins)), got {type(data_margin).__name__}"
         )
+    check_materialised(data_margin=data_margin)
     pair_margin = data_margin.to(device).float().reshape(-1)
     if pair_margin.shape[0] != pairs:
         raise ValueError(f"data_margin must be [B]=[{pairs}], got shape {tuple(data_margin.shape)}")
@@ -228,6 +235,7 @@ def _reference_logps(
 ):
     """The frozen reference's sequence log-probs `[2B]`: given, or computed forward-only from its hidden states."""
     if ref_logps is not None:
+        check_materialised(ref_logps=ref_logps)
         ref_logps = ref_logps.detach().float().reshape(-1)
         if ref_logps.shape[0] != 2 * pairs:
             raise ValueError(f"ref_logps must be [2B]=[{2 * pairs}], got shape {tuple(ref_logps.shape)}")
@@ -266,7 +274,7 @@ class AAMLoss(nn.Module):
         grad_filter_eps: float | None = None,
     ):
         super().__init__()
-        _check_margin_args(margin, length_norm, beta, margin_clip, gamma)
+        _check_margin_args(margin, length_norm, beta, margin_clip, gamma, sft_weight, center_rewards)
         self.config = dict(
             margin=margin,
             beta=beta,

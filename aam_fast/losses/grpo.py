@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..ops import IGNORE_INDEX, linear_local_loss
+from ..ops.validation import check_materialised, check_number
 from .grpo_options import (
     AGGREGATIONS,
     EntropyGather,
@@ -73,13 +74,19 @@ def resolve_loss_type(loss_type: str) -> str:
     raise ValueError(f"loss_type must be one of {LOSS_TYPES} (or TRL's {tuple(LOSS_TYPE_ALIASES)}), got {loss_type!r}")
 
 
-def _check_grpo_args(epsilon, epsilon_high, kl, loss_type, level="token", delta=None, quantile=1.0) -> float:
-    """ValueError naming a setting outside its range; returns ε_high (``epsilon_high``, default ``epsilon``)."""
+def _check_grpo_args(
+    epsilon, epsilon_high, kl, loss_type, beta, entropy_coef, level="token", delta=None, quantile=1.0
+) -> float:
+    """ValueError naming the argument: a KL estimator or loss type not listed, a number not finite or negative
+    (``epsilon``, ``epsilon_high`` (or None), ``beta``, ``entropy_coef``) or an option out of its range
+    (:func:`.grpo_options.check_options`); returns ε_high (``epsilon_high``, default ``epsilon``)."""
     if kl not in KL_KINDS:
         raise ValueError(f"kl must be one of {KL_KINDS}, got {kl!r}")
     resolve_loss_type(loss_type)
-    if not epsilon >= 0 or (epsilon_high is not None and not epsilon_high >= 0):
-        raise ValueError(f"epsilon and epsilon_high must be non-negative, got {epsilon!r}, {epsilon_high!r}")
+    check_number("epsilon", epsilon, minimum=0.0)
+    check_number("epsilon_high", epsilon_high, optional=True, minimum=0.0)
+    check_number("beta", beta, minimum=0.0)
+    check_number("entropy_coef", entropy_coef, minimum=0.0)
     eps_high = epsilon if epsilon_high is None else epsilon_high
     check_options(level, delta, quantile, eps_high)
     return eps_high
@@ -162,7 +169,7 @@ def grpo_loss(
     by default) as in `linear_logprobs`.
     """
     eps_high = _check_grpo_args(
-        epsilon, epsilon_high, kl, loss_type, importance_sampling_level, delta, top_entropy_quantile
+        epsilon, epsilon_high, kl, loss_type, beta, entropy_coef, importance_sampling_level, delta, top_entropy_quantile
     )
     loss_type = resolve_loss_type(loss_type)
     advantages = _check_grpo_tensors(targets, advantages, old_logps, ref_logps, beta)
@@ -203,7 +210,9 @@ def _loss_scale(normalizer, mask: torch.Tensor, loss_type: str, max_completion_l
 
 
 def _check_grpo_tensors(targets, advantages, old_logps, ref_logps, beta) -> torch.Tensor:
-    """ValueError naming the tensor whose shape does not fit; returns the float32 advantages ``[B]``."""
+    """ValueError naming the tensor whose shape does not fit (or that is on the meta device); returns the float32
+    advantages ``[B]``."""
+    check_materialised(targets=targets, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps)
     if targets.dim() != 2:
         raise ValueError(f"targets must be [B, T], got shape {tuple(targets.shape)}")
     batch = targets.shape[0]
@@ -276,7 +285,8 @@ class GRPOLoss(nn.Module):
         top_entropy_quantile: float = 1.0,
     ):
         super().__init__()
-        _check_grpo_args(epsilon, epsilon_high, kl, loss_type, importance_sampling_level, delta, top_entropy_quantile)
+        options = (importance_sampling_level, delta, top_entropy_quantile)
+        _check_grpo_args(epsilon, epsilon_high, kl, loss_type, beta, entropy_coef, *options)
         self.config = dict(
             epsilon=epsilon,
             epsilon_high=epsilon_high,

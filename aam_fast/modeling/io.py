@@ -26,6 +26,7 @@ from .reward_model import RewardModel
 
 METADATA_FILE = "aam_fast.json"
 LM_HEAD_FILE = "lm_head.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 
 
 @contextlib.contextmanager
@@ -59,26 +60,66 @@ def _sequence_classification_class(config):
     return getattr(transformers, name)
 
 
+def check_exportable(config, what: str) -> None:
+    """ValueError naming ``what`` (the flag and folder) when a reward model on this causal LM could not be saved
+    (transformers has no ``*ForSequenceClassification`` class for its model type, e.g. remote code): found at
+    load time, before any training, not at the export."""
+    try:
+        _sequence_classification_class(config)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}, so the trained reward model could not be saved") from None
+
+
 def read_safetensors(folder: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Named tensors from a folder's ``model.safetensors`` (or its sharded index)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+    weight_map = check_weight_map(folder)
+    if weight_map is not None:
         files = {name: folder / weight_map[name] for name in names if name in weight_map}
     else:
         files = {name: folder / "model.safetensors" for name in names}
     tensors = {}
     for name, file in files.items():
         if file.is_file():
-            with safe_open(str(file), framework="pt") as handle:
-                if name in handle.keys():
-                    tensors[name] = handle.get_tensor(name)
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    if name in handle.keys():
+                        tensors[name] = handle.get_tensor(name)
+            except SafetensorError as exc:
+                raise ValueError(f"{file}: not a readable safetensors file ({exc})") from None
     missing = [name for name in names if name not in tensors]
     if missing:
         raise ValueError(f"{folder}: tensors {missing} not found in its safetensors files")
     return tensors
+
+
+def check_positions(config, tokens: int, what: str) -> None:
+    """ValueError when ``tokens`` (``what``: the flag and its value, e.g. ``--max-length 4096``) exceed the model's
+    positions (``max_position_embeddings`` of ``config``'s text config; a model without one passes)."""
+    positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if positions is not None and tokens > positions:
+        raise ValueError(f"{what} exceeds the model's {positions} positions")
+
+
+def check_weight_map(folder: Path) -> dict[str, str] | None:
+    """The ``weight_map`` of ``folder``'s ``model.safetensors.index.json`` (None without one), checked before any
+    weight file is opened: ValueError naming the index unless it maps tensor names to files inside ``folder``."""
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError):
+        weight_map = None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: not a safetensors index (needs a JSON object with a 'weight_map' object)")
+    root = folder.resolve()
+    for name, file in weight_map.items():
+        inside = isinstance(file, str) and not Path(file).is_absolute() and (root / file).resolve().is_relative_to(root)
+        if not inside:
+            raise ValueError(f"{index}: weight_map[{name!r}] = {file!r} is not a file inside the model folder")
+    return weight_map
 
 
 def check_model_source(name_or_path: str | Path, what: str = "model") -> None:
@@ -87,6 +128,7 @@ def check_model_source(name_or_path: str | Path, what: str = "model") -> None:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"{what} {name_or_path}: not a model folder (no config.json)")
+        check_weight_map(path)
         return
     if path.exists():
         raise ValueError(f"{what} {name_or_path}: a file, not a model folder")
@@ -98,11 +140,13 @@ def check_model_source(name_or_path: str | Path, what: str = "model") -> None:
 
 def from_pretrained(load, name_or_path: str | Path, what: str, **kwargs):
     """``load(name_or_path, **kwargs)`` (a transformers ``from_pretrained``), its failure as one ValueError line."""
+    from safetensors import SafetensorError
+
     check_model_source(name_or_path, what)
     try:
         with quiet_transformers():
             return load(str(name_or_path), **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{what} {name_or_path}: cannot be loaded ({first})") from None
 
@@ -160,8 +204,12 @@ def load_reward_model(
             f"{path}: not a reward model (a train-rm output or a *ForSequenceClassification folder with one label)"
         )
     causal_name = metadata.get("causal_lm_architecture") or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
-    if causal_name is None or not hasattr(transformers, causal_name):
-        raise ValueError(f"{path}: no causal-LM class known for model_type {config.model_type!r}")
+    known = isinstance(causal_name, str) and causal_name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if not known or not hasattr(transformers, causal_name):
+        raise ValueError(
+            f"{path}: no causal-LM class known for model_type {config.model_type!r}"
+            + (f" ({METADATA_FILE} names {causal_name!r})" if metadata.get("causal_lm_architecture") else "")
+        )
     config.architectures = [causal_name]
     with quiet_transformers():
         lm = getattr(transformers, causal_name).from_pretrained(path, config=config, dtype=dtype, **load_kwargs)

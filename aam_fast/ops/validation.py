@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -23,6 +25,7 @@ def check_linear_logprobs_inputs(
     for name, tensor in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    check_materialised(hidden=hidden, weight=weight, targets=targets, bias=bias)
     if hidden.dtype not in FLOAT_DTYPES:
         raise ValueError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
     if weight.dtype not in FLOAT_DTYPES:
@@ -58,8 +61,7 @@ def check_linear_logprobs_inputs(
     if len({device for _, device in devices}) > 1:
         listed = ", ".join(f"{name} on {device}" for name, device in sorted(devices, key=lambda x: x[0]))
         raise ValueError(f"all inputs must be on one device, got {listed}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    check_number("temperature", temperature, above=0.0)
     if targets.numel():
         vocab = weight.shape[0]
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
@@ -80,3 +82,38 @@ def check_grad_filter_eps(grad_filter_eps: float | None) -> float:
     if not 0.0 <= grad_filter_eps < 1.0:
         raise ValueError(f"grad_filter_eps must lie in [0, 1) (a softmax probability), got {grad_filter_eps!r}")
     return float(grad_filter_eps)
+
+
+def range_problem(value, *, minimum=None, maximum=None, above=None, below=None) -> str | None:
+    """What is wrong with ``value`` as a real number in a range: not a number, not finite (NaN or ±inf is never a
+    setting), or outside ``minimum``/``maximum`` (inclusive) or ``above``/``below`` (exclusive); None when nothing
+    is. The one check of a number argument, for the CLI's flags (:mod:`aam_fast.training.options`) and the API."""
+    bounds = [(">=", minimum), (">", above), ("<=", maximum), ("<", below)]
+    wanted = " and ".join(f"{sign} {bound}" for sign, bound in bounds if bound is not None) or "a finite number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"must be a number {wanted}".removesuffix(" a finite number") + f", got {value!r}"
+    # an int of any size compares exactly; only a float can be NaN or infinite
+    bad = isinstance(value, float) and not math.isfinite(value)
+    bad |= minimum is not None and value < minimum
+    bad |= maximum is not None and value > maximum
+    bad |= above is not None and not value > above
+    bad |= below is not None and not value < below
+    return f"must be {wanted}, got {value}" if bad else None
+
+
+def check_number(name: str, value, *, optional: bool = False, **bounds) -> None:
+    """ValueError naming ``name`` unless ``value`` is a finite number within ``bounds`` (:func:`range_problem`'s
+    keywords); None passes when ``optional``."""
+    if value is None and optional:
+        return
+    problem = range_problem(value, **bounds)
+    if problem:
+        raise ValueError(f"{name} {problem}")
+
+
+def check_materialised(**tensors) -> None:
+    """ValueError naming the first of ``tensors`` (None skipped) on the meta device: it has a shape but no values,
+    so no loss can be computed from it (load or materialise the weights first, e.g. ``to_empty`` and a load)."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            raise ValueError(f"{name} is on the meta device (a shape without values): load or materialise it first")

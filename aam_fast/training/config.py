@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
 from typing import Any
 
 from ..ops.backends import BACKENDS
@@ -27,12 +29,22 @@ from .options import (
     text_parser,
 )
 
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 GIVEN = "flags_given"  # the namespace attribute listing the fields set by a flag on the command line
 CONFIG_HELP = (
     "YAML (.yaml/.yml) or JSON (.json) file of settings, keyed by the flags' names (lr, max_grad_norm or "
     "max-grad-norm); flags given on the command line override it. A training run saves its resolved settings as "
     "OUTPUT/config.yaml, which --config takes back"
 )
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, reading a negative number as a value (``--lr -1e-3``, ``--gamma -inf``), not as an unknown
+    flag, so that the range check names the flag; its subcommands' parsers are of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -153,6 +165,10 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 STRATEGIES = ("ddp", "fsdp2")
 REPORTERS = ("jsonl", "tensorboard", "wandb")
 ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
+# numpy's seed range; the data order seeds torch with seed * 1_000_003 + epoch, which stays within 64 bits
+SEED_MAX = 2**32 - 1
+# more torch threads than 4 per core only contend, and a huge count exhausts the thread pool
+THREADS_MAX = 4 * (os.cpu_count() or 1)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -206,7 +222,13 @@ class TrainingConfig:
         1.0, help="clip the global gradient norm to this (0: no clipping)", minimum=0.0, group="optimisation"
     )
     max_steps: int | None = option(None, help="optimizer steps", minimum=1, group="optimisation")
-    seed: int = option(42, help="seed of the data order, initialisation and sampling", minimum=0, group="optimisation")
+    seed: int = option(
+        42,
+        help="seed of the data order, initialisation and sampling",
+        minimum=0,
+        maximum=SEED_MAX,
+        group="optimisation",
+    )
 
     trainable_layers: int | None = option(
         None, help="train only the top K decoder layers and the final norm (default: all)", minimum=1, group="model"
@@ -219,7 +241,13 @@ class TrainingConfig:
         group="model",
     )
     device: str = option("auto", help="cpu, cuda, cuda:N or auto (cuda when available)", group="model")
-    threads: int | None = option(None, help="torch CPU threads (default: torch's choice)", minimum=1, group="model")
+    threads: int | None = option(
+        None,
+        help="torch CPU threads (default: torch's choice; at most 4 per CPU core of this machine)",
+        minimum=1,
+        maximum=THREADS_MAX,
+        group="model",
+    )
     backend: str = option("auto", help="linear_logprobs backend", choices=BACKENDS, group="model")
     strategy: str = option(
         "ddp",

@@ -5,6 +5,8 @@ one rule for closing the process group (:func:`closing`)."""
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from .config_file import save_config
 from .distributed import DistContext, env_world_size, setup
 from .optim import build_scheduler, warmup_steps
 from .run_folder import RunLock
-from .runtime import compute_dtype, package_logger, resolve_device, seed_everything, set_threads
+from .runtime import compute_dtype, log, package_logger, resolve_device, seed_everything, set_threads
 
 
 @dataclass
@@ -50,6 +52,7 @@ def launch(cfg: Any, inputs: dict[str, str | None] | None = None, *, one_process
     if one_process is not None and env_world_size() > 1:
         raise ValueError(f"{one_process}; start it without torchrun")
     package_logger()
+    _warn_idle_strategy(cfg)
     set_threads(getattr(cfg, "threads", None))
     ctx = setup(getattr(cfg, "strategy", STRATEGIES[0]), resolve_device(cfg.device))
     output, lock = None, None
@@ -58,6 +61,7 @@ def launch(cfg: Any, inputs: dict[str, str | None] | None = None, *, one_process
         if ctx.is_main:
             lock = prepare_output(output, resume=cfg.resume, overwrite=cfg.overwrite, inputs=inputs or {})
             try:
+                check_writable(output)
                 save_config(cfg, output)  # OUTPUT/config.yaml: --config takes it back
             except BaseException:
                 lock.release()
@@ -65,6 +69,23 @@ def launch(cfg: Any, inputs: dict[str, str | None] | None = None, *, one_process
         ctx.barrier()
         seed_everything(cfg.seed)
     return Launch(ctx, ctx.device, compute_dtype(cfg.dtype, ctx.device), output, lock)
+
+
+def check_writable(output: Path) -> None:
+    """OSError naming ``--output`` unless a file can be created in it (and removed), found before the setup (the
+    model, the tokenisation) rather than at the first save."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=output)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, f"--output {output}") from None
+
+
+def _warn_idle_strategy(cfg: Any) -> None:
+    """A line when ``--strategy`` has no effect: it picks how several processes share the model."""
+    if getattr(cfg, "strategy", STRATEGIES[0]) != STRATEGIES[0] and env_world_size() <= 1:
+        log(f"--strategy {cfg.strategy} has no effect in one process (it applies under torchrun, WORLD_SIZE>1)")
 
 
 @contextlib.contextmanager

@@ -5,10 +5,11 @@ The helpers here name its flag, read its type, convert a value given as text (a 
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from typing import Any
+
+from ..ops.validation import range_problem
 
 MISSING = dataclasses.MISSING
 
@@ -163,21 +164,19 @@ def range_text(field: dataclasses.Field) -> str | None:
 
 
 def value_problem(field: dataclasses.Field, value: Any) -> str | None:
-    """What is wrong with ``value`` (or an item of it) for ``field``: outside its choices, outside its range, or
-    non-finite where it has a range; None when nothing is."""
+    """What is wrong with ``value`` (or an item of it) for ``field``: outside its choices, or, for a number, not
+    finite or outside its range (:func:`~aam_fast.ops.validation.range_problem`, the one number check); None when
+    nothing is."""
     meta = field.metadata
+    bounds = {key: meta.get(key) for key in ("minimum", "maximum", "above", "below")}
     for item in value if isinstance(value, (list, tuple)) else [value]:
         if meta.get("choices") and item not in meta["choices"]:
             return f"must be one of {', '.join(map(str, meta['choices']))}, got {item!r}"
         if isinstance(item, bool) or not isinstance(item, (int, float)):
             continue
-        bad = not math.isfinite(item) and range_text(field) is not None
-        bad |= meta.get("minimum") is not None and item < meta["minimum"]
-        bad |= meta.get("maximum") is not None and item > meta["maximum"]
-        bad |= meta.get("above") is not None and not item > meta["above"]
-        bad |= meta.get("below") is not None and not item < meta["below"]
-        if bad:
-            return f"must be {range_text(field)}, got {item}"
+        problem = range_problem(item, **bounds)
+        if problem:
+            return problem
     return None
 
 

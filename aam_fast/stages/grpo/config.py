@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from ...data import DEFAULT_OPENING_TURN
 from ...losses import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, KL_KINDS, LOSS_TYPE_ALIASES, LOSS_TYPES, SCALE_REWARDS
-from ...training.config import LR_SCHEDULES, TrainingConfig, option
+from ...training.config import LR_SCHEDULES, SEED_MAX, TrainingConfig, option
 from .rollout import GENERATION_METHODS
 
 RewardFn = Callable[..., list]
@@ -173,6 +173,7 @@ class GRPOConfig(TrainingConfig):
         0,
         help="seed of the prompt order, initialisation and every completion's sampling",
         minimum=0,
+        maximum=SEED_MAX,
         group="optimisation",
     )
 

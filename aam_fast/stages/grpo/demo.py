@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ...data import prompts_per_character
-from ...training.config import add_config_command, check_ranges, config_from_args, option
+from ...training.config import SEED_MAX, THREADS_MAX, add_config_command, check_ranges, config_from_args, option
 from .config import GRPOConfig
 from .trainer import train_grpo
 
@@ -32,8 +32,10 @@ class DemoConfig:
     max_new_tokens: int = option(40, help="completion length limit", minimum=1, group="demo")
     lr: float = option(5e-5, help="learning rate", above=0.0, group="demo")
     trainable_layers: int = option(4, help="top decoder layers that train (of 30)", minimum=1, group="demo")
-    seed: int = option(0, help="seed of the sampling", minimum=0, group="demo")
-    threads: int | None = option(None, help="torch CPU threads (1 is faster on a busy CPU)", minimum=1, group="demo")
+    seed: int = option(0, help="seed of the sampling", minimum=0, maximum=SEED_MAX, group="demo")
+    threads: int | None = option(
+        None, help="torch CPU threads (1 is faster on a busy CPU)", minimum=1, maximum=THREADS_MAX, group="demo"
+    )
 
     def validate(self) -> None:
         check_ranges(self)

@@ -7,18 +7,20 @@ other fields plus ``completion_ids``; ``None`` means "no reward from this functi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
 import logging
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from ...data import is_conversational
+from ...errors import RunError
 from ...training.trainer_state import file_digest
 from .config import RewardFn
 
@@ -38,10 +40,12 @@ def load_reward_fn(spec: str | RewardFn) -> RewardFn:
             raise ValueError(f"reward function {spec!r}: no such file {path}")
         module_spec = importlib.util.spec_from_file_location(f"aam_fast_reward_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        with _import_failures(spec, str(path), imports=True):
+            module_spec.loader.exec_module(module)
     else:
         try:
-            module = importlib.import_module(module_name)
+            with _import_failures(spec, module_name, imports=False):
+                module = importlib.import_module(module_name)
         except ImportError as err:
             raise ValueError(f"reward function {spec!r}: cannot import {module_name!r} ({err})") from None
     fn = getattr(module, function_name, None)
@@ -66,6 +70,25 @@ def reward_fn_identity(fn: RewardFn) -> str:
     return f"{Path(source).name}:{name} sha256 {file_digest(source)[:16]}"
 
 
+@contextlib.contextmanager
+def _import_failures(spec: str, where: str, *, imports: bool) -> Iterator[None]:
+    """A reward module that does not compile or raises while it is imported, as one :class:`RunError` naming the
+    file (and the line of a syntax error). An ImportError too when ``imports`` (a file's own import failed), else it
+    passes through (a dotted module that is not there: the caller names it)."""
+    try:
+        yield
+    except SyntaxError as err:
+        raise RunError(
+            f"reward function {spec!r}: {err.filename or where} line {err.lineno}: syntax error: {err.msg}"
+        ) from None
+    except ImportError as err:
+        if not imports:
+            raise
+        raise RunError(f"reward function {spec!r}: importing {where} raised {type(err).__name__}: {err}") from None
+    except Exception as err:
+        raise RunError(f"reward function {spec!r}: importing {where} raised {type(err).__name__}: {err}") from None
+
+
 def completions_for_fns(prompts: Sequence, texts: Sequence[str]) -> list:
     """Completions in TRL's form: the text, or ``[{"role": "assistant", "content": text}]`` for a chat prompt."""
     return [
@@ -88,6 +111,27 @@ def _completion_text(completion: str | list[dict]) -> str:
     return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
+def _first_failing_row(fn: RewardFn, prompts: list, completions: list, columns: dict[str, list]) -> int | None:
+    """The first row on which ``fn`` raises when called on that row alone (None when every row passes alone): to
+    name the sample behind a failure of the batched call (only then: the run stops with that failure anyway)."""
+    for row in range(len(prompts)):
+        one = {key: values[row : row + 1] for key, values in columns.items()}
+        try:
+            fn(prompts=prompts[row : row + 1], completions=completions[row : row + 1], **one)
+        except Exception:
+            return row
+    return None
+
+
+def _excerpt(prompt, limit: int = 60) -> str:
+    """A prompt's text (a chat prompt's last message) for an error line, cut to ``limit`` characters."""
+    if isinstance(prompt, str):
+        text = prompt
+    else:
+        text = str(prompt[-1].get("content", "")) if prompt else ""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
 class RewardSources:
     """The weighted sum of the reward model's score and rule rewards, TRL's way.
 
@@ -98,6 +142,7 @@ class RewardSources:
     def __init__(self, scorer: Callable | None, fns: Sequence[str | RewardFn], weights: Sequence[float] | None):
         self.scorer = scorer
         self.fns = [load_reward_fn(f) for f in fns]
+        self.specs = [f if isinstance(f, str) else getattr(f, "__qualname__", repr(f)) for f in fns]
         self.names = (["reward_model"] if scorer is not None else []) + [
             getattr(f, "__name__", type(f).__name__) for f in self.fns
         ]
@@ -133,9 +178,14 @@ class RewardSources:
             if bad:
                 raise ValueError(f"reward model scored row {bad[0]} {scores[bad[0]].item()}: not a finite reward")
             per_source.append(scores)
-        for fn in self.fns:
+        for fn, spec in zip(self.fns, self.specs, strict=True):
             name = getattr(fn, "__name__", repr(fn))
-            values = fn(prompts=prompts, completions=completions, **columns)
+            try:
+                values = fn(prompts=prompts, completions=completions, **columns)
+            except Exception as err:
+                row = _first_failing_row(fn, prompts, completions, columns)
+                at = f" on row {row} of the rollout (prompt {_excerpt(prompts[row])})" if row is not None else ""
+                raise RunError(f"reward function {spec!r} raised {type(err).__name__}{at}: {err}") from None
             if not isinstance(values, (list, tuple)) or len(values) != n:
                 raise ValueError(f"reward function {name} must return a list of {n} floats or None, got {values!r}")
             per_source.append(torch.tensor([_checked_reward(v, name, row) for row, v in enumerate(values)]))

@@ -12,6 +12,7 @@ import torch
 
 from ...data import IGNORE_INDEX, is_conversational, render_conversation
 from ...modeling.heads import head_inputs, lm_head_of
+from ...modeling.io import check_positions
 from ...modeling.packing import add_packing, packed_hidden, padded_columns
 from ...ops import linear_logprobs
 from ...training.runtime import autocast
@@ -142,6 +143,10 @@ def generate_micro_batch(
     encoded = [encode_prompt(tokenizer, r["prompt"], cfg.max_prompt_length) for r in records]
     G = cfg.num_generations
     unique_ids, unique_mask = left_pad([ids for ids, _ in encoded], tokenizer.pad_token_id, device)
+    if getattr(policy, "config", None) is not None:
+        what = f"--max-new-tokens {generation_config.max_new_tokens} after a prompt of {unique_ids.shape[1]} tokens"
+        what += f" (--max-prompt-length {cfg.max_prompt_length})"
+        check_positions(policy.config, unique_ids.shape[1] + generation_config.max_new_tokens, what)
     prompt_ids, prompt_mask = unique_ids.repeat_interleave(G, dim=0), unique_mask.repeat_interleave(G, dim=0)
     if row_seeds is not None and len(row_seeds) != prompt_ids.shape[0]:
         raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {prompt_ids.shape[0]} completions")

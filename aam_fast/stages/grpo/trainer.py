@@ -20,12 +20,10 @@ micro-batch's ``batch_size × N`` prompts, each completion from its own seed (:m
 what one process with the combined batch samples; advantages and metrics cover every rank; FSDP2 gathers the policy
 once per rollout for generation.
 
-``--output DIR`` ends holding the final policy as a ``save_pretrained`` folder (tokenizer included),
-``metrics.jsonl`` (TRL's metric names, and each step's wall seconds per phase as ``timing/*``: :mod:`.stats`),
-``completions.jsonl`` (sampled completions with their rewards and advantages every ``log_completions_every`` steps)
-and ``checkpoints/checkpoint-<step>/`` (the shared format of
-:mod:`aam_fast.training.checkpoints`: the policy, optimizer, scheduler, RNG states, data position and an unfinished
-rollout; exact resume, on another number of ranks too when ``batch_size × ranks`` is unchanged).
+``--output DIR`` ends holding the final policy (a ``save_pretrained`` folder), ``metrics.jsonl`` (TRL's names;
+``timing/*`` per phase: :mod:`.stats`), ``completions.jsonl`` and ``checkpoints/`` (the shared format of
+:mod:`aam_fast.training.checkpoints` plus the data position and an unfinished rollout; exact resume, on another
+number of ranks too when ``batch_size × ranks`` is unchanged).
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ import torch
 from ...data import IGNORE_INDEX, load_prompt_records, records_fingerprint
 from ...losses import GRPOLoss, default_normalizer, multi_objective_advantages
 from ...losses.grpo_options import constant_groups
-from ...modeling import AdaptersOff, add_configured_lora, apply_liger, make_reference
+from ...modeling import AdaptersOff, add_configured_lora, apply_liger, check_positions, make_reference
 from ...modeling.heads import head_inputs, lm_head_of
 from ...modeling.layers import backbone_of
 from ...modeling.reference import mix_reference
@@ -138,6 +136,8 @@ class GRPOTrainer(Trainer):
                 packing=cfg.packing,
                 **cfg.load_kwargs(),
             )
+            if cfg.rm_max_length is not None:
+                check_positions(scorer.model.lm.config, cfg.rm_max_length, f"--rm-max-length {cfg.rm_max_length}")
         self.rewards = RewardSources(scorer, cfg.reward_fns, cfg.reward_weights)
         self.timer = PhaseTimer(self.device)  # this step's seconds per phase (stats.TIMING_PHASES)
         self.loss_fn = GRPOLoss(
@@ -157,6 +157,8 @@ class GRPOTrainer(Trainer):
         self.model, self.tokenizer = load_policy(
             cfg.policy, self.device, load_kwargs=cfg.load_kwargs(), gradient_checkpointing=cfg.gradient_checkpointing
         )
+        # each rollout checks its longest prompt too (rollout.generate_micro_batch)
+        check_positions(self.model.config, cfg.max_new_tokens + 1, f"--max-new-tokens {cfg.max_new_tokens} + 1")
         self.liger = apply_liger(self.model, self.device, cfg.liger)
         log(f"Liger-Kernel: {self.liger}")
         self.tied = tied_names(self.model)

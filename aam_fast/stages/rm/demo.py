@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ...demo_assets import DEMO_RM_NAME, cache_dir, choose_threads, converted_model, demo_data_path
-from ...training.config import add_config_command, check_ranges, config_from_args, option
+from ...training.config import THREADS_MAX, add_config_command, check_ranges, config_from_args, option
 from .compare import CompareConfig, run_compare
 from .config import RMConfig
 
@@ -35,7 +35,11 @@ class DemoConfig:
     )
     epochs: float | None = option(None, help="override the demo's 2 epochs", above=0.0, group="demo")
     threads: int | None = option(
-        None, help="intra-op CPU threads (default: torch's, or 1 on a busy CPU)", minimum=1, group="demo"
+        None,
+        help="intra-op CPU threads (default: torch's, or 1 on a busy CPU)",
+        minimum=1,
+        maximum=THREADS_MAX,
+        group="demo",
     )
     quick: bool = option(False, help="4 steps only (a smoke test)", group="demo")
     json: bool = option(False, help="also print a JSON summary line on stderr", group="demo")

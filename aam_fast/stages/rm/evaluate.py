@@ -22,7 +22,7 @@ from ...data import (
     read_pairs,
     split_by_prompt,
 )
-from ...modeling import RewardModel, load_reward_model
+from ...modeling import RewardModel, check_positions, load_reward_model
 from ...training.config import DTYPES, check_ranges, option
 from ...training.launch import closing, launch
 from ...training.runtime import autocast
@@ -207,6 +207,8 @@ def evaluate_folder(cfg: EvalConfig) -> dict[str, Any]:
     run = launch(cfg)
     with closing(run.ctx):
         model, tokenizer, metadata = load_reward_model(cfg.model, device=run.device)
+        if cfg.max_length is not None:
+            check_positions(model.lm.config, cfg.max_length, f"--max-length {cfg.max_length}")
         pad_token_id = choose_pad_token_id(tokenizer)
         loaded = read_pairs(
             cfg.data,

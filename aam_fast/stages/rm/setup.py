@@ -14,6 +14,8 @@ from ...data import EncodedPair, PairEncoder, TruncationStats, encode_pairs, loa
 from ...modeling import (
     RewardModel,
     add_configured_lora,
+    check_exportable,
+    check_positions,
     disable_dropout,
     enable_checkpointing,
     is_reward_model_dir,
@@ -35,14 +37,13 @@ def build_model(cfg: RMConfig, device: torch.device) -> tuple[RewardModel, Any]:
     else:
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         lm = load_causal_lm(cfg.model, **cfg.load_kwargs())
+        check_exportable(lm.config, f"--model {cfg.model}")
         model = RewardModel(lm, trainable_layers=cfg.trainable_layers, train_lm_head=cfg.trains_lm_head)
     disable_dropout(model)
     add_configured_lora(cfg, model.lm, model.backbone)  # after disable_dropout: --lora-dropout applies
     if cfg.gradient_checkpointing:
         enable_checkpointing(model.lm)
-    positions = getattr(model.lm.config.get_text_config(), "max_position_embeddings", None)
-    if positions is not None and cfg.max_length > positions:
-        raise ValueError(f"--max-length {cfg.max_length} exceeds the model's {positions} positions")
+    check_positions(model.lm.config, cfg.max_length, f"--max-length {cfg.max_length}")
     return model.to(device), tokenizer
 
 

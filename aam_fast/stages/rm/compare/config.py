@@ -92,6 +92,13 @@ class CompareConfig(RMConfig):
                 raise ValueError(f"{flag} sweeps pr or ld; --margins lists neither")
             if values is not None and len(set(values)) != len(values):
                 raise ValueError(f"{flag} lists a value twice")
+        names = [variant.name for variant in expand_variants(self)]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(
+                f"--betas/--gammas: two variants would both be named {twice[0]} (one folder, one report row): their "
+                "values agree to the 6 significant digits a name shows; drop one or make them differ more"
+            )
         for variant in expand_variants(self):
             variant_config(self, variant).validate()
 

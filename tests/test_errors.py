@@ -1,0 +1,508 @@
+"""Every failure is one line: the error boundary of ``aam-fast`` (exit 2 for bad input, 1 for the rest, ``--debug``
+for the traceback), every number flag and loss argument finite and in range, and the tracebacks and silent wrong
+results a new user found, each run in-process through ``aam_fast.cli.main`` or the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from aam_fast import AAMLoss, GRPOLoss, aam_loss, cli, grpo_loss, linear_logprobs
+from aam_fast.data import load_preferences, load_prompts
+from aam_fast.errors import describe_failure
+from aam_fast.modeling import RewardModel, load_causal_lm, load_tokenizer, save_reward_model
+from aam_fast.stages.rm.config import RMConfig
+from aam_fast.testing import write_jsonl
+from aam_fast.training import launch as launch_module
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+HUGE = int("9" * 400)  # a 400-digit integer: out of float range
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    """``aam-fast argv`` in this process: its exit code and its one error line (asserting there is exactly one,
+    and no traceback)."""
+    code = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1, err
+    return code, lines[0]
+
+
+def train_rm(tiny_paths, output, *extra) -> list[str]:
+    return [
+        "train-rm",
+        "--model",
+        tiny_paths["model"],
+        "--data",
+        tiny_paths["pairs"],
+        "--output",
+        output,
+        "--max-length",
+        "48",
+        "--max-steps",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def train_grpo(tiny_paths, output, *extra) -> list[str]:
+    return [
+        "train-grpo",
+        "--policy",
+        tiny_paths["model"],
+        "--prompts",
+        tiny_paths["cards"],
+        "--output",
+        output,
+        "--max-prompts",
+        "2",
+        "--batch-size",
+        "1",
+        "--num-generations",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--max-prompt-length",
+        "64",
+        "--beta",
+        "0",
+        "--max-steps",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
+
+
+# -- flags: finite, in range, named ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--margin", "pr", "--gamma", "inf"], "--gamma must be a finite number, got inf"),
+        (["--margin", "ld", "--gamma", "nan"], "--gamma must be a finite number, got nan"),
+        (["--margin", "pr", "--gamma", "-inf"], "--gamma must be a finite number, got -inf"),
+        (["--beta", "inf"], "--beta must be >= 0.0, got inf"),
+        (["--margin-clip", "inf"], "--margin-clip must be > 0.0, got inf"),
+        (["--sft-weight", "nan"], "--sft-weight must be >= 0.0, got nan"),
+        (["--lr", "-1e-3"], "--lr must be > 0.0, got -0.001"),
+        (["--lr", "-inf"], "--lr must be > 0.0, got -inf"),
+        (["--weight-decay", "-.5"], "--weight-decay must be >= 0.0, got -0.5"),
+        (["--seed", str(2**64)], f"--seed must be >= 0 and <= {2**32 - 1}, got {2**64}"),
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--threads", "100000"], "--threads must be >= 1 and <= "),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else None,
+)
+def test_train_rm_flag_out_of_range_is_one_line_naming_it(capsys, tmp_path, extra, expected):
+    code, line = run(capsys, "train-rm", "--model", "m", "--data", "d", "--output", tmp_path / "o", *extra)
+    assert code == 2
+    assert line.startswith("aam-fast train-rm: error: ") and expected in line
+    assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--reward-weights", "nan"], "--reward-weights must be a finite number, got nan"),
+        (["--reward-weights", "inf"], "--reward-weights must be a finite number, got inf"),
+        (["--temperature", "inf"], "--temperature must be > 0.0, got inf"),
+        (["--epsilon", "nan"], "--epsilon must be >= 0.0, got nan"),
+        (["--seed", str(2**64)], "--seed must be >= 0 and <= "),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else None,
+)
+def test_train_grpo_flag_out_of_range_is_one_line_naming_it(capsys, tmp_path, extra, expected):
+    argv = ["train-grpo", "--policy", "p", "--prompts", "c.jsonl", "--reward-fn", "m:f", "--output", tmp_path / "o"]
+    code, line = run(capsys, *argv, *extra)
+    assert code == 2 and line.startswith("aam-fast train-grpo: error: ") and expected in line
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--gammas", "inf"], "--gammas must be a finite number, got inf"),
+        (["--gammas", "0", "nan"], "--gammas must be a finite number, got nan"),
+        (["--betas", "0.1", "0.1000001"], "two variants would both be named pr-beta0.1"),
+        (["--gammas", "1", "1.0000001"], "two variants would both be named pr-gamma1"),
+        (["--trunk-memory-gb", "inf"], "--trunk-memory-gb must be > 0.0, got inf"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else None,
+)
+def test_compare_sweeps_are_finite_and_their_names_unique(capsys, tmp_path, extra, expected):
+    argv = ["compare", "--model", "m", "--data", "d", "--output", tmp_path / "o", "--trainable-layers", "1"]
+    code, line = run(capsys, *argv, "--margins", "pr", *extra)
+    assert code == 2 and expected in line
+
+
+def test_distinct_sweep_values_still_make_distinct_variants():
+    from aam_fast.stages.rm.compare.config import CompareConfig, expand_variants
+
+    cfg = CompareConfig(model="m", data="d", output="o", trainable_layers=1, margins=["pr"], betas=[0.1, 0.1001])
+    cfg.validate()
+    assert [v.name for v in expand_variants(cfg)] == ["pr-beta0.1", "pr-beta0.1001"]
+
+
+def test_config_file_values_get_the_same_number_check(capsys, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("gamma: .inf\nmargin: pr\n")
+    code, line = run(capsys, "train-rm", "--config", config, "--model", "m", "--data", "d", "--output", tmp_path / "o")
+    assert code == 2 and "gamma: must be a finite number, got inf" in line
+
+
+# -- the error boundary -------------------------------------------------------------------------------------------
+
+
+def _failing_command(monkeypatch, exc: BaseException) -> None:
+    """Make ``eval-rm`` raise ``exc`` (the real parser, the real boundary)."""
+    real = cli.build_parser
+
+    def build():
+        parser = real()
+        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+
+        def boom(args):
+            raise exc
+
+        sub.choices["eval-rm"].set_defaults(func=boom)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", build)
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "expected"),
+    [
+        (ValueError("--data x.jsonl: record 3: bad"), 2, "error: --data x.jsonl: record 3: bad"),
+        (OSError(errno.EFBIG, "File too large", "o/model.safetensors"), 1, "o/model.safetensors: the file-size limit"),
+        (OSError(errno.ENOSPC, "No space left on device", "o/x"), 1, "o/x: the disk is full"),
+        (OSError(errno.EROFS, "Read-only file system", "o/metrics.jsonl"), 1, "o/metrics.jsonl: the file system is"),
+        (PermissionError(errno.EACCES, "Permission denied", "o/a"), 1, "o/a: permission denied"),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory", "d.jsonl"), 1, "d.jsonl: no such file"),
+        (RuntimeError("boom\nsecond line"), 1, "unexpected RuntimeError: boom | second line -- this is a bug"),
+        (KeyError("x"), 1, "run again with --debug for the traceback"),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None,
+)
+def test_every_failure_is_one_line_with_its_exit_code(capsys, monkeypatch, exc, code, expected):
+    _failing_command(monkeypatch, exc)
+    got, line = run(capsys, "eval-rm", "--model", "m", "--data", "d")
+    assert got == code and line.startswith("aam-fast eval-rm: error: ") and expected in line
+
+
+def test_damaged_files_read_as_one_line(tmp_path):
+    from safetensors import SafetensorError
+
+    code, line = describe_failure(SafetensorError("Error while deserializing header: HeaderTooLarge"))
+    assert code == 1 and line.startswith("a damaged safetensors file (Error while deserializing header")
+    code, line = describe_failure(SafetensorError("Error while serializing: I/O error: File too large (os error 27)"))
+    assert code == 1 and line.startswith("writing a safetensors file failed") and "ulimit -f" in line
+    code, line = describe_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"))
+    assert code == 1 and line.startswith("a torch file could not be written or read")
+    (tmp_path / "optimizer.pt").write_bytes(b"not a zip" * 10)
+    with pytest.raises(Exception) as caught:
+        torch.load(tmp_path / "optimizer.pt", weights_only=True)
+    code, line = describe_failure(caught.value)
+    assert code == 1 and line == "a damaged or refused pickle file: Weights only load failed"
+
+
+def test_a_file_size_limit_while_saving_is_one_line(tiny_paths, tmp_path, capsys):
+    """The real limit (``ulimit -f``), in this process for the length of one tiny run: the export fails to write."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
+    try:
+        code, line = run(capsys, *train_rm(tiny_paths, tmp_path / "o"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert code == 1 and "the file-size limit was reached (raise it: ulimit -f)" in line
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback(capsys, monkeypatch, where):
+    _failing_command(monkeypatch, RuntimeError("boom"))
+    argv = ["eval-rm", "--model", "m", "--data", "d"]
+    argv = ["--debug", *argv] if where == "before" else [*argv, "--debug"]
+    with pytest.raises(RuntimeError, match="boom"):
+        cli.main(argv)
+
+
+def test_each_rank_prints_its_own_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    code, line = run(capsys, "train-rm", "--model", "m", "--data", "d", "--output", tmp_path, "--gamma", "inf")
+    assert code == 2 and line.startswith("aam-fast train-rm (rank 1): error: --gamma")
+
+
+def test_unwritable_output_is_found_before_the_setup(capsys, monkeypatch, tmp_path, tiny_paths):
+    """A read-only --output (simulated: the tests may run as root, whom permissions do not stop) fails at the probe
+    in launch, before the model is loaded or the data tokenised."""
+    calls = []
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(launch_module.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr("aam_fast.stages.rm.setup.load_causal_lm", lambda *a, **k: calls.append(a))
+    code, line = run(capsys, *train_rm(tiny_paths, tmp_path / "o"))
+    assert code == 1 and f"--output {tmp_path / 'o'}: the file system is read-only" in line
+    assert calls == []
+
+
+def test_fsdp2_in_one_process_says_it_has_no_effect(logged, tmp_path):
+    cfg = RMConfig(model="m", data="d", output=str(tmp_path / "o"), strategy="fsdp2", device="cpu")
+    run_ = launch_module.launch(cfg)
+    run_.ctx.close()
+    assert logged.count(r"--strategy fsdp2 has no effect in one process") == 1
+
+
+# -- data: the record named, never a traceback --------------------------------------------------------------------
+
+
+def test_a_huge_margin_is_a_record_error(tmp_path, tiny_paths):
+    """A 400-digit margin (an OverflowError before) is a bad record: named, or skipped under skip_invalid (as
+    train-rm and eval-rm read their pairs)."""
+    records = [json.loads(line) for line in Path(tiny_paths["pairs"]).read_text().splitlines()]
+    records[2]["margin"] = HUGE
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    with pytest.raises(ValueError, match=r"record 2: 'margin' must be a finite number, got 9999"):
+        load_preferences(path)
+    assert len(load_preferences(path, skip_invalid=True)) == len(records) - 1
+
+
+def test_a_huge_margin_through_the_cli(tmp_path, capsys, tiny_paths):
+    records = [json.loads(line) for line in Path(tiny_paths["pairs"]).read_text().splitlines()]
+    records[2]["margin"] = HUGE
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    argv = train_rm(tiny_paths, tmp_path / "o")
+    argv[argv.index("--data") + 1] = str(path)
+    code, line = run(capsys, *argv, "--margin", "fixed")
+    assert code == 2 and "record 2" in line and "'margin' must be a finite number" in line
+
+
+def test_a_lone_surrogate_names_the_file_and_record(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        '{"prompt": "hi", "chosen": "a", "rejected": "b"}\n{"prompt": "x\\ud800", "chosen": "a", "rejected": "b"}\n'
+    )
+    with pytest.raises(
+        ValueError, match=r"pairs.jsonl: record 1: prompt holds a lone surrogate '\\ud800' at character 1"
+    ):
+        load_preferences(pairs)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n{"prompt": [{"role": "user", "content": "\\udfff"}]}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl: record 1: prompt\[0\] holds a lone surrogate"):
+        load_prompts(prompts)
+
+
+def test_an_rpbench_card_id_must_be_text_or_an_integer(tmp_path, tiny_paths, capsys):
+    cards = [json.loads(line) for line in Path(tiny_paths["cards"]).read_text().splitlines()]
+    cards[1]["id"] = [0]
+    path = write_jsonl(tmp_path / "cards.jsonl", cards)
+    with pytest.raises(ValueError, match=r"cards.jsonl: record 1: 'id' must be text or an integer, got \[0\]"):
+        load_prompts(path)
+    with pytest.raises(ValueError, match=r"record 1: 'id' must be text or an integer"):
+        load_prompts(path, scenes=tiny_paths["scenes"])
+    argv = train_grpo(tiny_paths, tmp_path / "o", "--reward-fn", "math:fsum")
+    argv[argv.index("--prompts") + 1] = str(path)
+    code, line = run(capsys, *argv)
+    assert code == 2 and "record 1: 'id' must be text or an integer" in line
+
+
+# -- model folders ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def reward_model_dir(tiny_paths, tmp_path) -> Path:
+    """A reward model folder as train-rm writes it (the tiny Llama, an untrained score head)."""
+    lm = load_causal_lm(tiny_paths["model"])
+    folder = save_reward_model(RewardModel(lm), load_tokenizer(tiny_paths["model"]), tmp_path / "rm")
+    return folder
+
+
+def test_a_weight_map_outside_the_model_folder_is_refused_before_opening(tiny_paths, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_paths["model"], model)
+    (model / "model.safetensors").rename(tmp_path / "outside.safetensors")
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "../outside.safetensors"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        ValueError, match=r"weight_map\['model.embed_tokens.weight'\] = '../outside.safetensors' is not"
+    ):
+        load_causal_lm(model)
+    argv = train_rm(tiny_paths, tmp_path / "o")
+    argv[argv.index("--model") + 1] = str(model)
+    code, line = run(capsys, *argv)
+    assert code == 2 and "is not a file inside the model folder" in line
+
+
+@pytest.mark.parametrize("damage", ["truncated", "huge-header"])
+def test_a_damaged_safetensors_file_in_the_model_folder_names_it(tiny_paths, tmp_path, capsys, damage):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_paths["model"], model)
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    else:
+        weights.write_bytes((2**60).to_bytes(8, "little") + data[8:])
+    argv = train_rm(tiny_paths, tmp_path / "o")
+    argv[argv.index("--model") + 1] = str(model)
+    code, line = run(capsys, *argv)
+    assert code == 2 and f"model {model}: cannot be loaded" in line
+
+
+def test_eval_rm_skips_a_huge_margin_under_skip_invalid(reward_model_dir, tiny_paths, tmp_path, capsys):
+    records = [json.loads(line) for line in Path(tiny_paths["pairs"]).read_text().splitlines()]
+    records[2]["margin"] = HUGE
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    argv = ["eval-rm", "--model", reward_model_dir, "--data", path, "--no-progress", "--json"]
+    assert cli.main([str(a) for a in [*argv, "--skip-invalid"]]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    code, line = run(capsys, *argv)
+    assert code == 2 and "record 2: 'margin' must be a finite number" in line
+
+
+def test_an_unknown_causal_lm_architecture_is_refused(reward_model_dir, tiny_paths, capsys):
+    meta = reward_model_dir / "aam_fast.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "causal_lm_architecture": "pipeline"}))
+    code, line = run(capsys, "eval-rm", "--model", reward_model_dir, "--data", tiny_paths["pairs"], "--no-progress")
+    assert code == 2 and "no causal-LM class known for model_type 'llama' (aam_fast.json names 'pipeline')" in line
+
+
+def test_eval_lengths_beyond_the_model_positions_are_refused(reward_model_dir, tiny_paths, tmp_path, capsys):
+    argv = ["eval-rm", "--model", reward_model_dir, "--data", tiny_paths["pairs"], "--no-progress"]
+    code, line = run(capsys, *argv, "--max-length", "100000")
+    assert code == 2 and "--max-length 100000 exceeds the model's 512 positions" in line
+    grpo = train_grpo(tiny_paths, tmp_path / "o", "--reward-model", reward_model_dir, "--rm-max-length", "100000")
+    code, line = run(capsys, *grpo)
+    assert code == 2 and "--rm-max-length 100000 exceeds the model's 512 positions" in line
+
+
+def test_max_new_tokens_within_the_policy_positions(tiny_paths, tmp_path, capsys):
+    code, line = run(
+        capsys, *train_grpo(tiny_paths, tmp_path / "a", "--reward-fn", "math:fsum"), "--max-new-tokens", "600"
+    )
+    assert code == 2 and "--max-new-tokens 600 + 1 exceeds the model's 512 positions" in line
+    # fits alone, not after the longest prompt: refused at the rollout, naming both flags
+    argv = train_grpo(tiny_paths, tmp_path / "b", "--reward-fn", "math:fsum", "--max-new-tokens", "500")
+    code, line = run(capsys, *argv)
+    assert code == 2 and "--max-new-tokens 500 after a prompt of 64 tokens (--max-prompt-length 64)" in line
+
+
+def test_remote_code_without_a_reward_model_class_fails_at_load(tiny_paths, monkeypatch, tmp_path, capsys):
+    """A model type transformers has no *ForSequenceClassification class for (as remote code has) is refused when
+    the model is loaded, not after training, when the export needs it."""
+    import transformers.models.auto.modeling_auto as auto
+
+    names = dict(auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+    names.pop("llama")
+    monkeypatch.setattr(auto, "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", names)
+    code, line = run(capsys, *train_rm(tiny_paths, tmp_path / "o"))
+    assert code == 2 and "no *ForSequenceClassification class for model_type 'llama'" in line
+    assert "could not be saved" in line and not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+# -- reward functions ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("def score(prompts, completions, **kw)\n    return [1.0] * len(prompts)\n", "line 1: syntax error"),
+        ("raise RuntimeError('no GPU here')\n", "raised RuntimeError: no GPU here"),
+        ("import aam_fast_no_such_module\n", "raised ModuleNotFoundError: No module named 'aam_fast_no_such_module'"),
+        (
+            "def score(prompts, completions, **kw):\n    return [1.0 / 0 for _ in completions]\n",
+            "raised ZeroDivisionError on row 0 of the rollout (prompt '",
+        ),
+    ],
+    ids=["syntax-error", "raises-on-import", "imports-a-missing-module", "raises-when-called"],
+)
+def test_a_failing_reward_function_is_one_line_naming_it(tiny_paths, tmp_path, capsys, source, expected):
+    path = tmp_path / "rewards.py"
+    path.write_text(source)
+    code, line = run(capsys, *train_grpo(tiny_paths, tmp_path / "o", "--reward-fn", f"{path}:score"))
+    assert code == 1 and f"reward function '{path}:score'" in line and expected in line
+
+
+# -- the API ------------------------------------------------------------------------------------------------------
+
+
+def _pair_inputs():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(4, 5, 8), torch.randn(11, 8)
+    targets, rewards = torch.randint(0, 11, (4, 5)), torch.randn(4)
+    return hidden, weight, targets, rewards
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        (dict(gamma=math.inf), "gamma must be a finite number, got inf"),
+        (dict(gamma=math.nan), "gamma must be a finite number, got nan"),
+        (dict(beta=math.inf), "beta must be >= 0.0, got inf"),
+        (dict(beta=-1.0), "beta must be >= 0.0, got -1.0"),
+        (dict(sft_weight=math.nan), "sft_weight must be >= 0.0, got nan"),
+        (dict(margin_clip=math.inf), "margin_clip must be > 0.0, got inf"),
+        (dict(center_rewards=-0.1), "center_rewards must be >= 0.0"),
+        (dict(temperature=math.inf), "temperature must be > 0.0, got inf"),
+        (dict(beta="1"), "beta must be a number >= 0.0, got '1'"),
+    ],
+    ids=str,
+)
+def test_aam_loss_arguments_are_finite_and_in_range(kwargs, expected):
+    hidden, weight, targets, rewards = _pair_inputs()
+    with pytest.raises(ValueError, match=expected.replace("(", r"\(")):
+        aam_loss(hidden, weight, targets, rewards, ref_logps=torch.zeros(4), **kwargs)
+    if "temperature" not in kwargs:
+        with pytest.raises(ValueError, match=expected):
+            AAMLoss(**kwargs)
+
+
+def test_aam_loss_with_a_finite_gamma_is_unchanged():
+    hidden, weight, targets, rewards = _pair_inputs()
+    out = aam_loss(hidden, weight, targets, rewards, ref_logps=torch.zeros(4), gamma=2.0)
+    assert math.isfinite(out.loss.item()) and out.loss.item() != 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        (dict(epsilon=math.nan), "epsilon must be >= 0.0, got nan"),
+        (dict(epsilon_high=math.inf), "epsilon_high must be >= 0.0, got inf"),
+        (dict(beta=math.inf), "beta must be >= 0.0, got inf"),
+        (dict(entropy_coef=-1.0), "entropy_coef must be >= 0.0"),
+    ],
+    ids=str,
+)
+def test_grpo_loss_arguments_are_finite_and_in_range(kwargs, expected):
+    hidden, weight, targets, _ = _pair_inputs()
+    with pytest.raises(ValueError, match=expected):
+        grpo_loss(hidden, weight, targets, torch.ones(4), ref_logps=torch.zeros(4, 5), **kwargs)
+    with pytest.raises(ValueError, match=expected):
+        GRPOLoss(**kwargs)
+
+
+def test_meta_device_tensors_are_refused_by_name():
+    hidden, weight, targets, rewards = _pair_inputs()
+    meta = torch.device("meta")
+    with pytest.raises(ValueError, match="weight is on the meta device"):
+        linear_logprobs(hidden, weight.to(meta), targets)
+    with pytest.raises(ValueError, match="rewards is on the meta device"):
+        AAMLoss(margin="bt")(None, None, None, rewards.to(meta))
+    with pytest.raises(ValueError, match="ref_logps is on the meta device"):
+        aam_loss(hidden, weight, targets, rewards, ref_logps=torch.zeros(4, device=meta))
+    with pytest.raises(ValueError, match="advantages is on the meta device"):
+        GRPOLoss()(hidden, weight, targets, torch.ones(4, device=meta))
