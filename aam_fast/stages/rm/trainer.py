@@ -89,19 +89,30 @@ class RMTrainer(Trainer):
         cfg = self.cfg
         if cfg.cache_trunk and self.ctx.distributed and cfg.strategy == "fsdp2":
             raise ValueError("--cache-trunk runs the trunk outside the FSDP2 root; use --strategy ddp with it")
-        self.model, self.tokenizer = build_model(cfg, self.device)
+        self.model, self.tokenizer = self.load_model()
         self.liger = apply_liger(self.model.lm, self.device, cfg.liger)
         log(f"Liger-Kernel: {self.liger}")
         self.pad_token_id = choose_pad_token_id(self.tokenizer)
-        self.reference = make_reference(self.model, cfg) if cfg.needs_reference else None
         data = self.load_data()
         self.train_encoded, self.dev_encoded, self.stats = data.train, data.dev, data.stats
         self.per_epoch, self.total_steps = count_steps(cfg, len(self.train_encoded), self.global_batch)
+        self.build_reference()
+        self.loss_fn = AAMLoss(**{name: getattr(cfg, name) for name in LOSS_SETTINGS})
+
+    def load_model(self) -> tuple[RewardModel, Any]:
+        """The reward model and its tokenizer (:func:`.setup.build_model`)."""
+        return build_model(self.cfg, self.device)
+
+    def build_reference(self) -> None:
+        """``self.reference`` (the initial model, for PR) and ``self.reference_logps``: under
+        ``--precompute-ref-logps`` without the cached trunk, its response log-probs computed once and the reference
+        freed (the cached trunk computes them in :meth:`prepare`)."""
+        cfg = self.cfg
+        self.reference = make_reference(self.model, cfg) if cfg.needs_reference else None
         self.reference_logps: ReferenceLogps | None = None
         if self.reference is not None and cfg.precompute_ref_logps and not cfg.cache_trunk:
             self.reference_logps = self._precompute_reference_logps()
             self.reference = None  # the steps read the precomputed values; a reference copy is freed here
-        self.loss_fn = AAMLoss(**{name: getattr(cfg, name) for name in LOSS_SETTINGS})
 
     def load_data(self) -> EncodedData:
         return encode_data(self.cfg, self.tokenizer, progress=self.cfg.progress and self.ctx.is_main)
