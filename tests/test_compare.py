@@ -358,25 +358,17 @@ def run_whole_model_compare(tiny_paths, compare_data, out, monkeypatch, **extra)
     """``compare --margins bt pr ld`` without --trainable-layers (plus ``extra`` settings), counting the reference
     log-prob passes and, at each variant's first and last step, the live copies of the embedding matrix and the
     score head."""
-    from aam_fast.stages.rm import trainer as rm_trainer
+    from aam_fast.stages.rm import reference_logps
     from aam_fast.stages.rm.compare import run as compare_run
-    from aam_fast.stages.rm.compare import shared_model
 
-    passes = {"shared": 0, "per_variant": 0}
+    passes = []
+    precompute = reference_logps.precompute_reference_logps
 
-    def counting(key, function):
-        def counted(*args, **kwargs):
-            passes[key] += 1
-            return function(*args, **kwargs)
+    def counted(*args, **kwargs):
+        passes.append(len(args[3]))  # the pairs it runs over
+        return precompute(*args, **kwargs)
 
-        return counted
-
-    monkeypatch.setattr(
-        shared_model, "precompute_reference_logps", counting("shared", shared_model.precompute_reference_logps)
-    )
-    monkeypatch.setattr(
-        rm_trainer, "precompute_reference_logps", counting("per_variant", rm_trainer.precompute_reference_logps)
-    )
+    monkeypatch.setattr(reference_logps, "precompute_reference_logps", counted)
     copies = []
     on_train_begin, train_step = compare_run.VariantTrainer.on_train_begin, compare_run.VariantTrainer.train_step
 
@@ -435,7 +427,7 @@ def test_compare_with_lora_on_every_layer(tiny_paths, compare_data, tmp_path, mo
     score as eval-rm does."""
     out = tmp_path / "cmp"
     report, passes, copies = run_whole_model_compare(tiny_paths, compare_data, out, monkeypatch, lora_r=16)
-    assert passes == {"shared": 1, "per_variant": 0}
+    assert len(passes) == 1 and passes[0] == 12  # 3 steps x 4 pairs, for both PR variants
     assert report["training"] == "LoRA r=16 on every layer and the score head"
     digests = {v["initial_digest"] for v in report["variants"].values()}
     assert len(digests) == 1
@@ -458,7 +450,7 @@ def test_compare_with_full_fine_tuning_holds_one_variant_at_a_time(tiny_paths, c
     gone)."""
     out = tmp_path / "cmp"
     report, passes, copies = run_whole_model_compare(tiny_paths, compare_data, out, monkeypatch)
-    assert passes == {"shared": 1, "per_variant": 0}
+    assert len(passes) == 1 and passes[0] == 12
     assert report["training"] == "full fine-tuning"
     assert len({v["initial_digest"] for v in report["variants"].values()}) == 1
     # the (tied) embedding: the model's and its CPU copy at each start; + gradient and two moments at the end

@@ -44,8 +44,8 @@ from ...training.optim import check_loss, optimizer_step
 from ...training.runtime import autocast, log
 from .config import RMConfig
 from .evaluate import evaluate_pairs, format_report
-from .reference_logps import ReferenceLogps, precompute_reference_logps
-from .setup import EncodedData, build_model, count_steps, encode_data, micro_batch_indices, pairs_visited
+from .reference_logps import ReferenceLogps, reference_logps_of_run
+from .setup import EncodedData, build_model, count_steps, encode_data, micro_batch_indices
 from .trunk_cache import TrunkCache
 
 # The settings that define the loss (AAMLoss's keyword arguments).
@@ -130,23 +130,20 @@ class RMTrainer(Trainer):
     def _precompute_reference_logps(self) -> ReferenceLogps:
         """The reference's response log-probs of every pair this run visits (from step 0, so a resumed run
         computes the same values), before the engine wraps the model."""
-        cfg = self.cfg
-        visited = pairs_visited(len(self.train_encoded), self.global_batch, cfg.seed, self.total_steps * cfg.grad_accum)
-        store = precompute_reference_logps(
+        return reference_logps_of_run(
+            self.cfg,
             self.model,
             self.reference,
             self.train_encoded,
-            visited,
             self.pad_token_id,
             ctx=self.ctx,
-            batch_size=cfg.eval_batch_size,
             device=self.device,
             autocast_dtype=self.amp_dtype,
-            backend=cfg.backend,
-            progress=cfg.progress and self.ctx.is_main,
+            global_batch=self.global_batch,
+            total_steps=self.total_steps,
+            progress=self.cfg.progress and self.ctx.is_main,
+            note="precomputed; the reference is freed",
         )
-        log(f"reference log-probs of {len(visited)} pairs precomputed in {store.seconds:.1f} s; the reference is freed")
-        return store
 
     def prepare(self, resume_step: int | None) -> None:
         """The cached trunk (``--cache-trunk``), whose reference log-probs the steps then read."""

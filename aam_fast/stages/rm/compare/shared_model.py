@@ -19,10 +19,9 @@ import torch
 from ....data import EncodedPair
 from ....modeling import RewardModel, has_lora, initial_reference
 from ....training.launch import Launch
-from ....training.runtime import log
 from ..config import RMConfig
-from ..reference_logps import ReferenceLogps, precompute_reference_logps
-from ..setup import count_steps, pairs_visited
+from ..reference_logps import ReferenceLogps, reference_logps_of_run
+from ..setup import count_steps
 
 
 class SharedModel:
@@ -58,22 +57,20 @@ def shared_reference_logps(
     """The initial model's response log-probs of every pair a variant of ``cfg``'s step count visits (the same data
     order for all), in one no-grad pass before any variant trains."""
     _, total_steps = count_steps(cfg, len(pairs), cfg.batch_size)
-    visited = pairs_visited(len(pairs), cfg.batch_size, cfg.seed, total_steps * cfg.grad_accum)
-    store = precompute_reference_logps(
+    return reference_logps_of_run(
+        cfg,
         model,
         initial_reference(model, cfg),
         pairs,
-        visited,
         pad_token_id,
         ctx=run.ctx,
-        batch_size=cfg.eval_batch_size,
         device=run.device,
         autocast_dtype=run.amp_dtype,
-        backend=cfg.backend,
+        global_batch=cfg.batch_size,
+        total_steps=total_steps,
         progress=cfg.progress,
+        note="computed once for every variant",
     )
-    log(f"reference log-probs of {len(visited)} pairs computed once for every variant in {store.seconds:.1f} s")
-    return store
 
 
 def trainable_digest(model: torch.nn.Module) -> dict[str, str]:
