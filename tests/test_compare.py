@@ -105,6 +105,10 @@ def test_margin_summary_by_hand():
     assert summary["abs_std"] == pytest.approx(math.sqrt(2 / 3))
     assert summary["abs_max"] == 3.0
     assert summary["corr_with_gap"] == pytest.approx(1.0)
+    gap_std = math.sqrt(((2 - 4 / 3) ** 2 + (-4 - 4 / 3) ** 2 + (6 - 4 / 3) ** 2) / 3)
+    assert summary["gap_std"] == pytest.approx(gap_std)
+    assert summary["scale_vs_gap"] == pytest.approx(2.0 / gap_std)
+    assert margin_summary(torch.ones(3), torch.ones(3))["scale_vs_gap"] is None  # a constant gap: no scale
     assert margin_summary(torch.zeros(4), torch.arange(4.0))["corr_with_gap"] is None  # bt: m = 0
 
 
