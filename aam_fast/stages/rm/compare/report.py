@@ -1,8 +1,8 @@
 """The report of ``aam-fast compare``: per eval set (and subset) and variant the accuracy with its bootstrap interval
 and, against the baseline (bt when listed), the paired difference with its paired-bootstrap 95% interval and the
 exact McNemar p-value; per variant the AAM margin's size, its scale against the reward gap's spread and its
-correlation with the gap. Written as
-``compare.json``, a markdown table ``compare.md`` and, where matplotlib is installed, ``compare.png``."""
+correlation with the gap. Written as ``compare.json``, a markdown table ``compare.md`` and, where matplotlib is
+installed, ``compare.png``."""
 
 from __future__ import annotations
 
