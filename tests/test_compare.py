@@ -3,6 +3,7 @@ on the session's tiny model: the trunk runs once per sequence whatever the numbe
 plain train-rm run of the same settings, the report has its fields, the saved models load and score as eval-rm does."""
 
 import argparse
+import gc
 import importlib.util
 import json
 import math
@@ -12,7 +13,7 @@ import torch
 
 from aam_fast import cli
 from aam_fast.modeling import RewardModel
-from aam_fast.stages.rm.compare import CompareConfig, expand_variants, run_compare
+from aam_fast.stages.rm.compare import CompareConfig, expand_variants, run_compare, variant_config
 from aam_fast.stages.rm.compare.stats import (
     binomial_two_sided,
     bootstrap_indices,
@@ -104,6 +105,10 @@ def test_margin_summary_by_hand():
     assert summary["abs_std"] == pytest.approx(math.sqrt(2 / 3))
     assert summary["abs_max"] == 3.0
     assert summary["corr_with_gap"] == pytest.approx(1.0)
+    gap_std = math.sqrt(((2 - 4 / 3) ** 2 + (-4 - 4 / 3) ** 2 + (6 - 4 / 3) ** 2) / 3)
+    assert summary["gap_std"] == pytest.approx(gap_std)
+    assert summary["scale_vs_gap"] == pytest.approx(2.0 / gap_std)
+    assert margin_summary(torch.ones(3), torch.ones(3))["scale_vs_gap"] is None  # a constant gap: no scale
     assert margin_summary(torch.zeros(4), torch.arange(4.0))["corr_with_gap"] is None  # bt: m = 0
 
 
@@ -116,13 +121,26 @@ def test_variants_and_setting_errors(tmp_path):
     assert names == ["bt", "pr-beta0.5", "pr-beta2"]
     swept = expand_variants(CompareConfig(margins=["ld"], gammas=[0.0, 1.0], **base))
     assert [(v.name, v.gamma) for v in swept] == [("ld-gamma0", 0.0), ("ld-gamma1", 1.0)]
+    sft = expand_variants(CompareConfig(margins=["bt", "pr"], betas=[1.0, 4.0], sft_weights=[0.0, 0.1], **base))
+    assert [(v.name, v.beta, v.sft_weight) for v in sft] == [
+        ("bt-sft0", 1.0, 0.0),
+        ("bt-sft0.1", 1.0, 0.1),
+        ("pr-beta1-sft0", 1.0, 0.0),
+        ("pr-beta1-sft0.1", 1.0, 0.1),
+        ("pr-beta4-sft0", 4.0, 0.0),
+        ("pr-beta4-sft0.1", 4.0, 0.1),
+    ]
+    assert variant_config(CompareConfig(sft_weights=[0.1], **base), sft[1]).sft_weight == 0.1
+    assert CompareConfig(**base).caches_trunk and not CompareConfig(**{**base, "lora_r": 8}).caches_trunk
+    assert not CompareConfig(**{**base, "trainable_layers": None}).caches_trunk
     assert [v.effective_gamma for v in expand_variants(CompareConfig(margins=["bt", "pr", "ld"], **base))] == [
         None,
         1.0,
         0.0,
     ]
     for change, message in [
-        ({"trainable_layers": None}, "--trainable-layers is required"),
+        ({"sft_weights": [0.1, 0.1]}, "--sft-weights lists a value twice"),
+        ({"sft_weights": [-0.1]}, "--sft-weights must be >= 0"),
         ({"margins": ["bt", "bt"]}, "twice"),
         ({"margins": ["bt"], "betas": [1.0]}, "--betas sweeps pr or ld"),
         ({"margins": ["huge"]}, "--margins must be one of"),
@@ -317,9 +335,128 @@ def test_compare_refuses_torchrun_before_joining_a_process_group(tmp_path, monke
 
 def test_variants_must_start_from_the_same_weights():
     from aam_fast.stages.rm.compare.run import _check_same_start
+    from aam_fast.stages.rm.compare.shared_model import trainable_digest
 
-    first = {"score.weight": torch.ones(1, 4), "layer.w": torch.zeros(2)}
-    _check_same_start("pr", {k: v.clone() for k, v in first.items()}, first)
-    _check_same_start("pr", {**first, "lm.lm_head.weight": torch.ones(3)}, first)  # trains more: shared ones checked
+    model = torch.nn.Linear(4, 2)
+    first = trainable_digest(model)
+    _check_same_start("pr", trainable_digest(model), first)
+    _check_same_start("pr", {**first, "lm.lm_head.weight": "x"}, first)  # trains more: the shared ones checked
+    with torch.no_grad():
+        model.weight[0, 0] += 1e-7
     with pytest.raises(RuntimeError, match="variant pr does not start"):
-        _check_same_start("pr", {**first, "score.weight": torch.full((1, 4), 2.0)}, first)
+        _check_same_start("pr", trainable_digest(model), first)
+
+
+# -- the whole model trained (full fine-tuning, LoRA on every layer) ---------------------------------------------
+
+WHOLE = dict(max_length=64, batch_size=4, eval_batch_size=8, lr=3e-3, max_steps=3, seed=3, progress=False)
+
+
+def live_tensors(shape: tuple[int, ...]) -> int:
+    """Tensors of ``shape`` alive now (parameters, their CPU copies, gradients, optimizer states)."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor) and tuple(o.shape) == shape)
+
+
+def run_whole_model_compare(tiny_paths, compare_data, out, monkeypatch, **extra):
+    """``compare --margins bt pr ld`` without --trainable-layers (plus ``extra`` settings), counting the reference
+    log-prob passes and, at each variant's first and last step, the live copies of the embedding matrix and the
+    score head."""
+    from aam_fast.stages.rm import reference_logps
+    from aam_fast.stages.rm.compare import run as compare_run
+
+    passes = []
+    precompute = reference_logps.precompute_reference_logps
+
+    def counted(*args, **kwargs):
+        passes.append(len(args[3]))  # the pairs it runs over
+        return precompute(*args, **kwargs)
+
+    monkeypatch.setattr(reference_logps, "precompute_reference_logps", counted)
+    copies = []
+    on_train_begin, train_step = compare_run.VariantTrainer.on_train_begin, compare_run.VariantTrainer.train_step
+
+    def shapes(trainer):
+        return (tuple(trainer.model.lm.get_input_embeddings().weight.shape), tuple(trainer.model.score.weight.shape))
+
+    def begin(self):
+        embedding, score = shapes(self)
+        copies.append(("begin", live_tensors(embedding), live_tensors(score)))
+        on_train_begin(self)
+
+    def step(self):
+        record = train_step(self)
+        if self.step == self.total_steps:
+            embedding, score = shapes(self)
+            copies.append(("end", live_tensors(embedding), live_tensors(score)))
+        return record
+
+    monkeypatch.setattr(compare_run.VariantTrainer, "on_train_begin", begin)
+    monkeypatch.setattr(compare_run.VariantTrainer, "train_step", step)
+    cfg = CompareConfig(
+        model=tiny_paths["model"],
+        data=compare_data["train"],
+        eval_data=compare_data["evals"],
+        margins=["bt", "pr", "ld"],
+        output=str(out),
+        bootstrap=100,
+        **WHOLE,
+        **extra,
+    )
+    return run_compare(cfg), passes, copies
+
+
+def assert_equals_plain_train_rm(tiny_paths, compare_data, out, tmp_path, report, margins, **extra):
+    """Each of ``margins``' variants is a plain train-rm run of the same settings: the loss curve to 1e-6 and the
+    held-out accuracy."""
+    for margin in margins:
+        plain = tmp_path / f"plain-{margin}"
+        cfg = RMConfig(
+            model=tiny_paths["model"],
+            data=compare_data["train"],
+            eval_data=compare_data["evals"][0],
+            margin=margin,
+            output=str(plain),
+            **WHOLE,
+            **extra,
+        )
+        summary = train_reward_model(cfg)
+        assert loss_curve(out / margin) == pytest.approx(loss_curve(plain), abs=1e-6)
+        assert summary["eval"]["accuracy"] == report["eval_sets"]["first.jsonl"]["variants"][margin]["accuracy"]
+
+
+def test_compare_with_lora_on_every_layer(tiny_paths, compare_data, tmp_path, monkeypatch):
+    """--lora-r 16, no --trainable-layers: one reference pass (adapters off) for both PR variants, every variant from
+    the same weights, bt and pr equal to plain train-rm runs, no copy of the base weights, the saved (merged) models
+    score as eval-rm does."""
+    out = tmp_path / "cmp"
+    report, passes, copies = run_whole_model_compare(tiny_paths, compare_data, out, monkeypatch, lora_r=16)
+    assert len(passes) == 1 and passes[0] == 12  # 3 steps x 4 pairs, for both PR variants
+    assert report["training"] == "LoRA r=16 on every layer and the score head"
+    digests = {v["initial_digest"] for v in report["variants"].values()}
+    assert len(digests) == 1
+    # the base weights exist once (the reference is the adapters-off model); the score head: the model's and its
+    # initial CPU copy at each start, plus its gradient and two AdamW moments at the end, one variant at a time
+    assert [c[:2] for c in copies] == [("begin", 1), ("end", 1)] * 3
+    assert all(c[2] == 2 for c in copies if c[0] == "begin")
+    assert all(c[2] <= 5 for c in copies if c[0] == "end")
+    assert report["variants"]["pr"]["aam_margin"]["abs_mean"] > 0
+    assert report["variants"]["bt"]["aam_margin"]["scale_vs_gap"] == 0.0
+    assert_equals_plain_train_rm(tiny_paths, compare_data, out, tmp_path, report, ("bt", "pr"), lora_r=16)
+    scored = evaluate_folder(EvalConfig(model=str(out / "pr"), data=compare_data["evals"][1], progress=False))
+    assert scored["accuracy"] == report["eval_sets"]["second.jsonl"]["variants"]["pr"]["accuracy"]
+
+
+def test_compare_with_full_fine_tuning_holds_one_variant_at_a_time(tiny_paths, compare_data, tmp_path, monkeypatch):
+    """No --trainable-layers, no LoRA: one reference pass from the initial model itself (no frozen copy), every
+    variant restored to the same weights, bt and pr equal to plain train-rm runs, and at each variant's start only
+    the model and the CPU copy of its initial weights alive (the previous variant's gradients and AdamW moments
+    gone)."""
+    out = tmp_path / "cmp"
+    report, passes, copies = run_whole_model_compare(tiny_paths, compare_data, out, monkeypatch)
+    assert len(passes) == 1 and passes[0] == 12
+    assert report["training"] == "full fine-tuning"
+    assert len({v["initial_digest"] for v in report["variants"].values()}) == 1
+    # the (tied) embedding: the model's and its CPU copy at each start; + gradient and two moments at the end
+    assert [c[:2] for c in copies] == [("begin", 2), ("end", 5)] * 3
+    assert_equals_plain_train_rm(tiny_paths, compare_data, out, tmp_path, report, ("bt", "pr"))

@@ -7,7 +7,8 @@ import torch
 from test_rm import config, train_rows
 
 from aam_fast.stages.rm.reference_logps import ReferenceLogps, response_logps
-from aam_fast.stages.rm.trainer import RMTrainer, micro_batch_indices, pairs_visited, train_reward_model
+from aam_fast.stages.rm.setup import pairs_visited
+from aam_fast.stages.rm.trainer import RMTrainer, micro_batch_indices, train_reward_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

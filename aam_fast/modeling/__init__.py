@@ -22,13 +22,22 @@ from .layers import backbone_of, decoder_layers, disable_dropout, enable_checkpo
 from .liger import apply_liger
 from .lora import ADAPTER_FILE, adapters_disabled, add_configured_lora, add_lora, has_lora, merge_lora_state
 from .packing import add_packing, packed_hidden, packed_reward_forward, padded_columns, unpack
-from .reference import AdapterReference, AdaptersOff, ReferenceModel, frozen_copy, make_reference
+from .reference import (
+    AdapterReference,
+    AdaptersOff,
+    ModelReference,
+    ReferenceModel,
+    frozen_copy,
+    initial_reference,
+    make_reference,
+)
 from .reward_model import RewardModel, RewardOutput, last_token_index
 from .scorer import RewardScorer
 
 __all__ = [
     "ADAPTER_FILE",
     "AdapterReference",
+    "ModelReference",
     "AdaptersOff",
     "adapters_disabled",
     "add_configured_lora",
@@ -56,6 +65,7 @@ __all__ = [
     "is_reward_model_dir",
     "last_token_index",
     "lm_head_of",
+    "initial_reference",
     "make_reference",
     "load_causal_lm",
     "load_reward_model",

@@ -57,15 +57,13 @@ class ReferenceModel(nn.Module):
         return contextlib.nullcontext()
 
 
-class AdapterReference:
-    """The reference of a LoRA reward model: the model itself with its adapters disabled, so no copy of any weight
-    is kept. It has :class:`ReferenceModel`'s interface (``top_only``, ``layers``, ``norm``, ``backbone``, the LM
-    head) over the model's own modules; :meth:`running` switches the adapters off for the reference's forward. The
-    LM head is the model's (under LoRA it does not train)."""
+class ModelReference:
+    """The model itself as the reference, no weight copied, valid while its weights are the initial ones: for one
+    pass before any step (the reference log-probs computed once, as ``aam-fast compare`` does). It has
+    :class:`ReferenceModel`'s interface (``top_only``, ``layers``, ``norm``, ``backbone``, the LM head) over the
+    model's own modules; :meth:`running` is the context its forward runs in."""
 
     def __init__(self, model: RewardModel):
-        if not has_lora(model.lm):
-            raise ValueError("AdapterReference needs a model with LoRA adapters")
         self.model = model
         self.num_layers = model.trainable_layers
         self.top_only = self.num_layers is not None
@@ -82,6 +80,20 @@ class AdapterReference:
     def lm_head_bias(self) -> torch.Tensor | None:
         bias = self.model.lm_head_bias
         return None if bias is None else bias.detach()
+
+    def running(self):
+        return contextlib.nullcontext()
+
+
+class AdapterReference(ModelReference):
+    """The reference of a LoRA reward model: the model itself with its adapters disabled, so no copy of any weight
+    is kept, at any step (the adapters are all that trains; the LM head is the model's, frozen under LoRA).
+    :meth:`running` switches the adapters off for the reference's forward."""
+
+    def __init__(self, model: RewardModel):
+        if not has_lora(model.lm):
+            raise ValueError("AdapterReference needs a model with LoRA adapters")
+        super().__init__(model)
 
     def running(self):
         return adapters_disabled(self.model.lm)
@@ -129,3 +141,9 @@ def make_reference(model: nn.Module, cfg) -> ReferenceModel | AdapterReference |
     if isinstance(model, RewardModel):
         return AdapterReference(model) if cfg.lora_r else ReferenceModel(model)
     return AdaptersOff(model) if cfg.lora_r else frozen_copy(model)
+
+
+def initial_reference(model: RewardModel, cfg) -> ModelReference:
+    """The reference for a pass before any step, without a copy: the model with its adapters disabled under LoRA
+    (as :func:`make_reference`), else the model itself (its weights are still the initial ones)."""
+    return AdapterReference(model) if cfg.lora_r else ModelReference(model)

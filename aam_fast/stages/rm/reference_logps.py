@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from ...data import IGNORE_INDEX, EncodedPair, collate_pairs
 from ...modeling import RewardModel, head_inputs
 from ...ops import linear_logprobs, sequence_logprobs
-from ...training.runtime import autocast
+from ...training.runtime import autocast, log
+from .setup import pairs_visited
 
 
 class ReferenceLogps:
@@ -99,4 +100,39 @@ def precompute_reference_logps(
         store.sums = ctx.all_reduce_sum(store.sums)
         store.counts = ctx.all_reduce_sum(store.counts)
     store.seconds = time.perf_counter() - started
+    return store
+
+
+def reference_logps_of_run(
+    cfg,
+    model: RewardModel,
+    reference,
+    pairs: Sequence[EncodedPair],
+    pad_token_id: int,
+    *,
+    ctx,
+    device,
+    autocast_dtype: torch.dtype | None,
+    global_batch: int,
+    total_steps: int,
+    progress: bool,
+    note: str,
+) -> ReferenceLogps:
+    """:func:`precompute_reference_logps` of every pair a run of ``total_steps`` steps of ``cfg`` (a train-rm config)
+    visits from step 0 in global micro-batches of ``global_batch`` pairs; logged with ``note``."""
+    visited = pairs_visited(len(pairs), global_batch, cfg.seed, total_steps * cfg.grad_accum)
+    store = precompute_reference_logps(
+        model,
+        reference,
+        pairs,
+        visited,
+        pad_token_id,
+        ctx=ctx,
+        batch_size=cfg.eval_batch_size,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        backend=cfg.backend,
+        progress=progress,
+    )
+    log(f"reference log-probs of {len(visited)} pairs {note} in {store.seconds:.1f} s")
     return store

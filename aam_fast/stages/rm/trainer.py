@@ -45,8 +45,8 @@ from ...training.run_folder import write_text_atomic
 from ...training.runtime import autocast, log
 from .config import RMConfig
 from .evaluate import evaluate_pairs, format_report
-from .reference_logps import ReferenceLogps, precompute_reference_logps
-from .setup import EncodedData, build_model, count_steps, encode_data, micro_batch_indices, pairs_visited
+from .reference_logps import ReferenceLogps, reference_logps_of_run
+from .setup import EncodedData, build_model, count_steps, encode_data, micro_batch_indices
 from .trunk_cache import TrunkCache
 
 # The settings that define the loss (AAMLoss's keyword arguments).
@@ -102,20 +102,31 @@ class RMTrainer(Trainer):
         cfg = self.cfg
         if cfg.cache_trunk and self.ctx.distributed and cfg.strategy == "fsdp2":
             raise ValueError("--cache-trunk runs the trunk outside the FSDP2 root; use --strategy ddp with it")
-        self.model, self.tokenizer = build_model(cfg, self.device)
+        self.model, self.tokenizer = self.load_model()
         self.liger = apply_liger(self.model.lm, self.device, cfg.liger)
         log(f"Liger-Kernel: {self.liger}")
         self.pad_token_id = choose_pad_token_id(self.tokenizer)
-        self.reference = make_reference(self.model, cfg) if cfg.needs_reference else None
         data = self.load_data()
         self.train_encoded, self.dev_encoded, self.stats = data.train, data.dev, data.stats
         self.train_fingerprint, self.dev_fingerprint = data.train_fingerprint, data.dev_fingerprint
         self.per_epoch, self.total_steps = count_steps(cfg, len(self.train_encoded), self.global_batch)
+        self.build_reference()
+        self.loss_fn = AAMLoss(**{name: getattr(cfg, name) for name in LOSS_SETTINGS})
+
+    def load_model(self) -> tuple[RewardModel, Any]:
+        """The reward model and its tokenizer (:func:`.setup.build_model`)."""
+        return build_model(self.cfg, self.device)
+
+    def build_reference(self) -> None:
+        """``self.reference`` (the initial model, for PR) and ``self.reference_logps``: under
+        ``--precompute-ref-logps`` without the cached trunk, its response log-probs computed once and the reference
+        freed (the cached trunk computes them in :meth:`prepare`)."""
+        cfg = self.cfg
+        self.reference = make_reference(self.model, cfg) if cfg.needs_reference else None
         self.reference_logps: ReferenceLogps | None = None
         if self.reference is not None and cfg.precompute_ref_logps and not cfg.cache_trunk:
             self.reference_logps = self._precompute_reference_logps()
             self.reference = None  # the steps read the precomputed values; a reference copy is freed here
-        self.loss_fn = AAMLoss(**{name: getattr(cfg, name) for name in LOSS_SETTINGS})
 
     def load_data(self) -> EncodedData:
         return encode_data(self.cfg, self.tokenizer, progress=self.cfg.progress and self.ctx.is_main)
@@ -133,23 +144,20 @@ class RMTrainer(Trainer):
     def _precompute_reference_logps(self) -> ReferenceLogps:
         """The reference's response log-probs of every pair this run visits (from step 0, so a resumed run
         computes the same values), before the engine wraps the model."""
-        cfg = self.cfg
-        visited = pairs_visited(len(self.train_encoded), self.global_batch, cfg.seed, self.total_steps * cfg.grad_accum)
-        store = precompute_reference_logps(
+        return reference_logps_of_run(
+            self.cfg,
             self.model,
             self.reference,
             self.train_encoded,
-            visited,
             self.pad_token_id,
             ctx=self.ctx,
-            batch_size=cfg.eval_batch_size,
             device=self.device,
             autocast_dtype=self.amp_dtype,
-            backend=cfg.backend,
-            progress=cfg.progress and self.ctx.is_main,
+            global_batch=self.global_batch,
+            total_steps=self.total_steps,
+            progress=self.cfg.progress and self.ctx.is_main,
+            note="precomputed; the reference is freed",
         )
-        log(f"reference log-probs of {len(visited)} pairs precomputed in {store.seconds:.1f} s; the reference is freed")
-        return store
 
     def prepare(self, resume_step: int | None) -> None:
         """The cached trunk (``--cache-trunk``), whose reference log-probs the steps then read."""

@@ -15,7 +15,8 @@ from ..config import RMConfig
 @dataclasses.dataclass(kw_only=True)
 class CompareConfig(RMConfig):
     """Every setting of a ``compare`` run. train-rm's flags keep their meaning; ``--margin`` is replaced by
-    ``--margins`` (and the sweeps), and the trunk is always cached (``--trainable-layers`` is required)."""
+    ``--margins`` (and the sweeps). With ``--trainable-layers`` and no LoRA the frozen trunk is cached; otherwise
+    (full fine-tuning, or LoRA) every variant trains the whole model, one after another (:attr:`caches_trunk`)."""
 
     output: str = option(
         help="the comparison's folder: OUTPUT/<variant>/ (each as train-rm writes it), compare.json, compare.md and "
@@ -43,6 +44,13 @@ class CompareConfig(RMConfig):
         "gamma, so a sweep usually lists one of them)",
         group="compare",
     )
+    sft_weights: list[float] | None = option(
+        None,
+        help="sweep the weight of the SFT term on the chosen response: one variant of every margin per value "
+        "(default: --sft-weight)",
+        minimum=0.0,
+        group="compare",
+    )
     bootstrap: int = option(
         2000, help="paired-bootstrap resamples of the pairs for the 95%% intervals", minimum=100, group="compare"
     )
@@ -64,8 +72,9 @@ class CompareConfig(RMConfig):
 
     trainable_layers: int | None = option(
         None,
-        help="required: train only the top K decoder layers, the final norm and the score head of every variant; "
-        "the trunk below them runs once per sequence",
+        help="train only the top K decoder layers, the final norm and the score head of every variant; without "
+        "--lora-r the trunk below them runs once per sequence (the fast path); unset: full fine-tuning (or LoRA on "
+        "every layer), each variant trained in turn from the same initial weights",
         minimum=1,
         group="model",
     )
@@ -80,13 +89,13 @@ class CompareConfig(RMConfig):
 
     def validate(self) -> None:
         TrainingConfig.validate(self)
-        if self.trainable_layers is None:
-            raise ValueError("--trainable-layers is required: compare trains the top layers on one cached trunk")
         if not self.margins:
             raise ValueError("--margins needs at least one margin")
         if len(set(self.margins)) != len(self.margins):
             raise ValueError(f"--margins lists a margin twice: {' '.join(self.margins)}")
         aam = [m for m in self.margins if m in NAMED_GAMMA]
+        if self.sft_weights is not None and len(set(self.sft_weights)) != len(self.sft_weights):
+            raise ValueError("--sft-weights lists a value twice")
         for flag, values in (("--betas", self.betas), ("--gammas", self.gammas)):
             if values is not None and not aam:
                 raise ValueError(f"{flag} sweeps pr or ld; --margins lists neither")
@@ -102,15 +111,23 @@ class CompareConfig(RMConfig):
         for variant in expand_variants(self):
             variant_config(self, variant).validate()
 
+    @property
+    def caches_trunk(self) -> bool:
+        """Whether the frozen trunk below ``--trainable-layers`` is run once and cached (no LoRA); otherwise each
+        variant trains the whole model (or its LoRA adapters) in turn."""
+        return self.trainable_layers is not None and not self.lora_r
+
 
 @dataclass(frozen=True)
 class Variant:
-    """One trained model of a comparison: its margin, scale and reference weight, and its folder name."""
+    """One trained model of a comparison: its margin, scale, reference weight and SFT weight, and its folder
+    name."""
 
     name: str
     margin: str
     beta: float
     gamma: float | None
+    sft_weight: float
 
     @property
     def effective_gamma(self) -> float | None:
@@ -120,33 +137,41 @@ class Variant:
         return margin_needs(self.margin, gamma=self.gamma).gamma
 
 
+def variant_name(margin: str, beta: float, gamma: float | None, sft_weight: float, cfg: CompareConfig) -> str:
+    """A variant's name (its folder and report key): the margin, with ``-beta<b>`` / ``-gamma<g>`` / ``-sft<w>``
+    for each setting that is swept and applies to it (beta and gamma are None for bt and fixed). The one place
+    names are made."""
+    swept = (("beta", cfg.betas, beta), ("gamma", cfg.gammas, gamma), ("sft", cfg.sft_weights, sft_weight))
+    return margin + "".join(f"-{label}{value:g}" for label, values, value in swept if values and value is not None)
+
+
 def expand_variants(cfg: CompareConfig) -> list[Variant]:
-    """One variant per listed margin, and per (beta, gamma) of the sweeps for pr and ld, in the order listed. Names
-    are the margin, with ``-beta<b>`` / ``-gamma<g>`` when that setting is swept."""
+    """One variant per listed margin, per (beta, gamma) of the sweeps for pr and ld, and per SFT weight of
+    ``--sft-weights`` for every margin, in the order listed (named by :func:`variant_name`)."""
     variants = []
     for margin in cfg.margins:
-        if margin not in NAMED_GAMMA:
-            variants.append(Variant(margin, margin, cfg.beta, None))
-            continue
-        for beta in cfg.betas or [cfg.beta]:
-            for gamma in cfg.gammas or [cfg.gamma]:
-                name = margin + (f"-beta{beta:g}" if cfg.betas else "") + (f"-gamma{gamma:g}" if cfg.gammas else "")
-                variants.append(Variant(name, margin, beta, gamma))
+        aam = margin in NAMED_GAMMA
+        settings = [(beta, gamma) for beta in cfg.betas or [cfg.beta] for gamma in cfg.gammas or [cfg.gamma]]
+        for beta, gamma in settings if aam else [(cfg.beta, None)]:
+            for sft in cfg.sft_weights or [cfg.sft_weight]:
+                name = variant_name(margin, beta if aam else None, gamma, sft, cfg)
+                variants.append(Variant(name, margin, beta, gamma, sft))
     return variants
 
 
 def variant_config(cfg: CompareConfig, variant: Variant) -> RMConfig:
-    """The train-rm settings of ``variant``: every shared setting of ``cfg``, its margin, beta and gamma, the cached
-    trunk, and ``OUTPUT/<variant>`` as its output folder."""
+    """The train-rm settings of ``variant``: every shared setting of ``cfg``, its margin, beta, gamma and SFT weight,
+    the cached trunk where ``cfg`` caches it, and ``OUTPUT/<variant>`` as its output folder."""
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RMConfig)}
     values.update(
         margin=variant.margin,
         beta=variant.beta,
         gamma=variant.gamma,
+        sft_weight=variant.sft_weight,
         output=str(Path(cfg.output) / variant.name),
         eval_data=None,
         dev_fraction=0.0 if cfg.eval_data else cfg.dev_fraction,
-        cache_trunk=True,
+        cache_trunk=cfg.caches_trunk,
         packing=False,
         resume=None,
         eval_every=0,

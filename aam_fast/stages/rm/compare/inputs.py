@@ -1,7 +1,8 @@
-"""What every variant of ``aam-fast compare`` shares, computed once: the encoded training pairs and eval sets, and the
-frozen trunk's output of every one of their sequences (with the PR reference's log-probs of the training
-sequences when a variant needs them). A trained variant is scored from that cached trunk by
-:func:`~aam_fast.stages.rm.evaluate.score_pairs`."""
+"""What every variant of ``aam-fast compare`` shares, computed once: the encoded training pairs and eval sets, the
+PR reference's log-probs of the training pairs when a variant needs them, and either the frozen trunk's output of
+every sequence (``--trainable-layers`` without LoRA: a variant is scored from that cached trunk by
+:func:`~aam_fast.stages.rm.evaluate.score_pairs`) or the one model every variant trains in turn
+(:mod:`.shared_model`)."""
 
 from __future__ import annotations
 
@@ -25,33 +26,38 @@ from ....modeling import RewardModel, make_reference
 from ....training.launch import Launch
 from ....training.runtime import log
 from ..config import RMConfig
+from ..reference_logps import ReferenceLogps
 from ..setup import build_model, load_pairs
 from ..trunk_cache import TrunkCache
 from .config import CompareConfig
+from .shared_model import SharedModel, shared_reference_logps, widest_config
 
 
 @dataclass
 class EvalSet:
-    """A held-out set: its name, encoded pairs and their cached trunk."""
+    """A held-out set: its name, encoded pairs and their cached trunk (None when the whole model trains)."""
 
     name: str
     pairs: list[EncodedPair]
-    cache: TrunkCache
+    cache: TrunkCache | None
 
 
 @dataclass
 class SharedInputs:
-    """The training pairs with their truncation counts and cached trunk, the eval sets, the pad id, the device and
-    the autocast dtype."""
+    """The training pairs with their truncation counts, the eval sets, the pad id, the device and the autocast
+    dtype; and either the training pairs' cached trunk (which holds the reference log-probs) or the shared model
+    with the reference log-probs beside it."""
 
     train: list[EncodedPair]
     stats: TruncationStats
-    train_cache: TrunkCache
     eval_sets: list[EvalSet]
     pad_token_id: int
     device: torch.device
     amp_dtype: torch.dtype | None
     train_fingerprint: str  # the training pairs' content (:func:`aam_fast.data.pairs_fingerprint`)
+    train_cache: TrunkCache | None = None
+    model: SharedModel | None = None
+    reference_logps: ReferenceLogps | None = None
 
 
 def _eval_pairs(cfg: CompareConfig, dev_pairs: list) -> list[tuple[str, list]]:
@@ -92,14 +98,16 @@ def check_trunk_budget(cfg: CompareConfig, pair_sets, model: RewardModel, amp_dt
     return size
 
 
-def prepare_inputs(run: Launch, cfg: CompareConfig, first: RMConfig, needs_reference: bool) -> SharedInputs:
-    """Load and encode the data with ``first``'s settings, then run the frozen trunk once over every training and
-    eval sequence (and the frozen reference over the training ones when ``needs_reference``), on ``run``'s device
-    and in its compute dtype."""
+def prepare_inputs(run: Launch, cfg: CompareConfig, configs: list[RMConfig]) -> SharedInputs:
+    """Load and encode the data once with the variants' settings (``configs``), on ``run``'s device and in its
+    compute dtype; then, where ``cfg`` caches the trunk, run it once over every training and eval sequence (and the
+    frozen reference over the training ones when a variant needs it), else build the shared model and compute the
+    reference log-probs once from it."""
     device, amp_dtype = run.device, run.amp_dtype
+    first = widest_config(configs)
     model, tokenizer = build_model(first, device)
     pad_token_id = choose_pad_token_id(tokenizer)
-    train_pairs, dev_pairs = load_pairs(first)
+    train_pairs, dev_pairs = load_pairs(configs[0])
     if "fixed" in cfg.margins and any(p.margin is None for p in train_pairs):
         raise ValueError(f"--margins fixed needs a {cfg.margin_key!r} field in every training pair")
     eval_raw = _eval_pairs(cfg, dev_pairs)
@@ -108,14 +116,24 @@ def prepare_inputs(run: Launch, cfg: CompareConfig, first: RMConfig, needs_refer
     train, stats = encode_pairs(train_pairs, encoder, **options)
     encoded_sets = [(name, encode_pairs(pairs, encoder, **options)[0]) for name, pairs in eval_raw]
     fingerprint = pairs_fingerprint(train_pairs, encoder)
-    size = check_trunk_budget(cfg, [train] + [pairs for _, pairs in encoded_sets], model, amp_dtype)
-    log(
+    described = (
         f"data: {len(train)} train pairs; eval sets "
         + (", ".join(f"{name} {len(pairs)}" for name, pairs in encoded_sets) or "none")
-        + f"; {stats.describe()}; cached trunk {size / 1e6:.1f} MB "
-        + ("in memory" if cfg.trunk_dir is None else f"in files under {cfg.trunk_dir}")
+        + f"; {stats.describe()}"
     )
-    reference = make_reference(model, cfg) if needs_reference else None
+    needs_reference = any(c.needs_reference for c in configs)
+    shared = SharedInputs(train, stats, [], pad_token_id, device, amp_dtype, fingerprint)
+    if not cfg.caches_trunk:
+        log(described + "; every variant trains the whole model in turn")
+        if needs_reference:
+            shared.reference_logps = shared_reference_logps(run, first, model, train, pad_token_id)
+        shared.model = SharedModel(model, tokenizer)
+        shared.eval_sets = [EvalSet(name, pairs, None) for name, pairs in encoded_sets]
+        return shared
+    size = check_trunk_budget(cfg, [train] + [pairs for _, pairs in encoded_sets], model, amp_dtype)
+    where = "in memory" if cfg.trunk_dir is None else f"in files under {cfg.trunk_dir}"
+    log(described + f"; cached trunk {size / 1e6:.1f} MB {where}")
+    reference = make_reference(model, first) if needs_reference else None
     caching = dict(
         batch_size=cfg.eval_batch_size,
         device=device,
@@ -123,8 +141,8 @@ def prepare_inputs(run: Launch, cfg: CompareConfig, first: RMConfig, needs_refer
         progress=cfg.progress,
         spill_dir=cfg.trunk_dir,
     )
-    train_cache = TrunkCache(model, train, pad_token_id, reference=reference, backend=cfg.backend, **caching)
-    eval_sets = [
+    shared.train_cache = TrunkCache(model, train, pad_token_id, reference=reference, backend=cfg.backend, **caching)
+    shared.eval_sets = [
         EvalSet(name, pairs, TrunkCache(model, pairs, pad_token_id, **caching)) for name, pairs in encoded_sets
     ]
-    return SharedInputs(train, stats, train_cache, eval_sets, pad_token_id, device, amp_dtype, fingerprint)
+    return shared

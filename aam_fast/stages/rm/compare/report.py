@@ -1,7 +1,8 @@
 """The report of ``aam-fast compare``: per eval set (and subset) and variant the accuracy with its bootstrap interval
 and, against the baseline (bt when listed), the paired difference with its paired-bootstrap 95% interval and the
-exact McNemar p-value; per variant the AAM margin's size and its correlation with the reward gap. Written as
-``compare.json``, a markdown table ``compare.md`` and, where matplotlib is installed, ``compare.png``."""
+exact McNemar p-value; per variant the AAM margin's size, its scale against the reward gap's spread and its
+correlation with the gap. Written as ``compare.json``, a markdown table ``compare.md`` and, where matplotlib is
+installed, ``compare.png``."""
 
 from __future__ import annotations
 
@@ -68,6 +69,8 @@ def build_report(cfg, shared, results: list[dict[str, Any]], cost: dict[str, flo
             "margin": variant.margin,
             "beta": variant.beta,
             "gamma": variant.effective_gamma,
+            "sft_weight": variant.sft_weight,
+            "initial_digest": result["initial_digest"],
             "output": summary["output"],
             "steps": summary["steps"],
             "seconds": summary["seconds"],
@@ -82,6 +85,7 @@ def build_report(cfg, shared, results: list[dict[str, Any]], cost: dict[str, flo
         "baseline": baseline,
         "train_pairs": len(shared.train),
         "trainable_layers": cfg.trainable_layers,
+        "training": training_mode(cfg),
         "bootstrap": cfg.bootstrap,
         "seed": cfg.seed,
         "output": str(cfg.output),
@@ -89,6 +93,16 @@ def build_report(cfg, shared, results: list[dict[str, Any]], cost: dict[str, flo
         "eval_sets": eval_sets,
         "cost": {**cost, "train_seconds": {name: v["seconds"] for name, v in variants.items()}},
     }
+
+
+def training_mode(cfg) -> str:
+    """What every variant trains, in words."""
+    layers = "every layer" if cfg.trainable_layers is None else f"the top {cfg.trainable_layers} layer(s)"
+    if cfg.lora_r:
+        return f"LoRA r={cfg.lora_r} on {layers} and the score head"
+    if cfg.trainable_layers is None:
+        return "full fine-tuning"
+    return f"{layers} and the score head, on a cached trunk"
 
 
 def _pct(value: float) -> str:
@@ -115,16 +129,19 @@ def _accuracy_table(section: dict[str, Any], baseline: str) -> list[str]:
 
 def _margin_table(report: dict[str, Any]) -> list[str]:
     lines = [
-        "| variant | beta | gamma | steps | final loss | mean m | mean abs m | std abs m | p90 abs m | corr(m, gap) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | beta | gamma | sft | steps | final loss | mean m | mean abs m | std abs m | p90 abs m | std gap "
+        "| abs m / std gap | corr(m, gap) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in report["variants"].items():
         m = v["aam_margin"]
         corr = "n/a" if m["corr_with_gap"] is None else f"{m['corr_with_gap']:.3f}"
         loss = "n/a" if v["final_loss"] is None else f"{v['final_loss']:.4f}"
         gamma = "" if v["gamma"] is None else f"{v['gamma']:g}"
-        cells = [name, f"{v['beta']:g}", gamma, str(v["steps"]), loss, f"{m['mean']:.4f}", f"{m['abs_mean']:.4f}"]
-        cells += [f"{m['abs_std']:.4f}", f"{m['abs_p90']:.4f}", corr]
+        scale = "n/a" if m["scale_vs_gap"] is None else f"{m['scale_vs_gap']:.4f}"
+        cells = [name, f"{v['beta']:g}", gamma, f"{v['sft_weight']:g}", str(v["steps"]), loss, f"{m['mean']:.4f}"]
+        cells += [f"{m['abs_mean']:.4f}", f"{m['abs_std']:.4f}", f"{m['abs_p90']:.4f}", f"{m['gap_std']:.4f}"]
+        cells += [scale, corr]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -139,7 +156,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# aam-fast compare",
         "",
-        f"{report['train_pairs']} training pairs, top {report['trainable_layers']} decoder layer(s) trained; "
+        f"{report['train_pairs']} training pairs; trained: {report['training']}; "
         f"accuracies in %, 95% intervals from {report['bootstrap']} paired-bootstrap resamples of the pairs; "
         f"McNemar exact two-sided p against {baseline}.",
         "",

@@ -1,11 +1,12 @@
-"""``aam-fast compare``: bt, fixed, pr and ld (and beta/gamma sweeps) trained side by side on one cached trunk, every
-variant evaluated on every eval set, with paired confidence intervals against bt.
+"""``aam-fast compare``: bt, fixed, pr and ld (and beta/gamma/SFT-weight sweeps) trained side by side, every variant
+evaluated on every eval set, with paired confidence intervals against bt.
 
-The frozen trunk (all layers below ``--trainable-layers``) is run once over every training and eval sequence
-(:mod:`.inputs`); each variant is then a train-rm run (:class:`VariantTrainer`, the train-rm trainer fed the
-shared pairs and trunk) of the top layers and the score head, from the same initial weights (checked) in the same data
-order, saved to ``OUTPUT/<variant>/`` exactly as train-rm saves, and scored on every eval set from the cached trunk.
-The report (:mod:`.report`) goes to ``OUTPUT/compare.json``, ``compare.md`` and ``compare.png``.
+What the variants share is computed once (:mod:`.inputs`): the encoded pairs, the reference's log-probs and either
+the frozen trunk's output of every sequence (``--trainable-layers`` without LoRA) or the one model that every variant
+trains in turn (full fine-tuning or LoRA, :mod:`.shared_model`). Each variant is then a train-rm run
+(:class:`VariantTrainer`, the train-rm trainer fed what is shared) from the same initial weights (checked by digest)
+in the same data order, saved to ``OUTPUT/<variant>/`` exactly as train-rm saves, and scored on every eval set. The
+report (:mod:`.report`) goes to ``OUTPUT/compare.json``, ``compare.md`` and ``compare.png``.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from ..trainer import RMTrainer
 from .config import CompareConfig, Variant, expand_variants, variant_config
 from .inputs import SharedInputs, prepare_inputs
 from .report import build_report, write_outputs
+from .shared_model import combined_digest, trainable_digest
 from .stats import margin_summary
 
 
 class VariantTrainer(RMTrainer):
-    """train-rm's trainer for one variant, fed the shared encoded pairs and cached trunk instead of encoding the data
-    and running the trunk itself. It also keeps every training pair's AAM margin and reward gap, and its final
-    evaluation scores every eval set from the cached trunk (``scores[name] = (chosen, rejected)``)."""
+    """train-rm's trainer for one variant, fed the shared encoded pairs and either the cached trunk or the shared
+    model (its initial weights put back) with the reference log-probs, instead of building them itself. It also keeps
+    every training pair's AAM margin and reward gap, and its final evaluation scores every eval set
+    (``scores[name] = (chosen, rejected)``)."""
 
     def __init__(self, cfg: RMConfig, shared: SharedInputs):
         self.shared = shared
@@ -40,6 +43,19 @@ class VariantTrainer(RMTrainer):
         self.gap_values: list[torch.Tensor] = []
         self.scores: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         super().__init__(cfg)
+
+    def load_model(self) -> tuple[RewardModel, Any]:
+        shared = self.shared.model
+        if shared is None:
+            return super().load_model()
+        return shared.start(self.cfg), shared.tokenizer
+
+    def build_reference(self) -> None:
+        if self.shared.model is None:
+            super().build_reference()
+            return
+        self.reference = None  # the steps read the log-probs computed once from the initial model
+        self.reference_logps = self.shared.reference_logps if self.cfg.needs_reference else None
 
     def load_data(self) -> EncodedData:
         return EncodedData(self.shared.train, [], self.shared.stats, self.shared.train_fingerprint, "no dev pairs")
@@ -79,37 +95,34 @@ class VariantTrainer(RMTrainer):
             first = first or report
         return first
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """A copy of the weights this variant trains (its initial weights when called before :meth:`train`)."""
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
-
-def _check_same_start(name: str, state: dict[str, torch.Tensor], first: dict[str, torch.Tensor] | None) -> None:
-    """RuntimeError unless every weight ``state`` shares with the first variant's initial weights is equal (a variant
-    may train more, e.g. the LM head under ``--no-detach-margin`` for pr and ld only)."""
+def _check_same_start(name: str, digest: dict[str, str], first: dict[str, str] | None) -> None:
+    """RuntimeError unless every weight ``digest`` shares with the first variant's initial weights has the same
+    digest (a variant may train more, e.g. the LM head under an SFT term or ``--no-detach-margin``)."""
     if first is None:
         return
-    common = state.keys() & first.keys()
-    if not common or any(not torch.equal(state[k], first[k]) for k in common):
+    common = digest.keys() & first.keys()
+    if not common or any(digest[k] != first[k] for k in common):
         raise RuntimeError(f"variant {name} does not start from the first variant's initial weights")
 
 
 def train_variant(
-    cfg: RMConfig, variant: Variant, shared: SharedInputs, first_state: dict[str, torch.Tensor] | None
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Train and save one variant; returns its result (summary, margin statistics, eval scores) and its initial
-    weights."""
+    cfg: RMConfig, variant: Variant, shared: SharedInputs, first_digest: dict[str, str] | None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Train and save one variant; returns its result (summary, margin statistics, eval scores) and the digest of
+    its initial trainable weights."""
     trainer = VariantTrainer(cfg, shared)
-    state = trainer.trainable_state()
-    _check_same_start(variant.name, state, first_state)
+    digest = trainable_digest(trainer.model)
+    _check_same_start(variant.name, digest, first_digest)
     summary = trainer.run_to_end()
     result = {
         "variant": variant,
         "summary": summary,
         "margin": margin_summary(torch.cat(trainer.margin_values), torch.cat(trainer.gap_values)),
         "scores": trainer.scores,
+        "initial_digest": combined_digest(digest, digest.keys() & (first_digest or digest).keys()),
     }
-    return result, state
+    return result, digest
 
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
@@ -122,16 +135,16 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
         with closing(run.ctx):
             variants = expand_variants(cfg)
             configs = [variant_config(cfg, v) for v in variants]
-            shared = prepare_inputs(run, cfg, configs[0], needs_reference=any(c.needs_reference for c in configs))
-            trunk_seconds = time.time() - started
-            seconds = f"{trunk_seconds:.1f} s"
-            log(f"cached the frozen trunk of every sequence in {seconds}; training {len(variants)} variants")
-            results, first_state = [], None
+            shared = prepare_inputs(run, cfg, configs)
+            prepare_seconds = time.time() - started
+            what = "cached the frozen trunk of every sequence" if cfg.caches_trunk else "prepared the shared model"
+            log(f"{what} in {prepare_seconds:.1f} s; training {len(variants)} variants")
+            results, first_digest = [], None
             for variant, variant_cfg in zip(variants, configs, strict=True):
-                result, state = train_variant(variant_cfg, variant, shared, first_state)
-                first_state = first_state or state
+                result, digest = train_variant(variant_cfg, variant, shared, first_digest)
+                first_digest = first_digest or digest
                 results.append(result)
-            cost = {"prepare_seconds": round(trunk_seconds, 1), "total_seconds": round(time.time() - started, 1)}
+            cost = {"prepare_seconds": round(prepare_seconds, 1), "total_seconds": round(time.time() - started, 1)}
             report = build_report(cfg, shared, results, cost)
             write_outputs(report, run.output)
     finally:

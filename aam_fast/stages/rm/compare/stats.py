@@ -92,8 +92,10 @@ def binomial_two_sided(k1: int, k2: int) -> float:
 
 def margin_summary(margins: torch.Tensor, gaps: torch.Tensor) -> dict[str, float | int | None]:
     """The AAM margin ``m`` over every training pair seen (``margins``, ``gaps`` the reward gaps ``r_c - r_r``, both
-    ``[N]``): mean of ``m``, mean, std, 90th percentile and max of ``|m|``, and the Pearson correlation of ``m`` with
-    the gap (None when either is constant, e.g. ``m = 0`` under bt)."""
+    ``[N]``): mean of ``m``, mean, std, 90th percentile and max of ``|m|``, the Pearson correlation of ``m`` with
+    the gap (None when either is constant, e.g. ``m = 0`` under bt), the gap's std and the margin's scale against
+    it, ``mean |m| / std(gap)`` (None when the gap is constant): near 0 the margin cannot change which pairs the
+    loss pushes on."""
     margins, gaps = margins.double().reshape(-1), gaps.double().reshape(-1)
     if margins.shape != gaps.shape or margins.numel() == 0:
         raise ValueError(f"margins and gaps must be equal non-empty vectors, got {margins.numel()} and {gaps.numel()}")
@@ -101,6 +103,7 @@ def margin_summary(margins: torch.Tensor, gaps: torch.Tensor) -> dict[str, float
     m_centered, g_centered = margins - margins.mean(), gaps - gaps.mean()
     denominator = (m_centered.square().sum() * g_centered.square().sum()).sqrt()
     correlation = None if denominator.item() == 0 else ((m_centered * g_centered).sum() / denominator).item()
+    gap_std = gaps.std(unbiased=False).item()
     return {
         "pairs": margins.numel(),
         "mean": margins.mean().item(),
@@ -109,4 +112,6 @@ def margin_summary(margins: torch.Tensor, gaps: torch.Tensor) -> dict[str, float
         "abs_p90": torch.quantile(size, 0.9).item(),
         "abs_max": size.max().item(),
         "corr_with_gap": correlation,
+        "gap_std": gap_std,
+        "scale_vs_gap": None if gap_std == 0 else size.mean().item() / gap_std,
     }
