@@ -133,6 +133,7 @@ def summary(args, seconds: dict, identical: bool, prompt_tokens: int, completion
     out = {
         "settings": vars(args),
         "seconds": {name: round(sum(values), 2) for name, values in seconds.items()},
+        "seconds_per_round": {name: [round(v, 3) for v in values] for name, values in seconds.items()},
         "ratio_to_first_method": {name: ratio(name, args.methods[0]) for name in args.methods},
         "same_tokens": identical,
         "prompt_tokens": prompt_tokens,

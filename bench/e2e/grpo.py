@@ -24,7 +24,9 @@ truncation (the folder records no training length).
 
 Prompts: the first ``--prompts-per-step × --steps`` hh-rlhf conversations (prompt = every turn before the last
 assistant reply) whose chat-templated prompt fits ``--max-prompt-tokens``, as conversational records, rendered by the
-policy's chat template with the generation prompt in both. train-grpo draws them in the seeded order of its
+policy's chat template with the generation prompt in both. ``--source-kind prompts --source FILE`` takes the prompts from a
+prompt file train-grpo reads instead (RPBench character cards: a system card of a few hundred tokens and the
+opening turn), with the same length filter and order. train-grpo draws them in the seeded order of its
 :class:`~aam_fast.stages.grpo.rollout.PromptStream`; TRL gets the same list already in that order with
 ``shuffle_dataset=False``, so step k of both samples the same prompts (each case records a digest of every step's
 prompts and the parent checks they agree). The completions themselves differ: each trainer draws them from its own
@@ -72,17 +74,31 @@ PASSED_ON = (
 )
 
 
-def write_prompts(policy: str, source: Path, count: int, max_tokens: int, seed: int, out: Path) -> tuple[Path, Path]:
-    """The first ``count`` hh-rlhf prompts whose templated tokens fit ``max_tokens``: ``out`` in file order (what
-    train-grpo gets) and ``out.trl`` in train-grpo's draw order (what TRL reads without shuffling)."""
-    from aam_fast.data import load_preferences
+def source_prompts(source: Path, kind: str):
+    """The conversational prompts of ``source``: every turn before the last assistant reply of each preference pair
+    (``kind`` pairs: hh-rlhf), or the prompt records train-grpo reads from a prompt file (``kind`` prompts: RPBench
+    character cards, a system card and the opening turn each)."""
+    from aam_fast.data import load_preferences, load_prompt_records
+
+    if kind == "prompts":
+        yield from (record["prompt"] for record in load_prompt_records(source))
+        return
+    for pair in load_preferences(source, skip_invalid=True).pairs:
+        yield pair.prompt if isinstance(pair.prompt, list) else [{"role": "user", "content": pair.prompt}]
+
+
+def write_prompts(
+    policy: str, source: Path, kind: str, count: int, max_tokens: int, seed: int, out: Path
+) -> tuple[Path, Path]:
+    """The first ``count`` prompts of ``source`` (:func:`source_prompts`) whose templated tokens fit ``max_tokens``:
+    ``out`` in file order (what train-grpo gets) and ``out.trl`` in train-grpo's draw order (what TRL reads without
+    shuffling)."""
     from aam_fast.modeling import load_tokenizer
     from aam_fast.stages.grpo.rollout import PromptStream, encode_prompt
 
     tokenizer = load_tokenizer(policy)
     records = []
-    for pair in load_preferences(source, skip_invalid=True).pairs:
-        prompt = pair.prompt if isinstance(pair.prompt, list) else [{"role": "user", "content": pair.prompt}]
+    for prompt in source_prompts(source, kind):
         if len(encode_prompt(tokenizer, prompt, None)[0]) <= max_tokens:
             records.append({"prompt": prompt})
         if len(records) == count:
@@ -366,6 +382,13 @@ def main() -> None:
     parser.add_argument("--policy", required=True, help="SmolLM2-135M-Instruct folder (make demo converts it)")
     parser.add_argument("--reward-model", default=None, help="sequence-classification folder (default: built)")
     parser.add_argument("--source", default=str(SHARED / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"))
+    parser.add_argument(
+        "--source-kind",
+        choices=("pairs", "prompts"),
+        default="pairs",
+        help="pairs: preference pairs, the prompt is every turn before the last reply (hh-rlhf); prompts: a prompt "
+        "file train-grpo reads (RPBench character cards: long system prompts)",
+    )
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--prompts-per-step", type=int, default=2)
@@ -394,7 +417,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         count = args.steps * args.prompts_per_step
         ours, trl = write_prompts(
-            args.policy, Path(args.source), count, args.max_prompt_tokens, args.seed, Path(tmp) / "prompts.jsonl"
+            args.policy,
+            Path(args.source),
+            args.source_kind,
+            count,
+            args.max_prompt_tokens,
+            args.seed,
+            Path(tmp) / "prompts.jsonl",
         )
         reward_model = args.reward_model
         if reward_model is None:
