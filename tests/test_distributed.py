@@ -28,6 +28,8 @@ from aam_fast.stages.rm.trainer import train_reward_model
 from aam_fast.training import distributed
 from aam_fast.training.launch import closing
 
+pytestmark = pytest.mark.slow  # two torchrun launches and their one-process references
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
 PER_RANK = 2
