@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -83,6 +84,14 @@ def launch_steps(build: Callable[[Path], dict[str, list[str]]], folder: Path) ->
     logs = re.split(r"^--- step \d+ ---$", done.stderr, flags=re.MULTILINE)[1:]
     assert len(logs) == len(steps), done.stderr[-4000:]
     return root, dict(zip(steps, logs, strict=True))
+
+
+def run_two_ranks(cli: list[str]) -> str:
+    """`aam-fast CLI...` alone in a launch of 2 CPU processes under torchrun (for other modules' 2-rank runs);
+    asserts success and returns its log."""
+    with tempfile.TemporaryDirectory() as folder:
+        _, logs = launch_steps(lambda root: {"command": ["cli", *cli]}, Path(folder))
+    return logs["command"]
 
 
 def losses(output: Path) -> list[float]:
