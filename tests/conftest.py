@@ -18,10 +18,21 @@ if not torch.cuda.is_available():
     # Must be set before triton is first imported anywhere in the test process.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n N` (make test): each worker process takes one core, and so do the commands it starts; N workers
+    # of two intra-op threads each would contend for the cores, which costs the tiny models' ops 10-60x.
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 SHARED = Path(os.environ.get("AAM_FAST_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
 
 
 def pytest_collection_modifyitems(config, items):
+    """The modules that hold a `slow` test run first (the order is otherwise kept): spread over workers (make test:
+    `-n auto --dist loadscope --no-loadscope-reorder`), the longest modules start at once and the short ones fill
+    in around them, instead of one long module starting last. Without CUDA the `gpu` tests are skipped."""
+    slow = {item.path for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.path not in slow)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run on a lent GPU: pytest -m gpu)")

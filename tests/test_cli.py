@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from aam_fast import cli
 from aam_fast.data import load_preferences, split_by_prompt
@@ -19,40 +20,23 @@ PAIRS = 24  # records in the session's tiny `pairs` file
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def trained(tiny_paths, tmp_path_factory):
     """A reward model trained for a few steps through `aam-fast train-rm` on the session's tiny Llama, and its data:
-    the session's TRL conversational pairs (a system character card, a user turn; a `topic` column, even/odd)."""
+    the session's TRL conversational pairs (a system character card, a user turn; a `topic` column, even/odd).
+    Trained once for the module, on one intra-op thread; the tests only read it."""
     out = tmp_path_factory.mktemp("cli") / "rm"
     data = Path(tiny_paths["pairs"])
     assert len(load_preferences(data)) == PAIRS
-    code = cli.main(
-        [
-            "train-rm",
-            "--model",
-            tiny_paths["model"],
-            "--data",
-            str(data),
-            "--output",
-            str(out),
-            "--margin",
-            "ld",
-            "--max-length",
-            "48",
-            "--batch-size",
-            "4",
-            "--max-steps",
-            "3",
-            "--lr",
-            "1e-3",
-            "--dev-fraction",
-            "0.3",
-            "--subset-field",
-            "topic",
-            "--no-progress",
-        ]
-    )
-    assert code == 0
+    argv = ["train-rm", "--model", tiny_paths["model"], "--data", str(data), "--output", str(out), "--margin", "ld"]
+    argv += ["--max-length", "48", "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3", "--dev-fraction", "0.3"]
+    argv += ["--subset-field", "topic", "--no-progress"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out, data
 
 

@@ -1,7 +1,11 @@
 """train-rm and train-grpo under torchrun on CPU (gloo, 2 processes, the tiny Llama and hh-rlhf style pairs that the
 test session builds, tests/conftest.py; a rule reward for GRPO): DDP and FSDP2 end where one process on the combined
 batch ends, a resumed FSDP2 run from its checkpoint ends where the uninterrupted run does, and checkpoints move
-between world sizes (2 ranks -> 1 process, 1 process -> 2 ranks) with batch-size x ranks kept."""
+between world sizes (2 ranks -> 1 process, 1 process -> 2 ranks) with batch-size x ranks kept.
+
+Each stage's 2-rank runs share one torchrun launch (tests/two_ranks.py, module-scoped fixtures `rm_ranks` and
+`grpo_ranks`): a launch costs each rank seconds of imports, a tiny run a fraction of that. The one-process references
+run in this process, once per module."""
 
 import json
 import os
@@ -9,7 +13,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +28,8 @@ from aam_fast.stages.rm.config import RMConfig
 from aam_fast.stages.rm.trainer import train_reward_model
 from aam_fast.training import distributed
 from aam_fast.training.launch import closing
+
+pytestmark = pytest.mark.slow  # two torchrun launches and their one-process references
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -37,40 +45,53 @@ def common_args(paths: dict[str, str]) -> list[str]:
     ]  # fmt: skip
 
 
-def torchrun(paths: dict[str, str], output: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run_two_ranks(
-        ["train-rm", *common_args(paths), "--output", str(output), "--batch-size", str(PER_RANK), *extra]
-    )
+def rm_cli(paths: dict[str, str], output: Path, *extra: str) -> list[str]:
+    """A 2-rank train-rm step of tests/two_ranks.py: `common_args`, PER_RANK pairs per rank."""
+    return ["cli", "train-rm", *common_args(paths), "--output", str(output), "--batch-size", str(PER_RANK), *extra]
 
 
-def run_two_ranks(cli: list[str]) -> subprocess.CompletedProcess:
-    """`python -m aam_fast CLI...` on 2 CPU processes under torchrun (gloo); asserts success."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "aam_fast", *cli]
-    return launch(command)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def launch(command: list[str]) -> subprocess.CompletedProcess:
-    """Run a torchrun command with one intra-op thread per rank; asserts success.
+def launch_steps(build: Callable[[Path], dict[str, list[str]]], folder: Path) -> tuple[Path, dict[str, str]]:
+    """Run the steps that `build(root)` lays out in a new folder `root` (name -> a step of tests/two_ranks.py), in
+    order, in one launch of 2 CPU processes under torchrun (gloo), one intra-op thread per rank; asserts success
+    and returns `root` and each step's log (the launch's stderr from the step's marker to the next one).
 
-    A rank killed by SIGABRT is retried once: about 1 run in 10 of 2-rank FSDP2 on gloo aborted in process
-    teardown after every output was written. Not understood yet: about 150 runs of train-rm and train-grpo under
-    FSDP2 (fresh, resumed from DCP, the gather-count script; alone and three at once on the 2 cores) never aborted,
-    nor did 2 gloo ranks where one exits 3 s before the other destroys its process group. So that the next abort
-    shows its cause, the ranks run with Python's faulthandler on (every thread's stack on a fatal signal) and a
-    retried abort is reported as a warning with the end of its stderr. Any other failure, or a second abort,
-    fails the test.
+    A launch with a rank killed by SIGABRT is retried once, in a fresh folder: about 1 run in 10 of 2-rank FSDP2 on
+    gloo aborted in process teardown after every output was written. Not understood yet: about 150 runs of train-rm
+    and train-grpo under FSDP2 (fresh, resumed from DCP, the gather-count script; alone and three at once on the 2
+    cores) never aborted, nor did 2 gloo ranks where one exits 3 s before the other destroys its process group. So
+    that the next abort shows its cause, the ranks run with Python's faulthandler on (every thread's stack on a
+    fatal signal) and a retried abort is reported as a warning with the end of its stderr. Any other failure, or a
+    second abort, fails the test.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"}
     for attempt in range(2):
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        root = folder / f"launch-{attempt}"
+        root.mkdir()
+        steps = build(root)
+        plan = root / "plan.json"
+        plan.write_text(json.dumps(list(steps.values())))
+        command = [*TORCHRUN, str(REPO / "tests" / "two_ranks.py"), str(plan)]
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         aborted = "SIGABRT" in done.stderr or "exitcode  : -6" in done.stderr
         if done.returncode == 0 or not aborted or attempt == 1:
             break
         tail = done.stderr[-3000:]
         warnings.warn(f"a torchrun rank aborted (SIGABRT); retrying once. End of its stderr:\n{tail}", stacklevel=2)
     assert done.returncode == 0, done.stderr[-4000:]
-    return done
+    logs = re.split(r"^--- step \d+ ---$", done.stderr, flags=re.MULTILINE)[1:]
+    assert len(logs) == len(steps), done.stderr[-4000:]
+    return root, dict(zip(steps, logs, strict=True))
+
+
+def run_two_ranks(cli: list[str]) -> str:
+    """`aam-fast CLI...` alone in a launch of 2 CPU processes under torchrun (for other modules' 2-rank runs);
+    asserts success and returns its log."""
+    with tempfile.TemporaryDirectory() as folder:
+        _, logs = launch_steps(lambda root: {"command": ["cli", *cli]}, Path(folder))
+    return logs["command"]
 
 
 def losses(output: Path) -> list[float]:
@@ -120,32 +141,60 @@ def train_in_process(paths: dict[str, str], output: Path, **settings) -> None:
         torch.set_num_threads(threads)
 
 
-def test_ddp_two_ranks_match_one_process_on_the_combined_batch(single, tmp_path):
+LORA = {"lora_r": 4, "lora_alpha": 8.0, "lr": 1e-2, "save_every": 2}
+LORA_FLAGS = ["--lora-r", "4", "--lora-alpha", "8", "--lr", "1e-2", "--save-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def rm_ranks(single, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """Every 2-rank train-rm run of this module, in one launch: DDP; FSDP2 with a checkpoint at step 2; that run
+    resumed from step 2 (a copy of its folder without the last checkpoint, as if it had stopped there); the
+    one-process run's step-2 checkpoint resumed under FSDP2 and under DDP; LoRA under FSDP2 and under DDP. Returns
+    the folder of the runs (one per step name) and each step's log."""
     paths, reference = single
-    torchrun(paths, tmp_path, "--strategy", "ddp")
-    assert_same_weights(reference, tmp_path)
-    assert losses(tmp_path) == pytest.approx(losses(reference), abs=1e-5)
+    checkpoint = reference / "checkpoints" / "checkpoint-2"
+    resume = ["--save-every", "2", "--resume", "auto"]
+
+    def build(root: Path) -> dict[str, list[str]]:
+        steps = {
+            "ddp": rm_cli(paths, root / "ddp", "--strategy", "ddp"),
+            "fsdp2": rm_cli(paths, root / "fsdp2", "--strategy", "fsdp2", "--save-every", "2"),
+            "copy": ["copy", str(root / "fsdp2"), str(root / "fsdp2-resumed")],
+            "remove": ["remove", str(root / "fsdp2-resumed" / "checkpoints" / f"checkpoint-{STEPS}")],
+            "fsdp2-resumed": rm_cli(paths, root / "fsdp2-resumed", "--strategy", "fsdp2", *resume),
+        }
+        for strategy in ("fsdp2", "ddp"):
+            run = root / f"from-single-{strategy}"
+            shutil.copytree(checkpoint, run / "checkpoints" / checkpoint.name)
+            steps[run.name] = rm_cli(paths, run, "--strategy", strategy, *resume)
+            steps[f"lora-{strategy}"] = rm_cli(paths, root / f"lora-{strategy}", *LORA_FLAGS, "--strategy", strategy)
+        return steps
+
+    return launch_steps(build, tmp_path_factory.mktemp("rm-ranks"))
+
+
+def test_ddp_two_ranks_match_one_process_on_the_combined_batch(single, rm_ranks):
+    (_, reference), (root, _) = single, rm_ranks
+    assert_same_weights(reference, root / "ddp")
+    assert losses(root / "ddp") == pytest.approx(losses(reference), abs=1e-5)
     assert load_file(str(reference / "model.safetensors"))["score.weight"].abs().sum() > 0
 
 
-def test_fsdp2_two_ranks_match_one_process_and_resume_exactly(single, tmp_path):
-    paths, reference = single
-    done = torchrun(paths, tmp_path, "--strategy", "fsdp2", "--save-every", "2")
-    assert done.stderr.count("training pr reward model") == 1  # one log: rank 0's
-    assert_same_weights(reference, tmp_path)
-    assert losses(tmp_path) == pytest.approx(losses(reference), abs=1e-5)
-    checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
+def test_fsdp2_two_ranks_match_one_process_and_resume_exactly(single, rm_ranks, tmp_path):
+    (paths, reference), (root, logs) = single, rm_ranks
+    run = root / "fsdp2"
+    assert logs["fsdp2"].count("training pr reward model") == 1  # one log: rank 0's
+    assert_same_weights(reference, run)
+    assert losses(run) == pytest.approx(losses(reference), abs=1e-5)
+    checkpoint = run / "checkpoints" / "checkpoint-2"
     assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "rank1.pt").is_file()
-    uninterrupted = load_file(str(tmp_path / "model.safetensors"))
-    first_losses = losses(tmp_path)
 
-    shutil.rmtree(tmp_path / "checkpoints" / f"checkpoint-{STEPS}")  # as if the run had stopped after step 2
-    done = torchrun(paths, tmp_path, "--strategy", "fsdp2", "--save-every", "2", "--resume", "auto")
-    assert "resumed from" in done.stderr and "at step 2" in done.stderr
-    resumed = load_file(str(tmp_path / "model.safetensors"))
-    for name, value in uninterrupted.items():
+    # resumed from step 2 on 2 ranks: bit for bit where the uninterrupted run ended, the same metrics file
+    assert "resumed from" in logs["fsdp2-resumed"] and "at step 2" in logs["fsdp2-resumed"]
+    resumed = load_file(str(root / "fsdp2-resumed" / "model.safetensors"))
+    for name, value in load_file(str(run / "model.safetensors")).items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
-    assert losses(tmp_path) == first_losses
+    assert losses(root / "fsdp2-resumed") == losses(run)
 
     # onto one process (full weights and optimizer state) with the combined batch: where the one-process run ends
     alone = tmp_path / "alone"
@@ -158,20 +207,16 @@ def test_fsdp2_two_ranks_match_one_process_and_resume_exactly(single, tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
-def test_a_single_process_checkpoint_resumes_on_two_ranks(single, tmp_path, strategy):
+def test_a_single_process_checkpoint_resumes_on_two_ranks(single, rm_ranks, strategy):
     """The one-process run's step-2 checkpoint resumed by 2 ranks of half the batch ends where the one-process run
     ends."""
-    paths, reference = single
+    (_, reference), (root, logs) = single, rm_ranks
     checkpoint = reference / "checkpoints" / "checkpoint-2"
     assert (checkpoint / "model.safetensors").is_file() and not (checkpoint / "rank1.pt").exists()
-    shutil.copytree(checkpoint, tmp_path / "checkpoints" / checkpoint.name)
-    done = torchrun(paths, tmp_path, "--strategy", strategy, "--save-every", "2", "--resume", "auto")
-    assert "resumed from" in done.stderr and "at step 2" in done.stderr
-    assert_same_weights(reference, tmp_path)
-    assert losses(tmp_path) == pytest.approx(losses(reference)[2:], abs=1e-5)
-
-
-LORA = {"lora_r": 4, "lora_alpha": 8.0, "lr": 1e-2, "save_every": 2}
+    run = root / f"from-single-{strategy}"
+    assert "resumed from" in logs[run.name] and "at step 2" in logs[run.name]
+    assert_same_weights(reference, run)
+    assert losses(run) == pytest.approx(losses(reference)[2:], abs=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -184,16 +229,15 @@ def lora_alone(tiny_paths, tmp_path_factory):
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
-def test_lora_two_ranks_match_one_process_and_resume(tiny_paths, lora_alone, tmp_path, strategy):
+def test_lora_two_ranks_match_one_process_and_resume(tiny_paths, lora_alone, rm_ranks, tmp_path, strategy):
     """LoRA with the adapters-off PR reference under torchrun: 2 ranks end with the adapters and the merged export
     of one process on the combined batch, and the 2-rank checkpoint resumes in one process to the same end."""
-    flags = ["--lora-r", "4", "--lora-alpha", "8", "--lr", "1e-2", "--save-every", "2", "--strategy", strategy]
-    torchrun(tiny_paths, tmp_path / "ranks", *flags)
-    assert_same_weights(lora_alone, tmp_path / "ranks")
-    assert losses(tmp_path / "ranks") == pytest.approx(losses(lora_alone), abs=1e-5)
+    ranks = rm_ranks[0] / f"lora-{strategy}"
+    assert_same_weights(lora_alone, ranks)
+    assert losses(ranks) == pytest.approx(losses(lora_alone), abs=1e-5)
     a, b = (
         load_file(str(lora_alone / "adapter_model.safetensors")),
-        load_file(str(tmp_path / "ranks" / "adapter_model.safetensors")),
+        load_file(str(ranks / "adapter_model.safetensors")),
     )
     # lora_A's first gradients are ~0 (they are proportional to lora_B, which starts at 0), and Adam's update
     # g / (sqrt(v) + eps) turns float32 reduction-order noise in such tiny gradients into lr-sized differences: the
@@ -201,7 +245,7 @@ def test_lora_two_ranks_match_one_process_and_resume(tiny_paths, lora_alone, tmp
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=5e-5, msg=name)
     resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "ranks" / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
+    shutil.copytree(ranks / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
     train_in_process(tiny_paths, resumed, batch_size=2 * PER_RANK, resume="auto", **LORA)
     assert_same_weights(lora_alone, resumed)
 
@@ -276,13 +320,14 @@ def grpo_settings(paths: dict[str, str], folder: Path) -> dict:
     )
 
 
-def grpo_torchrun(settings: dict, output: Path, per_rank: int, *extra: str) -> subprocess.CompletedProcess:
+def grpo_cli(settings: dict, output: Path, *extra: str) -> list[str]:
+    """A 2-rank train-grpo step of tests/two_ranks.py with `settings`, 1 prompt per rank and micro-batch."""
     s = settings
     cli = ["train-grpo", "--policy", s["policy"], "--prompts", s["prompts"], "--reward-fn", s["reward_fns"][0]]
     cli += ["--num-generations", str(s["num_generations"]), "--max-new-tokens", str(s["max_new_tokens"])]
     cli += ["--beta", str(s["beta"]), "--grad-accum", str(s["grad_accum"]), "--lr", str(s["lr"])]
     cli += ["--max-steps", str(s["max_steps"]), "--no-progress", "--output", str(output)]
-    return run_two_ranks([*cli, "--batch-size", str(per_rank), *extra])
+    return ["cli", *cli, "--batch-size", "1", *extra]
 
 
 def metric_rows(output: Path) -> list[dict]:
@@ -317,31 +362,57 @@ def grpo_single(tiny_paths, tmp_path_factory):
     return settings, folder / "single"
 
 
-def test_grpo_ddp_two_ranks_match_one_process_on_the_combined_batch(grpo_single, tmp_path):
+@pytest.fixture(scope="module")
+def grpo_ranks(grpo_single, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """Every 2-rank GRPO run of this module, in one launch: DDP; FSDP2 with a checkpoint at each step; that run
+    resumed from step 1 (a copy of its folder without the last checkpoint, as if it had stopped there); the
+    one-process run's step-1 checkpoint resumed under FSDP2; and an FSDP2 rollout that counts its all-gathers
+    (`gathers.json`). Returns the folder of the runs (one per step name) and each step's log."""
     settings, reference = grpo_single
-    done = grpo_torchrun(settings, tmp_path, 1, "--strategy", "ddp")
-    assert done.stderr.count("policy saved to") == 1  # one summary: rank 0's
-    assert_same_weights(reference, tmp_path)
-    assert_same_metrics(metric_rows(tmp_path), metric_rows(reference))
-    samples, reference_samples = completion_rows(tmp_path), completion_rows(reference)
+    checkpoint = reference / "checkpoints" / "checkpoint-1"
+    resume = ["--strategy", "fsdp2", "--save-every", "1", "--resume", "auto"]
+
+    def build(root: Path) -> dict[str, list[str]]:
+        shutil.copytree(checkpoint, root / "from-single" / "checkpoints" / checkpoint.name)
+        rollout = {**settings, "batch_size": 1, "num_iterations": 2, "output": str(root / "rollout")}
+        return {
+            "ddp": grpo_cli(settings, root / "ddp", "--strategy", "ddp"),
+            "fsdp2": grpo_cli(settings, root / "fsdp2", "--strategy", "fsdp2", "--save-every", "1"),
+            "copy": ["copy", str(root / "fsdp2"), str(root / "fsdp2-resumed")],
+            "remove": ["remove", str(root / "fsdp2-resumed" / "checkpoints" / "checkpoint-2")],
+            "fsdp2-resumed": grpo_cli(settings, root / "fsdp2-resumed", *resume),
+            "from-single": grpo_cli(settings, root / "from-single", *resume),
+            "gathers": ["gathers", json.dumps({**rollout, "strategy": "fsdp2"}), str(root / "gathers.json")],
+        }
+
+    return launch_steps(build, tmp_path_factory.mktemp("grpo-ranks"))
+
+
+def test_grpo_ddp_two_ranks_match_one_process_on_the_combined_batch(grpo_single, grpo_ranks):
+    (settings, reference), (root, logs) = grpo_single, grpo_ranks
+    run = root / "ddp"
+    assert logs["ddp"].count("policy saved to") == 1  # one summary: rank 0's
+    assert_same_weights(reference, run)
+    assert_same_metrics(metric_rows(run), metric_rows(reference))
+    samples, reference_samples = completion_rows(run), completion_rows(reference)
     assert len(samples) == 2 * settings["grad_accum"] * settings["num_generations"]  # every rank's, step 1
     assert [(r["prompt"], r["completion"]) for r in samples] == [
         (r["prompt"], r["completion"]) for r in reference_samples
     ]
     assert [r["advantage"] for r in samples] == pytest.approx([r["advantage"] for r in reference_samples], abs=1e-6)
     initial = load_file(settings["policy"] + "/model.safetensors")
-    final = load_file(str(tmp_path / "model.safetensors"))
+    final = load_file(str(run / "model.safetensors"))
     assert max(float((final[k] - initial[k]).abs().max()) for k in initial) > 1e-5, "the policy did not move"
 
 
-def test_grpo_fsdp2_two_ranks_match_one_process_and_resume_exactly(grpo_single, tmp_path, logged):
+def test_grpo_fsdp2_two_ranks_match_one_process_and_resume_exactly(grpo_single, grpo_ranks, tmp_path, logged):
     """2 ranks end as one process does; resumed from the step-1 checkpoint on 2 ranks they end bit for bit where
     the uninterrupted run ended, and on one process within 1e-5."""
-    settings, reference = grpo_single
-    grpo_torchrun(settings, tmp_path, 1, "--strategy", "fsdp2", "--save-every", "1")
-    assert_same_weights(reference, tmp_path)
-    assert_same_metrics(metric_rows(tmp_path), metric_rows(reference))
-    checkpoints = tmp_path / "checkpoints"
+    (settings, reference), (root, _) = grpo_single, grpo_ranks
+    run = root / "fsdp2"
+    assert_same_weights(reference, run)
+    assert_same_metrics(metric_rows(run), metric_rows(reference))
+    checkpoints = run / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2"]
     first = checkpoints / "checkpoint-1"
     assert {"model.safetensors", "optimizer.pt", "rank0.pt", "rank1.pt", "trainer_state.json"} <= {
@@ -349,24 +420,20 @@ def test_grpo_fsdp2_two_ranks_match_one_process_and_resume_exactly(grpo_single, 
     }
     assert json.loads((first / "trainer_state.json").read_text())["world_size"] == 2
     assert_same_weights(reference / "checkpoints" / "checkpoint-1", first)  # the full weights, gathered
-    uninterrupted = load_file(str(tmp_path / "model.safetensors"))
-    first_rows = metric_rows(tmp_path)
 
-    shutil.rmtree(checkpoints / "checkpoint-2")  # as if the run had stopped after step 1
-    grpo_torchrun(settings, tmp_path, 1, "--strategy", "fsdp2", "--save-every", "1", "--resume", "auto")
-    resumed = load_file(str(tmp_path / "model.safetensors"))
-    for name, value in uninterrupted.items():
+    resumed = load_file(str(root / "fsdp2-resumed" / "model.safetensors"))
+    for name, value in load_file(str(run / "model.safetensors")).items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
     untimed = [
         [{k: v for k, v in r.items() if not k.startswith("timing/")} for r in rows]
-        for rows in (metric_rows(tmp_path), first_rows)
+        for rows in (metric_rows(root / "fsdp2-resumed"), metric_rows(run))
     ]
     assert untimed[0] == untimed[1]  # the wall seconds (timing/*) differ from run to run
 
     # onto one process (full weights and optimizer state): the same end within float32 summation-order differences
     alone = tmp_path / "alone"
     shutil.copytree(first, alone / "checkpoints" / first.name)
-    shutil.copy(tmp_path / "metrics.jsonl", alone / "metrics.jsonl")
+    shutil.copy(run / "metrics.jsonl", alone / "metrics.jsonl")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     logged.clear()
@@ -377,56 +444,23 @@ def test_grpo_fsdp2_two_ranks_match_one_process_and_resume_exactly(grpo_single, 
     assert [r["step"] for r in rows] == [2]
     assert logged.count("changed settings") == 0  # batch_size x ranks is the same: the same settings
     assert logged.count(f"resumed from {re.escape(str(alone / 'checkpoints' / first.name))} at step 1") == 1
-    assert_same_weights(tmp_path, alone)
+    assert_same_weights(run, alone)
 
 
-def test_grpo_single_process_checkpoint_resumes_on_two_fsdp2_ranks(grpo_single, tmp_path):
+def test_grpo_single_process_checkpoint_resumes_on_two_fsdp2_ranks(grpo_single, grpo_ranks):
     """The one-process run's step-1 checkpoint resumed by 2 FSDP2 ranks of 1 prompt each ends where the one-process
     run ends."""
-    settings, reference = grpo_single
-    checkpoint = reference / "checkpoints" / "checkpoint-1"
-    shutil.copytree(checkpoint, tmp_path / "checkpoints" / checkpoint.name)
-    grpo_torchrun(settings, tmp_path, 1, "--strategy", "fsdp2", "--save-every", "1", "--resume", "auto")
-    assert [r["step"] for r in metric_rows(tmp_path)] == [2]
-    assert_same_weights(reference, tmp_path)
-    assert_same_metrics(metric_rows(tmp_path), metric_rows(reference)[1:], steps=[2])
+    (_, reference), (root, _) = grpo_single, grpo_ranks
+    run = root / "from-single"
+    assert [r["step"] for r in metric_rows(run)] == [2]
+    assert_same_weights(reference, run)
+    assert_same_metrics(metric_rows(run), metric_rows(reference)[1:], steps=[2])
 
 
-GATHER_COUNT_SCRIPT = """
-import json, sys
-import torch.distributed.fsdp._fully_shard._fsdp_param_group as group_module
-from aam_fast.stages.grpo import GRPOConfig, GRPOTrainer
-
-gathers = []
-original = group_module.foreach_all_gather
-
-
-def counting(*args, **kwargs):
-    gathers.append(1)
-    return original(*args, **kwargs)
-
-
-group_module.foreach_all_gather = counting
-trainer = GRPOTrainer(GRPOConfig(**json.loads(sys.argv[1])))
-batches, _ = trainer.make_rollout()
-if trainer.ctx.is_main:
-    print(json.dumps({"gathers": len(gathers), "layers": len(trainer.policy.base_model.layers),
-                      "tokens": batches[0].targets.shape[1]}))
-trainer.ctx.close()
-"""
-
-
-def test_grpo_fsdp2_rollout_gathers_the_weights_once(grpo_single, tmp_path):
+def test_grpo_fsdp2_rollout_gathers_the_weights_once(grpo_ranks):
     """A whole rollout (2 micro-batches, old log-probs too) all-gathers each FSDP2 unit once: every decoder layer
     and the root, never once per generated token."""
-    settings, _ = grpo_single
-    script = tmp_path / "count_gathers.py"
-    script.write_text(GATHER_COUNT_SCRIPT)
-    run = {**settings, "batch_size": 1, "num_iterations": 2, "output": str(tmp_path / "run"), "strategy": "fsdp2"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [str(script), json.dumps(run)]
-    done = launch(command)
-    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    counts = json.loads((grpo_ranks[0] / "gathers.json").read_text())
     assert counts["tokens"] > 1
     assert counts["gathers"] == counts["layers"] + 1
 

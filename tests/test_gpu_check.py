@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("phases", "correctness", "providers", "gpu-tests")
 
@@ -20,13 +22,14 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+@pytest.mark.slow  # a dozen Python processes, each importing torch
 def test_the_cpu_rehearsal_runs_every_step_and_writes_every_file(tmp_path):
     """`PYTHON=... BENCH_SET=smoke bash bench/gpu_check.sh`: exit 0 and the 8 files a GPU run brings back, each part
     holding what it claims; within two minutes of CPU time (counted over every process it starts, so a busy shared
     machine does not fail it; on an idle 2-core machine about as long in wall-clock time)."""
     out = tmp_path / "out"
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")},  # its pytest runs are no workers
         "PYTHON": sys.executable,
         "BENCH_SET": "smoke",
         "OUT": str(out),

@@ -132,6 +132,7 @@ def test_the_sm90_check_compiles_the_specialised_variant():
     assert result.stdout.split()[-4:] == ["True", "True", "0", "False"], result.stdout
 
 
+@pytest.mark.slow  # about 70 s of CPU with an empty Triton cache: some 130 compiles for sm_90 with ptxas
 @pytest.mark.skipif(_triton_tool_missing(), reason="this triton wheel carries no cuobjdump to read sm_90 cubins")
 def test_every_candidate_compiles_for_sm90_without_spills():
     """Each candidate tile shape, compiled for Hopper offline as the JIT specialises it at the aligned and ragged
