@@ -17,6 +17,7 @@ from ..ops import IGNORE_INDEX, linear_local_loss
 from ..ops.validation import check_materialised, check_number
 from .grpo_options import (
     AGGREGATIONS,
+    RATIO_BOUND_MAX,
     EntropyGather,
     check_options,
     is_local,
@@ -78,13 +79,14 @@ def _check_grpo_args(
     epsilon, epsilon_high, kl, loss_type, beta, entropy_coef, level="token", delta=None, quantile=1.0
 ) -> float:
     """ValueError naming the argument: a KL estimator or loss type not listed, a number not finite or negative
-    (``epsilon``, ``epsilon_high`` (or None), ``beta``, ``entropy_coef``) or an option out of its range
+    (``epsilon``, ``epsilon_high`` (or None), ``beta``, ``entropy_coef``; the clip ranges at most
+    ``RATIO_BOUND_MAX``) or an option out of its range
     (:func:`.grpo_options.check_options`); returns ε_high (``epsilon_high``, default ``epsilon``)."""
     if kl not in KL_KINDS:
         raise ValueError(f"kl must be one of {KL_KINDS}, got {kl!r}")
     resolve_loss_type(loss_type)
-    check_number("epsilon", epsilon, minimum=0.0)
-    check_number("epsilon_high", epsilon_high, optional=True, minimum=0.0)
+    check_number("epsilon", epsilon, minimum=0.0, maximum=RATIO_BOUND_MAX)
+    check_number("epsilon_high", epsilon_high, optional=True, minimum=0.0, maximum=RATIO_BOUND_MAX)
     check_number("beta", beta, minimum=0.0)
     check_number("entropy_coef", entropy_coef, minimum=0.0)
     eps_high = epsilon if epsilon_high is None else epsilon_high
