@@ -7,6 +7,8 @@ import math
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# the largest finite float32: a value the losses and reward tables hold (a float64 beyond it turns into inf there)
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def check_linear_logprobs_inputs(
