@@ -323,6 +323,8 @@ class TrainingConfig:
     def validate(self) -> None:
         """Ranges and choices of every flag; stages add their cross-field checks."""
         check_ranges(self)
+        if not str(self.output).strip():
+            raise ValueError("--output is empty: name the run's folder (--output . for the current one)")
         if not self.report_to:
             raise ValueError(f"--report-to needs at least one of {', '.join(REPORTERS)}")
         if "wandb" in self.report_to:
