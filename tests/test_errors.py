@@ -510,6 +510,8 @@ def _pair_inputs():
         (dict(center_rewards=-0.1), "center_rewards must be >= 0.0"),
         (dict(temperature=math.inf), "temperature must be > 0.0, got inf"),
         (dict(beta="1"), "beta must be a number >= 0.0, got '1'"),
+        (dict(gamma=-1e300), "gamma must lie within float32's"),  # the fresh probe: a NaN loss before
+        (dict(beta=1e300), "beta must lie within float32's"),  # an inf loss before
     ],
     ids=str,
 )
@@ -537,6 +539,7 @@ def test_aam_loss_with_a_finite_gamma_is_unchanged():
         (dict(delta=1e308), "delta must be None or greater than 1 + epsilon_high = 1.2 and at most 1e+06"),
         (dict(beta=math.inf), "beta must be >= 0.0, got inf"),
         (dict(entropy_coef=-1.0), "entropy_coef must be >= 0.0"),
+        (dict(beta=1e300), "beta must lie within float32's"),
     ],
     ids=str,
 )
@@ -546,6 +549,40 @@ def test_grpo_loss_arguments_are_finite_and_in_range(kwargs, expected):
         grpo_loss(hidden, weight, targets, torch.ones(4), ref_logps=torch.zeros(4, 5), **kwargs)
     with pytest.raises(ValueError, match=re.escape(expected)):
         GRPOLoss(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["targets", "rewards", "ref_logps", "hidden"])
+def test_aam_loss_arguments_that_are_not_tensors_are_refused_by_name(name):
+    """A NumPy array or a list (an AttributeError deep in the loss before) is one ValueError naming it."""
+    hidden, weight, targets, rewards = _pair_inputs()
+    args = dict(hidden=hidden, weight=weight, targets=targets, rewards=rewards, ref_logps=torch.zeros(4))
+    args[name] = args[name].numpy() if name == "targets" else args[name].tolist()
+    with pytest.raises(ValueError, match=f"{name} must be a torch.Tensor, got"):
+        aam_loss(**args)
+    if name == "targets":
+        with pytest.raises(ValueError, match="targets must be a torch.Tensor, got ndarray"):
+            AAMLoss()(hidden, weight, args["targets"], rewards, ref_logps=torch.zeros(4))
+
+
+@pytest.mark.parametrize("name", ["advantages", "old_logps", "targets"])
+def test_grpo_loss_arguments_that_are_not_tensors_are_refused_by_name(name):
+    hidden, weight, targets, _ = _pair_inputs()
+    args = dict(hidden=hidden, weight=weight, targets=targets, advantages=torch.ones(4), old_logps=torch.zeros(4, 5))
+    args[name] = args[name].numpy() if name == "targets" else args[name].tolist()
+    with pytest.raises(ValueError, match=f"{name} must be a torch.Tensor, got"):
+        grpo_loss(**args)
+
+
+@pytest.mark.parametrize("length", [0, -3, 2.5, True], ids=str)
+def test_a_max_completion_length_that_is_not_a_positive_int_is_refused(length):
+    """-3 flipped the Dr. GRPO loss's sign and 2.5 scaled it, without a word (the fresh probe)."""
+    hidden, weight, targets, _ = _pair_inputs()
+    with pytest.raises(
+        ValueError, match=re.escape(f"max_completion_length must be a positive integer or None, got {length!r}")
+    ):
+        grpo_loss(hidden, weight, targets, torch.ones(4), loss_type="dr_grpo", max_completion_length=length)
+    out = grpo_loss(hidden, weight, targets, torch.ones(4), loss_type="dr_grpo", max_completion_length=7)
+    assert math.isfinite(out.loss.item())
 
 
 def test_meta_device_tensors_are_refused_by_name():

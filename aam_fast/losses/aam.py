@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import IGNORE_INDEX, LENGTH_NORMS, linear_local_loss, linear_logprobs, sequence_logprobs
-from ..ops.validation import check_materialised, check_number
+from ..ops.validation import check_float32_range, check_materialised, check_number, check_tensors
 
 MARGINS = ("bt", "fixed", "pr", "ld")  # AAM margin kinds
 NAMED_GAMMA = {"pr": 1.0, "ld": 0.0}  # the adaptive margins, and the reference's weight γ each name implies
@@ -79,7 +79,7 @@ def _pair_rewards(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _check_margin_args(margin, length_norm, beta, margin_clip, gamma, sft_weight, center_rewards):
     """ValueError naming the argument: a margin or length norm not listed, or a number not finite or out of range
     (``beta``, ``sft_weight``, ``center_rewards`` >= 0; ``margin_clip`` > 0 or None; ``gamma`` any finite number
-    or None, for pr and ld only)."""
+    or None, for pr and ld only; each within float32's range)."""
     if margin not in MARGINS:
         raise ValueError(f"margin must be one of {MARGINS}, got {margin!r}")
     if length_norm not in LENGTH_NORMS:
@@ -91,6 +91,9 @@ def _check_margin_args(margin, length_norm, beta, margin_clip, gamma, sft_weight
     check_number("margin_clip", margin_clip, optional=True, above=0.0)
     check_number("sft_weight", sft_weight, minimum=0.0)
     check_number("center_rewards", center_rewards, minimum=0.0)
+    check_float32_range(
+        beta=beta, gamma=gamma, margin_clip=margin_clip, sft_weight=sft_weight, center_rewards=center_rewards
+    )
 
 
 def aam_loss(
@@ -132,6 +135,10 @@ def aam_loss(
     by default) as in `linear_logprobs`.
     """
     _check_margin_args(margin, length_norm, beta, margin_clip, gamma, sft_weight, center_rewards)
+    check_tensors(
+        hidden=hidden, weight=weight, targets=targets, rewards=rewards, ref_logps=ref_logps, ref_hidden=ref_hidden
+    )
+    check_tensors(ref_weight=ref_weight, bias=bias, ref_bias=ref_bias)
     reward_chosen, reward_rejected = _pair_rewards(rewards)
     pairs = reward_chosen.shape[0]
     reward_gap = reward_chosen - reward_rejected

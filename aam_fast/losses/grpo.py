@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..ops import IGNORE_INDEX, linear_local_loss
-from ..ops.validation import check_materialised, check_number
+from ..ops.validation import check_float32_range, check_materialised, check_number, check_tensors
 from .grpo_options import (
     AGGREGATIONS,
     RATIO_BOUND_MAX,
@@ -89,6 +89,7 @@ def _check_grpo_args(
     check_number("epsilon_high", epsilon_high, optional=True, minimum=0.0, maximum=RATIO_BOUND_MAX)
     check_number("beta", beta, minimum=0.0)
     check_number("entropy_coef", entropy_coef, minimum=0.0)
+    check_float32_range(beta=beta, entropy_coef=entropy_coef)
     eps_high = epsilon if epsilon_high is None else epsilon_high
     check_options(level, delta, quantile, eps_high)
     return eps_high
@@ -114,9 +115,15 @@ def default_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length
     counts when it has a completion token (a row masked out entirely is not trained on).
 
     For exact gradient accumulation sum this over every micro-batch (and rank) of the optimizer step, before the
-    micro-batch loop, and pass the total as `normalizer`.
+    micro-batch loop, and pass the total as `normalizer`. `max_completion_length` must be a positive int or None.
     """
     loss_type = resolve_loss_type(loss_type)
+    if max_completion_length is not None and (
+        isinstance(max_completion_length, bool)
+        or not isinstance(max_completion_length, int)
+        or max_completion_length < 1
+    ):  # 0 divided by zero, a negative one flipped the loss's sign
+        raise ValueError(f"max_completion_length must be a positive integer or None, got {max_completion_length!r}")
     if loss_type == "token-mean":
         return float(mask.sum())
     sequences = float(mask.bool().any(dim=-1).sum())
@@ -174,6 +181,10 @@ def grpo_loss(
         epsilon, epsilon_high, kl, loss_type, beta, entropy_coef, importance_sampling_level, delta, top_entropy_quantile
     )
     loss_type = resolve_loss_type(loss_type)
+    check_tensors(
+        hidden=hidden, weight=weight, targets=targets, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps
+    )
+    check_tensors(bias=bias)
     advantages = _check_grpo_tensors(targets, advantages, old_logps, ref_logps, beta)
     valid = targets != ignore_index
     mask = valid.float()

@@ -113,6 +113,24 @@ def check_number(name: str, value, *, optional: bool = False, **bounds) -> None:
         raise ValueError(f"{name} {problem}")
 
 
+def check_float32_range(**numbers) -> None:
+    """ValueError naming the first of ``numbers`` (None skipped) that float32, where the losses compute, cannot
+    hold: a finite float64 such as 1e300 would turn into inf there and the loss into inf or NaN."""
+    for name, value in numbers.items():
+        if value is not None and abs(value) > FLOAT32_MAX:
+            raise ValueError(
+                f"{name} must lie within float32's +-{FLOAT32_MAX:.3g} (the loss computes in float32), got {value}"
+            )
+
+
+def check_tensors(**tensors) -> None:
+    """ValueError naming the first of ``tensors`` (None skipped) that is not a torch.Tensor (a list, a NumPy
+    array): before anything reads its shape."""
+    for name, tensor in tensors.items():
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+
+
 def check_materialised(**tensors) -> None:
     """ValueError naming the first of ``tensors`` (None skipped) on the meta device: it has a shape but no values,
     so no loss can be computed from it (load or materialise the weights first, e.g. ``to_empty`` and a load)."""
