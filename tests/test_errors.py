@@ -240,6 +240,40 @@ def test_damaged_files_read_as_one_line(tmp_path):
     assert code == 1 and line == "a damaged or refused pickle file: Weights only load failed"
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"root:x:0:0:root:/root:/bin/bash\n",  # IndexError (a text file, or a link to one, as rank0.pt)
+        b"\x80\x02J",  # struct.error
+        b"\x80\x02c\xba8\xcb2p\xf04\x96\xb5\x0c\xe7c\x08;\xa2",  # UnicodeDecodeError
+        b"\x80\x02j\x1b\x19\x8f\xe8{yV\xd7\xcc",  # KeyError
+    ],
+    ids=["text", "struct-error", "unicode-error", "key-error"],
+)
+def test_a_checkpoint_file_that_is_no_torch_file_names_it(tmp_path, content):
+    """A non-zip file is read as a legacy pickle, which failed in ways the boundary took for a bug in aam-fast
+    (the fresh probe: rank0.pt linked to /etc/passwd was an "unexpected IndexError")."""
+    from aam_fast.training.checkpoints import load_tensors
+
+    path = tmp_path / "rank0.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: damaged, missing or not this run's checkpoint file")):
+        load_tensors(path)
+
+
+def test_a_chat_template_that_fails_names_the_model_folder(tiny_paths, tmp_path, capsys):
+    """A template the jinja sandbox refuses was an "unexpected SecurityError"; the sandbox still holds."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_paths["model"], model)
+    escape = "{{ ''.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (model / "chat_template.jinja").write_text(escape)
+    argv = train_rm(tiny_paths, tmp_path / "o")
+    argv[argv.index("--model") + 1] = str(model)
+    code, line = run(capsys, *argv)
+    assert code == 2 and f"{model}: its chat template failed (SecurityError: access to attribute '__class__'" in line
+    assert "record" in line or "#0" in line
+
+
 def test_a_file_size_limit_while_saving_is_one_line(tiny_paths, tmp_path, capsys):
     """The real limit (``ulimit -f``), in this process for the length of one tiny run: the export fails to write."""
     resource = pytest.importorskip("resource")

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,10 +91,24 @@ def read_state(folder: Path) -> dict[str, Any]:
 
 
 def load_errors() -> tuple[type[BaseException], ...]:
-    """What reading a damaged, truncated or missing tensor file raises (torch, pickle, safetensors)."""
+    """What reading a damaged, truncated or missing tensor file raises (torch, pickle, safetensors): a file that is
+    not a zip archive is read as a legacy pickle, which can fail in many ways (IndexError, struct.error, a
+    UnicodeDecodeError, ...)."""
     from safetensors import SafetensorError
 
-    return (RuntimeError, pickle.UnpicklingError, EOFError, OSError, KeyError, SafetensorError)
+    return (
+        RuntimeError,
+        pickle.UnpicklingError,
+        EOFError,
+        OSError,
+        KeyError,
+        IndexError,
+        ValueError,
+        TypeError,
+        OverflowError,
+        struct.error,
+        SafetensorError,
+    )
 
 
 def damaged(path: Path, exc: BaseException) -> ValueError:
