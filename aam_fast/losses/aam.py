@@ -64,6 +64,7 @@ class AAMOutput:
 
 def _pair_rewards(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split `[2B]` (or `[2B, 1]`) rewards into float32 `(r_c [B], r_r [B])`, squeezing before any arithmetic."""
+    check_tensors(rewards=rewards)
     check_materialised(rewards=rewards)
     if rewards.dim() == 2 and rewards.shape[1] == 1:
         rewards = rewards.squeeze(1)
@@ -135,10 +136,7 @@ def aam_loss(
     by default) as in `linear_logprobs`.
     """
     _check_margin_args(margin, length_norm, beta, margin_clip, gamma, sft_weight, center_rewards)
-    check_tensors(
-        hidden=hidden, weight=weight, targets=targets, rewards=rewards, ref_logps=ref_logps, ref_hidden=ref_hidden
-    )
-    check_tensors(ref_weight=ref_weight, bias=bias, ref_bias=ref_bias)
+    check_tensors(hidden=hidden, weight=weight, targets=targets, ref_logps=ref_logps, ref_hidden=ref_hidden)
     reward_chosen, reward_rejected = _pair_rewards(rewards)
     pairs = reward_chosen.shape[0]
     reward_gap = reward_chosen - reward_rejected
@@ -151,7 +149,6 @@ def aam_loss(
             hidden, weight, targets, bias, pairs, needs.trained_through, sft_only, grad_filter_eps, **options
         )
         logps = sequence_logprobs(token_logps, targets, ignore_index=ignore_index, length_norm=length_norm)
-
     if margin == "bt":
         pair_margin = reward_gap.new_zeros(pairs)
     elif margin == "fixed":
