@@ -522,6 +522,16 @@ def test_a_reward_beyond_float32_is_one_line_naming_the_function(tiny_paths, tmp
     assert code == 2 and "reward function score" in line and expected in line and "for row 0" in line
 
 
+def test_a_reward_weight_beyond_float32_is_refused(tiny_paths, tmp_path, capsys):
+    """--reward-weights 1e300 ran to exit 0 with reward Infinity and reward_std NaN in metrics.jsonl (the probe)."""
+    path = tmp_path / "rewards.py"
+    path.write_text("def score(prompts, completions, **kw):\n    return [1.0 for _ in completions]\n")
+    argv = train_grpo(tiny_paths, tmp_path / "o", "--reward-fn", f"{path}:score", "--reward-weights", "1e300")
+    code, line = run(capsys, *argv)
+    assert code == 2 and "--reward-weights value 1 must lie within float32's +-3.4e+38" in line and "1e+300" in line
+    assert not (tmp_path / "o" / "metrics.jsonl").is_file() or not (tmp_path / "o" / "metrics.jsonl").read_text()
+
+
 # -- the API ------------------------------------------------------------------------------------------------------
 
 

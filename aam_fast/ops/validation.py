@@ -114,13 +114,12 @@ def check_number(name: str, value, *, optional: bool = False, **bounds) -> None:
 
 
 def check_float32_range(**numbers) -> None:
-    """ValueError naming the first of ``numbers`` (None skipped) that float32, where the losses compute, cannot
-    hold: a finite float64 such as 1e300 would turn into inf there and the loss into inf or NaN."""
+    """ValueError naming the first of ``numbers`` (None skipped) that float32, where the losses and the reward
+    tables compute, cannot hold: a finite float64 such as 1e300 would turn into inf there, and the loss or the
+    rewards into inf or NaN."""
     for name, value in numbers.items():
         if value is not None and abs(value) > FLOAT32_MAX:
-            raise ValueError(
-                f"{name} must lie within float32's +-{FLOAT32_MAX:.3g} (the loss computes in float32), got {value}"
-            )
+            raise ValueError(f"{name} must lie within float32's +-{FLOAT32_MAX:.3g}, where it is computed, got {value}")
 
 
 def check_tensors(**tensors) -> None:

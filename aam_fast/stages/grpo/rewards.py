@@ -21,7 +21,7 @@ import torch
 
 from ...data import is_conversational
 from ...errors import RunError
-from ...ops.validation import FLOAT32_MAX
+from ...ops.validation import FLOAT32_MAX, check_float32_range
 from ...training.trainer_state import file_digest
 from .config import RewardFn
 
@@ -158,6 +158,7 @@ class RewardSources:
             getattr(f, "__name__", type(f).__name__) for f in self.fns
         ]
         count = len(self.names)
+        check_float32_range(**{f"--reward-weights value {i + 1}": w for i, w in enumerate(weights or [])})
         self.weights = torch.tensor(list(weights) if weights is not None else [1.0] * count, dtype=torch.float32)
 
     def identity(self, reward_model: str | None) -> dict[str, str]:
