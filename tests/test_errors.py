@@ -617,6 +617,15 @@ def test_grpo_loss_arguments_that_are_not_tensors_are_refused_by_name(name):
         grpo_loss(**args)
 
 
+@pytest.mark.parametrize("shape", [(2, 2), (4, 5), (1, 4)], ids=str)
+def test_advantages_of_another_shape_are_refused_with_that_shape(shape):
+    """[2, 2] for four rows was flattened and accepted; [4, 5] was reported as "got shape (20,)" (the probe)."""
+    hidden, weight, targets, _ = _pair_inputs()
+    with pytest.raises(ValueError, match=re.escape(f"advantages must be [B]=[4] (or [B, 1]), got shape {shape}")):
+        grpo_loss(hidden, weight, targets, torch.ones(shape))
+    assert math.isfinite(grpo_loss(hidden, weight, targets, torch.ones(4, 1)).loss.item())
+
+
 @pytest.mark.parametrize("length", [0, -3, 2.5, True], ids=str)
 def test_a_max_completion_length_that_is_not_a_positive_int_is_refused(length):
     """-3 flipped the Dr. GRPO loss's sign and 2.5 scaled it, without a word (the fresh probe)."""

@@ -229,9 +229,9 @@ def _check_grpo_tensors(targets, advantages, old_logps, ref_logps, beta) -> torc
     if targets.dim() != 2:
         raise ValueError(f"targets must be [B, T], got shape {tuple(targets.shape)}")
     batch = targets.shape[0]
+    if tuple(advantages.shape) not in ((batch,), (batch, 1)):  # the shape given, not a flattened one ([2, 2] for B=4)
+        raise ValueError(f"advantages must be [B]=[{batch}] (or [B, 1]), got shape {tuple(advantages.shape)}")
     advantages = advantages.reshape(-1).float()
-    if advantages.shape[0] != batch:
-        raise ValueError(f"advantages must be [B]=[{batch}], got shape {tuple(advantages.shape)}")
     for name, tensor in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if tensor is not None and tuple(tensor.shape) != tuple(targets.shape):
             raise ValueError(f"{name} must be shaped like targets {tuple(targets.shape)}, got {tuple(tensor.shape)}")
