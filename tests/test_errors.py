@@ -532,6 +532,12 @@ def test_a_reward_weight_beyond_float32_is_refused(tiny_paths, tmp_path, capsys)
     assert not (tmp_path / "o" / "metrics.jsonl").is_file() or not (tmp_path / "o" / "metrics.jsonl").read_text()
 
 
+def test_a_lora_rank_beyond_every_layer_is_refused(tiny_paths, tmp_path, capsys):
+    """--lora-r 10**9 tried to allocate 256 GB and ended as "unexpected RuntimeError ... a bug" (the probe)."""
+    code, line = run(capsys, *train_rm(tiny_paths, tmp_path / "o", "--lora-r", str(10**9)))
+    assert code == 2 and f"--lora-r {10**9} exceeds the rank of every targeted layer (at most 64 here)" in line
+
+
 # -- the API ------------------------------------------------------------------------------------------------------
 
 
