@@ -655,3 +655,16 @@ def test_meta_device_tensors_are_refused_by_name():
         aam_loss(hidden, weight, targets, rewards, ref_logps=torch.zeros(4, device=meta))
     with pytest.raises(ValueError, match="advantages is on the meta device"):
         GRPOLoss()(hidden, weight, targets, torch.ones(4, device=meta))
+
+
+def test_a_byte_order_mark_is_read_and_non_utf8_bytes_name_their_line(tmp_path):
+    """A JSONL file saved with a UTF-8 BOM was refused as invalid JSON; a Latin-1 byte named only its offset."""
+    record = {"prompt": "Hi?", "chosen": "Thank you kindly.", "rejected": "Go away."}
+    lines = "\n".join(json.dumps({**record, "prompt": f"Hi {i}?"}) for i in range(3)) + "\n"
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    assert len(load_preferences(tmp_path / "bom.jsonl")) == 3
+    (tmp_path / "latin.jsonl").write_bytes(lines.encode() + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(
+        ValueError, match=r"latin.jsonl: line 4 is not UTF-8 text: 'utf-8' codec can't decode byte 0xe9"
+    ):
+        load_preferences(tmp_path / "latin.jsonl")
