@@ -668,3 +668,13 @@ def test_a_byte_order_mark_is_read_and_non_utf8_bytes_name_their_line(tmp_path):
         ValueError, match=r"latin.jsonl: line 4 is not UTF-8 text: 'utf-8' codec can't decode byte 0xe9"
     ):
         load_preferences(tmp_path / "latin.jsonl")
+
+
+def test_the_steps_epochs_give_are_bounded_as_max_steps():
+    """--epochs within its own bound can still give more than 10**9 steps (here 5 per epoch): refused, not run."""
+    from aam_fast.stages.rm.setup import count_steps
+
+    cfg = RMConfig(model="m", data="d", output="o", epochs=1e9)
+    with pytest.raises(ValueError, match=r"--epochs 1e\+09 gives 5000000000 optimizer steps, more than 1000000000"):
+        count_steps(cfg, n_pairs=20, global_batch=4)
+    assert count_steps(RMConfig(model="m", data="d", output="o", epochs=2.0), n_pairs=20, global_batch=4) == (5, 10)
