@@ -220,13 +220,7 @@ class TrainingConfig:
         maximum=GRAD_ACCUM_MAX,
         group="optimisation",
     )
-    lr: float = option(
-        1e-5,
-        help=LR_HELP,
-        above=0.0,
-        maximum=LR_MAX,
-        group="optimisation",
-    )
+    lr: float = option(1e-5, help=LR_HELP, above=0.0, maximum=LR_MAX, group="optimisation")
     lr_schedule: str = option(
         "cosine", help="decay after warmup (transformers' schedules)", choices=LR_SCHEDULES, group="optimisation"
     )
