@@ -337,3 +337,23 @@ def test_a_damaged_checkpoint_of_an_unfinished_run_is_one_line_naming_it(
     assert cli.main(argv(tiny_paths, output, *resume)) == 2
     line = one_error_line(capsys)
     assert expected in line
+
+
+@pytest.mark.parametrize("count", [10**6, -1], ids=["too-many", "negative"])
+def test_an_edited_metrics_row_count_never_duplicates_a_row(tiny_paths, tmp_path, capsys, count):
+    """A checkpoint's ``metrics_rows`` edited above the rows it saw kept the killed run's later rows, so the
+    resumed step was logged twice (the probe, on train-grpo: steps [1, 2, 2]); a negative count is refused."""
+    output = tmp_path / "o"
+    train_reward_model(config(tiny_paths, output, save_every=1))
+    expected = [row["step"] for row in rows(output)]
+    shutil.rmtree(output / "checkpoints" / "checkpoint-2")  # killed after the last step's rows were written
+    state_file = output / "checkpoints" / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["metrics_rows"] = count
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    code = cli.main(argv(tiny_paths, output, "--save-every", "1", "--lr", "3e-3", "--seed", "7", "--resume", "auto"))
+    if count < 0:
+        assert code == 2 and "'metrics_rows' is -1, a negative count" in one_error_line(capsys)
+    else:
+        assert code == 0 and [row["step"] for row in rows(output)] == expected
