@@ -5,8 +5,8 @@
 - :class:`RunError` (a reward function that fails to import or raises, a model folder that cannot be used) and
   :class:`~aam_fast.training.TrainingDiverged`: exit 1, their message names the file or the step.
 - ``OSError`` (an unwritable or read-only folder, a file-size limit, a full disk, a missing file), a safetensors or
-  torch file that cannot be written or read, a refused pickle, running out of memory: exit 1, one line naming the
-  file (where the error names one) and what to do.
+  torch file that cannot be written or read, a refused pickle, running out of memory (CUDA or CPU): exit 1, one line
+  naming the file (where the error names one) and what to do.
 - Anything else is a bug: exit 1, one line saying so and that ``--debug`` shows the traceback.
 """
 
@@ -74,6 +74,11 @@ def _file_format_error(exc: BaseException) -> str | None:
     return None
 
 
+def _cpu_allocation_failed(exc: BaseException) -> bool:
+    """torch's CPU allocator out of memory: a plain RuntimeError (CUDA's is ``torch.OutOfMemoryError``)."""
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
 def describe_failure(exc: BaseException) -> tuple[int, str]:
     """``(exit code, one line)`` for the exception a command ended in (see the module's docstring)."""
     from .training.runtime import TrainingDiverged
@@ -86,7 +91,7 @@ def describe_failure(exc: BaseException) -> tuple[int, str]:
         return FAILED, _os_error(exc)
     if isinstance(exc, pickle.UnpicklingError):  # torch.load's message runs to a page: its first sentence
         return FAILED, f"a damaged or refused pickle file: {_one_line(exc).split('. ')[0]}"
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or _cpu_allocation_failed(exc):
         return FAILED, "out of memory: lower --batch-size (or --max-length), or see docs/cli.md's memory levers"
     described = _file_format_error(exc)
     if described is not None:

@@ -77,7 +77,7 @@ def cli_config(config_class, args):
         ("lr_shedule: linear\n", "unknown key 'lr_shedule' (did you mean lr_schedule?)"),
         ("margin: huge\n", "margin: must be one of bt, fixed, pr, ld, got 'huge'"),
         ("max_grad_norm: -1\n", "max_grad_norm: must be >= 0.0, got -1.0"),
-        ("lr: .nan\n", "lr: must be > 0.0, got nan"),
+        ("lr: .nan\n", "lr: must be > 0.0 and <= 1.0, got nan"),
         ("lr: fast\n", "lr: must be a number, got 'fast'"),
         ("batch_size: 2.5\n", "batch_size: must be an integer, got 2.5"),
         ("batch_size: true\n", "batch_size: must be an integer, got True"),

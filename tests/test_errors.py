@@ -8,6 +8,7 @@ import argparse
 import errno
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -96,12 +97,19 @@ def train_grpo(tiny_paths, output, *extra) -> list[str]:
         (["--beta", "inf"], "--beta must be >= 0.0, got inf"),
         (["--margin-clip", "inf"], "--margin-clip must be > 0.0, got inf"),
         (["--sft-weight", "nan"], "--sft-weight must be >= 0.0, got nan"),
-        (["--lr", "-1e-3"], "--lr must be > 0.0, got -0.001"),
-        (["--lr", "-inf"], "--lr must be > 0.0, got -inf"),
+        (["--lr", "-1e-3"], "--lr must be > 0.0 and <= 1.0, got -0.001"),
+        (["--lr", "-inf"], "--lr must be > 0.0 and <= 1.0, got -inf"),
         (["--weight-decay", "-.5"], "--weight-decay must be >= 0.0, got -0.5"),
         (["--seed", str(2**64)], f"--seed must be >= 0 and <= {2**32 - 1}, got {2**64}"),
         (["--seed", "-1"], "--seed must be >= 0"),
         (["--threads", "100000"], "--threads must be >= 1 and <= "),
+        # the fresh probe: counts that ran for ever or hung before the first step, numbers that overflowed float32
+        (["--max-steps", str(10**23)], f"--max-steps must be >= 1 and <= 1000000000, got {10**23}"),
+        (["--epochs", "1e300"], "--epochs must be > 0.0 and <= 1000000000, got 1e+300"),
+        (["--grad-accum", str(10**12)], "--grad-accum must be >= 1 and <= 4096"),
+        (["--lr", "1e300"], "--lr must be > 0.0 and <= 1.0, got 1e+300"),
+        (["--score-lr", "2"], "--score-lr must be > 0.0 and <= 1.0, got 2.0"),
+        (["--output", ""], "--output is empty: name the run's folder"),
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else None,
 )
@@ -118,8 +126,16 @@ def test_train_rm_flag_out_of_range_is_one_line_naming_it(capsys, tmp_path, extr
         (["--reward-weights", "nan"], "--reward-weights must be a finite number, got nan"),
         (["--reward-weights", "inf"], "--reward-weights must be a finite number, got inf"),
         (["--temperature", "inf"], "--temperature must be > 0.0, got inf"),
-        (["--epsilon", "nan"], "--epsilon must be >= 0.0, got nan"),
+        (["--epsilon", "nan"], "--epsilon must be >= 0.0 and <= 1000000.0, got nan"),
         (["--seed", str(2**64)], "--seed must be >= 0 and <= "),
+        # the fresh probe: counts that hung before the first step, clip ranges that overflowed float32
+        (["--num-generations", str(10**23)], "--num-generations must be >= 2 and <= 1024"),
+        (["--max-steps", str(10**23)], "--max-steps must be >= 1 and <= 1000000000"),
+        (["--dynamic-sampling", "--max-resample-rounds", str(10**12)], "--max-resample-rounds must be >= 0 and <= 100"),
+        (["--epsilon-high", "1e308"], "--epsilon-high must be >= 0.0 and <= 1000000.0, got 1e+308"),
+        (["--delta", "1e308"], "--delta must be > 1.0 and <= 1000000.0, got 1e+308"),
+        (["--lr", "10"], "--lr must be > 0.0 and <= 1.0, got 10.0"),
+        (["--output", " "], "--output is empty"),
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else None,
 )
@@ -137,6 +153,7 @@ def test_train_grpo_flag_out_of_range_is_one_line_naming_it(capsys, tmp_path, ex
         (["--betas", "0.1", "0.1000001"], "two variants would both be named pr-beta0.1"),
         (["--gammas", "1", "1.0000001"], "two variants would both be named pr-gamma1"),
         (["--trunk-memory-gb", "inf"], "--trunk-memory-gb must be > 0.0, got inf"),
+        (["--bootstrap", str(10**12)], "--bootstrap must be >= 100 and <= 100000"),  # an allocation failure before
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else None,
 )
@@ -191,6 +208,12 @@ def _failing_command(monkeypatch, exc: BaseException) -> None:
         (PermissionError(errno.EACCES, "Permission denied", "o/a"), 1, "o/a: permission denied"),
         (FileNotFoundError(errno.ENOENT, "No such file or directory", "d.jsonl"), 1, "d.jsonl: no such file"),
         (RuntimeError("boom\nsecond line"), 1, "unexpected RuntimeError: boom | second line -- this is a bug"),
+        (
+            RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried"),
+            1,
+            "error: out of memory: lower --batch-size",
+        ),
+        (MemoryError(), 1, "error: out of memory"),
         (KeyError("x"), 1, "run again with --debug for the traceback"),
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None,
@@ -215,6 +238,40 @@ def test_damaged_files_read_as_one_line(tmp_path):
         torch.load(tmp_path / "optimizer.pt", weights_only=True)
     code, line = describe_failure(caught.value)
     assert code == 1 and line == "a damaged or refused pickle file: Weights only load failed"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"root:x:0:0:root:/root:/bin/bash\n",  # IndexError (a text file, or a link to one, as rank0.pt)
+        b"\x80\x02J",  # struct.error
+        b"\x80\x02c\xba8\xcb2p\xf04\x96\xb5\x0c\xe7c\x08;\xa2",  # UnicodeDecodeError
+        b"\x80\x02j\x1b\x19\x8f\xe8{yV\xd7\xcc",  # KeyError
+    ],
+    ids=["text", "struct-error", "unicode-error", "key-error"],
+)
+def test_a_checkpoint_file_that_is_no_torch_file_names_it(tmp_path, content):
+    """A non-zip file is read as a legacy pickle, which failed in ways the boundary took for a bug in aam-fast
+    (the fresh probe: rank0.pt linked to /etc/passwd was an "unexpected IndexError")."""
+    from aam_fast.training.checkpoints import load_tensors
+
+    path = tmp_path / "rank0.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: damaged, missing or not this run's checkpoint file")):
+        load_tensors(path)
+
+
+def test_a_chat_template_that_fails_names_the_model_folder(tiny_paths, tmp_path, capsys):
+    """A template the jinja sandbox refuses was an "unexpected SecurityError"; the sandbox still holds."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_paths["model"], model)
+    escape = "{{ ''.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (model / "chat_template.jinja").write_text(escape)
+    argv = train_rm(tiny_paths, tmp_path / "o")
+    argv[argv.index("--model") + 1] = str(model)
+    code, line = run(capsys, *argv)
+    assert code == 2 and f"{model}: its chat template failed (SecurityError: access to attribute '__class__'" in line
+    assert "record" in line or "#0" in line
 
 
 def test_a_file_size_limit_while_saving_is_one_line(tiny_paths, tmp_path, capsys):
@@ -289,6 +346,21 @@ def test_a_huge_margin_through_the_cli(tmp_path, capsys, tiny_paths):
     argv[argv.index("--data") + 1] = str(path)
     code, line = run(capsys, *argv, "--margin", "fixed")
     assert code == 2 and "record 2" in line and "'margin' must be a finite number" in line
+
+
+@pytest.mark.parametrize("margin", [-1e300, 1e39], ids=["-1e300", "1e39"])
+def test_a_margin_beyond_float32_is_a_record_error(tmp_path, tiny_paths, margin):
+    """A finite float64 beyond float32's range became +-inf in the loss: -1e300 trained on a loss of 0 without a
+    word (the fresh probe); now a bad record, named, or skipped under skip_invalid."""
+    records = [json.loads(line) for line in Path(tiny_paths["pairs"]).read_text().splitlines()]
+    records[2]["margin"] = margin
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    expected = re.escape(f"record 2: 'margin' must be a finite number, got {margin!r} (beyond float32's")
+    with pytest.raises(ValueError, match=expected):
+        load_preferences(path)
+    assert len(load_preferences(path, skip_invalid=True)) == len(records) - 1
+    records[2]["margin"] = 3e38  # within float32: kept
+    assert len(load_preferences(write_jsonl(tmp_path / "ok.jsonl", records))) == len(records)
 
 
 def test_a_lone_surrogate_names_the_file_and_record(tmp_path):
@@ -437,6 +509,35 @@ def test_a_failing_reward_function_is_one_line_naming_it(tiny_paths, tmp_path, c
     assert code == 1 and f"reward function '{path}:score'" in line and expected in line
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("10 ** 400", "returned 1000000000000000000000000000000000000..."), ("1e300", "returned 1e+300")],
+    ids=["400-digit-int", "beyond-float32"],
+)
+def test_a_reward_beyond_float32_is_one_line_naming_the_function(tiny_paths, tmp_path, capsys, value, expected):
+    """A 400-digit reward was an OverflowError reported as a bug; 1e300 turned into inf in the float32 table."""
+    path = tmp_path / "rewards.py"
+    path.write_text(f"def score(prompts, completions, **kw):\n    return [{value} for _ in completions]\n")
+    code, line = run(capsys, *train_grpo(tiny_paths, tmp_path / "o", "--reward-fn", f"{path}:score"))
+    assert code == 2 and "reward function score" in line and expected in line and "for row 0" in line
+
+
+def test_a_reward_weight_beyond_float32_is_refused(tiny_paths, tmp_path, capsys):
+    """--reward-weights 1e300 ran to exit 0 with reward Infinity and reward_std NaN in metrics.jsonl (the probe)."""
+    path = tmp_path / "rewards.py"
+    path.write_text("def score(prompts, completions, **kw):\n    return [1.0 for _ in completions]\n")
+    argv = train_grpo(tiny_paths, tmp_path / "o", "--reward-fn", f"{path}:score", "--reward-weights", "1e300")
+    code, line = run(capsys, *argv)
+    assert code == 2 and "--reward-weights value 1 must lie within float32's +-3.4e+38" in line and "1e+300" in line
+    assert not (tmp_path / "o" / "metrics.jsonl").is_file() or not (tmp_path / "o" / "metrics.jsonl").read_text()
+
+
+def test_a_lora_rank_beyond_every_layer_is_refused(tiny_paths, tmp_path, capsys):
+    """--lora-r 10**9 tried to allocate 256 GB and ended as "unexpected RuntimeError ... a bug" (the probe)."""
+    code, line = run(capsys, *train_rm(tiny_paths, tmp_path / "o", "--lora-r", str(10**9)))
+    assert code == 2 and f"--lora-r {10**9} exceeds the rank of every targeted layer (at most 64 here)" in line
+
+
 # -- the API ------------------------------------------------------------------------------------------------------
 
 
@@ -459,6 +560,8 @@ def _pair_inputs():
         (dict(center_rewards=-0.1), "center_rewards must be >= 0.0"),
         (dict(temperature=math.inf), "temperature must be > 0.0, got inf"),
         (dict(beta="1"), "beta must be a number >= 0.0, got '1'"),
+        (dict(gamma=-1e300), "gamma must lie within float32's"),  # the fresh probe: a NaN loss before
+        (dict(beta=1e300), "beta must lie within float32's"),  # an inf loss before
     ],
     ids=str,
 )
@@ -480,19 +583,65 @@ def test_aam_loss_with_a_finite_gamma_is_unchanged():
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        (dict(epsilon=math.nan), "epsilon must be >= 0.0, got nan"),
-        (dict(epsilon_high=math.inf), "epsilon_high must be >= 0.0, got inf"),
+        (dict(epsilon=math.nan), "epsilon must be >= 0.0 and <= 1000000.0, got nan"),
+        (dict(epsilon_high=math.inf), "epsilon_high must be >= 0.0 and <= 1000000.0, got inf"),
+        (dict(epsilon_high=1e308), "epsilon_high must be >= 0.0 and <= 1000000.0, got 1e+308"),  # overflowed
+        (dict(delta=1e308), "delta must be None or greater than 1 + epsilon_high = 1.2 and at most 1e+06"),
         (dict(beta=math.inf), "beta must be >= 0.0, got inf"),
         (dict(entropy_coef=-1.0), "entropy_coef must be >= 0.0"),
+        (dict(beta=1e300), "beta must lie within float32's"),
     ],
     ids=str,
 )
 def test_grpo_loss_arguments_are_finite_and_in_range(kwargs, expected):
     hidden, weight, targets, _ = _pair_inputs()
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(ValueError, match=re.escape(expected)):
         grpo_loss(hidden, weight, targets, torch.ones(4), ref_logps=torch.zeros(4, 5), **kwargs)
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(ValueError, match=re.escape(expected)):
         GRPOLoss(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["targets", "rewards", "ref_logps", "hidden"])
+def test_aam_loss_arguments_that_are_not_tensors_are_refused_by_name(name):
+    """A NumPy array or a list (an AttributeError deep in the loss before) is one ValueError naming it."""
+    hidden, weight, targets, rewards = _pair_inputs()
+    args = dict(hidden=hidden, weight=weight, targets=targets, rewards=rewards, ref_logps=torch.zeros(4))
+    args[name] = args[name].numpy() if name == "targets" else args[name].tolist()
+    with pytest.raises(ValueError, match=f"{name} must be a torch.Tensor, got"):
+        aam_loss(**args)
+    if name == "targets":
+        with pytest.raises(ValueError, match="targets must be a torch.Tensor, got ndarray"):
+            AAMLoss()(hidden, weight, args["targets"], rewards, ref_logps=torch.zeros(4))
+
+
+@pytest.mark.parametrize("name", ["advantages", "old_logps", "targets"])
+def test_grpo_loss_arguments_that_are_not_tensors_are_refused_by_name(name):
+    hidden, weight, targets, _ = _pair_inputs()
+    args = dict(hidden=hidden, weight=weight, targets=targets, advantages=torch.ones(4), old_logps=torch.zeros(4, 5))
+    args[name] = args[name].numpy() if name == "targets" else args[name].tolist()
+    with pytest.raises(ValueError, match=f"{name} must be a torch.Tensor, got"):
+        grpo_loss(**args)
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (4, 5), (1, 4)], ids=str)
+def test_advantages_of_another_shape_are_refused_with_that_shape(shape):
+    """[2, 2] for four rows was flattened and accepted; [4, 5] was reported as "got shape (20,)" (the probe)."""
+    hidden, weight, targets, _ = _pair_inputs()
+    with pytest.raises(ValueError, match=re.escape(f"advantages must be [B]=[4] (or [B, 1]), got shape {shape}")):
+        grpo_loss(hidden, weight, targets, torch.ones(shape))
+    assert math.isfinite(grpo_loss(hidden, weight, targets, torch.ones(4, 1)).loss.item())
+
+
+@pytest.mark.parametrize("length", [0, -3, 2.5, True], ids=str)
+def test_a_max_completion_length_that_is_not_a_positive_int_is_refused(length):
+    """-3 flipped the Dr. GRPO loss's sign and 2.5 scaled it, without a word (the fresh probe)."""
+    hidden, weight, targets, _ = _pair_inputs()
+    with pytest.raises(
+        ValueError, match=re.escape(f"max_completion_length must be a positive integer or None, got {length!r}")
+    ):
+        grpo_loss(hidden, weight, targets, torch.ones(4), loss_type="dr_grpo", max_completion_length=length)
+    out = grpo_loss(hidden, weight, targets, torch.ones(4), loss_type="dr_grpo", max_completion_length=7)
+    assert math.isfinite(out.loss.item())
 
 
 def test_meta_device_tensors_are_refused_by_name():
@@ -506,3 +655,26 @@ def test_meta_device_tensors_are_refused_by_name():
         aam_loss(hidden, weight, targets, rewards, ref_logps=torch.zeros(4, device=meta))
     with pytest.raises(ValueError, match="advantages is on the meta device"):
         GRPOLoss()(hidden, weight, targets, torch.ones(4, device=meta))
+
+
+def test_a_byte_order_mark_is_read_and_non_utf8_bytes_name_their_line(tmp_path):
+    """A JSONL file saved with a UTF-8 BOM was refused as invalid JSON; a Latin-1 byte named only its offset."""
+    record = {"prompt": "Hi?", "chosen": "Thank you kindly.", "rejected": "Go away."}
+    lines = "\n".join(json.dumps({**record, "prompt": f"Hi {i}?"}) for i in range(3)) + "\n"
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    assert len(load_preferences(tmp_path / "bom.jsonl")) == 3
+    (tmp_path / "latin.jsonl").write_bytes(lines.encode() + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(
+        ValueError, match=r"latin.jsonl: line 4 is not UTF-8 text: 'utf-8' codec can't decode byte 0xe9"
+    ):
+        load_preferences(tmp_path / "latin.jsonl")
+
+
+def test_the_steps_epochs_give_are_bounded_as_max_steps():
+    """--epochs within its own bound can still give more than 10**9 steps (here 5 per epoch): refused, not run."""
+    from aam_fast.stages.rm.setup import count_steps
+
+    cfg = RMConfig(model="m", data="d", output="o", epochs=1e9)
+    with pytest.raises(ValueError, match=r"--epochs 1e\+09 gives 5000000000 optimizer steps, more than 1000000000"):
+        count_steps(cfg, n_pairs=20, global_batch=4)
+    assert count_steps(RMConfig(model="m", data="d", output="o", epochs=2.0), n_pairs=20, global_batch=4) == (5, 10)

@@ -283,3 +283,77 @@ def test_a_run_that_failed_in_its_setup_is_replaced_by_its_retry(tiny_paths, tmp
     logged.clear()
     assert train_reward_model(config(tiny_paths, out))["steps"] == 2
     assert logged.count(r"replacing the settings of a run that never trained a step \(config.yaml\)") == 1
+
+
+def _nan_weight(folder):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _nan_optimizer(folder):
+    import torch
+
+    saved = torch.load(folder / "optimizer.pt", weights_only=True)
+    for values in saved["state"].values():
+        for value in values.values():
+            if value.dim() > 0:
+                value.view(-1)[0] = float("nan")
+    torch.save(saved, folder / "optimizer.pt")
+
+
+def _rng_replaced(folder):
+    import torch
+
+    torch.save({"rng": torch.zeros(3, dtype=torch.uint8)}, folder / "rank0.pt")
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (lambda folder: (folder / "rank0.pt").unlink(), "rank0.pt: damaged, missing or not this run's checkpoint"),
+        (_rng_replaced, "rank0.pt: damaged, missing or not this run's checkpoint file (no dict of RNG states"),
+        (_nan_weight, "checkpoint-1: 1 non-finite trainable weights in the checkpoint; resume from an earlier"),
+        (_nan_optimizer, "optimizer.pt: 78 non-finite values in the optimizer state; resume from an earlier"),
+    ],
+    ids=["rank-file-missing", "rng-state-replaced", "nan-weight", "nan-optimizer-state"],
+)
+def test_a_damaged_checkpoint_of_an_unfinished_run_is_one_line_naming_it(
+    tiny_paths, tmp_path, capsys, damage, expected
+):
+    """The fresh probe, on a run killed after checkpoint-1: a missing rank file resumed without its RNG states, a
+    replaced RNG state was an "unexpected IndexError", and NaN weights or optimizer state resumed into a first step
+    refused as non-finite that named this very checkpoint as the last finite one."""
+    output = tmp_path / "o"
+    train_reward_model(config(tiny_paths, output, save_every=1))
+    shutil.rmtree(output / "checkpoints" / "checkpoint-2")
+    damage(output / "checkpoints" / "checkpoint-1")
+    capsys.readouterr()
+    resume = ("--save-every", "1", "--lr", "3e-3", "--seed", "7", "--resume", "auto")
+    assert cli.main(argv(tiny_paths, output, *resume)) == 2
+    line = one_error_line(capsys)
+    assert expected in line
+
+
+@pytest.mark.parametrize("count", [10**6, -1], ids=["too-many", "negative"])
+def test_an_edited_metrics_row_count_never_duplicates_a_row(tiny_paths, tmp_path, capsys, count):
+    """A checkpoint's ``metrics_rows`` edited above the rows it saw kept the killed run's later rows, so the
+    resumed step was logged twice (the probe, on train-grpo: steps [1, 2, 2]); a negative count is refused."""
+    output = tmp_path / "o"
+    train_reward_model(config(tiny_paths, output, save_every=1))
+    expected = [row["step"] for row in rows(output)]
+    shutil.rmtree(output / "checkpoints" / "checkpoint-2")  # killed after the last step's rows were written
+    state_file = output / "checkpoints" / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["metrics_rows"] = count
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    code = cli.main(argv(tiny_paths, output, "--save-every", "1", "--lr", "3e-3", "--seed", "7", "--resume", "auto"))
+    if count < 0:
+        assert code == 2 and "'metrics_rows' is -1, a negative count" in one_error_line(capsys)
+    else:
+        assert code == 0 and [row["step"] for row in rows(output)] == expected

@@ -53,11 +53,22 @@ def choose_pad_token_id(tokenizer) -> int:
 
 
 def render_conversation(tokenizer, messages: list[Message], *, add_generation_prompt: bool = False) -> str:
-    """The text of ``messages`` through the tokenizer's chat template (or :data:`FALLBACK_CHAT_TEMPLATE`)."""
+    """The text of ``messages`` through the tokenizer's chat template (or :data:`FALLBACK_CHAT_TEMPLATE`). A
+    template that fails (its own ``raise_exception``, an undefined name, or an access the sandbox refuses) is a
+    ValueError naming the tokenizer's folder."""
+    from jinja2 import TemplateError
+
     template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+        )
+    except TemplateError as exc:
+        where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise ValueError(
+            f"{where}: its chat template failed ({type(exc).__name__}: {exc}); fix or remove the model folder's "
+            "chat template"
+        ) from None
 
 
 @dataclass(frozen=True)

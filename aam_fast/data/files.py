@@ -54,10 +54,14 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a leading byte-order mark, as Windows editors write, dropped); bytes that are not
+    UTF-8 are an error naming the line that holds them."""
+    data = _read_bytes(path)
     try:
-        return _read_bytes(path).decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataFormatError(f"{path}: cannot read: {exc}") from exc
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataFormatError(f"{path}: line {line} is not UTF-8 text: {exc}") from exc
 
 
 def iter_file_records(path: str | Path) -> Iterator[tuple[int, Any]]:

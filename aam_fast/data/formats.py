@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from ..ops.validation import FLOAT32_MAX
 from .messages import Message, Text, check_messages, check_unicode, completion_messages
 from .records import PreferencePair
 
@@ -114,6 +115,11 @@ def _split_strings(chosen: str, rejected: str) -> tuple[str, str, str]:
 _FLOAT_MAX = sys.float_info.max
 
 
+def _is_big(number: Any) -> bool:
+    """A finite float64 that float32 cannot hold (it turns into inf there)."""
+    return isinstance(number, float) and math.isfinite(number) and abs(number) > FLOAT32_MAX
+
+
 def _parse_margin(value: Any, column: str = "margin") -> float | None:
     """A finite float, or None for a missing value; a numeric string (as CSV holds) is parsed, a blank one is None."""
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -126,9 +132,10 @@ def _parse_margin(value: Any, column: str = "margin") -> float | None:
             number = None
     if isinstance(number, int) and not isinstance(number, bool):
         number = float(number) if abs(number) <= _FLOAT_MAX else math.inf  # a huge integer is out of float range
-    if isinstance(number, bool) or not isinstance(number, float) or not math.isfinite(number):
+    if isinstance(number, bool) or not isinstance(number, float) or not abs(number) <= FLOAT32_MAX:
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        raise ValueError(f"{column!r} must be a finite number, got {shown}")
+        beyond = f" (beyond float32's +-{FLOAT32_MAX:.3g}, where the loss computes)" if _is_big(number) else ""
+        raise ValueError(f"{column!r} must be a finite number, got {shown}{beyond}")
     return number
 
 

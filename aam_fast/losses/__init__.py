@@ -18,10 +18,11 @@ from .grpo import (
     multi_objective_advantages,
     resolve_loss_type,
 )
-from .grpo_options import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS
+from .grpo_options import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, RATIO_BOUND_MAX
 
 __all__ = [
     "AGGREGATIONS",
+    "RATIO_BOUND_MAX",
     "IGNORE_INDEX",
     "IMPORTANCE_SAMPLING_LEVELS",
     "KL_KINDS",

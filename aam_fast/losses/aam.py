@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import IGNORE_INDEX, LENGTH_NORMS, linear_local_loss, linear_logprobs, sequence_logprobs
-from ..ops.validation import check_materialised, check_number
+from ..ops.validation import check_float32_range, check_materialised, check_number, check_tensors
 
 MARGINS = ("bt", "fixed", "pr", "ld")  # AAM margin kinds
 NAMED_GAMMA = {"pr": 1.0, "ld": 0.0}  # the adaptive margins, and the reference's weight γ each name implies
@@ -64,6 +64,7 @@ class AAMOutput:
 
 def _pair_rewards(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split `[2B]` (or `[2B, 1]`) rewards into float32 `(r_c [B], r_r [B])`, squeezing before any arithmetic."""
+    check_tensors(rewards=rewards)
     check_materialised(rewards=rewards)
     if rewards.dim() == 2 and rewards.shape[1] == 1:
         rewards = rewards.squeeze(1)
@@ -79,7 +80,7 @@ def _pair_rewards(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _check_margin_args(margin, length_norm, beta, margin_clip, gamma, sft_weight, center_rewards):
     """ValueError naming the argument: a margin or length norm not listed, or a number not finite or out of range
     (``beta``, ``sft_weight``, ``center_rewards`` >= 0; ``margin_clip`` > 0 or None; ``gamma`` any finite number
-    or None, for pr and ld only)."""
+    or None, for pr and ld only; each within float32's range)."""
     if margin not in MARGINS:
         raise ValueError(f"margin must be one of {MARGINS}, got {margin!r}")
     if length_norm not in LENGTH_NORMS:
@@ -91,6 +92,9 @@ def _check_margin_args(margin, length_norm, beta, margin_clip, gamma, sft_weight
     check_number("margin_clip", margin_clip, optional=True, above=0.0)
     check_number("sft_weight", sft_weight, minimum=0.0)
     check_number("center_rewards", center_rewards, minimum=0.0)
+    check_float32_range(
+        beta=beta, gamma=gamma, margin_clip=margin_clip, sft_weight=sft_weight, center_rewards=center_rewards
+    )
 
 
 def aam_loss(
@@ -132,6 +136,7 @@ def aam_loss(
     by default) as in `linear_logprobs`.
     """
     _check_margin_args(margin, length_norm, beta, margin_clip, gamma, sft_weight, center_rewards)
+    check_tensors(hidden=hidden, weight=weight, targets=targets, ref_logps=ref_logps, ref_hidden=ref_hidden)
     reward_chosen, reward_rejected = _pair_rewards(rewards)
     pairs = reward_chosen.shape[0]
     reward_gap = reward_chosen - reward_rejected
@@ -144,7 +149,6 @@ def aam_loss(
             hidden, weight, targets, bias, pairs, needs.trained_through, sft_only, grad_filter_eps, **options
         )
         logps = sequence_logprobs(token_logps, targets, ignore_index=ignore_index, length_norm=length_norm)
-
     if margin == "bt":
         pair_margin = reward_gap.new_zeros(pairs)
     elif margin == "fixed":

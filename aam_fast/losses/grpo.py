@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from ..ops import IGNORE_INDEX, linear_local_loss
-from ..ops.validation import check_materialised, check_number
+from ..ops.validation import check_float32_range, check_materialised, check_number, check_tensors
 from .grpo_options import (
     AGGREGATIONS,
+    RATIO_BOUND_MAX,
     EntropyGather,
     check_options,
     is_local,
@@ -78,15 +79,17 @@ def _check_grpo_args(
     epsilon, epsilon_high, kl, loss_type, beta, entropy_coef, level="token", delta=None, quantile=1.0
 ) -> float:
     """ValueError naming the argument: a KL estimator or loss type not listed, a number not finite or negative
-    (``epsilon``, ``epsilon_high`` (or None), ``beta``, ``entropy_coef``) or an option out of its range
+    (``epsilon``, ``epsilon_high`` (or None), ``beta``, ``entropy_coef``; the clip ranges at most
+    ``RATIO_BOUND_MAX``) or an option out of its range
     (:func:`.grpo_options.check_options`); returns ε_high (``epsilon_high``, default ``epsilon``)."""
     if kl not in KL_KINDS:
         raise ValueError(f"kl must be one of {KL_KINDS}, got {kl!r}")
     resolve_loss_type(loss_type)
-    check_number("epsilon", epsilon, minimum=0.0)
-    check_number("epsilon_high", epsilon_high, optional=True, minimum=0.0)
+    check_number("epsilon", epsilon, minimum=0.0, maximum=RATIO_BOUND_MAX)
+    check_number("epsilon_high", epsilon_high, optional=True, minimum=0.0, maximum=RATIO_BOUND_MAX)
     check_number("beta", beta, minimum=0.0)
     check_number("entropy_coef", entropy_coef, minimum=0.0)
+    check_float32_range(beta=beta, entropy_coef=entropy_coef)
     eps_high = epsilon if epsilon_high is None else epsilon_high
     check_options(level, delta, quantile, eps_high)
     return eps_high
@@ -112,9 +115,15 @@ def default_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length
     counts when it has a completion token (a row masked out entirely is not trained on).
 
     For exact gradient accumulation sum this over every micro-batch (and rank) of the optimizer step, before the
-    micro-batch loop, and pass the total as `normalizer`.
+    micro-batch loop, and pass the total as `normalizer`. `max_completion_length` must be a positive int or None.
     """
     loss_type = resolve_loss_type(loss_type)
+    if max_completion_length is not None and (
+        isinstance(max_completion_length, bool)
+        or not isinstance(max_completion_length, int)
+        or max_completion_length < 1
+    ):  # 0 divided by zero, a negative one flipped the loss's sign
+        raise ValueError(f"max_completion_length must be a positive integer or None, got {max_completion_length!r}")
     if loss_type == "token-mean":
         return float(mask.sum())
     sequences = float(mask.bool().any(dim=-1).sum())
@@ -172,6 +181,10 @@ def grpo_loss(
         epsilon, epsilon_high, kl, loss_type, beta, entropy_coef, importance_sampling_level, delta, top_entropy_quantile
     )
     loss_type = resolve_loss_type(loss_type)
+    check_tensors(
+        hidden=hidden, weight=weight, targets=targets, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps
+    )
+    check_tensors(bias=bias)
     advantages = _check_grpo_tensors(targets, advantages, old_logps, ref_logps, beta)
     valid = targets != ignore_index
     mask = valid.float()
@@ -216,9 +229,9 @@ def _check_grpo_tensors(targets, advantages, old_logps, ref_logps, beta) -> torc
     if targets.dim() != 2:
         raise ValueError(f"targets must be [B, T], got shape {tuple(targets.shape)}")
     batch = targets.shape[0]
+    if tuple(advantages.shape) not in ((batch,), (batch, 1)):  # the shape given, not a flattened one ([2, 2] for B=4)
+        raise ValueError(f"advantages must be [B]=[{batch}] (or [B, 1]), got shape {tuple(advantages.shape)}")
     advantages = advantages.reshape(-1).float()
-    if advantages.shape[0] != batch:
-        raise ValueError(f"advantages must be [B]=[{batch}], got shape {tuple(advantages.shape)}")
     for name, tensor in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if tensor is not None and tuple(tensor.shape) != tuple(targets.shape):
             raise ValueError(f"{name} must be shaped like targets {tuple(targets.shape)}, got {tuple(tensor.shape)}")

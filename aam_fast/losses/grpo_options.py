@@ -20,19 +20,26 @@ import torch
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+# The widest ratio clip (epsilon, epsilon_high) and cap (delta): far beyond any in use (0.2-0.28, delta about 4), and
+# it keeps 1 +- epsilon a float32 value (a clamp to 1e308 fails in float32 arithmetic)
+RATIO_BOUND_MAX = 1e6
 
 EntropyGather = Callable[[torch.Tensor], torch.Tensor]
 
 
 def check_options(importance_sampling_level: str, delta: float | None, top_entropy_quantile: float, eps_high: float):
-    """ValueError naming the option outside its range: a known level, ``delta > 1 + epsilon_high`` (below it the
-    clip already bounds the ratio and delta would do nothing), ``0 < top_entropy_quantile <= 1``."""
+    """ValueError naming the option outside its range: a known level, ``1 + epsilon_high < delta <=
+    RATIO_BOUND_MAX`` (below it the clip already bounds the ratio and delta would do nothing),
+    ``0 < top_entropy_quantile <= 1``."""
     if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
         raise ValueError(
             f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {importance_sampling_level!r}"
         )
-    if delta is not None and not delta > 1.0 + eps_high:
-        raise ValueError(f"delta must be None or greater than 1 + epsilon_high = {1.0 + eps_high}, got {delta!r}")
+    if delta is not None and not 1.0 + eps_high < delta <= RATIO_BOUND_MAX:
+        raise ValueError(
+            f"delta must be None or greater than 1 + epsilon_high = {1.0 + eps_high} and at most {RATIO_BOUND_MAX:g}, "
+            f"got {delta!r}"
+        )
     if not 0.0 < top_entropy_quantile <= 1.0:
         raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile!r}")
 

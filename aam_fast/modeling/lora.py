@@ -63,17 +63,20 @@ def add_lora(
     target_modules: Sequence[str] | None,
     trainable_layers: int | None,
 ) -> int:
-    """Inject LoRA adapters into ``model`` in place (its base weights frozen); returns the adapter parameter count."""
+    """Inject LoRA adapters into ``model`` in place (its base weights frozen); returns the adapter parameter count.
+    ValueError when ``r`` exceeds the rank every targeted layer can have."""
     peft = _require_peft()
     count = len(decoder_layers(backbone))
     layers = None if trainable_layers is None else list(range(count - trainable_layers, count))
-    config = peft.LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=lora_targets(model, backbone, layers, target_modules),
-        bias="none",
-    )
+    targets = lora_targets(model, backbone, layers, target_modules)
+    modules = dict(model.named_modules())
+    full_rank = max(min(modules[name].in_features, modules[name].out_features) for name in targets)
+    if r > full_rank:  # a mistyped rank allocated r x width per layer before the first step
+        raise ValueError(
+            f"--lora-r {r} exceeds the rank of every targeted layer (at most {full_rank} here): a larger rank adds "
+            "parameters and no capacity"
+        )
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     model.requires_grad_(False)
     peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     adapters = [p for n, p in model.named_parameters() if "lora_" in n]

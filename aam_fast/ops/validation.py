@@ -7,6 +7,8 @@ import math
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# the largest finite float32: a value the losses and reward tables hold (a float64 beyond it turns into inf there)
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def check_linear_logprobs_inputs(
@@ -109,6 +111,23 @@ def check_number(name: str, value, *, optional: bool = False, **bounds) -> None:
     problem = range_problem(value, **bounds)
     if problem:
         raise ValueError(f"{name} {problem}")
+
+
+def check_float32_range(**numbers) -> None:
+    """ValueError naming the first of ``numbers`` (None skipped) that float32, where the losses and the reward
+    tables compute, cannot hold: a finite float64 such as 1e300 would turn into inf there, and the loss or the
+    rewards into inf or NaN."""
+    for name, value in numbers.items():
+        if value is not None and abs(value) > FLOAT32_MAX:
+            raise ValueError(f"{name} must lie within float32's +-{FLOAT32_MAX:.3g}, where it is computed, got {value}")
+
+
+def check_tensors(**tensors) -> None:
+    """ValueError naming the first of ``tensors`` (None skipped) that is not a torch.Tensor (a list, a NumPy
+    array): before anything reads its shape."""
+    for name, tensor in tensors.items():
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
 
 
 def check_materialised(**tensors) -> None:

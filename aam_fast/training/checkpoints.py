@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,10 +91,24 @@ def read_state(folder: Path) -> dict[str, Any]:
 
 
 def load_errors() -> tuple[type[BaseException], ...]:
-    """What reading a damaged, truncated or missing tensor file raises (torch, pickle, safetensors)."""
+    """What reading a damaged, truncated or missing tensor file raises (torch, pickle, safetensors): a file that is
+    not a zip archive is read as a legacy pickle, which can fail in many ways (IndexError, struct.error, a
+    UnicodeDecodeError, ...)."""
     from safetensors import SafetensorError
 
-    return (RuntimeError, pickle.UnpicklingError, EOFError, OSError, KeyError, SafetensorError)
+    return (
+        RuntimeError,
+        pickle.UnpicklingError,
+        EOFError,
+        OSError,
+        KeyError,
+        IndexError,
+        ValueError,
+        TypeError,
+        OverflowError,
+        struct.error,
+        SafetensorError,
+    )
 
 
 def damaged(path: Path, exc: BaseException) -> ValueError:
@@ -166,11 +181,12 @@ def save_checkpoint(
 
 def load_rank_state(ctx: DistContext, folder: Path, state: dict[str, Any]) -> tuple[dict | None, dict | None]:
     """This rank's ``(tensors, json)`` from a checkpoint written by as many ranks, else ``(None, None)``: per-rank
-    state cannot be mapped onto another number of ranks."""
+    state cannot be mapped onto another number of ranks. Every checkpoint holds each rank's tensors (its RNG
+    states): a missing file is a damaged checkpoint, not a resume without them."""
     if state.get("world_size") != ctx.world:
         return None, None
     tensors_file, json_file = folder / f"rank{ctx.rank}.pt", folder / f"rank{ctx.rank}.json"
-    tensors = load_tensors(tensors_file) if tensors_file.is_file() else None
+    tensors = load_tensors(tensors_file)
     try:
         extra = json.loads(json_file.read_text(encoding="utf-8")) if json_file.is_file() else None
     except (OSError, ValueError) as exc:
@@ -276,16 +292,28 @@ def restore(ctx: DistContext, folder: Path, state: dict[str, Any], engine: torch
         ctx.load_optimizer_state(engine, optimizer, saved)
     except (*load_errors(), ValueError, TypeError, AttributeError) as exc:
         raise damaged(path, exc) from None
+    _check_finite_optimizer(path, saved)
     scheduler.load_state_dict(state["scheduler"])
     _check_learning_rates(path, optimizer, scheduler)
     if rank_tensors is not None:  # per-rank RNG states carry over only to the same number of ranks
         from .runtime import restore_rng
 
         try:
+            if not isinstance(rank_tensors, dict) or not isinstance(rank_tensors.get("rng"), dict):
+                raise TypeError("no dict of RNG states under 'rng'")
             restore_rng(rank_tensors["rng"])
-        except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+        except (KeyError, TypeError, RuntimeError, ValueError, IndexError, AttributeError) as exc:
             raise damaged(folder / f"rank{ctx.rank}.pt", exc) from None
     return rank_tensors, rank_json
+
+
+def _check_finite_optimizer(path: Path, saved: dict[str, Any]) -> None:
+    """ValueError naming ``path`` when its optimizer state (the file every rank read) holds a NaN or inf: resumed,
+    the first step would be refused as non-finite, naming this very checkpoint as the last finite one."""
+    tensors = [v for values in saved["state"].values() for v in values.values() if isinstance(v, torch.Tensor)]
+    bad = sum(int((~torch.isfinite(v)).sum()) for v in tensors if v.is_floating_point())
+    if bad:
+        raise ValueError(f"{path}: {bad} non-finite values in the optimizer state; {START_AFRESH}")
 
 
 def check_resume_settings(

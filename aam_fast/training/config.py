@@ -169,6 +169,12 @@ ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
 SEED_MAX = 2**32 - 1
 # more torch threads than 4 per core only contend, and a huge count exhausts the thread pool
 THREADS_MAX = 4 * (os.cpu_count() or 1)
+# Count flags that would run for ever, or hang before the first step, when mistyped: bounds no real run reaches.
+STEPS_MAX = 10**9  # at a millisecond a step, eleven days
+GRAD_ACCUM_MAX = 4096  # every micro-batch of a step runs before its update: raise --batch-size or the ranks instead
+LR_MAX = 1.0  # AdamW moves each weight by about lr per step: a larger one wrecks the model in one step
+STEPS_HELP = "optimizer steps (at most 10^9, a bound that catches a mistyped count before it runs for ever)"
+LR_HELP = "peak learning rate (AdamW; at most 1: AdamW moves each weight by about lr per step)"
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -206,8 +212,15 @@ class TrainingConfig:
     prompt_key: str = option("prompt", help="record field holding the prompt", group="data")
 
     batch_size: int = option(4, help="examples per micro-batch on each rank", minimum=1, group="optimisation")
-    grad_accum: int = option(1, help="micro-batches per optimizer step", minimum=1, group="optimisation")
-    lr: float = option(1e-5, help="peak learning rate (AdamW)", above=0.0, group="optimisation")
+    grad_accum: int = option(
+        1,
+        help=f"micro-batches per optimizer step (at most {GRAD_ACCUM_MAX}: all of them run before the first update; "
+        "for a larger batch raise --batch-size or the ranks)",
+        minimum=1,
+        maximum=GRAD_ACCUM_MAX,
+        group="optimisation",
+    )
+    lr: float = option(1e-5, help=LR_HELP, above=0.0, maximum=LR_MAX, group="optimisation")
     lr_schedule: str = option(
         "cosine", help="decay after warmup (transformers' schedules)", choices=LR_SCHEDULES, group="optimisation"
     )
@@ -221,7 +234,7 @@ class TrainingConfig:
     max_grad_norm: float = option(
         1.0, help="clip the global gradient norm to this (0: no clipping)", minimum=0.0, group="optimisation"
     )
-    max_steps: int | None = option(None, help="optimizer steps", minimum=1, group="optimisation")
+    max_steps: int | None = option(None, help=STEPS_HELP, minimum=1, maximum=STEPS_MAX, group="optimisation")
     seed: int = option(
         42,
         help="seed of the data order, initialisation and sampling",
@@ -304,6 +317,8 @@ class TrainingConfig:
     def validate(self) -> None:
         """Ranges and choices of every flag; stages add their cross-field checks."""
         check_ranges(self)
+        if not str(self.output).strip():
+            raise ValueError("--output is empty: name the run's folder (--output . for the current one)")
         if not self.report_to:
             raise ValueError(f"--report-to needs at least one of {', '.join(REPORTERS)}")
         if "wandb" in self.report_to:

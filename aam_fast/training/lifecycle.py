@@ -40,7 +40,7 @@ from .launch import build_engine, closing, launch
 from .metrics import MetricsWriter
 from .run_folder import EXPORT_STAGING, publish_folder, remove_entries
 from .runtime import TrainingDiverged, capture_rng, log
-from .trainer_state import check_identity, check_schedule, validate_state
+from .trainer_state import START_AFRESH, check_identity, check_schedule, validate_state
 
 
 class Trainer:
@@ -149,11 +149,14 @@ class Trainer:
     def trainable_parameters(self) -> list[torch.Tensor]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def check_finite_weights(self) -> None:
-        """TrainingDiverged when a trainable weight is not finite (a collective): nothing of it is saved."""
+    def check_finite_weights(self, checkpoint: Path | None = None) -> None:
+        """TrainingDiverged when a trainable weight is not finite (a collective): nothing of it is saved. With
+        ``checkpoint`` (whose weights were just loaded), a ValueError naming it: a resume never starts from them."""
         local = [p.to_local() if hasattr(p, "to_local") else p for p in self.trainable_parameters()]
         bad = sum(int((~torch.isfinite(p.detach())).sum()) for p in local)
         total = int(self.ctx.all_reduce_sum(torch.tensor([float(bad)])).item())
+        if total and checkpoint is not None:
+            raise ValueError(f"{checkpoint}: {total} non-finite trainable weights in the checkpoint; {START_AFRESH}")
         if total:
             raise TrainingDiverged(
                 f"{total} non-finite trainable weights after step {self.step}; not saved. Last finite checkpoint: "
@@ -234,9 +237,10 @@ class Trainer:
             raise checkpoints.damaged(folder / "model*.safetensors", exc) from None
 
     def _resume(self, folder: Path, state: dict[str, Any]) -> None:
-        """Continue from ``folder`` (its weights are already in the model, ``state`` checked): optimizer, schedule
-        (its base learning rates checked against this run's), RNG states (on as many ranks), step, token count and
-        the stage's own part."""
+        """Continue from ``folder`` (its weights are already in the model, checked finite here; ``state`` checked):
+        optimizer, schedule (its base learning rates checked against this run's), RNG states (on as many ranks),
+        step, token count and the stage's own part."""
+        self.check_finite_weights(folder)
         check_schedule(folder, state["scheduler"], self.scheduler.state_dict())
         rank_tensors, rank_json = checkpoints.restore(
             self.ctx, folder, state, self.engine, self.optimizer, self.scheduler

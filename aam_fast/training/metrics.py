@@ -21,20 +21,18 @@ WANDB_RUN_ID_FILE = "wandb-run-id.txt"  # in the output folder: the run a resume
 
 class JsonlTable:
     """Append-only JSONL file, each row flushed to the disk as it is written. ``keep_until_step=None`` starts it
-    empty; a step keeps the rows up to that step, or, given ``keep_rows`` (how many rows the file held when the
-    resumed checkpoint was saved), exactly the first ``keep_rows`` rows: an evaluation logged after that save is
-    then not logged twice. The file is rewritten through a temporary file (a symbolic link is replaced, never
-    written through); ``rows`` counts the rows it holds."""
+    empty; a step keeps the rows up to that step, and, given ``keep_rows`` (how many rows the file held when the
+    resumed checkpoint was saved), of those only the first ``keep_rows`` rows: an evaluation logged after that save
+    is then not logged twice (and a ``keep_rows`` larger than the checkpoint's rows keeps no later step). The file
+    is rewritten through a temporary file (a symbolic link is replaced, never written through); ``rows`` counts the
+    rows it holds."""
 
     def __init__(self, path: Path, keep_until_step: int | None, keep_rows: int | None = None):
         self.path = path
         kept: list[str] = []
         if keep_until_step is not None and path.is_file() and not path.is_symlink():
             lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            if keep_rows is not None:
-                kept = lines[:keep_rows]
-            else:
-                kept = [row for row in lines if _row_step(row) <= keep_until_step]
+            kept = [row for row in lines[:keep_rows] if _row_step(row) <= keep_until_step]
         write_text_atomic(path, "".join(row + "\n" for row in kept))
         self.rows = len(kept)
 

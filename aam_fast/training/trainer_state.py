@@ -67,8 +67,9 @@ def validate_state(
     for name in ("global_batch", "world_size"):
         if state[name] < 1:
             raise ValueError(f"{path}: {name!r} is {state[name]}, not a positive count; {START_AFRESH}")
-    if state["num_tokens"] < 0:
-        raise ValueError(f"{path}: 'num_tokens' is {state['num_tokens']}, a negative count; {START_AFRESH}")
+    for name in ("num_tokens", "metrics_rows"):
+        if (state[name] or 0) < 0:
+            raise ValueError(f"{path}: {name!r} is {state[name]}, a negative count; {START_AFRESH}")
     _validate_schedule(path, state["scheduler"], step)
 
 

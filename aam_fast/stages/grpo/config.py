@@ -7,8 +7,25 @@ import dataclasses
 from collections.abc import Callable
 
 from ...data import DEFAULT_OPENING_TURN
-from ...losses import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, KL_KINDS, LOSS_TYPE_ALIASES, LOSS_TYPES, SCALE_REWARDS
-from ...training.config import LR_SCHEDULES, SEED_MAX, TrainingConfig, option
+from ...losses import (
+    AGGREGATIONS,
+    IMPORTANCE_SAMPLING_LEVELS,
+    KL_KINDS,
+    LOSS_TYPE_ALIASES,
+    LOSS_TYPES,
+    RATIO_BOUND_MAX,
+    SCALE_REWARDS,
+)
+from ...training.config import (
+    LR_HELP,
+    LR_MAX,
+    LR_SCHEDULES,
+    SEED_MAX,
+    STEPS_HELP,
+    STEPS_MAX,
+    TrainingConfig,
+    option,
+)
 from .rollout import GENERATION_METHODS
 
 RewardFn = Callable[..., list]
@@ -57,7 +74,12 @@ class GRPOConfig(TrainingConfig):
     )
 
     num_generations: int = option(
-        4, help="completions sampled per prompt (G); advantages compare within a group", minimum=2, group="sampling"
+        4,
+        help="completions sampled per prompt (G); advantages compare within a group (at most 1024: every prompt's G "
+        "completions are sampled and held at once, so a mistyped count exhausts memory before the first step)",
+        minimum=2,
+        maximum=1024,
+        group="sampling",
     )
     max_new_tokens: int = option(
         64, help="completion length limit (a completion without EOS is truncated)", minimum=1, group="sampling"
@@ -82,8 +104,17 @@ class GRPOConfig(TrainingConfig):
         0.04, help="KL coefficient to the initial policy (0: no reference model)", minimum=0.0, group="loss"
     )
     kl: str = option("k3", help="KL estimator", choices=KL_KINDS, group="loss")
-    epsilon: float = option(0.2, help="lower clip range of the importance ratio", minimum=0.0, group="loss")
-    epsilon_high: float | None = option(None, help="upper clip range (default: --epsilon)", minimum=0.0, group="loss")
+    epsilon: float = option(
+        0.2,
+        help="lower clip range of the importance ratio (at most 1e6, as --epsilon-high and --delta: far beyond any "
+        "clip in use, and 1 +- epsilon stays a float32 value)",
+        minimum=0.0,
+        maximum=RATIO_BOUND_MAX,
+        group="loss",
+    )
+    epsilon_high: float | None = option(
+        None, help="upper clip range (default: --epsilon)", minimum=0.0, maximum=RATIO_BOUND_MAX, group="loss"
+    )
     loss_type: str = option(
         "token-mean",
         help="how token losses are aggregated (TRL's names grpo, bnpo, dapo, dr_grpo are aliases)",
@@ -117,6 +148,7 @@ class GRPOConfig(TrainingConfig):
         help="two-sided clipping: the unclipped branch's ratio is capped at delta, bounding the ratio of "
         "negative-advantage tokens; must exceed 1 + --epsilon-high (none: off)",
         above=1.0,
+        maximum=RATIO_BOUND_MAX,
         group="loss",
     )
     top_entropy_quantile: float = option(
@@ -146,7 +178,12 @@ class GRPOConfig(TrainingConfig):
         group="sampling",
     )
     max_resample_rounds: int = option(
-        4, help="extra sampling rounds of --dynamic-sampling per step (0: drop only)", minimum=0, group="sampling"
+        4,
+        help="extra sampling rounds of --dynamic-sampling per step (0: drop only; at most 100: a step waits for all "
+        "of its rounds, and with rewards that never differ it would wait for ever)",
+        minimum=0,
+        maximum=100,
+        group="sampling",
     )
 
     log_completions_every: int = option(
@@ -161,14 +198,14 @@ class GRPOConfig(TrainingConfig):
     batch_size: int = option(
         2, help="prompts per micro-batch on each rank (each sampled G times)", minimum=1, group="optimisation"
     )
-    lr: float = option(1e-6, help="peak learning rate (AdamW)", above=0.0, group="optimisation")
+    lr: float = option(1e-6, help=LR_HELP, above=0.0, maximum=LR_MAX, group="optimisation")
     lr_schedule: str = option(
         "constant",
         help="decay after warmup (transformers' schedules)",
         choices=LR_SCHEDULES,
         group="optimisation",
     )
-    max_steps: int = option(100, help="optimizer steps", minimum=1, group="optimisation")
+    max_steps: int = option(100, help=STEPS_HELP, minimum=1, maximum=STEPS_MAX, group="optimisation")
     seed: int = option(
         0,
         help="seed of the prompt order, initialisation and every completion's sampling",

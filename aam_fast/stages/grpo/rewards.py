@@ -21,6 +21,7 @@ import torch
 
 from ...data import is_conversational
 from ...errors import RunError
+from ...ops.validation import FLOAT32_MAX, check_float32_range
 from ...training.trainer_state import file_digest
 from .config import RewardFn
 
@@ -98,13 +99,23 @@ def completions_for_fns(prompts: Sequence, texts: Sequence[str]) -> list:
 
 
 def _checked_reward(value, name: str, row: int) -> float:
-    """A rule reward as a float: NaN for None ("no reward from this function"); anything but a finite real number
-    is an error naming the function and the row."""
+    """A rule reward as a float: NaN for None ("no reward from this function"); anything but a real number that
+    float32 (the reward table's dtype) holds as a finite value is an error naming the function and the row."""
     if value is None:
         return math.nan
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"reward function {name} returned {value!r} for row {row}: expected a finite float or None")
-    return float(value)
+    number = math.inf
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float range
+            pass
+    if not abs(number) <= FLOAT32_MAX:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(
+            f"reward function {name} returned {shown} for row {row}: expected a finite float or None (within "
+            f"float32's +-{FLOAT32_MAX:.3g}, the reward table's dtype)"
+        )
+    return number
 
 
 def _completion_text(completion: str | list[dict]) -> str:
@@ -147,6 +158,7 @@ class RewardSources:
             getattr(f, "__name__", type(f).__name__) for f in self.fns
         ]
         count = len(self.names)
+        check_float32_range(**{f"--reward-weights value {i + 1}": w for i, w in enumerate(weights or [])})
         self.weights = torch.tensor(list(weights) if weights is not None else [1.0] * count, dtype=torch.float32)
 
     def identity(self, reward_model: str | None) -> dict[str, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ...losses import LENGTH_NORMS, MARGINS, NAMED_GAMMA, MarginNeeds, margin_needs
-from ...training.config import TrainingConfig, option
+from ...training.config import LR_MAX, STEPS_HELP, STEPS_MAX, TrainingConfig, option
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -63,13 +63,21 @@ class RMConfig(TrainingConfig):
         group="optimisation",
     )
     score_lr: float | None = option(
-        None, help="learning rate of the score head (default: --lr)", above=0.0, group="optimisation"
+        None,
+        help="learning rate of the score head (default: --lr; at most 1, as --lr)",
+        above=0.0,
+        maximum=LR_MAX,
+        group="optimisation",
     )
     epochs: float = option(
-        1.0, help="passes over the training pairs (--max-steps overrides)", above=0.0, group="optimisation"
+        1.0,
+        help="passes over the training pairs (--max-steps overrides; the steps they give are bounded as --max-steps)",
+        above=0.0,
+        maximum=STEPS_MAX,
+        group="optimisation",
     )
     max_steps: int | None = option(
-        None, help="optimizer steps (default: from --epochs)", minimum=1, group="optimisation"
+        None, help=STEPS_HELP + " (default: from --epochs)", minimum=1, maximum=STEPS_MAX, group="optimisation"
     )
     cache_trunk: bool = option(
         False,

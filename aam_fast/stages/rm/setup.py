@@ -23,6 +23,7 @@ from ...modeling import (
     load_reward_model,
     load_tokenizer,
 )
+from ...training.config import STEPS_MAX
 from ...training.runtime import log
 from .config import RMConfig
 
@@ -88,11 +89,15 @@ def encode_data(cfg: RMConfig, tokenizer, progress: bool) -> EncodedData:
 
 def count_steps(cfg: RMConfig, n_pairs: int, global_batch: int) -> tuple[int, int]:
     """``(micro-batches per epoch, optimizer steps)`` of ``n_pairs`` training pairs in global micro-batches of
-    ``global_batch`` (``--max-steps``, else ``--epochs`` passes); ValueError when not one micro-batch fits."""
+    ``global_batch`` (``--max-steps``, else ``--epochs`` passes); ValueError when not one micro-batch fits or the
+    epochs give more steps than ``--max-steps`` may."""
     if n_pairs < global_batch:
         raise ValueError(f"{n_pairs} training pairs is fewer than --batch-size x ranks {global_batch}")
     per_epoch = n_pairs // global_batch
-    return per_epoch, cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+    if steps > STEPS_MAX:
+        raise ValueError(f"--epochs {cfg.epochs:g} gives {steps} optimizer steps, more than {STEPS_MAX}")
+    return per_epoch, steps
 
 
 def micro_batch_indices(n_pairs: int, batch_size: int, seed: int, index: int) -> tuple[int, list[int]]:

@@ -52,7 +52,12 @@ class CompareConfig(RMConfig):
         group="compare",
     )
     bootstrap: int = option(
-        2000, help="paired-bootstrap resamples of the pairs for the 95%% intervals", minimum=100, group="compare"
+        2000,
+        help="paired-bootstrap resamples of the pairs for the 95%% intervals (at most 100000: the resamples' pair "
+        "indices are held at once, resamples x pairs integers)",
+        minimum=100,
+        maximum=100_000,
+        group="compare",
     )
     trunk_memory_gb: float = option(
         8.0,
