@@ -24,9 +24,9 @@ truncation (the folder records no training length).
 
 Prompts: the first ``--prompts-per-step × --steps`` hh-rlhf conversations (prompt = every turn before the last
 assistant reply) whose chat-templated prompt fits ``--max-prompt-tokens``, as conversational records, rendered by the
-policy's chat template with the generation prompt in both. ``--source-kind prompts --source FILE`` takes the prompts from a
-prompt file train-grpo reads instead (RPBench character cards: a system card of a few hundred tokens and the
-opening turn), with the same length filter and order. train-grpo draws them in the seeded order of its
+policy's chat template with the generation prompt in both. ``--source-kind prompts --source FILE`` takes the
+prompts from a prompt file train-grpo reads instead (RPBench character cards: a system card of a few hundred tokens
+and the opening turn), with the same length filter and order. train-grpo draws them in the seeded order of its
 :class:`~aam_fast.stages.grpo.rollout.PromptStream`; TRL gets the same list already in that order with
 ``shuffle_dataset=False``, so step k of both samples the same prompts (each case records a digest of every step's
 prompts and the parent checks they agree). The completions themselves differ: each trainer draws them from its own
