@@ -133,15 +133,21 @@ def _row_errors(got, want, kept):
 
 
 @pytest.mark.parametrize("entropy_on", [False, True])
-@pytest.mark.parametrize("variant", ["torch-local", "torch"])
+@pytest.mark.parametrize("variant", ["torch-local", "torch", "native"])
 def test_hidden_grad_rows_of_a_short_last_chunk(variant, entropy_on, monkeypatch):
     """Seed 9 of "wide-vocab" in 10-row chunks: its 23 kept rows leave a last chunk of 3. Every row of `d_hidden`
     stays within 2x of naive float32's worst row (a BLAS may sum the rows of a product with few rows serially over
     all 65,536 vocabulary terms: MKL's sgemm does, ~10x naive's error on exactly those rows)."""
+    if variant == "native" and not native_backend.native_available():
+        pytest.skip(f"native library not built: {native_backend.BUILD_HINT}")
     if variant == "torch-local":
         monkeypatch.setattr(torch_chunked, "_CHUNK_BUDGET_BYTES", 2 * 4 * 65536 * 10)
-    else:
+    elif variant == "torch":  # one vocabulary tile
         monkeypatch.setattr(torch_backend, "_MAX_ROWS", 10)
+    else:  # one vocabulary tile and chunk
+        monkeypatch.setattr(native_backend, "BLOCK_ROWS", 10)
+        monkeypatch.setattr(native_backend, "TILE_WIDTH", 65536)
+        monkeypatch.setattr(native_backend, "VOCAB_CHUNKS", 1)
     params = CASES["wide-vocab"]
     tensors, targets, grad_logp, grad_entropy = make_case(params["n"], params["dim"], params["vocab"], 2.0, 9)
     grad_entropy = grad_entropy if entropy_on else None
