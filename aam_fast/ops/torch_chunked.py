@@ -57,6 +57,27 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.T
     return total
 
 
+def _apply_dz(dz, keep, weight, h32, grads, product_buf) -> None:
+    """A chunk's gradient products, slab by slab: `d_hidden_rows = dz W` (float64 sums of fresh products,
+    `add_row_products`), `d_weight += dzᵀ h`, `d_bias += Σ_rows dz` (`grads`, each None when not needed); `keep`
+    (or None) marks the entries gradient filtering keeps."""
+    d_hidden_rows, d_weight, d_bias = grads
+    mixed_rows = None
+    if d_hidden_rows is not None:
+        mixed_rows = torch.zeros(d_hidden_rows.shape, dtype=torch.float64, device=d_hidden_rows.device)
+    for v0, v1, w32 in _slabs(weight, widen=d_hidden_rows is not None):
+        dz_slab = dz[:, v0:v1] if keep is None else filtered(dz[:, v0:v1], keep[:, v0:v1])
+        if mixed_rows is not None:
+            add_row_products(mixed_rows, dz_slab, w32, product_buf)
+        if d_weight is not None:
+            d_weight[v0:v1].addmm_(dz_slab.t(), h32)
+        if d_bias is not None:
+            dense = dz_slab.layout == torch.strided
+            d_bias[v0:v1].add_(dz_slab.sum(dim=0) if dense else torch.mv(dz_slab.t(), dz.new_ones(dz.shape[0])))
+    if mixed_rows is not None:
+        d_hidden_rows.copy_(mixed_rows)
+
+
 def torch_chunked_local(hidden, weight, bias, targets, token_grads: TokenGrads, params: LogprobParams, needs):
     """Log-probs, entropies and the gradients of a local token loss in one sweep of row chunks.
 
@@ -127,17 +148,7 @@ def torch_chunked_local(hidden, weight, bias, targets, token_grads: TokenGrads, 
         dz.scatter_(1, y, target_grad[:, None])
         if keep is not None:
             keep.scatter_(1, y, True)
-        mixed_rows = None if d_hidden is None else torch.zeros(r1 - r0, dim, dtype=torch.float64, device=device)
-        for v0, v1, w32 in _slabs(weight, widen=d_hidden is not None):
-            dz_slab = dz[:, v0:v1] if keep is None else filtered(dz[:, v0:v1], keep[:, v0:v1])
-            if mixed_rows is not None:
-                add_row_products(mixed_rows, dz_slab, w32, product_buf)
-            if d_weight is not None:
-                d_weight[v0:v1].addmm_(dz_slab.t(), h32)
-            if d_bias is not None:
-                dense = dz_slab.layout == torch.strided
-                d_bias[v0:v1].add_(dz_slab.sum(dim=0) if dense else torch.mv(dz_slab.t(), torch.ones_like(g)))
-        if mixed_rows is not None:
-            d_hidden[r0:r1] = mixed_rows
+        d_hidden_rows = None if d_hidden is None else d_hidden[r0:r1]
+        _apply_dz(dz, keep, weight, h32, (d_hidden_rows, d_weight, d_bias), product_buf)
     d_hidden = None if d_hidden is None else d_hidden.to(hidden.dtype)
     return logp, entropy, d_hidden, d_weight, d_bias
