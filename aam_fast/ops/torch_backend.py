@@ -26,6 +26,25 @@ _MIN_TILE = 256
 LOG_FLOOR = -1.0e4
 # The running max never drops below this: a row whose first tile is all −inf keeps a finite shift.
 MAX_FLOOR = -1.0e30
+# `∂h = dz W` sums over the vocabulary in pieces of this many columns (`add_row_products`).
+REDUCE_WIDTH = 512
+
+
+def add_row_products(acc64: torch.Tensor, dz: torch.Tensor, w32: torch.Tensor, scratch: torch.Tensor) -> None:
+    """`acc64 += dz @ w32` (float64 `[rows, D]`), the sum over dz's columns cut into `REDUCE_WIDTH` pieces, each
+    piece's float32 product formed fresh in `scratch` (`[≥ rows, D]` float32) and added in float64.
+
+    No float32 sum then runs over more than `REDUCE_WIDTH` terms whatever path the BLAS takes: MKL's sgemm sums
+    the rows of a product with few rows (under 4; under 12 on two threads) serially over the whole reduction, into
+    the output itself, ~10x the error of its blocked path at V = 65,536. A sparse (filtered) `dz` is one product.
+    """
+    if dz.layout != torch.strided:
+        acc64.add_(torch.mm(dz, w32))
+        return
+    out = scratch[: dz.shape[0]]
+    for v0 in range(0, dz.shape[1], REDUCE_WIDTH):
+        v1 = min(dz.shape[1], v0 + REDUCE_WIDTH)
+        acc64.add_(torch.mm(dz[:, v0:v1], w32[v0:v1], out=out))
 
 
 def _tile_shape(rows: int, vocab: int) -> tuple[int, int]:
@@ -134,13 +153,15 @@ def torch_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_e
     rows, width = _tile_shape(n, vocab)
     logits_buf = torch.empty(rows, width, dtype=torch.float32, device=device)
     grad_buf = torch.empty(rows, width, dtype=torch.float32, device=device)
+    product_buf = torch.empty(rows, dim, dtype=torch.float32, device=device)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         h32 = hidden[r0:r1].float()
         g_rows, y_rows = g[r0:r1], targets[r0:r1]
         hi_rows, lo_rows = lse_hi[r0:r1, None], lse_lo[r0:r1, None]
         # Σ_{v≠y} p_tv W_v (fast path) or Σ_v dz_tv W_v (entropy path), accumulated over vocabulary tiles.
-        mixed_rows = torch.zeros(r1 - r0, dim, dtype=torch.float32, device=device) if d_hidden is not None else None
+        mixed_rows = torch.zeros(r1 - r0, dim, dtype=torch.float64, device=device) if d_hidden is not None else None
+        mixed = None if mixed_rows is None else (mixed_rows, product_buf)
         if e is None:
             scaled_h = h32 * g_rows[:, None]  # g ⊙ h, the right factor of dW
             target_z = torch.zeros(r1 - r0, dtype=torch.float32, device=device)
@@ -149,30 +170,30 @@ def torch_backward(hidden, weight, bias, targets, lse, mean_z, grad_logp, grad_e
             z, w32 = _logits_tile(h32, weight, bias, v0, v1, inv_temperature, logits_buf[: r1 - r0])
             tile = (v0, v1, y_rows, hi_rows, lo_rows, g_rows)
             if e is None:
-                target_z = _logp_tile(z, w32, tile, scaled_h, target_z, grad_filter_eps, mixed_rows, d_weight, d_bias)
+                target_z = _logp_tile(z, w32, tile, scaled_h, target_z, grad_filter_eps, mixed, d_weight, d_bias)
             else:
                 dz = grad_buf[: r1 - r0, : v1 - v0]
                 entropy_rows = (e[r0:r1, None], entropy[r0:r1, None])
-                _entropy_tile(z, dz, w32, tile, entropy_rows, h32, grad_filter_eps, mixed_rows, d_weight, d_bias)
+                _entropy_tile(z, dz, w32, tile, entropy_rows, h32, grad_filter_eps, mixed, d_weight, d_bias)
         if e is None:
             # the target column, row by row: q = 1 − p_y without cancellation
             q = (-torch.expm1(target_z.double() - lse64[r0:r1])).float()
             if mixed_rows is not None:
                 picked = weight.index_select(0, y_rows).float()
-                d_hidden[r0:r1] = g_rows[:, None] * (q[:, None] * picked - mixed_rows)
+                d_hidden[r0:r1] = g_rows[:, None] * (q[:, None] * picked - mixed_rows.float())
             if d_weight is not None:
                 d_weight.index_add_(0, y_rows, scaled_h * q[:, None])
             if d_bias is not None:
                 d_bias.index_add_(0, y_rows, g_rows * q)
         elif mixed_rows is not None:
-            d_hidden[r0:r1] = mixed_rows
+            d_hidden[r0:r1] = mixed_rows.float()
     return _cast_hidden_grad(d_hidden, hidden), d_weight, d_bias
 
 
-def _logp_tile(z, w32, tile, scaled_h, target_z, grad_filter_eps, mixed_rows, d_weight, d_bias):
+def _logp_tile(z, w32, tile, scaled_h, target_z, grad_filter_eps, mixed, d_weight, d_bias):
     """One vocabulary tile of the log-prob-only backward: ``P'`` (the tile's probabilities, the target's zeroed)
-    into ``Σ P'W`` (``mixed_rows``), ``dW −= P'ᵀ(g ⊙ h)`` and ``db −= P'ᵀg``; returns ``target_z`` with the rows
-    whose target lies in the tile filled in. ``z`` is consumed."""
+    into ``Σ P'W`` (``mixed`` = (float64 sum, float32 scratch) of ``add_row_products``), ``dW −= P'ᵀ(g ⊙ h)`` and
+    ``db −= P'ᵀg``; returns ``target_z`` with the rows whose target lies in the tile filled in. ``z`` is consumed."""
     v0, v1, y_rows, hi_rows, lo_rows, g_rows = tile
     in_tile = (y_rows >= v0) & (y_rows < v1)
     column = (y_rows - v0).clamp(0, v1 - v0 - 1)[:, None]
@@ -181,8 +202,8 @@ def _logp_tile(z, w32, tile, scaled_h, target_z, grad_filter_eps, mixed_rows, d_
     p.scatter_(1, column, torch.where(in_tile, 0.0, p.gather(1, column).view(-1))[:, None])
     if grad_filter_eps > 0.0:
         p = filtered(p, p >= grad_filter_eps)
-    if mixed_rows is not None:
-        mixed_rows.addmm_(p, w32)
+    if mixed is not None:
+        add_row_products(mixed[0], p, w32, mixed[1])
     if d_weight is not None:
         d_weight[v0:v1].addmm_(p.t(), scaled_h, alpha=-1.0)
     if d_bias is not None:  # p is spent: scale it in place and sum pairwise (a float32 mv sums serially)
@@ -191,7 +212,7 @@ def _logp_tile(z, w32, tile, scaled_h, target_z, grad_filter_eps, mixed_rows, d_
     return target_z
 
 
-def _entropy_tile(z, dz, w32, tile, entropy_rows, h32, grad_filter_eps, mixed_rows, d_weight, d_bias):
+def _entropy_tile(z, dz, w32, tile, entropy_rows, h32, grad_filter_eps, mixed, d_weight, d_bias):
     """One vocabulary tile of the backward with entropy gradients: ``dz = p·(−e (log p + H) − g) + g·onehot(y)``
     (``dz`` a buffer, ``z`` consumed), then ``Σ dz W``, ``dW += dzᵀ h``, ``db += Σ_rows dz``."""
     v0, v1, y_rows, hi_rows, lo_rows, g_rows = tile
@@ -210,8 +231,8 @@ def _entropy_tile(z, dz, w32, tile, entropy_rows, h32, grad_filter_eps, mixed_ro
             keep[hit, y_rows[hit] - v0] = True
     if keep is not None:
         dz = filtered(dz, keep)
-    if mixed_rows is not None:
-        mixed_rows.addmm_(dz, w32)
+    if mixed is not None:
+        add_row_products(mixed[0], dz, w32, mixed[1])
     if d_weight is not None:
         d_weight[v0:v1].addmm_(dz.t(), h32)
     if d_bias is not None:

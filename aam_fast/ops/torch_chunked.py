@@ -2,8 +2,9 @@
 
 When `∂loss/∂ℓ_t` depends only on the token's own values (the GRPO token loss), a chunk of rows can hold its whole
 `[rows, V]` logits block: one product gives `z`, its logsumexp, `ℓ`, `H` and the token gradients at once, and two
-more give `∂h = dz W` and `∂W += dzᵀ h`. The separate forward pass over the vocabulary that the general op needs
-(its upstream gradient is unknown until backward) disappears. Two float32 `[rows, V]` buffers, sized by
+more give `∂h = dz W` (in 512-column pieces added in float64: `add_row_products`) and `∂W += dzᵀ h`. The
+separate forward pass over the vocabulary that the general op needs (its upstream gradient is unknown until
+backward) disappears. Two float32 `[rows, V]` buffers, sized by
 `AAM_FAST_TORCH_CHUNK_MB` (default 512), bound the memory. This is the torch backend's `local_loss` entry.
 """
 
@@ -16,7 +17,7 @@ import torch
 
 from .grad_filter import filtered
 from .params import LogprobParams
-from .torch_backend import LOG_FLOOR
+from .torch_backend import LOG_FLOOR, add_row_products
 
 _CHUNK_BUDGET_BYTES = int(os.environ.get("AAM_FAST_TORCH_CHUNK_MB", "512")) * 2**20
 # A bfloat16/float16 weight is widened to float32 this many vocabulary rows at a time (a float32 weight is used
@@ -56,6 +57,27 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.T
     return total
 
 
+def _apply_dz(dz, keep, weight, h32, grads, product_buf) -> None:
+    """A chunk's gradient products, slab by slab: `d_hidden_rows = dz W` (float64 sums of fresh products,
+    `add_row_products`), `d_weight += dzᵀ h`, `d_bias += Σ_rows dz` (`grads`, each None when not needed); `keep`
+    (or None) marks the entries gradient filtering keeps."""
+    d_hidden_rows, d_weight, d_bias = grads
+    mixed_rows = None
+    if d_hidden_rows is not None:
+        mixed_rows = torch.zeros(d_hidden_rows.shape, dtype=torch.float64, device=d_hidden_rows.device)
+    for v0, v1, w32 in _slabs(weight, widen=d_hidden_rows is not None):
+        dz_slab = dz[:, v0:v1] if keep is None else filtered(dz[:, v0:v1], keep[:, v0:v1])
+        if mixed_rows is not None:
+            add_row_products(mixed_rows, dz_slab, w32, product_buf)
+        if d_weight is not None:
+            d_weight[v0:v1].addmm_(dz_slab.t(), h32)
+        if d_bias is not None:
+            dense = dz_slab.layout == torch.strided
+            d_bias[v0:v1].add_(dz_slab.sum(dim=0) if dense else torch.mv(dz_slab.t(), dz.new_ones(dz.shape[0])))
+    if mixed_rows is not None:
+        d_hidden_rows.copy_(mixed_rows)
+
+
 def torch_chunked_local(hidden, weight, bias, targets, token_grads: TokenGrads, params: LogprobParams, needs):
     """Log-probs, entropies and the gradients of a local token loss in one sweep of row chunks.
 
@@ -81,6 +103,7 @@ def torch_chunked_local(hidden, weight, bias, targets, token_grads: TokenGrads, 
     logits_buf = torch.empty(rows, vocab, dtype=torch.float32, device=device)
     prob_buf = torch.empty(rows, vocab, dtype=torch.float32, device=device)
     scratch = torch.empty(rows, min(vocab, _SLAB), dtype=torch.float32, device=device) if with_entropy else None
+    product_buf = torch.empty(rows, dim, dtype=torch.float32, device=device) if needs_hidden_grad else None
     bias32 = None if bias is None else bias.float()
     for r0 in range(0, n, max(rows, 1)):
         r1 = min(n, r0 + rows)
@@ -125,14 +148,7 @@ def torch_chunked_local(hidden, weight, bias, targets, token_grads: TokenGrads, 
         dz.scatter_(1, y, target_grad[:, None])
         if keep is not None:
             keep.scatter_(1, y, True)
-        for v0, v1, w32 in _slabs(weight, widen=d_hidden is not None):
-            dz_slab = dz[:, v0:v1] if keep is None else filtered(dz[:, v0:v1], keep[:, v0:v1])
-            if d_hidden is not None:
-                d_hidden[r0:r1].addmm_(dz_slab, w32)
-            if d_weight is not None:
-                d_weight[v0:v1].addmm_(dz_slab.t(), h32)
-            if d_bias is not None:
-                dense = dz_slab.layout == torch.strided
-                d_bias[v0:v1].add_(dz_slab.sum(dim=0) if dense else torch.mv(dz_slab.t(), torch.ones_like(g)))
+        d_hidden_rows = None if d_hidden is None else d_hidden[r0:r1]
+        _apply_dz(dz, keep, weight, h32, (d_hidden_rows, d_weight, d_bias), product_buf)
     d_hidden = None if d_hidden is None else d_hidden.to(hidden.dtype)
     return logp, entropy, d_hidden, d_weight, d_bias

@@ -1,8 +1,9 @@
 // Backward: recompute each logits tile of a token block, turn it into the logits' gradient in place while it is in
-// cache, and apply it with two matrix products: d_hidden[block] += dZ W[tile] (the block is the task's own) and
-// d_weight[tile] += dZ^T H[block] (under the tile's lock). Blocks start their vocabulary sweep at spread-out
-// tiles, so concurrent tasks rarely want the same lock; d_weight is written, not zero-filled, by a tile's first
-// product. No per-thread copy of d_weight exists; d_bias is summed in float64 under the same lock, rounded once.
+// cache, and apply it with two matrix products: d_hidden[block] += dZ W[tile] (the block is the task's own; the
+// products are formed fresh, then added) and d_weight[tile] += dZ^T H[block] (under the tile's lock). Blocks start
+// their vocabulary sweep at spread-out tiles, so concurrent tasks rarely want the same lock; d_weight is written,
+// not zero-filled, by a tile's first product. No per-thread copy of d_weight exists; d_bias is summed in float64
+// under the same lock, rounded once.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
@@ -26,6 +27,9 @@ int64_t sweep_offset(int64_t block, int64_t chunk_tiles) {
   const double frac = std::fmod(static_cast<double>(block) * 0.6180339887498949, 1.0);
   return std::min(chunk_tiles - 1, static_cast<int64_t>(frac * static_cast<double>(chunk_tiles)));
 }
+
+// The most vocabulary columns one float32 sum of the hidden gradient runs over (the rest add up tile by tile).
+constexpr int64_t kReduceWidth = 512;
 
 struct TileLocks {
   explicit TileLocks(int64_t tiles) : locks(new std::mutex[tiles]), written(static_cast<size_t>(tiles), 0) {}
@@ -110,6 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
   run_tasks(plan.tasks(), plan.threads, [&](int64_t task, int worker) {
     TileWorkspace& ws = spaces[static_cast<size_t>(worker)];
     ws.ensure(plan, f32, low_precision);
+    if (needs_hidden_grad && !ws.product.defined()) ws.product = at::empty({plan.rows, plan.dim}, f32);
     const int64_t block = plan.block_of(task), chunk = plan.chunk_of(task);
     const int64_t r0 = block * plan.rows, nr = std::min(plan.rows, n - r0);
     const at::Tensor h = float_rows(hidden, r0, nr, ws.hidden32);
@@ -148,11 +153,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward(
         }
       }
       if (needs_hidden_grad) {
-        if (dh_written) {
-          dh.addmm_(z, w);
-        } else {
-          at::mm_out(dh, z, w);
+        // fresh products of at most kReduceWidth columns, added: never dh.addmm_. MKL's sgemm sums the rows of a
+        // product with few rows (a last block of under 4) serially into its output, so accumulating in place runs
+        // one float32 sum over the whole vocabulary (~10x naive autograd's error at V = 65,536)
+        if (!dh_written) {
+          dh.zero_();
           dh_written = true;
+        }
+        at::Tensor part = ws.product.narrow(0, 0, nr);
+        for (int64_t c0 = 0; c0 < cols; c0 += kReduceWidth) {
+          const int64_t piece = std::min(kReduceWidth, cols - c0);
+          at::mm_out(part, z.narrow(1, c0, piece), w.narrow(0, c0, piece));
+          dh.add_(part);
         }
       }
       if (needs_weight_grad || needs_bias_grad) {

@@ -28,6 +28,7 @@ struct TilePlan {
 // converted hidden rows and weight tile.
 struct TileWorkspace {
   at::Tensor logits, hidden32, weight32;
+  at::Tensor product;  // [rows, D] float32: a tile's d_hidden product (backward only, allocated there)
 
   void ensure(const TilePlan& plan, const at::TensorOptions& f32, bool low_precision) {
     if (logits.defined()) return;
