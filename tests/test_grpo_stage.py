@@ -566,11 +566,15 @@ def test_a_diverging_run_stops_before_applying_or_saving_it(policy_dir, tmp_path
 
 
 def test_a_huge_learning_rate_diverges_without_saving_non_finite_weights(policy_dir, tmp_path):
-    """lr 1e30: the weights blow up to ~1e30 after step 1 (finite), the next forward overflows; the run stops with
-    TrainingDiverged and every checkpoint on disk holds finite weights."""
-    cfg = small_config(policy_dir, tmp_path, lr=1e30, max_steps=6, save_every=1, max_grad_norm=0.0)
+    """lr 1e30 (above what --lr accepts, so set on the built optimizer and schedule): the weights blow up to ~1e30
+    after step 1 (finite), the next forward overflows; the run stops with TrainingDiverged and every checkpoint on
+    disk holds finite weights."""
+    trainer = GRPOTrainer(small_config(policy_dir, tmp_path, lr=1.0, max_steps=6, save_every=1, max_grad_norm=0.0))
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = 1e30
+    trainer.scheduler.base_lrs = [1e30 for _ in trainer.scheduler.base_lrs]
     with pytest.raises(TrainingDiverged, match=r"non-finite .* at step \d+"):
-        train_grpo(cfg)
+        trainer.run_to_end()
     folders = sorted((tmp_path / "run" / "checkpoints").iterdir())
     for folder in folders:
         weights = assert_loads_without_unpickling(folder)["model.safetensors"]
