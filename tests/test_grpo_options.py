@@ -537,9 +537,15 @@ def share_of_a(prompts, completions, **columns):
 """
 
 
-def test_the_combination_on_two_ranks_matches_one_process(policy_dir, tmp_path):
-    """The combination under torchrun (2 DDP ranks, 1 prompt each per micro-batch) ends as one process with 2
-    prompts per micro-batch: the same completions, metrics (dynamic sampling's too) and weights."""
+@pytest.mark.parametrize(
+    "strategy, extra",
+    [("ddp", {}), ("fsdp2", dict(sync_ref_model=True, ref_model_mixup_alpha=0.5, ref_model_sync_steps=1))],
+    ids=["ddp", "fsdp2-sync-ref"],
+)
+def test_the_combination_on_two_ranks_matches_one_process(policy_dir, tmp_path, strategy, extra):
+    """The combination under torchrun (2 ranks, 1 prompt each per micro-batch; DDP, and FSDP2 with the reference
+    mixed toward the sharded policy every step) ends as one process with 2 prompts per micro-batch: the same
+    completions, metrics (dynamic sampling's too) and weights."""
     import json
 
     from test_distributed import assert_same_weights, run_two_ranks
@@ -551,10 +557,11 @@ def test_the_combination_on_two_ranks_matches_one_process(policy_dir, tmp_path):
     settings = dict(
         policy=policy_dir, prompts=str(tmp_path / "prompts.jsonl"), reward_fns=[f"{tmp_path / 'reward.py'}:share_of_a"],
         num_generations=4, max_new_tokens=12, beta=0.04, grad_accum=2, num_iterations=2, lr=1e-4, max_steps=2,
-        seed=1, progress=False, **COMBINATION,
+        seed=1, progress=False, **COMBINATION, **extra,
     )  # fmt: skip
     train_grpo(small_config(policy_dir, tmp_path, **settings, batch_size=2, output=str(tmp_path / "one")))
     cli = ["train-grpo", "--no-progress", "--output", str(tmp_path / "two"), "--batch-size", "1"]
+    cli += ["--strategy", strategy]
     for key, value in settings.items():
         flag = "--" + ("reward-fn" if key == "reward_fns" else key.replace("_", "-"))
         if value is True:
