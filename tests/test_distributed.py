@@ -58,16 +58,17 @@ def launch_steps(build: Callable[[Path], dict[str, list[str]]], folder: Path) ->
     order, in one launch of 2 CPU processes under torchrun (gloo), one intra-op thread per rank; asserts success
     and returns `root` and each step's log (the launch's stderr from the step's marker to the next one).
 
-    A launch with a rank killed by SIGABRT is retried once, in a fresh folder: about 1 run in 10 of 2-rank FSDP2 on
-    gloo aborted in process teardown after every output was written. Not understood yet: about 150 runs of train-rm
-    and train-grpo under FSDP2 (fresh, resumed from DCP, the gather-count script; alone and three at once on the 2
-    cores) never aborted, nor did 2 gloo ranks where one exits 3 s before the other destroys its process group. So
-    that the next abort shows its cause, the ranks run with Python's faulthandler on (every thread's stack on a
-    fatal signal) and a retried abort is reported as a warning with the end of its stderr. Any other failure, or a
-    second abort, fails the test.
+    A launch with a rank killed by SIGABRT is retried up to twice, in a fresh folder: about 1 run in 10 of 2-rank
+    FSDP2 on gloo aborted in process teardown after every output was written. Not understood yet: about 150 runs of
+    train-rm and train-grpo under FSDP2 (fresh, resumed from DCP, the gather-count script; alone and three at once
+    on the 2 cores) never aborted, nor did 2 gloo ranks where one exits 3 s before the other destroys its process
+    group. So that the next abort shows its cause, the ranks run with Python's faulthandler on (every thread's stack
+    on a fatal signal) and a retried abort is reported as a warning with the end of its stderr. Any other failure,
+    or a third abort, fails the test.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"}
-    for attempt in range(2):
+    attempts = 3
+    for attempt in range(attempts):
         root = folder / f"launch-{attempt}"
         root.mkdir()
         steps = build(root)
@@ -76,10 +77,10 @@ def launch_steps(build: Callable[[Path], dict[str, list[str]]], folder: Path) ->
         command = [*TORCHRUN, str(REPO / "tests" / "two_ranks.py"), str(plan)]
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         aborted = "SIGABRT" in done.stderr or "exitcode  : -6" in done.stderr
-        if done.returncode == 0 or not aborted or attempt == 1:
+        if done.returncode == 0 or not aborted or attempt == attempts - 1:
             break
         tail = done.stderr[-3000:]
-        warnings.warn(f"a torchrun rank aborted (SIGABRT); retrying once. End of its stderr:\n{tail}", stacklevel=2)
+        warnings.warn(f"a torchrun rank aborted (SIGABRT); retrying. End of its stderr:\n{tail}", stacklevel=2)
     assert done.returncode == 0, done.stderr[-4000:]
     logs = re.split(r"^--- step \d+ ---$", done.stderr, flags=re.MULTILINE)[1:]
     assert len(logs) == len(steps), done.stderr[-4000:]
