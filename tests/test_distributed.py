@@ -88,10 +88,11 @@ def launch_steps(build: Callable[[Path], dict[str, list[str]]], folder: Path) ->
 
 
 def run_two_ranks(cli: list[str]) -> str:
-    """`aam-fast CLI...` alone in a launch of 2 CPU processes under torchrun (for other modules' 2-rank runs);
-    asserts success and returns its log."""
+    """`aam-fast CLI... --overwrite` alone in a launch of 2 CPU processes under torchrun (for other modules' 2-rank
+    training runs; `--overwrite`: a launch retried after an abort in teardown finds the first attempt's finished run
+    in the same `--output`); asserts success and returns its log."""
     with tempfile.TemporaryDirectory() as folder:
-        _, logs = launch_steps(lambda root: {"command": ["cli", *cli]}, Path(folder))
+        _, logs = launch_steps(lambda root: {"command": ["cli", *cli, "--overwrite"]}, Path(folder))
     return logs["command"]
 
 
